@@ -1,0 +1,70 @@
+// TILEFEAT_EXTRACT: one sample's tile folder -> per-tile ResNet50 feature CSV.
+//
+// No conda/environment.yml: tilefeat is a Rust binary linked against libtorch and is not
+// packaged on Bioconda or conda-forge, so this module runs from the tilefeat container
+// image (or from a `tilefeat` already on PATH when no container engine is enabled).
+//
+// Inputs
+//   tuple val(meta), path(tiles) : meta.id is the sample ID; tiles is the sample's tile folder.
+//   path weights                 : a torchvision .pth / .safetensors file, staged so the
+//                                  container sees it; pass [] to use the default weights
+//                                  (or `--weights random:SEED` through ext.args).
+//   val cache_dir                : absolute path of a shared feature cache, passed as a
+//                                  string and NEVER staged (it is shared, mutable state);
+//                                  '' or null means `--no-cache`. The pipeline must make
+//                                  the folder visible inside the container (see
+//                                  nextflow/conf/modules.config, containerOptions).
+process TILEFEAT_EXTRACT {
+    tag "$meta.id"
+    label 'process_gpu'
+
+    // The Docker image follows the task: the CUDA image when a GPU is requested
+    // (task.accelerator), the much smaller CPU image otherwise. Apptainer/Singularity
+    // always use the CUDA SIF, which also runs on CPU-only nodes.
+    container "${ workflow.containerEngine in ['singularity', 'apptainer'] ?
+        'oras://ghcr.io/tilefeat/tilefeat:0.1.0-cuda13.0-sif' :
+        (task.accelerator ? 'ghcr.io/tilefeat/tilefeat:0.1.0-cuda13.0' : 'ghcr.io/tilefeat/tilefeat:0.1.0-cpu') }"
+
+    input:
+    tuple val(meta), path(tiles)
+    path weights
+    val cache_dir
+
+    output:
+    tuple val(meta), path("*.csv"), emit: csv
+    tuple val(meta), path("*.provenance.yaml"), emit: provenance
+    tuple val(meta), path("*.rejected.tsv"), emit: rejected
+    tuple val("${task.process}"), val('tilefeat'), eval("tilefeat --version | sed 's/tilefeat //'"), topic: versions, emit: versions_tilefeat
+
+    when:
+    task.ext.when == null || task.ext.when
+
+    script:
+    def args = task.ext.args ?: ''
+    def prefix = task.ext.prefix ?: "${meta.id}"
+    // Ask for CUDA only when the task was given a GPU; never rely on `auto`, so a GPU
+    // job that lost its GPU fails (exit 5) instead of silently running on CPU.
+    def device = task.accelerator ? 'cuda' : 'cpu'
+    def weights_arg = weights ? "--weights ${weights}" : ''
+    def cache_arg = cache_dir ? "--cache-dir '${cache_dir}'" : '--no-cache'
+    """
+    tilefeat extract \\
+        ${tiles} \\
+        --output ${prefix}.csv \\
+        --sample '${meta.id}' \\
+        --device ${device} \\
+        --threads ${task.cpus} \\
+        ${weights_arg} \\
+        ${cache_arg} \\
+        --quiet \\
+        ${args}
+    """
+
+    stub:
+    def prefix = task.ext.prefix ?: "${meta.id}"
+    """
+    echo 'sample,tile' > ${prefix}.csv
+    echo 'sample: ${meta.id}' > ${prefix}.provenance.yaml
+    printf 'tile\\treason\\n' > ${prefix}.rejected.tsv
+    """
+}

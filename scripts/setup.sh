@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Set up tilefeat on a fresh machine: a project-local Python venv with libtorch (pip
+# torch==$LIBTORCH_VERSION, the build tch needs) and the test tools, then the release binary.
+# Used as is by the README quick start, CI (.ci/run via scripts/test.sh) and the container
+# recipes (containers/Dockerfile*, containers/tilefeat.def), so all build the same way.
+#
+#   scripts/setup.sh              venv + test deps + build, then run the demo
+#   scripts/setup.sh --no-demo    venv + test deps + build
+#   scripts/setup.sh --build-only venv with torch only + build (containers)
+#
+# Environment: VENV (default .venv), TORCH_INDEX_URL (e.g. the CPU-only wheel index for a
+# CPU image), CARGO (default cargo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=../versions.env
+. ./versions.env
+
+mode=demo
+for arg in "$@"; do
+  case "$arg" in
+    --no-demo) mode=build-test ;;
+    --build-only) mode=build-only ;;
+    *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+CARGO=${CARGO:-cargo}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "==> creating venv $VENV"
+  "$PY" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+
+have_torch=$("$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null || true)
+if [ "$have_torch" != "$LIBTORCH_VERSION" ]; then
+  echo "==> installing torch==$LIBTORCH_VERSION into $VENV (libtorch for tch $TCH_VERSION; ~5 GB with CUDA wheels)"
+  if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    "$VENV/bin/pip" install -q --index-url "$TORCH_INDEX_URL" "torch==$LIBTORCH_VERSION"
+  else
+    "$VENV/bin/pip" install -q "torch==$LIBTORCH_VERSION"
+  fi
+fi
+
+if [ "$mode" != build-only ]; then
+  echo "==> installing test tools into $VENV"
+  "$VENV/bin/pip" install -q -r requirements-dev.txt
+fi
+
+echo "==> building tilefeat (release)"
+export LIBTORCH_USE_PYTORCH=1
+export PATH="$PWD/$VENV/bin:$PATH"
+"$CARGO" build --release --locked
+echo "==> built target/release/tilefeat"
+
+if [ "$mode" = demo ]; then
+  echo "==> demo: extracting features of demo/tiles/ (random weights; see README for real ones)"
+  target/release/tilefeat info
+  target/release/tilefeat extract demo/tiles --output demo/out/demo.csv \
+    --weights random:0
+  echo "==> wrote demo/out/demo.csv and demo/out/demo.provenance.yaml"
+fi

@@ -1,0 +1,137 @@
+import csv
+import os
+import shlex
+from pathlib import Path
+
+from snakemake import __version__ as SNAKEMAKE_VERSION
+from snakemake.utils import validate
+
+validate(config, "../schemas/config.schema.yaml", set_default=True)
+
+OUTDIR = os.path.normpath(config["outdir"])
+TILEFEAT = config["tilefeat"]
+EXTRACT = config["extract"]
+JOIN = config["join"]
+
+
+def read_samples():
+    """Sample ID -> tile folder, from the samplesheet or the sub-folders of tiles_root."""
+    sheet, root = config["samples"] or "", config["tiles_root"] or ""
+    if bool(sheet) == bool(root):
+        raise ValueError(
+            "config: set exactly one of `samples` (a sample,tiles samplesheet) and "
+            f"`tiles_root` (a folder of per-sample tile folders); got samples={sheet!r}, "
+            f"tiles_root={root!r}"
+        )
+    if sheet:
+        delimiter = "\t" if sheet.endswith(".tsv") else ","
+        with open(sheet, newline="") as fh:
+            rows = [
+                {k.strip(): (v or "").strip() for k, v in row.items() if k}
+                for row in csv.DictReader(fh, delimiter=delimiter)
+                if any((v or "").strip() for v in row.values())
+            ]
+        for row in rows:
+            validate(row, "../schemas/samples.schema.yaml")
+        where = sheet
+    else:
+        if not os.path.isdir(root):
+            raise ValueError(f"config: tiles_root {root!r} is not a folder")
+        rows = [
+            {"sample": entry.name, "tiles": os.path.join(root, entry.name)}
+            for entry in sorted(os.scandir(root), key=lambda e: e.name)
+            if entry.is_dir() and not entry.name.startswith(".")
+        ]
+        for row in rows:
+            validate(row, "../schemas/samples.schema.yaml")
+        where = root
+    samples = {}
+    for row in rows:
+        if row["sample"] in samples:
+            raise ValueError(f"{where}: sample {row['sample']!r} appears twice")
+        samples[row["sample"]] = row["tiles"]
+    if not samples:
+        raise ValueError(f"{where}: no samples")
+    return samples
+
+
+SAMPLES = read_samples()
+
+# config key of `extract` -> `tilefeat extract` flag taking a value. Keys left out or null
+# are not passed (tilefeat's default applies). tests/python/test_snakemake.py checks that
+# every flag here exists in src/cli.rs.
+EXTRACT_VALUE_FLAGS = {
+    "weights": "--weights",
+    "device": "--device",
+    "batch_size": "--batch-size",
+    "decode_threads": "--decode-threads",
+    "precision": "--precision",
+    "layer": "--layer",
+    "pool": "--pool",
+    "normalize": "--normalize",
+    "size": "--size",
+    "on_error": "--on-error",
+    "cache_dir": "--cache-dir",
+}
+EXTRACT_SWITCH_FLAGS = {
+    "no_cache": "--no-cache",
+    "quiet": "--quiet",
+    "profile": "--profile",
+}
+
+if EXTRACT.get("cache_dir") and EXTRACT.get("no_cache"):
+    raise ValueError(
+        "config: extract.cache_dir and extract.no_cache exclude each other"
+    )
+
+
+def extract_options():
+    """The configured `tilefeat extract` flags as one shell-quoted string."""
+    args = []
+    for key, flag in EXTRACT_VALUE_FLAGS.items():
+        value = EXTRACT.get(key)
+        if value is not None and value != "":
+            args += [flag, str(value)]
+    for key, flag in EXTRACT_SWITCH_FLAGS.items():
+        if EXTRACT.get(key):
+            args.append(flag)
+    options = shlex.join(args)
+    if EXTRACT.get("extra"):
+        options = f"{options} {EXTRACT['extra']}"
+    return options
+
+
+def weights_input(wildcards):
+    """A weights file is an input (tracked, checked before the job); `random:N` is not."""
+    weights = EXTRACT.get("weights")
+    if weights and not weights.startswith("random:"):
+        return weights
+    return []
+
+
+def extract_resources():
+    resources = {"mem_mb": EXTRACT["mem_mb"], "runtime": EXTRACT["runtime"]}
+    if EXTRACT["gres"]:
+        resources["gres"] = EXTRACT["gres"]
+    elif EXTRACT["gpus"] > 0:
+        resources["gpu"] = EXTRACT["gpus"]
+    return resources
+
+
+def sample_csvs(wildcards=None):
+    return expand(f"{OUTDIR}/features/{{sample}}.csv", sample=SAMPLES)
+
+
+def sample_provenances(wildcards=None):
+    return expand(f"{OUTDIR}/features/{{sample}}.provenance.yaml", sample=SAMPLES)
+
+
+def write_join_list(csvs, listing, log):
+    """`tilefeat join --from-list` input: absolute paths, one a line."""
+    Path(listing).write_text("".join(f"{os.path.abspath(p)}\n" for p in csvs))
+    Path(log).write_text(f"{len(csvs)} per-sample CSVs listed in {listing}\n")
+
+
+def tilefeat_targets():
+    """Everything the workflow makes: for `rule all`, or a host workflow's target rule."""
+    return [f"{OUTDIR}/{JOIN['output']}", f"{OUTDIR}/versions.yaml"]

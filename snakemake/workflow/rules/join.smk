@@ -1,0 +1,55 @@
+rule join_list:
+    """The per-sample CSVs, one per line, for `tilefeat join --from-list` (no command-line limit)."""
+    input:
+        csv=sample_csvs,
+    output:
+        f"{OUTDIR}/join/inputs.txt",
+    log:
+        "logs/join_list.log",
+    localrule: True
+    run:
+        write_join_list(input.csv, output[0], log[0])
+
+
+rule join:
+    """All samples' CSVs -> one cohort CSV (`sample,tile,0..D-1`, or one row per sample)."""
+    input:
+        listing=rules.join_list.output[0],
+        csv=sample_csvs,
+        provenance=sample_provenances,
+    output:
+        csv=f"{OUTDIR}/{JOIN['output']}",
+    log:
+        "logs/join.log",
+    benchmark:
+        "benchmarks/join.tsv"
+    threads: 1
+    resources:
+        mem_mb=JOIN["mem_mb"],
+        runtime=JOIN["runtime"],
+    params:
+        tilefeat=TILEFEAT,
+        aggregate=JOIN["aggregate"],
+    shell:
+        'echo "tilefeat join: host=$(hostname) SLURM_JOB_ID=${{SLURM_JOB_ID:-none}}" > {log:q}; '
+        "{params.tilefeat:q} join --from-list {input.listing:q} --output {output.csv:q}"
+        " --aggregate {params.aggregate} >> {log:q} 2>&1"
+
+
+rule versions:
+    """Record the versions that made the results (tilefeat, Snakemake)."""
+    output:
+        f"{OUTDIR}/versions.yaml",
+    log:
+        "logs/versions.log",
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        tilefeat=TILEFEAT,
+        snakemake=SNAKEMAKE_VERSION,
+    shell:
+        'v=$({params.tilefeat:q} --version 2> {log:q}); test -n "$v"; '
+        'printf \'tilefeat: "%s"\\nsnakemake: "%s"\\n\' "${{v#tilefeat }}" {params.snakemake:q}'
+        " > {output:q}"

@@ -1,0 +1,91 @@
+//! Dispatch: parsed command line -> validated configuration -> the module that does the work.
+
+use std::io::Write;
+
+use anyhow::Result;
+
+use crate::cli::{CacheCommand, Cli, Command, WeightsCommand};
+use crate::error::{fail, ExitKind, WithKind};
+
+/// Run the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match cli.command {
+        Command::Extract(args) => {
+            let cfg = crate::extract::ExtractConfig::from_cli_arguments(&args)?;
+            let started = std::time::Instant::now();
+            let command: Vec<String> = std::env::args().collect();
+            if let Some(summary) = crate::extract::run(&cfg, command, &mut out)? {
+                let p = &summary.provenance;
+                if !cfg.quiet {
+                    let secs = started.elapsed().as_secs_f64();
+                    eprintln!(
+                        "tilefeat: {} tiles ({} computed, {} cached, {} skipped) in {:.1} s, {:.1} tiles/s -> {}",
+                        p.tiles.found,
+                        p.tiles.computed,
+                        p.tiles.cache_hits,
+                        p.tiles.skipped,
+                        secs,
+                        p.tiles.found as f64 / secs.max(1e-9),
+                        cfg.output.display()
+                    );
+                    if !p.weights.trained {
+                        eprintln!("tilefeat: WARNING: {}", crate::provenance::RANDOM_WEIGHTS_WARNING);
+                    }
+                }
+                if cfg.profile {
+                    let t = &p.timings_s;
+                    eprintln!(
+                        "tilefeat: profile (seconds, summed over threads): read {:.2}, hash {:.2}, cache lookup {:.2}, decode {:.2}, resize {:.2}, model waiting for tiles {:.2}, model compute {:.2}, write {:.2}",
+                        t.read, t.hash, t.cache_lookup, t.decode, t.resize, t.model_waiting_for_tiles, t.model_compute, t.write
+                    );
+                }
+            }
+        }
+        Command::Join(args) => crate::join::run(&args, &mut out)?,
+        Command::Info => crate::device::info(&mut out)?,
+        Command::Bench(args) => crate::bench::run(&args, &mut out)?,
+        Command::Cache { command } => match command {
+            CacheCommand::Stats(a) => crate::cache::stats(&a.cache_dir, &mut out)?,
+            CacheCommand::Verify(a) => crate::cache::verify(&a.cache_dir, &mut out)?,
+            CacheCommand::Gc(a) => {
+                let opts = crate::cache::GcOptions {
+                    keep: a.keep.clone(),
+                    unused_since: a.unused_since.as_deref().map(crate::cache::parse_date).transpose()?,
+                    stale: std::time::Duration::from_secs(a.stale_after_hours * 3600),
+                };
+                crate::cache::gc(&a.cache_dir, &opts, &mut out)?
+            }
+        },
+        Command::Weights { command } => match command {
+            WeightsCommand::Where => {
+                let dir = crate::weights::torch_hub_checkpoints();
+                match dir {
+                    Some(d) => {
+                        let p = d.join(crate::weights::TORCHVISION_FILE);
+                        writeln!(out, "{} ({})", p.display(), if p.is_file() { "present" } else { "missing" })?;
+                    }
+                    None => writeln!(out, "no torchvision cache directory (HOME and TORCH_HOME unset)")?,
+                }
+            }
+            WeightsCommand::Verify { file } => {
+                let src = crate::weights::WeightsSource::File(file.clone());
+                let w = crate::weights::Weights::load(&src, crate::cli::Layer::Layer4).kind(ExitKind::Weights)?;
+                writeln!(out, "{}: ResNet50 state dict OK ({} tensors checked), sha256 {}", file.display(), w.tensors.len(), w.id)?;
+                if file.file_name().and_then(|n| n.to_str()) == Some(crate::weights::TORCHVISION_FILE)
+                    && !w.id.starts_with(crate::weights::TORCHVISION_SHA256_PREFIX)
+                {
+                    return Err(fail(ExitKind::Weights, format!(
+                        "{} is named like torchvision's file but its SHA-256 does not start with {}",
+                        file.display(),
+                        crate::weights::TORCHVISION_SHA256_PREFIX
+                    )));
+                }
+            }
+            WeightsCommand::Fetch { dest } => crate::weights::fetch(dest.as_deref(), &mut out)?,
+        },
+    }
+    out.flush()?;
+    Ok(())
+}

@@ -1,0 +1,282 @@
+//! Command-line surface: the clap definitions of every subcommand and flag.
+//!
+//! This module only *parses*. Turning the parsed flags into a validated configuration
+//! (resolving paths, checking ranges, reading environment defaults) is done by
+//! `ExtractConfig::from_cli_arguments` and friends, so that the rest of the program never
+//! sees a raw, unchecked flag. The workflow modules (Nextflow, Snakemake) call exactly
+//! these flags; `tests/` checks that they cannot drift apart.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Per-tile ResNet50 deep features for computational pathology.
+///
+/// Exit codes: 0 success, 1 internal error, 2 usage error, 3 bad input (tile folder, tile,
+/// CSV), 4 bad weights, 5 device unavailable, 6 cannot write output, 7 cache error.
+#[derive(Debug, Parser)]
+#[command(name = "tilefeat", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Turn one sample's tile folder into a per-tile feature CSV.
+    Extract(ExtractArgs),
+    /// Join per-sample feature CSVs into one cohort CSV (streaming).
+    Join(JoinArgs),
+    /// Show tilefeat and libtorch versions, CUDA/cuDNN availability, devices and threads.
+    Info,
+    /// Inspect and maintain a feature cache directory.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+    /// Locate, verify or download ResNet50 weights.
+    Weights {
+        #[command(subcommand)]
+        command: WeightsCommand,
+    },
+    /// Measure model-only throughput (random input): the ceiling for `extract`.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layer {
+    Layer3,
+    Layer4,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pool {
+    Max,
+    Avg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Normalize {
+    /// mean = std = 0.5 per channel, as the tutorial notebook does.
+    Tutorial,
+    /// ImageNet statistics (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225).
+    Imagenet,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnError {
+    /// Stop at the first unreadable tile.
+    Fail,
+    /// Record unreadable tiles in the provenance and `*.rejected.tsv`, go on.
+    Skip,
+}
+
+#[derive(Debug, Args)]
+pub struct ExtractArgs {
+    /// Folder holding one sample's tiles (searched recursively).
+    pub tile_dir: PathBuf,
+
+    /// Output CSV, replaced atomically. The provenance (`OUT.provenance.yaml`) and the
+    /// rejected-tile list (`OUT.rejected.tsv`) are written beside it.
+    #[arg(short, long, value_name = "OUT.csv")]
+    pub output: PathBuf,
+
+    /// Sample ID recorded in the provenance [default: the tile folder's name].
+    #[arg(long, value_name = "ID")]
+    pub sample: Option<String>,
+
+    /// Weights: a torchvision `.pth` state dict or a `.safetensors` file; `random:SEED` for
+    /// demos and benchmarks (NOT trained features). Default: the torchvision cache
+    /// ($TORCH_HOME/hub/checkpoints/resnet50-0676ba61.pth).
+    #[arg(long, value_name = "FILE", env = "TILEFEAT_WEIGHTS")]
+    pub weights: Option<String>,
+
+    /// Compute device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda|cuda:N")]
+    pub device: String,
+
+    /// Tiles per model batch.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub batch_size: usize,
+
+    /// CPU threads in total [default: all cores, or the Slurm/cgroup allocation].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+
+    /// Threads that read, hash, decode and resize tiles [default: derived from --threads].
+    #[arg(long, value_name = "N")]
+    pub decode_threads: Option<usize>,
+
+    /// Arithmetic precision of the model.
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
+
+    /// Which ResNet50 stage's output to pool.
+    #[arg(long, value_enum, default_value_t = Layer::Layer4)]
+    pub layer: Layer,
+
+    /// Global spatial pooling of that output.
+    #[arg(long, value_enum, default_value_t = Pool::Max)]
+    pub pool: Pool,
+
+    /// Input normalization.
+    #[arg(long, value_enum, default_value_t = Normalize::Tutorial)]
+    pub normalize: Normalize,
+
+    /// Every tile is resized to SIZE x SIZE (OpenCV INTER_LINEAR arithmetic).
+    #[arg(long, default_value_t = 224, value_name = "PX")]
+    pub size: u32,
+
+    /// Memory layout of activations: nhwc (channels-last) is faster on current CPUs and GPUs.
+    #[arg(long, default_value = "nhwc", value_parser = ["nhwc", "nchw"])]
+    pub layout: String,
+
+    /// What to do with a tile that cannot be read or decoded.
+    #[arg(long, value_enum, default_value_t = OnError::Fail)]
+    pub on_error: OnError,
+
+    /// Feature cache directory shared across runs, processes and nodes.
+    #[arg(long, value_name = "DIR", env = "TILEFEAT_CACHE_DIR", conflicts_with = "no_cache")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Do not use a cache, even if TILEFEAT_CACHE_DIR is set.
+    #[arg(long)]
+    pub no_cache: bool,
+
+    /// Print where the time went (reading, hashing, decoding, model, writing) at the end.
+    #[arg(long)]
+    pub profile: bool,
+
+    /// Validate options, weights and tile folder, print the plan, compute nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// No progress output (errors are still printed).
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Aggregate {
+    /// One row per tile: `sample,tile,0..D-1`.
+    None,
+    /// One row per sample: `sample,n_tiles,0..D-1`, the mean over its tiles.
+    Mean,
+    /// One row per sample: `sample,n_tiles,0..D-1`, the maximum over its tiles.
+    Max,
+}
+
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// Per-sample CSVs written by `tilefeat extract` (their provenance files beside them).
+    pub inputs: Vec<PathBuf>,
+
+    /// Output CSV.
+    #[arg(short, long, value_name = "COHORT.csv")]
+    pub output: PathBuf,
+
+    /// Aggregate tiles to one row per sample.
+    #[arg(long, value_enum, default_value_t = Aggregate::None)]
+    pub aggregate: Aggregate,
+
+    /// Read input paths from FILE, one per line (for cohorts too large for a command line).
+    #[arg(long, value_name = "FILE")]
+    pub from_list: Option<PathBuf>,
+
+    /// No progress output.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Entries, bytes, packs and fingerprints present.
+    Stats(CacheDirArg),
+    /// Check every record's checksum; exit 7 if anything is damaged.
+    Verify(CacheDirArg),
+    /// Compact all sealed packs into one, dropping damaged records and unwanted fingerprints.
+    Gc(CacheGcArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CacheDirArg {
+    #[arg(long, value_name = "DIR", env = "TILEFEAT_CACHE_DIR")]
+    pub cache_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CacheGcArgs {
+    #[arg(long, value_name = "DIR", env = "TILEFEAT_CACHE_DIR")]
+    pub cache_dir: PathBuf,
+
+    /// Keep only these fingerprints (hex id or unique prefix, as `cache stats` shows). Repeatable.
+    #[arg(long, value_name = "FP")]
+    pub keep: Vec<String>,
+
+    /// Drop fingerprints not used since this date (YYYY-MM-DD).
+    #[arg(long, value_name = "DATE")]
+    pub unused_since: Option<String>,
+
+    /// Treat a pack still open by a writer on another host as abandoned after this many hours.
+    #[arg(long, default_value_t = 24, value_name = "HOURS")]
+    pub stale_after_hours: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WeightsCommand {
+    /// Print where the default weights are looked for and whether they are there.
+    Where,
+    /// Check a weights file: every key and shape, and its SHA-256.
+    Verify {
+        /// `.pth` or `.safetensors` file.
+        file: PathBuf,
+    },
+    /// Download torchvision's resnet50-0676ba61.pth into the torchvision cache (needs network;
+    /// run on a login node) and verify its SHA-256.
+    Fetch {
+        /// Destination directory [default: $TORCH_HOME/hub/checkpoints].
+        #[arg(long, value_name = "DIR")]
+        dest: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Compute device.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
+    #[arg(long, value_enum, default_value_t = Layer::Layer4)]
+    pub layer: Layer,
+    #[arg(long, default_value_t = 224)]
+    pub size: u32,
+    /// Intra-op threads for libtorch [default: all cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Memory layout of activations.
+    #[arg(long, default_value = "nhwc", value_parser = ["nhwc", "nchw"])]
+    pub layout: String,
+    /// Timed batches (after warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub batches: usize,
+    /// Untimed warm-up batches.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Print one machine-readable line `images_per_s=...`.
+    #[arg(long)]
+    pub machine: bool,
+}

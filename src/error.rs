@@ -1,0 +1,97 @@
+//! Error kinds and the process exit codes they map to.
+//!
+//! Errors travel as `anyhow::Error` with context naming the file involved. Where the kind of
+//! failure matters to the caller (a workflow engine deciding whether to retry, a user reading
+//! the README's table), the root of the chain is a [`Kinded`] error carrying an [`ExitKind`].
+//! `main` prints the whole chain once and exits with the kind's code.
+
+use std::fmt;
+
+/// Exit codes, documented in the README and `tilefeat --help`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    /// 1: a bug or an unexpected system failure.
+    Internal = 1,
+    /// 2: invalid flags or combinations (clap also exits 2).
+    Usage = 2,
+    /// 3: bad input: missing/empty tile folder, unreadable tile, bad CSV for join.
+    Input = 3,
+    /// 4: weights missing, unreadable or not a ResNet50.
+    Weights = 4,
+    /// 5: the requested device is unavailable (e.g. `--device cuda` without CUDA).
+    Device = 5,
+    /// 6: an output cannot be written.
+    Output = 6,
+    /// 7: the cache directory is unusable or damaged (`cache verify`).
+    Cache = 7,
+}
+
+/// An error whose kind decides the exit code. Its message is the full cause.
+#[derive(Debug)]
+pub struct Kinded {
+    pub kind: ExitKind,
+    pub message: String,
+}
+
+impl fmt::Display for Kinded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Kinded {}
+
+/// A new error of `kind`.
+pub fn fail(kind: ExitKind, message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Kinded {
+        kind,
+        message: message.into(),
+    })
+}
+
+/// Give any error a kind, keeping its whole chain as the message.
+pub trait WithKind<T> {
+    fn kind(self, kind: ExitKind) -> anyhow::Result<T>;
+}
+
+impl<T, E: Into<anyhow::Error>> WithKind<T> for Result<T, E> {
+    fn kind(self, kind: ExitKind) -> anyhow::Result<T> {
+        self.map_err(|e| {
+            let e: anyhow::Error = e.into();
+            if kind_of(&e) != ExitKind::Internal {
+                return e; // already kinded: the innermost kind wins
+            }
+            fail(kind, format!("{e:#}"))
+        })
+    }
+}
+
+/// The kind of an error chain: the first [`Kinded`] in it, else `Internal`.
+pub fn kind_of(err: &anyhow::Error) -> ExitKind {
+    err.chain()
+        .find_map(|c| c.downcast_ref::<Kinded>().map(|k| k.kind))
+        .unwrap_or(ExitKind::Internal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use anyhow::Context;
+
+    #[test]
+    fn kind_survives_context() {
+        let r: anyhow::Result<()> = Err(fail(ExitKind::Input, "tile x is broken"));
+        let e = r.context("while reading folder y").unwrap_err();
+        assert_eq!(kind_of(&e), ExitKind::Input);
+        assert_eq!(format!("{e:#}"), "while reading folder y: tile x is broken");
+    }
+
+    #[test]
+    fn plain_errors_are_internal_until_kinded() {
+        let e = anyhow::anyhow!("boom");
+        assert_eq!(kind_of(&e), ExitKind::Internal);
+        let r: Result<(), std::io::Error> = Err(std::io::Error::other("disk full"));
+        let e = r.kind(ExitKind::Output).unwrap_err();
+        assert_eq!(kind_of(&e), ExitKind::Output);
+    }
+}

@@ -1,0 +1,741 @@
+//! `tilefeat extract`: the validated configuration and the pipeline that runs it.
+//!
+//! Data flow (bounded channels everywhere, so memory does not grow with the tile count):
+//!
+//! ```text
+//! sorted tile list -> feeder --(credits: at most WINDOW tiles in flight)--> jobs
+//! jobs -> N workers: read bytes, SHA-256, cache lookup; on a miss decode + resize (u8 RGB)
+//! workers -> model stage (this thread): reorder by tile index, fill a u8 batch, upload,
+//!            normalize on the device, ResNet trunk, pool, download
+//! model stage -> writer thread: CSV rows in tile order, new vectors appended to the cache
+//! ```
+//!
+//! Rows leave the model stage strictly in tile order, so the CSV is streamed, never held in
+//! memory, and is identical whatever the batch size, thread count or cache state. The CSV,
+//! the rejected list and the provenance are written atomically at the end.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+use crate::cache::{Cache, Fingerprint, Hash32, PREPROCESSING_VERSION};
+use crate::cli::{ExtractArgs, Normalize, OnError, Precision};
+use crate::device::{available_cpus, device_name, parse_device};
+use crate::error::{fail, ExitKind, WithKind};
+use crate::model::{feature_dim, to_channels_last, ResNetTrunk, RunOptions};
+use crate::output::{csv_header, provenance_path, push_csv_field, push_features, rejected_path, AtomicFile};
+use crate::progress::Progress;
+use crate::provenance::{
+    CacheInfo, Counts, FingerprintInfo, Provenance, Settings, Skipped, Timings, WeightsInfo,
+    RANDOM_WEIGHTS_WARNING,
+};
+use crate::resize::resize_linear;
+use crate::tiles::{find_tiles, Tile};
+use crate::weights::{self, Weights, WeightsSource};
+
+/// A validated `extract` configuration.
+#[derive(Debug, Clone)]
+pub struct ExtractConfig {
+    pub tile_dir: PathBuf,
+    pub output: PathBuf,
+    pub sample: String,
+    pub weights: WeightsSource,
+    pub device: Device,
+    pub batch_size: usize,
+    pub torch_threads: usize,
+    pub decode_threads: usize,
+    pub precision: Precision,
+    pub layer: crate::cli::Layer,
+    pub pool: crate::cli::Pool,
+    pub normalize: Normalize,
+    pub size: u32,
+    pub on_error: OnError,
+    pub cache_dir: Option<PathBuf>,
+    pub channels_last: bool,
+    pub dry_run: bool,
+    pub quiet: bool,
+    pub profile: bool,
+}
+
+impl ExtractConfig {
+    /// Check every flag and resolve defaults; nothing heavy happens here.
+    pub fn from_cli_arguments(a: &ExtractArgs) -> Result<ExtractConfig> {
+        let usage = |m: String| fail(ExitKind::Usage, m);
+        if a.batch_size == 0 || a.batch_size > 4096 {
+            return Err(usage(format!("--batch-size {}: must be between 1 and 4096", a.batch_size)));
+        }
+        if !(16..=4096).contains(&a.size) {
+            return Err(usage(format!("--size {}: must be between 16 and 4096 pixels", a.size)));
+        }
+        if a.threads == Some(0) || a.decode_threads == Some(0) {
+            return Err(usage("--threads and --decode-threads must be at least 1".into()));
+        }
+        if !a.tile_dir.is_dir() {
+            let why = if a.tile_dir.exists() { "is not a directory" } else { "does not exist" };
+            return Err(fail(ExitKind::Input, format!("tile folder {} {why}", a.tile_dir.display())));
+        }
+        if a.output.is_dir() {
+            return Err(fail(
+                ExitKind::Output,
+                format!("--output {} is a directory; give a file name such as {}/features.csv", a.output.display(), a.output.display()),
+            ));
+        }
+        let sample = match &a.sample {
+            Some(s) => s.clone(),
+            None => {
+                let abs = std::fs::canonicalize(&a.tile_dir)
+                    .with_context(|| format!("cannot resolve tile folder {}", a.tile_dir.display()))
+                    .kind(ExitKind::Input)?;
+                abs.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "sample".into())
+            }
+        };
+        if sample.is_empty() || sample.contains(['\n', '\r', ',', '"']) {
+            return Err(usage(format!("--sample {sample:?}: must be non-empty, without commas, quotes or newlines")));
+        }
+        let weights = weights::resolve(a.weights.as_deref()).kind(ExitKind::Weights)?;
+        let device = parse_device(&a.device)?;
+        let cpus = available_cpus();
+        let threads = a.threads.unwrap_or(cpus);
+        let (torch_threads, decode_threads) = match device {
+            // On the CPU the model is the bottleneck; one decoder per 8 threads keeps it fed.
+            Device::Cpu => (threads, a.decode_threads.unwrap_or((threads / 8).max(1))),
+            // On a GPU the CPU's job is decoding; libtorch needs little.
+            _ => (threads.clamp(1, 4), a.decode_threads.unwrap_or(threads.saturating_sub(1).max(1))),
+        };
+        let channels_last = a.layout == "nhwc";
+        Ok(ExtractConfig {
+            tile_dir: a.tile_dir.clone(),
+            output: a.output.clone(),
+            sample,
+            weights,
+            device,
+            batch_size: a.batch_size,
+            torch_threads,
+            decode_threads,
+            precision: a.precision,
+            layer: a.layer,
+            pool: a.pool,
+            normalize: a.normalize,
+            size: a.size,
+            on_error: a.on_error,
+            cache_dir: if a.no_cache { None } else { a.cache_dir.clone() },
+            channels_last,
+            dry_run: a.dry_run,
+            quiet: a.quiet,
+            profile: a.profile,
+        })
+    }
+
+    fn fingerprint(&self, weights_id: &str) -> Fingerprint {
+        Fingerprint {
+            weights_sha256: weights_id.to_string(),
+            layer: self.layer,
+            pool: self.pool,
+            normalize: self.normalize,
+            size: self.size,
+            precision: self.precision,
+            preprocessing_version: PREPROCESSING_VERSION,
+        }
+    }
+}
+
+/// What a worker produced for one tile.
+enum Prepared {
+    Hit(Vec<f32>),
+    Pixels(Vec<u8>),
+    Bad(String),
+}
+
+struct Item {
+    idx: usize,
+    sha: Hash32,
+    prepared: Prepared,
+}
+
+/// A row on its way to the writer.
+struct Row {
+    idx: usize,
+    sha: Hash32,
+    state: RowState,
+}
+
+enum RowState {
+    Ready { features: Vec<f32>, hit: bool },
+    InBatch(usize),
+    Rejected(String),
+}
+
+#[derive(Default, Clone)]
+struct WorkerTimes {
+    read: f64,
+    hash: f64,
+    lookup: f64,
+    decode: f64,
+    resize: f64,
+}
+
+/// Read, hash, look up and (on a miss) decode and resize one tile.
+fn prepare(tile: &Tile, size: usize, cache: Option<&Cache>, t: &mut WorkerTimes) -> (Hash32, Prepared) {
+    let clock = Instant::now();
+    let bytes = match std::fs::read(&tile.path) {
+        Ok(b) => b,
+        Err(e) => return ([0; 32], Prepared::Bad(format!("cannot read: {e}"))),
+    };
+    let t1 = Instant::now();
+    t.read += (t1 - clock).as_secs_f64();
+    let sha: Hash32 = Sha256::digest(&bytes).into();
+    let t2 = Instant::now();
+    t.hash += (t2 - t1).as_secs_f64();
+    if let Some(c) = cache {
+        let hit = c.get(&sha);
+        t.lookup += t2.elapsed().as_secs_f64();
+        if let Some(v) = hit {
+            return (sha, Prepared::Hit(v));
+        }
+    }
+    let t3 = Instant::now();
+    let img = match crate::decode::decode_rgb(&bytes) {
+        Ok(i) => i,
+        Err(e) => return (sha, Prepared::Bad(e)),
+    };
+    let t4 = Instant::now();
+    t.decode += (t4 - t3).as_secs_f64();
+    let out = resize_linear(&img, size, size);
+    t.resize += t4.elapsed().as_secs_f64();
+    (sha, Prepared::Pixels(out.data))
+}
+
+/// Turns u8 NHWC batches into pooled features on the configured device.
+struct Runner {
+    model: ResNetTrunk,
+    mean: Tensor,
+    std: Tensor,
+    size: i64,
+    /// Pad partial batches to this size (fixed shapes for cuDNN's autotuner).
+    pad_to: Option<usize>,
+}
+
+impl Runner {
+    fn new(model: ResNetTrunk, normalize: Normalize, size: u32, pad_to: Option<usize>) -> Runner {
+        let (m, s): ([f32; 3], [f32; 3]) = match normalize {
+            Normalize::Tutorial => ([0.5; 3], [0.5; 3]),
+            Normalize::Imagenet => ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        };
+        let dev = model.options().device;
+        Runner {
+            mean: Tensor::from_slice(&m).view([1, 3, 1, 1]).to_device(dev),
+            std: Tensor::from_slice(&s).view([1, 3, 1, 1]).to_device(dev),
+            model,
+            size: size as i64,
+            pad_to,
+        }
+    }
+
+    /// `pixels` holds `n` RGB tiles of size x size; returns `n * D` features.
+    fn run(&self, pixels: &[u8], n: usize) -> Result<Vec<f32>> {
+        let _guard = tch::no_grad_guard();
+        let opts = self.model.options();
+        let rows = self.pad_to.map_or(n, |p| p.max(n));
+        let mut input = Tensor::from_slice(pixels).view([n as i64, self.size, self.size, 3]);
+        if rows > n {
+            let pad = Tensor::zeros([(rows - n) as i64, self.size, self.size, 3], (Kind::Uint8, Device::Cpu));
+            input = Tensor::cat(&[input, pad], 0);
+        }
+        let input = match opts.device {
+            Device::Cpu => input,
+            d => input.pin_memory(d).to_device_(d, Kind::Uint8, true, false),
+        };
+        // ToTensor (x / 255) and Normalize ((x - mean) / std) in f32, as torchvision does.
+        let x = input.permute([0, 3, 1, 2]).to_kind(Kind::Float);
+        let x = ((x / 255.0) - &self.mean) / &self.std;
+        let x = if opts.channels_last { to_channels_last(&x) } else { x.contiguous() };
+        let x = x.to_kind(opts.kind());
+        let out = self.model.forward(&x).narrow(0, 0, n as i64).to_device(Device::Cpu);
+        let flat = out.contiguous().view([-1]);
+        Vec::<f32>::try_from(&flat).context("cannot read features back from the model")
+    }
+}
+
+/// The writer thread stopped early; its own error is what gets reported.
+#[derive(Debug)]
+struct WriterStopped;
+
+impl std::fmt::Display for WriterStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("writer stopped")
+    }
+}
+
+impl std::error::Error for WriterStopped {}
+
+/// Summary of a finished run.
+pub struct Summary {
+    pub provenance: Provenance,
+}
+
+/// `tilefeat extract`.
+pub fn run(cfg: &ExtractConfig, command: Vec<String>, out: &mut dyn Write) -> Result<Option<Summary>> {
+    let start = Instant::now();
+    let listing = find_tiles(&cfg.tile_dir)?;
+    for w in &listing.warnings {
+        if !cfg.quiet {
+            eprintln!("tilefeat: warning: {w}");
+        }
+    }
+    let tiles = listing.tiles;
+    if tiles.is_empty() {
+        return Err(fail(
+            ExitKind::Input,
+            format!(
+                "tile folder {} holds no tiles (*.png, *.jpg, *.jpeg, *.tif, *.tiff)",
+                cfg.tile_dir.display()
+            ),
+        ));
+    }
+    if cfg.weights.is_random() && !cfg.quiet {
+        eprintln!("tilefeat: WARNING: {RANDOM_WEIGHTS_WARNING}");
+    }
+    let weights = Weights::load(&cfg.weights, cfg.layer).kind(ExitKind::Weights)?;
+    let fingerprint = cfg.fingerprint(&weights.id);
+    if cfg.dry_run {
+        writeln!(
+            out,
+            "dry run: sample {} — {} tiles in {} -> {}; device {}, precision {:?}, batch {}, {} torch + {} decode threads; weights {} (sha256 {}); fingerprint {}",
+            cfg.sample,
+            tiles.len(),
+            cfg.tile_dir.display(),
+            cfg.output.display(),
+            device_name(cfg.device),
+            cfg.precision,
+            cfg.batch_size,
+            cfg.torch_threads,
+            cfg.decode_threads,
+            cfg.weights.describe(),
+            weights.id,
+            hex::encode(&fingerprint.id()[..8]),
+        )?;
+        return Ok(None);
+    }
+    // Fail early, before any compute, if the outputs cannot be written.
+    let mut csv = AtomicFile::create(&cfg.output)?;
+    let dim = feature_dim(cfg.layer);
+    csv.writer()
+        .write_all(csv_header(&["tile"], dim).as_bytes())
+        .with_context(|| format!("cannot write {}", cfg.output.display()))
+        .kind(ExitKind::Output)?;
+
+    tch::set_num_threads(cfg.torch_threads as i32);
+    if let Device::Cuda(_) = cfg.device {
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
+    let opts = RunOptions {
+        device: cfg.device,
+        precision: cfg.precision,
+        channels_last: cfg.channels_last,
+    };
+    let model = ResNetTrunk::new(&weights.tensors, cfg.layer, cfg.pool, opts)
+        .kind(ExitKind::Weights)?;
+    drop(weights.tensors);
+    let pad_to = matches!(cfg.device, Device::Cuda(_)).then_some(cfg.batch_size);
+    let runner = Runner::new(model, cfg.normalize, cfg.size, pad_to);
+
+    let cache = match &cfg.cache_dir {
+        Some(d) => Some(Cache::open(d, &fingerprint)?),
+        None => None,
+    };
+    let entries_at_open = cache.as_ref().map_or(0, |c| c.len());
+
+    let mut progress = Progress::new(tiles.len(), cfg.quiet);
+    let state = pipeline(cfg, &tiles, &runner, cache.as_ref(), csv, &mut progress, dim)?;
+    progress.finish();
+
+    let counters = match &cache {
+        Some(c) => Some(c.close()?),
+        None => None,
+    };
+    if let Some(c) = &cache {
+        for d in c.damaged() {
+            eprintln!("tilefeat: warning: damaged cache record ignored (recomputed): {d}");
+        }
+    }
+    // Rejected list (always written, so workflows can declare it as an output).
+    let mut tsv = String::from("tile\treason\n");
+    for s in &state.skipped {
+        tsv.push_str(&format!("{}\t{}\n", s.tile.replace(['\t', '\n'], " "), s.reason.replace(['\t', '\n'], " ")));
+    }
+    crate::output::write_atomic(&rejected_path(&cfg.output), tsv.as_bytes())?;
+
+    let elapsed = start.elapsed().as_secs_f64();
+    let written = state.written;
+    let trained = !cfg.weights.is_random();
+    let provenance = Provenance {
+        warning: (!trained).then(|| RANDOM_WEIGHTS_WARNING.to_string()),
+        tilefeat_version: env!("CARGO_PKG_VERSION").into(),
+        tch_version: crate::TCH_VERSION.into(),
+        libtorch_version: crate::device::libtorch_version().into(),
+        command,
+        created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        host: std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default(),
+        sample: cfg.sample.clone(),
+        tile_dir: std::fs::canonicalize(&cfg.tile_dir).unwrap_or(cfg.tile_dir.clone()).display().to_string(),
+        output: cfg.output.display().to_string(),
+        device: device_name(cfg.device),
+        feature_dim: dim,
+        settings: Settings {
+            layer: cfg.layer,
+            pool: cfg.pool,
+            normalize: cfg.normalize,
+            size: cfg.size,
+            precision: cfg.precision,
+            batch_size: cfg.batch_size,
+            torch_threads: cfg.torch_threads,
+            decode_threads: cfg.decode_threads,
+            layout: if cfg.channels_last { "nhwc".into() } else { "nchw".into() },
+            on_error: format!("{:?}", cfg.on_error).to_lowercase(),
+        },
+        weights: WeightsInfo {
+            source: cfg.weights.describe(),
+            sha256: fingerprint.weights_sha256.clone(),
+            trained,
+            warning: (!trained).then(|| RANDOM_WEIGHTS_WARNING.to_string()),
+        },
+        fingerprint: FingerprintInfo {
+            id: hex::encode(fingerprint.id()),
+            fields: fingerprint.clone(),
+        },
+        tiles: Counts {
+            found: tiles.len(),
+            written,
+            skipped: state.skipped.len(),
+            computed: state.computed,
+            cache_hits: state.hits,
+        },
+        skipped_tiles: state.skipped.clone(),
+        cache: CacheInfo {
+            dir: cfg.cache_dir.as_ref().map(|d| d.display().to_string()),
+            entries_at_open,
+            hits: state.hits,
+            misses: if cache.is_some() { state.computed } else { 0 },
+            stored: counters.as_ref().map_or(0, |c| c.stored),
+            damaged_records: counters.as_ref().map_or(0, |c| c.damaged_records),
+        },
+        elapsed_s: round3(elapsed),
+        tiles_per_s: round3(tiles.len() as f64 / elapsed.max(1e-9)),
+        timings_s: state.timings.clone(),
+    };
+    crate::output::write_atomic(&provenance_path(&cfg.output), provenance.to_yaml()?.as_bytes())?;
+    // The CSV was committed by the writer; all three files are now in place.
+    Ok(Some(Summary { provenance }))
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// What the pipeline hands back.
+struct PipelineState {
+    written: usize,
+    computed: usize,
+    hits: usize,
+    skipped: Vec<Skipped>,
+    timings: Timings,
+}
+
+/// Messages to the writer thread: groups of finished rows in order, then `Finish`. A
+/// channel closed without `Finish` means the run failed: the CSV is not committed.
+enum WriterMsg {
+    Rows(Vec<OutRow>),
+    Finish,
+}
+
+struct OutRow {
+    idx: usize,
+    sha: Hash32,
+    features: Vec<f32>,
+    hit: bool,
+}
+
+fn pipeline(
+    cfg: &ExtractConfig,
+    tiles: &[Tile],
+    runner: &Runner,
+    cache: Option<&Cache>,
+    csv: AtomicFile,
+    progress: &mut Progress,
+    dim: usize,
+) -> Result<PipelineState> {
+    let size = cfg.size as usize;
+    let px = size * size * 3;
+    let batch = cfg.batch_size;
+    let window = (4 * batch).max(4 * cfg.decode_threads).max(16);
+
+    std::thread::scope(|scope| -> Result<PipelineState> {
+        let (credit_tx, credit_rx) = bounded::<()>(window);
+        for _ in 0..window {
+            credit_tx.send(()).expect("credit channel has room");
+        }
+        let (job_tx, job_rx) = bounded::<usize>(window);
+        let (item_tx, item_rx) = bounded::<(Item, WorkerTimes)>(window);
+        let (row_tx, row_rx) = bounded::<WriterMsg>(8);
+
+        // Feeder: tile indices in order, never more than `window` in flight.
+        let n_tiles = tiles.len();
+        scope.spawn(move || {
+            for i in 0..n_tiles {
+                if credit_rx.recv().is_err() || job_tx.send(i).is_err() {
+                    return;
+                }
+            }
+        });
+        // Workers.
+        for _ in 0..cfg.decode_threads {
+            let job_rx = job_rx.clone();
+            let item_tx = item_tx.clone();
+            scope.spawn(move || {
+                for idx in job_rx.iter() {
+                    let mut t = WorkerTimes::default();
+                    let (sha, prepared) = prepare(&tiles[idx], size, cache, &mut t);
+                    if item_tx.send((Item { idx, sha, prepared }, t)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(job_rx);
+        drop(item_tx);
+        // Writer.
+        let output = cfg.output.clone();
+        let writer = scope.spawn(move || writer_loop(row_rx, csv, tiles, cache, &output));
+
+        let result = model_stage(cfg, tiles, runner, item_rx, credit_tx, row_tx, progress, px, batch, dim);
+        let write_result = writer.join().expect("writer thread panicked");
+        let (mut state, write_secs) = match (result, write_result) {
+            (Err(e), _) => return Err(e),
+            (Ok(_), Err(e)) => return Err(e),
+            (Ok(s), Ok(w)) => (s, w),
+        };
+        state.timings.write = round3(write_secs);
+        Ok(state)
+    })
+}
+
+/// Receives rows in order; streams the CSV; stores computed vectors in the cache.
+fn writer_loop(
+    rows: Receiver<WriterMsg>,
+    mut csv: AtomicFile,
+    tiles: &[Tile],
+    cache: Option<&Cache>,
+    output: &Path,
+) -> Result<f64> {
+    let mut busy = 0.0;
+    let mut line = String::with_capacity(64 * 1024);
+    let mut finished = false;
+    for msg in rows.iter() {
+        let group = match msg {
+            WriterMsg::Rows(g) => g,
+            WriterMsg::Finish => {
+                finished = true;
+                break;
+            }
+        };
+        let t = Instant::now();
+        for r in &group {
+            line.clear();
+            push_csv_field(&mut line, &tiles[r.idx].rel);
+            push_features(&mut line, &r.features);
+            csv.writer()
+                .write_all(line.as_bytes())
+                .with_context(|| format!("cannot write {}", output.display()))
+                .kind(ExitKind::Output)?;
+            if let (Some(c), false) = (cache, r.hit) {
+                c.put(&r.sha, &r.features)?;
+            }
+        }
+        if let Some(c) = cache {
+            c.flush()?;
+        }
+        busy += t.elapsed().as_secs_f64();
+    }
+    if !finished {
+        // The run failed: drop the temporary CSV (the cache keeps what was computed).
+        return Ok(busy);
+    }
+    let t = Instant::now();
+    csv.commit()?;
+    Ok(busy + t.elapsed().as_secs_f64())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn model_stage(
+    cfg: &ExtractConfig,
+    tiles: &[Tile],
+    runner: &Runner,
+    items: Receiver<(Item, WorkerTimes)>,
+    credits: Sender<()>,
+    rows_out: Sender<WriterMsg>,
+    progress: &mut Progress,
+    px: usize,
+    batch: usize,
+    dim: usize,
+) -> Result<PipelineState> {
+    let mut reorder: BTreeMap<usize, Item> = BTreeMap::new();
+    let mut next = 0usize;
+    let mut pending: VecDeque<Row> = VecDeque::new();
+    let mut pixels: Vec<u8> = Vec::with_capacity(batch * px);
+    let mut in_batch = 0usize;
+    let mut st = PipelineState {
+        written: 0,
+        computed: 0,
+        hits: 0,
+        skipped: Vec::new(),
+        timings: Timings::default(),
+    };
+    let mut wt = WorkerTimes::default();
+    let mut waiting = 0.0;
+    let mut compute = 0.0;
+    let max_pending = 2 * batch.max(64);
+
+    // Run the open batch and hand every finished row at the front of `pending` to the writer.
+    let flush = |pending: &mut VecDeque<Row>,
+                     pixels: &mut Vec<u8>,
+                     in_batch: &mut usize,
+                     st: &mut PipelineState,
+                     compute: &mut f64|
+     -> Result<()> {
+        if *in_batch > 0 {
+            let t = Instant::now();
+            let feats = runner.run(pixels, *in_batch).with_context(|| {
+                let first = pending.iter().find_map(|r| match r.state {
+                    RowState::InBatch(_) => Some(tiles[r.idx].path.display().to_string()),
+                    _ => None,
+                });
+                format!("model failed on the batch starting at {}", first.unwrap_or_default())
+            })?;
+            *compute += t.elapsed().as_secs_f64();
+            for r in pending.iter_mut() {
+                if let RowState::InBatch(k) = r.state {
+                    r.state = RowState::Ready {
+                        features: feats[k * dim..(k + 1) * dim].to_vec(),
+                        hit: false,
+                    };
+                }
+            }
+            pixels.clear();
+            *in_batch = 0;
+        }
+        let mut group = Vec::with_capacity(pending.len());
+        while let Some(r) = pending.pop_front() {
+            match r.state {
+                RowState::Ready { features, hit } => {
+                    if hit {
+                        st.hits += 1;
+                    } else {
+                        st.computed += 1;
+                    }
+                    st.written += 1;
+                    group.push(OutRow {
+                        idx: r.idx,
+                        sha: r.sha,
+                        features,
+                        hit,
+                    });
+                }
+                RowState::Rejected(reason) => st.skipped.push(Skipped {
+                    tile: tiles[r.idx].rel.clone(),
+                    reason,
+                }),
+                RowState::InBatch(_) => unreachable!("batch was just run"),
+            }
+        }
+        if !group.is_empty() && rows_out.send(WriterMsg::Rows(group)).is_err() {
+            return Err(WriterStopped.into());
+        }
+        Ok(())
+    };
+
+    while next < tiles.len() {
+        // Take the next tile in order, waiting for workers as needed.
+        let item = loop {
+            if let Some(it) = reorder.remove(&next) {
+                break it;
+            }
+            let t = Instant::now();
+            let Ok((it, times)) = items.recv() else {
+                return Err(anyhow::anyhow!("decode workers stopped unexpectedly"));
+            };
+            waiting += t.elapsed().as_secs_f64();
+            wt.read += times.read;
+            wt.hash += times.hash;
+            wt.lookup += times.lookup;
+            wt.decode += times.decode;
+            wt.resize += times.resize;
+            reorder.insert(it.idx, it);
+        };
+        next += 1;
+        let _ = credits.send(());
+        let state = match item.prepared {
+            Prepared::Hit(features) => RowState::Ready { features, hit: true },
+            Prepared::Pixels(p) => {
+                pixels.extend_from_slice(&p);
+                in_batch += 1;
+                RowState::InBatch(in_batch - 1)
+            }
+            Prepared::Bad(reason) => match cfg.on_error {
+                OnError::Fail => {
+                    return Err(fail(
+                        ExitKind::Input,
+                        format!(
+                            "tile {}: {reason} (use --on-error skip to record bad tiles and go on)",
+                            tiles[item.idx].path.display()
+                        ),
+                    ))
+                }
+                OnError::Skip => {
+                    if !cfg.quiet {
+                        eprintln!("tilefeat: skipping {}: {reason}", tiles[item.idx].path.display());
+                    }
+                    RowState::Rejected(reason)
+                }
+            },
+        };
+        pending.push_back(Row {
+            idx: item.idx,
+            sha: item.sha,
+            state,
+        });
+        if in_batch == 0 || in_batch == batch || pending.len() >= max_pending {
+            match flush(&mut pending, &mut pixels, &mut in_batch, &mut st, &mut compute) {
+                Ok(()) => {}
+                Err(e) if e.is::<WriterStopped>() => return Ok(st),
+                Err(e) => return Err(e),
+            }
+            progress.update(next, st.hits);
+        }
+    }
+    match flush(&mut pending, &mut pixels, &mut in_batch, &mut st, &mut compute) {
+        Ok(()) => {}
+        Err(e) if e.is::<WriterStopped>() => return Ok(st),
+        Err(e) => return Err(e),
+    }
+    progress.update(next, st.hits);
+    let _ = rows_out.send(WriterMsg::Finish);
+    st.timings = Timings {
+        read: round3(wt.read),
+        hash: round3(wt.hash),
+        cache_lookup: round3(wt.lookup),
+        decode: round3(wt.decode),
+        resize: round3(wt.resize),
+        model_waiting_for_tiles: round3(waiting),
+        model_compute: round3(compute),
+        write: 0.0,
+    };
+    Ok(st)
+}

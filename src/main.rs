@@ -1,0 +1,28 @@
+//! The `tilefeat` binary: parse, run, print errors once with their chain, exit with the
+//! documented code (see `tilefeat --help` and the README).
+
+use clap::Parser;
+
+fn main() {
+    // A panic (a bug, or libtorch failing inside an operation) is reported like any error.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        let first = msg.lines().next().unwrap_or(msg);
+        eprintln!("tilefeat: error: internal failure: {first}");
+    }));
+    let cli = tilefeat::cli::Cli::parse();
+    let code = match std::panic::catch_unwind(|| tilefeat::app::run(cli)) {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            eprintln!("tilefeat: error: {e:#}");
+            tilefeat::error::kind_of(&e) as i32
+        }
+        Err(_) => tilefeat::error::ExitKind::Internal as i32,
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,133 @@
+//! The provenance record written beside every feature CSV (`OUT.provenance.yaml`).
+//!
+//! It says how the numbers were made: tilefeat, tch and libtorch versions, device, precision,
+//! every setting, the weights' SHA-256, the cache fingerprint, tile counts, skipped tiles with
+//! reasons, cache hits and misses, and where the time went. `tilefeat join` reads it back to
+//! refuse mixing incompatible features, so the fingerprint fields are the contract.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::cache::Fingerprint;
+use crate::error::{ExitKind, WithKind};
+
+pub const RANDOM_WEIGHTS_WARNING: &str =
+    "RANDOM WEIGHTS: these features come from randomly initialised weights, NOT a trained model. \
+     Use them for demos and benchmarks only.";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WeightsInfo {
+    pub source: String,
+    /// SHA-256 of the weights file, or `random:SEED`.
+    pub sha256: String,
+    pub trained: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    pub layer: crate::cli::Layer,
+    pub pool: crate::cli::Pool,
+    pub normalize: crate::cli::Normalize,
+    pub size: u32,
+    pub precision: crate::cli::Precision,
+    pub batch_size: usize,
+    pub torch_threads: usize,
+    pub decode_threads: usize,
+    pub layout: String,
+    pub on_error: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Counts {
+    pub found: usize,
+    pub written: usize,
+    pub skipped: usize,
+    pub computed: usize,
+    pub cache_hits: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Skipped {
+    pub tile: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CacheInfo {
+    pub dir: Option<String>,
+    pub entries_at_open: usize,
+    pub hits: usize,
+    pub misses: usize,
+    pub stored: u64,
+    pub damaged_records: u64,
+}
+
+/// Seconds spent per stage, summed over the threads doing it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Timings {
+    pub read: f64,
+    pub hash: f64,
+    pub cache_lookup: f64,
+    pub decode: f64,
+    pub resize: f64,
+    pub model_waiting_for_tiles: f64,
+    pub model_compute: f64,
+    pub write: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FingerprintInfo {
+    pub id: String,
+    #[serde(flatten)]
+    pub fields: Fingerprint,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Provenance {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+    pub tilefeat_version: String,
+    pub tch_version: String,
+    pub libtorch_version: String,
+    pub command: Vec<String>,
+    pub created: String,
+    pub host: String,
+    pub sample: String,
+    pub tile_dir: String,
+    pub output: String,
+    pub device: String,
+    pub feature_dim: usize,
+    pub settings: Settings,
+    pub weights: WeightsInfo,
+    pub fingerprint: FingerprintInfo,
+    pub tiles: Counts,
+    pub skipped_tiles: Vec<Skipped>,
+    pub cache: CacheInfo,
+    pub elapsed_s: f64,
+    pub tiles_per_s: f64,
+    pub timings_s: Timings,
+}
+
+impl Provenance {
+    pub fn to_yaml(&self) -> Result<String> {
+        let mut s = String::new();
+        if self.warning.is_some() {
+            s.push_str(&format!("# WARNING: {RANDOM_WEIGHTS_WARNING}\n"));
+        }
+        s.push_str(&serde_yaml::to_string(self)?);
+        Ok(s)
+    }
+
+    pub fn read(path: &Path) -> Result<Provenance> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read provenance file {}", path.display()))
+            .kind(ExitKind::Input)?;
+        serde_yaml::from_str(&text)
+            .with_context(|| format!("provenance file {} is not a tilefeat provenance record", path.display()))
+            .kind(ExitKind::Input)
+    }
+}

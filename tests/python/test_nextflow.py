@@ -1,0 +1,764 @@
+"""Checks of the Nextflow pipeline and modules under nextflow/ that need no Nextflow runtime.
+
+* reftrace lint with the repository's rules (nextflow/lint/rules.py): every .nf and .config
+  file parses and follows them; mutated copies show that the rules do fire.
+* check-jsonschema: nextflow_schema.json and assets/schema_input.json are valid draft 2020-12
+  schemas; the test samplesheet passes the input schema and bad samplesheets do not.
+* The modules' `script:` and `stub:` blocks are rendered the way Nextflow would (a small
+  evaluator for the Groovy expressions they use) and run with bash against the real tilefeat
+  binary (TILEFEAT_BIN, default target/release/tilefeat): `extract --dry-run` for each way the
+  module can be called, a real extract of two tiny samples and a real join of their outputs.
+  The module and the CLI therefore cannot drift apart.
+
+nf-test (nextflow/**/tests/*.nf.test) and real Nextflow runs need the Nextflow runtime and are
+not run here.
+"""
+
+import csv
+import importlib.util
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+NF = REPO / "nextflow"
+EXTRACT_NF = NF / "modules" / "local" / "tilefeat" / "extract" / "main.nf"
+JOIN_NF = NF / "modules" / "local" / "tilefeat" / "join" / "main.nf"
+TILEFEAT_BIN = Path(os.environ.get("TILEFEAT_BIN", REPO / "target" / "release" / "tilefeat"))
+
+needs_binary = pytest.mark.skipif(
+    not TILEFEAT_BIN.is_file(),
+    reason=f"tilefeat binary not built: {TILEFEAT_BIN} does not exist (cargo build --release, or set TILEFEAT_BIN)",
+)
+
+
+def _load_rules():
+    spec = importlib.util.spec_from_file_location("tilefeat_nextflow_rules", NF / "lint" / "rules.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RULES = _load_rules()
+
+
+def _versions_env():
+    return RULES._versions_env()
+
+
+# ---------------------------------------------------------------------------------------
+# reftrace lint
+# ---------------------------------------------------------------------------------------
+
+
+def _reftrace_lint(directory, rules):
+    return subprocess.run(
+        [sys.executable, "-c", "from reftrace.cli.main import cli; cli()", "lint", "--rules", str(rules), "--directory", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_reftrace_lint_passes():
+    result = _reftrace_lint(NF, NF / "lint" / "rules.py")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "No issues found!" in output, output
+    # every script and config was actually looked at
+    assert "Linting Nextflow files" in output and "Linting config files" in output
+
+
+def _copy_pipeline(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(NF, repo / "nextflow", ignore=shutil.ignore_patterns("work", ".nextflow*", ".nf-test*", "results", "__pycache__"))
+    shutil.copy(REPO / "versions.env", repo / "versions.env")
+    return repo
+
+
+MUTATIONS = [
+    # (file under nextflow/, text, replacement, message the lint must print)
+    ("modules/local/tilefeat/extract/main.nf", "def device = task.accelerator ? 'cuda' : 'cpu'", "def device = 'cuda'", "--device"),
+    ("modules/local/tilefeat/extract/main.nf", "def device = task.accelerator ? 'cuda' : 'cpu'", "def device = 'auto'", "--device"),
+    ("modules/local/tilefeat/extract/main.nf", "--device ${device}", "--device cuda", "--device"),
+    ("modules/local/tilefeat/extract/main.nf", "    val cache_dir\n", "    path cache_dir\n", "cache folder is shared"),
+    ("modules/local/tilefeat/extract/main.nf", "    stub:\n", "    // no stub\n", "no `stub:` section"),
+    ("modules/local/tilefeat/extract/main.nf", "    tag \"$meta.id\"\n", "", "exactly one tag"),
+    ("modules/local/tilefeat/extract/main.nf", "label 'process_gpu'", "label 'gpu_please'", "is not one of"),
+    ("modules/local/tilefeat/extract/main.nf", "tilefeat:0.1.0-cuda13.0-sif", "tilefeat:0.0.9-cuda13.0-sif", "Apptainer/Singularity image must be"),
+    ("modules/local/tilefeat/extract/main.nf", "tilefeat:0.1.0-cpu", "tilefeat:latest", "neither"),
+    ("modules/local/tilefeat/extract/main.nf", ", topic: versions, emit: versions_tilefeat", ", emit: versions_tilefeat", "topic: versions"),
+    ("modules/local/tilefeat/extract/main.nf", "emit: rejected", "optional: true", "without `emit:`"),
+    ("modules/local/tilefeat/extract/main.nf", "task.ext.when == null || task.ext.when", "true", "`when:` must be"),
+    ("modules/local/tilefeat/extract/main.nf", "def args = task.ext.args ?: ''", "def args = params.extra ?: ''", "task.ext.args"),
+    ("modules/local/tilefeat/extract/main.nf", "tuple val(meta), path(tiles)\n", "path tiles\n", "first input must be"),
+    ("modules/local/tilefeat/join/main.nf", "    when:\n", "", "no `when:` section"),
+    ("modules/local/tilefeat/join/main.nf", "workflow.containerEngine in ['singularity', 'apptainer']", "workflow.containerEngine == 'docker'", "condition must select"),
+    ("main.nf", "include { TILEFEAT_JOIN    } from './modules/local/tilefeat/join/main'", "include { TILEFEAT_JOIN    } from './modules/local/tilefeat/joins/main'", "does not exist"),
+    ("main.nf", "params.cohort_id", "params.cohort_name", "not in nextflow_schema.json"),
+    ("main.nf", "TILEFEAT_JOIN( ch_join_input )", "TILEFEAT_JOIN( ch_join_input ", "Failed to parse"),
+    ("nextflow.config", "                accelerator = 1\n", "", "accelerator = 1"),
+    ("nextflow.config", "docker.runOptions      = '--gpus all'", "docker.runOptions      = ''", "docker.runOptions"),
+    ("nextflow.config", "--gres=gpu:", "--gpus=", "--gres=gpu:N"),
+    ("nextflow.config", "    aggregate    = 'none'\n", "", "only in nextflow_schema.json"),
+    ("conf/modules.config", "ext.args   = { \"--aggregate ${params.aggregate}\" }", "ext.args   = \"--aggregate ${params.aggregate}\"", "outside a closure"),
+    ("conf/base.config", "withLabel: 'process_gpu'", "withLabel: 'process_gpus'", "'process_gpu' is not defined"),
+]
+
+
+@pytest.mark.parametrize("relative, old, new, message", MUTATIONS, ids=[f"{m[0]}:{m[3]}" for m in MUTATIONS])
+def test_reftrace_lint_catches(tmp_path, relative, old, new, message):
+    repo = _copy_pipeline(tmp_path)
+    target = repo / "nextflow" / relative
+    text = target.read_text()
+    assert old in text, f"mutation no longer applies: {old!r} not in {relative} (update MUTATIONS)"
+    target.write_text(text.replace(old, new, 1))
+    result = _reftrace_lint(repo / "nextflow", repo / "nextflow" / "lint" / "rules.py")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, f"lint passed a broken {relative}:\n{output}"
+    assert message in output, output
+
+
+# ---------------------------------------------------------------------------------------
+# JSON schemas
+# ---------------------------------------------------------------------------------------
+
+
+def _check_jsonschema(*args):
+    return subprocess.run([sys.executable, "-m", "check_jsonschema", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_schemas_are_valid_draft_2020_12():
+    for schema in (NF / "nextflow_schema.json", NF / "assets" / "schema_input.json"):
+        assert json.loads(schema.read_text())["$schema"] == "https://json-schema.org/draft/2020-12/schema", schema
+    result = _check_jsonschema("--check-metaschema", str(NF / "nextflow_schema.json"), str(NF / "assets" / "schema_input.json"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_check_metaschema_rejects_a_broken_schema(tmp_path):
+    schema = json.loads((NF / "nextflow_schema.json").read_text())
+    schema["$defs"]["extraction_options"]["properties"]["batch_size"]["type"] = "int"  # not a JSON Schema type
+    broken = tmp_path / "nextflow_schema.json"
+    broken.write_text(json.dumps(schema))
+    assert _check_jsonschema("--check-metaschema", str(broken)).returncode != 0
+
+
+def _samplesheet_as_json(csv_path, out):
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    out.write_text(json.dumps(rows))
+    return rows
+
+
+def _validate_samplesheet(csv_path, tmp_path):
+    data = tmp_path / (Path(csv_path).stem + ".json")
+    rows = _samplesheet_as_json(csv_path, data)
+    result = _check_jsonschema("--schemafile", str(NF / "assets" / "schema_input.json"), str(data))
+    return rows, result
+
+
+def test_test_samplesheet_validates(tmp_path):
+    rows, result = _validate_samplesheet(NF / "assets" / "test_samplesheet.csv", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    samples = [row["sample"] for row in rows]
+    assert samples == ["sampleA", "sampleB"]
+    # nf-schema's uniqueEntries is not a JSON Schema keyword: check it here
+    assert len(set(samples)) == len(samples)
+    # relative tile paths are resolved against the samplesheet's folder (main.nf)
+    for row in rows:
+        resolved = ((NF / "assets") / row["tiles"]).resolve()
+        assert resolved == REPO / "demo" / "tiles" / row["sample"], resolved
+
+
+def test_test_samplesheet_tiles_exist():
+    if not (REPO / "demo" / "tiles").is_dir():
+        pytest.skip("demo/tiles/ not in this checkout yet")
+    with open(NF / "assets" / "test_samplesheet.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            folder = ((NF / "assets") / row["tiles"]).resolve()
+            assert folder.is_dir(), f"{row['sample']}: {folder} is not a folder"
+            assert any(p.is_file() for p in folder.rglob("*")), f"{row['sample']}: {folder} holds no files"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "sample,tiles\nsample A,demo/tiles/a\n",  # space in the ID
+        "sample,tiles\n-a,demo/tiles/a\n",  # ID starting with '-'
+        "sample,tiles\nsampleA,\n",  # no tile folder
+        "sample,tiles,extra\nsampleA,demo/tiles/a,x\n",  # unknown column
+        "sample,tiles\n",  # no sample at all
+        "id,tiles\nsampleA,demo/tiles/a\n",  # wrong header
+    ],
+)
+def test_bad_samplesheets_are_rejected(tmp_path, content):
+    sheet = tmp_path / "bad.csv"
+    sheet.write_text(content)
+    _, result = _validate_samplesheet(sheet, tmp_path)
+    assert result.returncode != 0, f"accepted:\n{content}"
+
+
+def _config_param_defaults():
+    text = RULES._strip_comments((NF / "nextflow.config").read_text())
+    block = RULES._block(text, "params")
+    defaults = {}
+    for name, value in re.findall(r"^\s*(\w+)\s*=\s*(.+?)\s*$", block, re.MULTILINE):
+        if value == "null":
+            defaults[name] = None
+        elif re.fullmatch(r"-?\d+", value):
+            defaults[name] = int(value)
+        elif value in ("true", "false"):
+            defaults[name] = value == "true"
+        else:
+            match = re.fullmatch(r"'([^']*)'", value)
+            assert match, f"nextflow.config: params.{name} = {value}: not a simple literal"
+            defaults[name] = match.group(1)
+    return defaults
+
+
+def _schema_properties():
+    schema = json.loads((NF / "nextflow_schema.json").read_text())
+    properties = {}
+    for group in schema["$defs"].values():
+        properties.update(group["properties"])
+    refs = {item["$ref"] for item in schema["allOf"]}
+    assert refs == {f"#/$defs/{name}" for name in schema["$defs"]}, "every $defs group must be in allOf"
+    return properties
+
+
+def test_schema_and_config_agree():
+    defaults = _config_param_defaults()
+    properties = _schema_properties()
+    assert set(defaults) == set(properties)
+    for name, value in defaults.items():
+        assert properties[name].get("default") == value, f"{name}: config default {value!r}, schema {properties[name].get('default')!r}"
+    # the test profile's values are valid too
+    test_config = (NF / "conf" / "test.config").read_text()
+    assert re.search(r"weights\s*=\s*'random:0'", test_config)
+    assert re.search(r"input\s*=\s*\"\$\{projectDir\}/assets/test_samplesheet.csv\"", test_config)
+
+
+def test_container_and_manifest_versions_match_versions_env():
+    env = _versions_env()
+    version, cuda = env["TILEFEAT_VERSION"], env["CUDA_VERSION"]
+    for module in (EXTRACT_NF, JOIN_NF):
+        images = re.findall(r"(?:oras://)?ghcr\.io/tilefeat/tilefeat:[\w.-]+", module.read_text())
+        assert images, module
+        for image in images:
+            assert image in (
+                f"oras://ghcr.io/tilefeat/tilefeat:{version}-cuda{cuda}-sif",
+                f"ghcr.io/tilefeat/tilefeat:{version}-cuda{cuda}",
+                f"ghcr.io/tilefeat/tilefeat:{version}-cpu",
+            ), image
+    manifest = RULES._block(RULES._strip_comments((NF / "nextflow.config").read_text()), "manifest")
+    assert re.search(rf"version\s*=\s*'{re.escape(version)}'", manifest)
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering module scripts as Nextflow would
+# ---------------------------------------------------------------------------------------
+
+_TOKEN = re.compile(
+    r"""\s*(?:
+        (?P<str>'(?:\\.|[^'\\])*'|"(?:\\.|[^"\\])*")
+      | (?P<op>\?:|==|!=|\|\||&&|[?:()\[\],!])
+      | (?P<num>\d+)
+      | (?P<name>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)
+    )""",
+    re.VERBOSE,
+)
+
+
+class GroovyError(Exception):
+    pass
+
+
+def _truthy(value):
+    return value not in (None, "", [], {}, 0, False)
+
+
+def _lookup(dotted, ctx):
+    head, *rest = dotted.split(".")
+    if head not in ctx:
+        raise GroovyError(f"unknown name {head!r} (add it to the test context)")
+    value = ctx[head]
+    for part in rest:
+        value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+    return value
+
+
+def _groovy_str(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(_groovy_str(v) for v in value) + "]"
+    return str(value)
+
+
+def _interpolate(body, ctx, triple=False):
+    """A GString's text: escapes and ${...} / $name interpolation, as Groovy does it."""
+    out, i, n = [], 0, len(body)
+    escapes = {"n": "\n", "t": "\t", "\\": "\\", "$": "$", "'": "'", '"': '"'}
+    while i < n:
+        c = body[i]
+        if c == "\\" and i + 1 < n:
+            if body[i + 1] == "\n" and triple:  # line continuation
+                i += 2
+                continue
+            if body[i + 1] not in escapes:
+                raise GroovyError(f"unsupported escape \\{body[i + 1]}")
+            out.append(escapes[body[i + 1]])
+            i += 2
+        elif body.startswith("${", i):
+            end = RULES._skip_code(body, i + 2, "}")
+            out.append(_groovy_str(evaluate(body[i + 2 : end - 1], ctx)))
+            i = end
+        elif c == "$":
+            match = re.match(r"\$([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)", body[i:])
+            if not match:
+                raise GroovyError(f"stray $ in {body[i:i + 20]!r}")
+            out.append(_groovy_str(_lookup(match.group(1), ctx)))
+            i += match.end()
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def evaluate(expression, ctx):
+    """Evaluate the small Groovy subset the modules use: literals, GStrings, names,
+    ?: (elvis), ? : (ternary), ||, &&, ==, !=, !, (...), [...], and list.join(sep)."""
+    tokens, pos = [], 0
+    expression = expression.strip()
+    while pos < len(expression):
+        match = _TOKEN.match(expression, pos)
+        if not match or match.end() == pos:
+            raise GroovyError(f"cannot parse {expression[pos:]!r} in {expression!r}")
+        kind = match.lastgroup
+        tokens.append((kind, match.group(kind)))
+        pos = match.end()
+        while pos < len(expression) and expression[pos].isspace():
+            pos += 1
+    index = 0
+
+    def peek():
+        return tokens[index] if index < len(tokens) else (None, None)
+
+    def take(value=None):
+        nonlocal index
+        token = peek()
+        if value is not None and token[1] != value:
+            raise GroovyError(f"expected {value!r}, got {token[1]!r} in {expression!r}")
+        index += 1
+        return token
+
+    def expr():
+        left = or_expr()
+        if peek() == ("op", "?:"):
+            take()
+            right = expr()
+            return left if _truthy(left) else right
+        if peek() == ("op", "?"):
+            take()
+            yes = expr()
+            take(":")
+            no = expr()
+            return yes if _truthy(left) else no
+        return left
+
+    def or_expr():
+        value = and_expr()
+        while peek() == ("op", "||"):
+            take()
+            other = and_expr()
+            value = _truthy(value) or _truthy(other)
+        return value
+
+    def and_expr():
+        value = eq_expr()
+        while peek() == ("op", "&&"):
+            take()
+            other = eq_expr()
+            value = _truthy(value) and _truthy(other)
+        return value
+
+    def eq_expr():
+        value = unary()
+        if peek() in (("op", "=="), ("op", "!=")):
+            op = take()[1]
+            other = unary()
+            return (value == other) if op == "==" else (value != other)
+        return value
+
+    def unary():
+        if peek() == ("op", "!"):
+            take()
+            return not _truthy(unary())
+        return primary()
+
+    def primary():
+        kind, value = take()
+        if kind == "str":
+            body = value[1:-1]
+            return _interpolate(body, ctx) if value[0] == '"' else re.sub(r"\\(.)", r"\1", body)
+        if kind == "num":
+            return int(value)
+        if kind == "name":
+            if value in ("null", "true", "false"):
+                return {"null": None, "true": True, "false": False}[value]
+            if value.endswith(".join") and peek() == ("op", "("):
+                take("(")
+                separator = expr()
+                take(")")
+                return separator.join(_groovy_str(v) for v in _lookup(value[: -len(".join")], ctx))
+            if peek() == ("op", "("):
+                raise GroovyError(f"method call {value}(...) not supported")
+            return _lookup(value, ctx)
+        if value == "(":
+            inner = expr()
+            take(")")
+            return inner
+        if value == "[":
+            items = []
+            while peek() != ("op", "]"):
+                items.append(expr())
+                if peek() == ("op", ","):
+                    take()
+            take("]")
+            return items
+        raise GroovyError(f"unexpected {value!r} in {expression!r}")
+
+    result = expr()
+    if index != len(tokens):
+        raise GroovyError(f"trailing {tokens[index:]} in {expression!r}")
+    return result
+
+
+def _section(module_path, section):
+    processes = RULES._processes_in_source(module_path)
+    assert len(processes) == 1, module_path
+    return processes[0][2][section]
+
+
+def render(module_path, section, ctx, overrides=None):
+    """The bash script Nextflow would run for `section` (script or stub) of the module."""
+    text = _section(module_path, section)
+    start = text.index('"""')
+    end = text.rindex('"""')
+    assert end > start, f"{module_path} {section}: no triple-quoted script"
+    ctx = dict(ctx)
+    overrides = overrides or {}
+    for raw in text[:start].splitlines():
+        line = raw.strip()
+        if not line or line.startswith("//"):
+            continue
+        match = re.fullmatch(r"def\s+(\w+)\s*=\s*(.+)", line)
+        if not match:
+            raise GroovyError(f"{module_path} {section}: unsupported statement {line!r} (teach the test about it)")
+        name, expression = match.groups()
+        ctx[name] = overrides[name] if name in overrides else evaluate(expression, ctx)
+    unused = set(overrides) - set(ctx)
+    assert not unused, f"overrides for variables the module no longer defines: {unused}"
+    return textwrap.dedent(_interpolate(text[start + 3 : end], ctx, triple=True)).strip() + "\n"
+
+
+def _output_globs(module_path):
+    outputs = _section(module_path, "output")
+    return re.findall(r'path\("([^"]+)"\)', outputs)
+
+
+def _task(meta_id, process, args="", accelerator=None, cpus=2, prefix=None):
+    return {
+        "meta": {"id": meta_id},
+        "task": {
+            "ext": {"args": args, "prefix": prefix, "when": None},
+            "cpus": cpus,
+            "accelerator": accelerator,
+            "process": process,
+        },
+    }
+
+
+def test_renderer_evaluates_groovy():
+    ctx = {"a": "", "b": "x", "task": {"accelerator": None, "ext": {}}, "xs": ["p", "q"]}
+    assert evaluate("a ?: 'd'", ctx) == "d"
+    assert evaluate("b ?: 'd'", ctx) == "x"
+    assert evaluate("task.accelerator ? 'cuda' : 'cpu'", ctx) == "cpu"
+    assert evaluate("task.ext.prefix ?: \"${b}-y\"", ctx) == "x-y"
+    assert evaluate("task.ext.when == null || task.ext.when", ctx) is True
+    assert evaluate("xs.join(' ')", ctx) == "p q"
+    assert _interpolate("a \\\\\n \\$HOME ${b} $b\\tz", ctx, triple=True) == "a \\\n $HOME x x\tz"
+    with pytest.raises(GroovyError):
+        evaluate("b.toUpperCase()", ctx)
+
+
+# ---------------------------------------------------------------------------------------
+# Extract and join scripts against the real binary
+# ---------------------------------------------------------------------------------------
+
+
+def _png(path, width=48, height=40, seed=0):
+    """A small RGB PNG, written without any imaging library."""
+    rows = b"".join(
+        b"\x00" + bytes(((x * 7 + y * 3 + seed * 50) % 256, (x * y + seed) % 256, (x + 2 * y) % 256)[c] for x in range(width) for c in range(3))
+        for y in range(height)
+    )
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory):
+    """Two samples of tiny tiles (one in a sub-folder: tile folders are searched recursively)."""
+    root = tmp_path_factory.mktemp("tiles")
+    for s, sample in enumerate(("sampleA", "sampleB")):
+        folder = root / sample
+        (folder / "sub").mkdir(parents=True)
+        _png(folder / "t0.png", seed=s)
+        _png(folder / "sub" / "t1.png", seed=s + 2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bin_dir(tmp_path_factory):
+    """A PATH folder holding `tilefeat` (the modules call it by that name)."""
+    folder = tmp_path_factory.mktemp("bin")
+    (folder / "tilefeat").symlink_to(TILEFEAT_BIN.resolve())
+    return folder
+
+
+def _run_task(script, workdir, bin_dir, timeout=300):
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / ".command.sh").write_text("#!/bin/bash -ue\n" + script)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("TILEFEAT_CACHE_DIR", None)
+    env.pop("TILEFEAT_WEIGHTS", None)
+    return subprocess.run(
+        ["bash", "-ue", "-o", "pipefail", ".command.sh"], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _stage(workdir, name, target):
+    """Nextflow stages path inputs as symlinks in the task folder."""
+    link = workdir / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+
+
+def _modules_config_args(process, params):
+    """The task.ext.args conf/modules.config gives `process`, for these params: each
+    `"--flag ${params.x}"` in its ext.args (--weights only for random:SEED)."""
+    text = RULES._strip_comments((NF / "conf" / "modules.config").read_text())
+    block = RULES._block(text, rf"withName:\s*'{process}'")
+    assert block is not None, f"conf/modules.config has no withName: '{process}'"
+    ext_args = re.search(r"ext\.args\s*=\s*\{(.*?)\}\s*\n\s*(?:ext\.|containerOptions|publishDir)", block, re.DOTALL)
+    assert ext_args, f"{process}: ext.args closure not found"
+    pairs = re.findall(r'"(--[a-z][\w-]*) \$\{params\.(\w+)\}"', ext_args.group(1))
+    assert pairs, f"{process}: no flags in ext.args"
+    args = []
+    for flag, param in pairs:
+        value = params[param]
+        if param == "weights":
+            if value is not None and str(value).startswith("random:"):
+                args.append(f"{flag} {value}")
+            continue
+        assert value is not None, f"{process}: {flag} reads params.{param}, which has no default"
+        args.append(f"{flag} {value}")
+    return " ".join(args), [flag for flag, _ in pairs]
+
+
+def _extract_ctx(tiles_name, args, accelerator=None, weights=None, cache_dir=""):
+    ctx = _task(tiles_name, "TILEFEAT:TILEFEAT_EXTRACT", args=args, accelerator=accelerator)
+    ctx.update({"tiles": tiles_name, "weights": weights if weights is not None else [], "cache_dir": cache_dir})
+    return ctx
+
+
+def _default_params(**overrides):
+    params = _config_param_defaults()
+    params.update(overrides)
+    return params
+
+
+EXTRACT_SCENARIOS = {
+    # name: (params overrides, accelerator, staged weights, use cache)
+    "defaults-random-weights": ({"weights": "random:0"}, None, None, False),
+    "non-default-options": (
+        {"weights": "random:1", "precision": "bf16", "layer": "layer3", "pool": "avg", "normalize": "imagenet", "size": 64, "batch_size": 3, "on_error": "skip"},
+        None,
+        None,
+        False,
+    ),
+    "shared-cache-dir": ({"weights": "random:0"}, None, None, True),
+    "weights-input-branch": ({"weights": None}, None, "random:7", False),
+}
+
+
+@needs_binary
+@pytest.mark.parametrize("scenario", list(EXTRACT_SCENARIOS))
+def test_extract_script_dry_run(tmp_path, tiles, bin_dir, scenario):
+    overrides, accelerator, weights, use_cache = EXTRACT_SCENARIOS[scenario]
+    args, _ = _modules_config_args("TILEFEAT_EXTRACT", _default_params(**overrides))
+    cache_dir = str(tmp_path / "feature cache") if use_cache else ""
+    if use_cache:
+        Path(cache_dir).mkdir()
+    ctx = _extract_ctx("sampleA", args + " --dry-run", accelerator=accelerator, weights=weights, cache_dir=cache_dir)
+    script = render(EXTRACT_NF, "script", ctx)
+    assert "--device cpu" in script and "--device cuda" not in script
+    assert "--threads 2" in script and "--sample 'sampleA'" in script
+    assert ("--cache-dir" in script) == use_cache and ("--no-cache" in script) != use_cache
+    work = tmp_path / "work"
+    work.mkdir()
+    _stage(work, "sampleA", tiles / "sampleA")
+    result = _run_task(script, work, bin_dir)
+    assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+
+
+@needs_binary
+def test_extract_script_asks_cuda_only_with_accelerator(tmp_path, tiles, bin_dir):
+    args, _ = _modules_config_args("TILEFEAT_EXTRACT", _default_params(weights="random:0"))
+    script = render(EXTRACT_NF, "script", _extract_ctx("sampleA", args + " --dry-run", accelerator={"request": 1}))
+    assert "--device cuda" in script and "--device cpu" not in script
+    work = tmp_path / "work"
+    work.mkdir()
+    _stage(work, "sampleA", tiles / "sampleA")
+    result = _run_task(script, work, bin_dir)
+    # clap must accept the command line; on a machine without a GPU the answer is exit 5
+    # (device unavailable), never 2 (usage error)
+    assert result.returncode in (0, 5), f"{script}\n{result.stdout}\n{result.stderr}"
+
+
+@needs_binary
+def test_cli_accepts_every_flag_and_value_the_pipeline_uses(bin_dir):
+    extract_help = subprocess.run([str(TILEFEAT_BIN), "extract", "--help"], capture_output=True, text=True, timeout=60)
+    join_help = subprocess.run([str(TILEFEAT_BIN), "join", "--help"], capture_output=True, text=True, timeout=60)
+    assert extract_help.returncode == 0 and join_help.returncode == 0
+    _, extract_flags = _modules_config_args("TILEFEAT_EXTRACT", _default_params())
+    _, join_flags = _modules_config_args("TILEFEAT_JOIN", _default_params())
+    module_extract = set(re.findall(r"--[a-z][\w-]*", _section(EXTRACT_NF, "script")))
+    module_join = set(re.findall(r"--[a-z][\w-]*", _section(JOIN_NF, "script")))
+    for flag in set(extract_flags) | module_extract:
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", extract_help.stdout), f"tilefeat extract has no {flag}"
+    for flag in set(join_flags) | module_join:
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", join_help.stdout), f"tilefeat join has no {flag}"
+    # the schema's choices are exactly the CLI's
+    properties = _schema_properties()
+    for param, flag, help_text in (
+        ("precision", "--precision", extract_help.stdout),
+        ("layer", "--layer", extract_help.stdout),
+        ("pool", "--pool", extract_help.stdout),
+        ("normalize", "--normalize", extract_help.stdout),
+        ("on_error", "--on-error", extract_help.stdout),
+        ("aggregate", "--aggregate", join_help.stdout),
+    ):
+        assert set(properties[param]["enum"]) == _possible_values(help_text, flag), param
+
+
+def _possible_values(help_text, flag):
+    """Values clap lists for a flag: `[possible values: a, b]` or a `Possible values:` list."""
+    match = re.search(rf"^\s*(?:-\w, )?{re.escape(flag)}\b.*?(?=^\s*(?:-\w, )?--[a-z]|\Z)", help_text, re.MULTILINE | re.DOTALL)
+    assert match, f"{flag} not in help"
+    block = match.group(0)
+    inline = re.search(r"\[possible values: ([^\]]+)\]", block)
+    if inline:
+        return {value.strip() for value in inline.group(1).split(",")}
+    listed = re.findall(r"^\s*- (\w[\w-]*)", block, re.MULTILINE)
+    assert listed, f"no possible values for {flag}:\n{block}"
+    return set(listed)
+
+
+@needs_binary
+def test_versions_eval_prints_the_version(tmp_path, bin_dir):
+    env = _versions_env()
+    for module in (EXTRACT_NF, JOIN_NF):
+        command = re.search(r"eval\(\"(.+?)\"\)", _section(module, "output")).group(1)
+        result = _run_task(command + "\n", tmp_path / module.parent.name, bin_dir)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == env["TILEFEAT_VERSION"], result.stdout
+
+
+@needs_binary
+def test_extract_then_join_end_to_end(tmp_path, tiles, bin_dir):
+    """The module scripts for real, in Nextflow-like task folders: extract two samples on CPU
+    with random weights, then join their outputs staged under inputs/."""
+    params = _default_params(weights="random:0", batch_size=2, aggregate="mean")
+    args, _ = _modules_config_args("TILEFEAT_EXTRACT", params)
+    outputs = {}
+    for sample in ("sampleA", "sampleB"):
+        work = tmp_path / f"extract-{sample}"
+        work.mkdir()
+        _stage(work, sample, tiles / sample)
+        script = render(EXTRACT_NF, "script", _extract_ctx(sample, args))
+        result = _run_task(script, work, bin_dir)
+        assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+        found = {}
+        for pattern in _output_globs(EXTRACT_NF):
+            matches = sorted(work.glob(pattern))
+            assert len(matches) == 1, f"{sample}: output path({pattern!r}) matched {matches}"
+            found[pattern] = matches[0]
+        assert found["*.csv"].name == f"{sample}.csv"
+        assert found["*.provenance.yaml"].name == f"{sample}.provenance.yaml"
+        assert found["*.rejected.tsv"].read_text().splitlines()[0] == "tile\treason"
+        outputs[sample] = found
+
+    for aggregate, expected_rows in (("mean", 2), ("none", 4)):
+        work = tmp_path / f"join-{aggregate}"
+        work.mkdir()
+        names = []
+        for sample, found in outputs.items():
+            _stage(work, f"inputs/{found['*.csv'].name}", found["*.csv"])
+            _stage(work, f"inputs/{found['*.provenance.yaml'].name}", found["*.provenance.yaml"])
+            names.append(f"inputs/{found['*.csv'].name}")
+        join_args, _ = _modules_config_args("TILEFEAT_JOIN", dict(params, aggregate=aggregate))
+        ctx = _task("cohort", "TILEFEAT:TILEFEAT_JOIN", args=join_args)
+        ctx.update({"csvs": names, "provenance": []})
+        script = render(JOIN_NF, "script", ctx, overrides={"inputs": names})
+        assert "--from-list cohort.inputs.txt" in script
+        result = _run_task(script, work, bin_dir)
+        assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+        assert (work / "cohort.inputs.txt").read_text().split() == names
+        found = {}
+        for pattern in _output_globs(JOIN_NF):
+            matches = sorted(work.glob(pattern))
+            assert len(matches) == 1, f"join: output path({pattern!r}) matched {matches}"
+            found[pattern] = matches[0]
+        with open(found["*.csv"], newline="") as handle:
+            rows = list(csv.reader(handle))
+        assert rows[0][0] == "sample"
+        assert len(rows) == 1 + expected_rows, rows[:3]
+        assert {row[0] for row in rows[1:]} == {"sampleA", "sampleB"}
+
+
+@pytest.mark.parametrize("module_path", [EXTRACT_NF, JOIN_NF], ids=["extract", "join"])
+def test_stub_writes_every_declared_output(tmp_path, module_path):
+    """`-stub` runs need no binary: the stub must create exactly what the outputs declare."""
+    if module_path == EXTRACT_NF:
+        ctx = _extract_ctx("sampleA", "")
+        overrides = None
+    else:
+        ctx = _task("cohort", "TILEFEAT:TILEFEAT_JOIN")
+        ctx.update({"csvs": ["inputs/a.csv"], "provenance": ["inputs/a.provenance.yaml"]})
+        overrides = None
+    script = render(module_path, "stub", ctx, overrides=overrides)
+    work = tmp_path / "stub"
+    result = _run_task(script, work, tmp_path)
+    assert result.returncode == 0, f"{script}\n{result.stderr}"
+    for pattern in _output_globs(module_path):
+        matches = sorted(work.glob(pattern))
+        assert len(matches) == 1, f"stub output path({pattern!r}) matched {matches}"
+    if module_path == EXTRACT_NF:
+        assert (work / "sampleA.rejected.tsv").read_text() == "tile\treason\n"

@@ -1,0 +1,430 @@
+"""The Snakemake workflow in snakemake/.
+
+Static checks (lint, snakefmt, dry-run flags against src/cli.rs, use as a module) always
+run. With the release binary present, the workflow runs for real on CPU: locally, and on a
+single-node Slurm cluster (scripts/slurm/start.sh; started here if it is not up and we are
+root, stopped again afterwards), and both results are checked against plain
+`tilefeat extract` runs of each sample.
+
+Environment: TILEFEAT_BIN (default target/release/tilefeat); TILEFEAT_TEST_SLURM=0 skips
+the Slurm test.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SMK = REPO / "snakemake"
+SNAKEFILE = SMK / "workflow" / "Snakefile"
+BINARY = Path(os.environ.get("TILEFEAT_BIN", REPO / "target" / "release" / "tilefeat"))
+IHC = Path(os.environ.get("TILEFEAT_TEST_IMAGE", "/work/shared/data/ihc.png"))
+SAMPLES = {"s1": 4, "s2": 3, "s3": 5}  # sample -> number of tiles
+THREADS = 1  # per extract job, in the workflow and in the reference runs alike
+
+needs_binary = pytest.mark.skipif(
+    not BINARY.is_file(), reason=f"{BINARY} not built yet (cargo build --release)"
+)
+
+
+def tool(name: str) -> str:
+    """An executable from the Python environment running the tests, else from PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} is not installed (pip install -r requirements-dev.txt)")
+    return found
+
+
+def versions_env() -> dict[str, str]:
+    pairs = {}
+    for line in (REPO / "versions.env").read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def run(cmd, *, timeout=300, cwd=None, env=None, check=True) -> subprocess.CompletedProcess:
+    """Run with a hard limit: `timeout -k` also ends a Snakemake that ignores SIGTERM."""
+    cmd = ["timeout", "-k", "10", str(timeout), *map(str, cmd)]
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env, text=True, capture_output=True, timeout=timeout + 30
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"exit {proc.returncode}: {' '.join(cmd)}\n--- stdout\n{proc.stdout[-6000:]}"
+            f"\n--- stderr\n{proc.stderr[-8000:]}"
+        )
+    return proc
+
+
+def snakemake(workdir: Path, *args, timeout=300, check=True, env=None):
+    return run(
+        [tool("snakemake"), "-s", SNAKEFILE, "-d", workdir, *args],
+        timeout=timeout,
+        check=check,
+        env=env,
+    )
+
+
+def write_config(path: Path, root: Path, **overrides) -> Path:
+    """A workflow config (YAML is a superset of JSON, so json.dumps does)."""
+    import json
+
+    extract = {
+        "weights": "random:0",
+        "device": "cpu",
+        "threads": THREADS,
+        "gpus": 0,
+        "mem_mb": 1000,
+        "runtime": 10,
+    }
+    extract.update(overrides.pop("extract", {}))
+    config = {
+        "tiles_root": str(root),
+        "tilefeat": str(BINARY),
+        "extract": extract,
+        **overrides,
+    }
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
+def make_tiles(root: Path) -> Path:
+    """Small PNG/JPEG crops of the IHC image: one folder per sample."""
+    import cv2
+    import numpy as np
+
+    image = cv2.imread(str(IHC), cv2.IMREAD_COLOR)
+    if image is None:
+        rng = np.random.default_rng(0)
+        image = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    h, w = image.shape[:2]
+    for s, (sample, n) in enumerate(SAMPLES.items()):
+        folder = root / sample
+        folder.mkdir(parents=True)
+        for i in range(n):
+            size = 64 + 8 * ((s + i) % 5)
+            y, x = (37 * (s * 7 + i)) % (h - size), (53 * (s * 5 + i)) % (w - size)
+            crop = image[y : y + size, x : x + size]
+            ext = "jpg" if i % 2 else "png"
+            assert cv2.imwrite(str(folder / f"tile_{i:02d}_{x}_{y}.{ext}"), crop)
+    return root
+
+
+def read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows, f"{path} is empty"
+    return rows[0], rows[1:]
+
+
+def assert_same_features(got: list[str], want: list[str], what: str):
+    """Identifier columns equal, feature values equal to float32 round-off."""
+    assert len(got) == len(want), f"{what}: {len(got)} columns, want {len(want)}"
+    for i, (a, b) in enumerate(zip(got, want)):
+        try:
+            fa, fb = float(a), float(b)
+        except ValueError:
+            assert a == b, f"{what}: column {i}: {a!r} != {b!r}"
+            continue
+        assert abs(fa - fb) <= 1e-5 + 1e-5 * abs(fb), f"{what}: column {i}: {a} != {b}"
+
+
+def cli_long_flags(args_struct: str) -> set[str]:
+    """Long flags of one clap Args struct in src/cli.rs (field `batch_size` -> --batch-size)."""
+    src = (REPO / "src" / "cli.rs").read_text()
+    body = re.search(rf"pub struct {args_struct} \{{(.*?)\n\}}", src, re.S)
+    assert body, f"struct {args_struct} not found in src/cli.rs"
+    fields = re.findall(r"^\s*pub (\w+):", body.group(1), re.M)
+    return {"--" + f.replace("_", "-") for f in fields}
+
+
+def shell_commands(dry_run_stdout: str, program: str) -> list[str]:
+    return [
+        line
+        for line in dry_run_stdout.splitlines()
+        if re.search(rf"(^|\s){re.escape(program)}\s", line)
+    ]
+
+
+# --------------------------------------------------------------------------- static checks
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory) -> Path:
+    return make_tiles(tmp_path_factory.mktemp("tiles"))
+
+
+def test_snakefmt_clean():
+    proc = run([tool("snakefmt"), "--check", "--diff", SMK], check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_lint_clean(tmp_path, tiles):
+    config = write_config(tmp_path / "config.yaml", tiles)
+    proc = snakemake(tmp_path, "--configfile", config, "--lint", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Congratulations" in out, out
+
+
+def test_container_matches_versions_env():
+    v = versions_env()
+    image = f"docker://ghcr.io/tilefeat/tilefeat:{v['TILEFEAT_VERSION']}-cuda{v['CUDA_VERSION']}"
+    assert f'container: "{image}"' in (SMK / "config" / "config.yaml").read_text()
+    assert f'default: "{image}"' in (
+        SMK / "workflow" / "schemas" / "config.schema.yaml"
+    ).read_text()
+
+
+def test_dry_run_passes_every_option(tmp_path, tiles):
+    """Every configured option reaches the command line, with a flag that src/cli.rs has."""
+    config = write_config(
+        tmp_path / "config.yaml",
+        tiles,
+        outdir="out",
+        extract={
+            "device": "cuda:1",
+            "threads": 3,
+            "batch_size": 7,
+            "decode_threads": 2,
+            "precision": "bf16",
+            "layer": "layer3",
+            "pool": "avg",
+            "normalize": "imagenet",
+            "size": 112,
+            "on_error": "skip",
+            "cache_dir": str(tmp_path / "cache dir"),
+            "quiet": True,
+            "profile": True,
+            "gpus": 2,
+        },
+        join={"aggregate": "mean", "output": "cohort_mean.csv"},
+    )
+    proc = snakemake(tmp_path, "--configfile", config, "-n", "-p", "--cores", "8")
+    extracts = shell_commands(proc.stdout, str(BINARY))
+    extracts = [c for c in extracts if " extract " in c]
+    assert len(extracts) == len(SAMPLES), proc.stdout
+    for sample in SAMPLES:
+        (cmd,) = [c for c in extracts if f"--sample {sample} " in c]
+        for flag in [
+            f"extract {tiles / sample} --output out/features/{sample}.csv",
+            "--threads 3",
+            "--weights random:0",
+            "--device cuda:1",
+            "--batch-size 7",
+            "--decode-threads 2",
+            "--precision bf16",
+            "--layer layer3",
+            "--pool avg",
+            "--normalize imagenet",
+            "--size 112",
+            "--on-error skip",
+            f"--cache-dir '{tmp_path / 'cache dir'}'",
+            "--quiet",
+            "--profile",
+            f"> logs/extract/{sample}.log",
+        ]:
+            assert flag in cmd, f"{flag!r} missing from: {cmd}"
+    assert "gpu=2" in proc.stdout  # the GPU resource each extract job asks for
+    (join,) = [c for c in shell_commands(proc.stdout, str(BINARY)) if " join " in c]
+    assert "--aggregate mean" in join and "--output out/cohort_mean.csv" in join, join
+
+    # The flags the workflow uses all exist in the CLI (no drift from src/cli.rs).
+    used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", " ".join(extracts)))
+    assert used <= cli_long_flags("ExtractArgs"), used - cli_long_flags("ExtractArgs")
+    used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", join))
+    assert used <= cli_long_flags("JoinArgs"), used - cli_long_flags("JoinArgs")
+
+
+def test_samplesheet_and_config_errors(tmp_path, tiles):
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text("sample,tiles\n" + "".join(f"{s},{tiles / s}\n" for s in ["s3", "s1"]))
+    config = write_config(tmp_path / "config.yaml", tiles, tiles_root=None, samples=str(sheet))
+    proc = snakemake(tmp_path, "--configfile", config, "-n")
+    assert re.search(r"extract\s+2\b", proc.stdout), proc.stdout
+
+    # both sample sources, a duplicate sample, a bad sample ID, a bad option: refused
+    bad = [
+        {"samples": str(sheet)},
+        {"tiles_root": None, "samples": str(tmp_path / "dup.csv")},
+        {"tiles_root": None, "samples": str(tmp_path / "badid.csv")},
+        {"extract": {"precision": "fp64"}},
+    ]
+    (tmp_path / "dup.csv").write_text(f"sample,tiles\ns1,{tiles}/s1\ns1,{tiles}/s2\n")
+    (tmp_path / "badid.csv").write_text(f"sample,tiles\nbad id,{tiles}/s1\n")
+    for i, overrides in enumerate(bad):
+        config = write_config(tmp_path / f"bad{i}.yaml", tiles, **overrides)
+        proc = snakemake(tmp_path, "--configfile", config, "-n", check=False)
+        assert proc.returncode != 0, f"accepted {overrides}:\n{proc.stdout}"
+
+
+def test_usable_as_module(tmp_path, tiles):
+    """The README's module recipe: rules come in prefixed, config from the host."""
+    (tmp_path / "Snakefile").write_text(
+        f"""
+module tilefeat:
+    snakefile:
+        "{SNAKEFILE}"
+    config:
+        config["tilefeat"]
+
+
+use rule * from tilefeat as tilefeat_*
+
+
+rule all:
+    input:
+        rules.tilefeat_all.input,
+    default_target: True
+"""
+    )
+    write_config(tmp_path / "tf.json", tiles, outdir="features_tf")
+    (tmp_path / "config.yaml").write_text(
+        "tilefeat: " + (tmp_path / "tf.json").read_text().replace("\n", " ") + "\n"
+    )
+    proc = run(
+        [tool("snakemake"), "-n", "--cores", "2", "--configfile", "config.yaml"],
+        cwd=tmp_path,
+    )
+    for rule, n in [("tilefeat_extract", 3), ("tilefeat_join", 1), ("tilefeat_versions", 1)]:
+        assert re.search(rf"\n{rule}\s+{n}\b", proc.stdout), proc.stdout
+    assert "features_tf/cohort.csv" in proc.stdout
+
+
+# ------------------------------------------------------------------------------ real runs
+
+
+def reference_csv(tiles: Path, sample: str, out: Path) -> Path:
+    """What a plain `tilefeat extract` of one sample writes (same options as the workflow)."""
+    csv_path = out / f"{sample}.csv"
+    run(
+        [BINARY, "extract", tiles / sample, "--output", csv_path, "--sample", sample,
+         "--weights", "random:0", "--device", "cpu", "--threads", THREADS, "--quiet"],
+        timeout=120,
+    )  # fmt: skip
+    return csv_path
+
+
+@pytest.fixture(scope="module")
+def references(tiles, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("reference")
+    return {sample: reference_csv(tiles, sample, out) for sample in SAMPLES}
+
+
+def check_cohort(cohort: Path, references: dict[str, Path]):
+    header, rows = read_csv(cohort)
+    assert header[0] == "sample", header
+    by_sample: dict[str, list[list[str]]] = {}
+    for row in rows:
+        by_sample.setdefault(row[0], []).append(row[1:])
+    assert sorted(by_sample) == sorted(SAMPLES), sorted(by_sample)
+    for sample, path in references.items():
+        ref_header, ref_rows = read_csv(path)
+        assert header[1:] == ref_header[-len(header) + 1 :], (header[:4], ref_header[:4])
+        assert len(by_sample[sample]) == len(ref_rows) == SAMPLES[sample]
+        # join keeps each sample's tile order; compare the columns the two files share
+        width = len(header) - 1
+        for got, want in zip(by_sample[sample], ref_rows):
+            assert_same_features(got, want[-width:], f"{sample} {want[0]}")
+
+
+def check_workdir(workdir: Path, outdir: str):
+    for sample in SAMPLES:
+        for suffix in ["csv", "provenance.yaml", "rejected.tsv"]:
+            assert (workdir / outdir / "features" / f"{sample}.{suffix}").is_file()
+        assert (workdir / "benchmarks" / "extract" / f"{sample}.tsv").is_file()
+    assert (workdir / "benchmarks" / "join.tsv").is_file()
+    version = versions_env()["TILEFEAT_VERSION"]
+    assert f'tilefeat: "{version}"' in (workdir / outdir / "versions.yaml").read_text()
+
+
+def extract_log_header(workdir: Path, sample: str) -> dict[str, str]:
+    first = (workdir / "logs" / "extract" / f"{sample}.log").read_text().splitlines()[0]
+    return dict(re.findall(r"(\w+)=(\S*)", first))
+
+
+@pytest.fixture(scope="module")
+def local_run(tiles, tmp_path_factory) -> Path:
+    if not BINARY.is_file():
+        pytest.skip(f"{BINARY} not built yet (cargo build --release)")
+    workdir = tmp_path_factory.mktemp("local")
+    config = write_config(workdir / "config.yaml", tiles)
+    snakemake(
+        workdir, "--configfile", config, "--profile", SMK / "profiles" / "local",
+        "--cores", "2", timeout=240,
+    )  # fmt: skip
+    return workdir
+
+
+@needs_binary
+def test_local_run_matches_plain_extract(local_run, references):
+    check_workdir(local_run, "results")
+    check_cohort(local_run / "results" / "cohort.csv", references)
+    for sample in SAMPLES:
+        assert extract_log_header(local_run, sample)["SLURM_JOB_ID"] == "none"
+    # nothing left to do: a second run is a no-op
+    proc = snakemake(local_run, "--configfile", local_run / "config.yaml", "-n", "--cores", "2")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def slurm_up() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return proc.returncode == 0 and bool({"idle", "mixed", "allocated"} & set(proc.stdout.split()))
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """A running Slurm cluster: the one already up, or scripts/slurm/start.sh (root only)."""
+    if os.environ.get("TILEFEAT_TEST_SLURM") == "0":
+        pytest.skip("TILEFEAT_TEST_SLURM=0")
+    if slurm_up():
+        yield
+        return
+    if os.geteuid() != 0:
+        pytest.skip("no Slurm cluster up and not root: run scripts/slurm/start.sh as root")
+    run([REPO / "scripts" / "slurm" / "start.sh"], timeout=240)
+    assert slurm_up(), "scripts/slurm/start.sh returned but sinfo shows no usable node"
+    try:
+        yield
+    finally:
+        run([REPO / "scripts" / "slurm" / "stop.sh"], timeout=120, check=False)
+
+
+@needs_binary
+def test_slurm_run_matches_local(slurm_cluster, tiles, local_run, references, tmp_path):
+    # The job asks for a (fake) GPU through Slurm but computes on CPU: the node has no CUDA.
+    config = write_config(tmp_path / "config.yaml", tiles, extract={"gpus": 1, "mem_mb": 1000})
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    snakemake(
+        tmp_path, "--configfile", config, "--profile", SMK / "profiles" / "slurm",
+        "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
+        "--jobs", "10", "--latency-wait", "5", timeout=300, env=env,
+    )  # fmt: skip
+    check_workdir(tmp_path, "results")
+    job_ids = []
+    for sample in SAMPLES:
+        header = extract_log_header(tmp_path, sample)
+        assert header["SLURM_JOB_ID"].isdigit(), header  # ran inside a Slurm job
+        assert re.fullmatch(r"\d+(,\d+)*", header["CUDA_VISIBLE_DEVICES"]), header  # got its GPU
+        job_ids.append(header["SLURM_JOB_ID"])
+    join_log = (tmp_path / "logs" / "join.log").read_text()
+    assert re.search(r"SLURM_JOB_ID=\d+", join_log), join_log
+    # Slurm itself knows these jobs, and they completed
+    states = run(["squeue", "--states=all", "-h", "-o", "%i %T", "-j", ",".join(job_ids)]).stdout
+    assert sorted(states.split()[1::2]) == ["COMPLETED"] * len(SAMPLES), states
+    check_cohort(tmp_path / "results" / "cohort.csv", references)
+    assert (tmp_path / "results" / "cohort.csv").read_text() == (
+        local_run / "results" / "cohort.csv"
+    ).read_text()
