@@ -51,7 +51,8 @@ fi
 
 echo "==> building tilefeat (release)"
 export LIBTORCH_USE_PYTORCH=1
-export PATH="$PWD/$VENV/bin:$PATH"
+case "$VENV" in /*) venv_abs=$VENV ;; *) venv_abs=$PWD/$VENV ;; esac
+export PATH="$venv_abs/bin:$PATH"
 "$CARGO" build --release --locked
 echo "==> built target/release/tilefeat"
 

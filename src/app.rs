@@ -7,6 +7,22 @@ use anyhow::Result;
 use crate::cli::{CacheCommand, Cli, Command, WeightsCommand};
 use crate::error::{fail, ExitKind, WithKind};
 
+/// `tilefeat preprocess`: one tile through decode + resize, saved as PNG.
+fn preprocess(a: &crate::cli::PreprocessArgs) -> Result<()> {
+    let bytes = std::fs::read(&a.image)
+        .map_err(|e| fail(ExitKind::Input, format!("cannot read {}: {e}", a.image.display())))?;
+    let img = crate::decode::decode_rgb(&bytes)
+        .map_err(|e| fail(ExitKind::Input, format!("tile {}: {e}", a.image.display())))?;
+    let s = a.size as usize;
+    let out = crate::resize::resize_linear(&img, s, s);
+    let buf = image::RgbImage::from_raw(s as u32, s as u32, out.data).expect("buffer matches size");
+    let mut png = Vec::new();
+    image::DynamicImage::ImageRgb8(buf)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| fail(ExitKind::Output, format!("cannot encode PNG: {e}")))?;
+    crate::output::write_atomic(&a.output, &png)
+}
+
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     let stdout = std::io::stdout();
@@ -46,6 +62,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Join(args) => crate::join::run(&args, &mut out)?,
         Command::Info => crate::device::info(&mut out)?,
         Command::Bench(args) => crate::bench::run(&args, &mut out)?,
+        Command::Preprocess(args) => preprocess(&args)?,
         Command::Cache { command } => match command {
             CacheCommand::Stats(a) => crate::cache::stats(&a.cache_dir, &mut out)?,
             CacheCommand::Verify(a) => crate::cache::verify(&a.cache_dir, &mut out)?,

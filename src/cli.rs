@@ -41,6 +41,20 @@ pub enum Command {
     },
     /// Measure model-only throughput (random input): the ceiling for `extract`.
     Bench(BenchArgs),
+    /// Write the exact pixels the network sees for one tile (decoded, resized; RGB PNG).
+    Preprocess(PreprocessArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PreprocessArgs {
+    /// A tile (PNG, JPEG or TIFF).
+    pub image: PathBuf,
+    /// Output PNG (8-bit RGB).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Resize to SIZE x SIZE, as `extract --size`.
+    #[arg(long, default_value_t = 224)]
+    pub size: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]

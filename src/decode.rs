@@ -28,21 +28,73 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<Image, String> {
     ) {
         return Err(format!("unsupported image format {format:?}"));
     }
+    if format == ImageFormat::Jpeg {
+        return decode_jpeg(bytes);
+    }
     let reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let mut decoder = reader
+    let decoder = reader
         .into_decoder()
         .map_err(|e| format!("cannot decode {format:?}: {e}"))?;
-    let orientation = if format == ImageFormat::Jpeg {
-        decoder.orientation().ok()
-    } else {
-        None
-    };
-    let mut img =
+    let img =
         DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot decode {format:?}: {e}"))?;
-    if let Some(o) = orientation {
-        img.apply_orientation(o);
-    }
     to_rgb8(img, format)
+}
+
+thread_local! {
+    /// Set while libjpeg runs: its errors unwind as panics, which are expected and caught.
+    pub static IN_LIBJPEG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// JPEG through libjpeg-turbo's own decoder (mozjpeg is a libjpeg-turbo fork), configured as
+/// OpenCV configures it (ISLOW IDCT, fancy upsampling), so pixels match `cv2.imread` exactly;
+/// pure-Rust decoders differ by up to 4 levels in a quarter of the pixels.
+fn decode_jpeg(bytes: &[u8]) -> Result<Image, String> {
+    // libjpeg pads a truncated stream with gray and only warns; we refuse it instead.
+    let tail = &bytes[bytes.len().saturating_sub(64)..];
+    if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
+        return Err("truncated JPEG (no end-of-image marker)".into());
+    }
+    let orientation = ImageReader::with_format(Cursor::new(bytes), ImageFormat::Jpeg)
+        .into_decoder()
+        .ok()
+        .and_then(|mut d| d.orientation().ok());
+    IN_LIBJPEG.with(|f| f.set(true));
+    let result = std::panic::catch_unwind(|| -> std::io::Result<(usize, usize, Vec<u8>)> {
+        let mut d = mozjpeg::Decompress::new_mem(bytes)?;
+        d.dct_method(mozjpeg::DctMethod::IntegerSlow);
+        d.do_fancy_upsampling(true);
+        let mut s = d.rgb()?;
+        let (w, h) = (s.width(), s.height());
+        let data: Vec<u8> = s.read_scanlines()?;
+        s.finish()?;
+        Ok((w, h, data))
+    });
+    IN_LIBJPEG.with(|f| f.set(false));
+    let (w, h, data) = match result {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return Err(format!("cannot decode JPEG: {e}")),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "libjpeg error".into());
+            return Err(format!("cannot decode JPEG: {msg}"));
+        }
+    };
+    if w == 0 || h == 0 || data.len() != w * h * 3 {
+        return Err("cannot decode JPEG: unexpected image size".into());
+    }
+    let img = Image::new(w, h, 3, data);
+    match orientation {
+        Some(o) if o != image::metadata::Orientation::NoTransforms => {
+            let buf = image::RgbImage::from_raw(w as u32, h as u32, img.data).expect("size checked");
+            let mut dynimg = DynamicImage::ImageRgb8(buf);
+            dynimg.apply_orientation(o);
+            to_rgb8(dynimg, ImageFormat::Jpeg)
+        }
+        _ => Ok(img),
+    }
 }
 
 /// Reduce any decoded pixel layout to 8-bit RGB the way OpenCV's IMREAD_COLOR does.

@@ -6,6 +6,9 @@ use clap::Parser;
 fn main() {
     // A panic (a bug, or libtorch failing inside an operation) is reported like any error.
     std::panic::set_hook(Box::new(|info| {
+        if tilefeat::decode::IN_LIBJPEG.with(|f| f.get()) {
+            return; // a libjpeg error, caught and reported against its tile
+        }
         let msg = info
             .payload()
             .downcast_ref::<String>()

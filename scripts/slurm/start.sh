@@ -94,7 +94,7 @@ done
 
 mkdir -p "$CONF_DIR"
 cat >"$CONF_DIR/slurm.conf" <<EOF
-$MARK ($(date -u +%FT%TZ)); scripts/slurm/stop.sh --purge removes it.
+$MARK ($(date -u +%FT%TZ)); scripts/slurm/stop.sh removes it.
 ClusterName=tilefeat
 SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root

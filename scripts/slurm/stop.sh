@@ -2,9 +2,12 @@
 # Stop the single-node Slurm cluster that scripts/slurm/start.sh started: slurmd, slurmctld
 # and (only if start.sh started it) munged, each by the pid it recorded. Idempotent.
 #
-#   scripts/slurm/stop.sh           stop the daemons, keep config and state
-#   scripts/slurm/stop.sh --purge   also remove $TILEFEAT_SLURM_DIR and the
-#                                   /etc/slurm/{slurm,gres}.conf that start.sh wrote
+#   scripts/slurm/stop.sh           stop the daemons and remove the /etc/slurm/{slurm,gres}.conf
+#                                   that start.sh wrote (start.sh writes them afresh; left
+#                                   behind with no slurmctld, they make every Slurm command,
+#                                   and every Snakemake start with the Slurm plugin installed,
+#                                   wait ~10 s for a controller that is not there)
+#   scripts/slurm/stop.sh --purge   also remove $TILEFEAT_SLURM_DIR (state, logs)
 set -euo pipefail
 
 DIR=${TILEFEAT_SLURM_DIR:-/var/tmp/tilefeat-slurm}
@@ -44,10 +47,10 @@ stop slurmd "$DIR/slurmd.pid"
 stop slurmctld "$DIR/slurmctld.pid"
 stop munged "$DIR/munged.pid"
 
+for conf in /etc/slurm/slurm.conf /etc/slurm/gres.conf; do
+  if [ -e "$conf" ] && grep -qF "$MARK" "$conf"; then rm -f "$conf"; fi
+done
 if [ "$purge" = 1 ]; then
-  for conf in /etc/slurm/slurm.conf /etc/slurm/gres.conf; do
-    if [ -e "$conf" ] && grep -qF "$MARK" "$conf"; then rm -f "$conf"; fi
-  done
   case "$DIR" in
     /|"") ;;
     *) rm -rf "$DIR" ;;

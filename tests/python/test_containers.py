@@ -289,7 +289,11 @@ def test_apptainer_recipe_structure(recipe):
     for section in ("runscript", "test", "labels", "help", "environment"):
         assert final.get(section), f"{recipe.name}: no %{section} in the final stage"
     assert final["runscript"] == ['exec tilefeat "$@"']
-    assert final["test"] == ["/usr/local/libexec/tilefeat/stage-runtime.sh --check", "tilefeat --version", "tilefeat info"]
+    assert final["test"] == [
+        "/usr/local/libexec/tilefeat/stage-runtime.sh --check",
+        "tilefeat --version",
+        "tilefeat info",
+    ]
     assert "export TORCH_HOME=/opt/tilefeat/torch" in final["environment"]
     if recipe.name == "tilefeat.def":
         assert len(parsed) == 1 and final["from"][0].startswith("ghcr.io/tilefeat/tilefeat:")
@@ -325,7 +329,9 @@ def test_entrypoint_dispatch(tmp_path):
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
 
     def run(*args):
-        result = subprocess.run(["sh", str(CONTAINERS / "entrypoint.sh"), *args], capture_output=True, text=True, env=env)
+        result = subprocess.run(
+            ["sh", str(CONTAINERS / "entrypoint.sh"), *args], capture_output=True, text=True, env=env
+        )
         assert result.returncode == 0, result.stderr
         return result.stdout.strip()
 
@@ -373,7 +379,8 @@ def staged(tmp_path_factory):
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    return stage, site, binary
+    yield stage, site, binary
+    shutil.rmtree(tmp, ignore_errors=True)  # ~3.4 GB: do not leave it to pytest's tmp rotation
 
 
 def test_stage_runtime_copies_what_libtorch_loads(staged):

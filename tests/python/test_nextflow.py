@@ -61,12 +61,14 @@ def _versions_env():
 
 
 def _reftrace_lint(directory, rules):
-    return subprocess.run(
-        [sys.executable, "-c", "from reftrace.cli.main import cli; cli()", "lint", "--rules", str(rules), "--directory", str(directory)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """`reftrace lint --rules RULES --directory DIR`, in-process (reftrace's own CLI)."""
+    from click.testing import CliRunner
+    from reftrace.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["lint", "--rules", str(rules), "--directory", str(directory)])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(["reftrace", "lint"], result.exit_code, result.output, "")
 
 
 def test_reftrace_lint_passes():
@@ -245,6 +247,30 @@ def test_schema_and_config_agree():
     test_config = (NF / "conf" / "test.config").read_text()
     assert re.search(r"weights\s*=\s*'random:0'", test_config)
     assert re.search(r"input\s*=\s*\"\$\{projectDir\}/assets/test_samplesheet.csv\"", test_config)
+
+
+@pytest.mark.parametrize(
+    "overrides, valid",
+    [
+        ({}, True),
+        ({"weights": "random:0", "cache_dir": "/shared/cache", "precision": "bf16", "aggregate": "mean"}, True),
+        ({"weights": "/data/resnet50-0676ba61.pth"}, True),
+        ({"weights": "random:x"}, False),
+        ({"precision": "fp8"}, False),
+        ({"layer": "layer2"}, False),
+        ({"aggregate": "median"}, False),
+        ({"batch_size": 0}, False),
+        ({"cache_dir": "relative/cache"}, False),
+        ({"cohort_id": "my cohort"}, False),
+    ],
+)
+def test_parameter_schema_checks_values(tmp_path, overrides, valid):
+    params = {name: value for name, value in _config_param_defaults().items() if value is not None}
+    params.update(overrides)
+    document = tmp_path / "params.json"
+    document.write_text(json.dumps(params))
+    result = _check_jsonschema("--schemafile", str(NF / "nextflow_schema.json"), str(document))
+    assert (result.returncode == 0) == valid, result.stdout + result.stderr
 
 
 def test_container_and_manifest_versions_match_versions_env():
@@ -691,17 +717,16 @@ def test_versions_eval_prints_the_version(tmp_path, bin_dir):
         assert result.stdout.strip() == env["TILEFEAT_VERSION"], result.stdout
 
 
-@needs_binary
-def test_extract_then_join_end_to_end(tmp_path, tiles, bin_dir):
-    """The module scripts for real, in Nextflow-like task folders: extract two samples on CPU
-    with random weights, then join their outputs staged under inputs/."""
-    params = _default_params(weights="random:0", batch_size=2, aggregate="mean")
+def _extract_and_join(tmp_path, bin_dir, samples, params, aggregates):
+    """The module scripts for real, in Nextflow-like task folders: extract every sample on CPU
+    (tile folder staged as a symlink), then join their outputs staged under inputs/.
+    Returns {aggregate: rows of the cohort CSV}."""
     args, _ = _modules_config_args("TILEFEAT_EXTRACT", params)
     outputs = {}
-    for sample in ("sampleA", "sampleB"):
+    for sample, folder in samples.items():
         work = tmp_path / f"extract-{sample}"
         work.mkdir()
-        _stage(work, sample, tiles / sample)
+        _stage(work, sample, folder)
         script = render(EXTRACT_NF, "script", _extract_ctx(sample, args))
         result = _run_task(script, work, bin_dir)
         assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
@@ -715,32 +740,76 @@ def test_extract_then_join_end_to_end(tmp_path, tiles, bin_dir):
         assert found["*.rejected.tsv"].read_text().splitlines()[0] == "tile\treason"
         outputs[sample] = found
 
-    for aggregate, expected_rows in (("mean", 2), ("none", 4)):
+    cohorts = {}
+    for aggregate in aggregates:
         work = tmp_path / f"join-{aggregate}"
         work.mkdir()
         names = []
-        for sample, found in outputs.items():
+        for sample in sorted(outputs):  # main.nf sorts by sample ID
+            found = outputs[sample]
             _stage(work, f"inputs/{found['*.csv'].name}", found["*.csv"])
             _stage(work, f"inputs/{found['*.provenance.yaml'].name}", found["*.provenance.yaml"])
             names.append(f"inputs/{found['*.csv'].name}")
         join_args, _ = _modules_config_args("TILEFEAT_JOIN", dict(params, aggregate=aggregate))
-        ctx = _task("cohort", "TILEFEAT:TILEFEAT_JOIN", args=join_args)
+        ctx = _task(params.get("cohort_id", "cohort"), "TILEFEAT:TILEFEAT_JOIN", args=join_args)
         ctx.update({"csvs": names, "provenance": []})
         script = render(JOIN_NF, "script", ctx, overrides={"inputs": names})
-        assert "--from-list cohort.inputs.txt" in script
         result = _run_task(script, work, bin_dir)
         assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
-        assert (work / "cohort.inputs.txt").read_text().split() == names
+        assert (work / f"{ctx['meta']['id']}.inputs.txt").read_text().split() == names
         found = {}
         for pattern in _output_globs(JOIN_NF):
             matches = sorted(work.glob(pattern))
             assert len(matches) == 1, f"join: output path({pattern!r}) matched {matches}"
             found[pattern] = matches[0]
+        assert found["*.csv"].name == f"{ctx['meta']['id']}.csv"
         with open(found["*.csv"], newline="") as handle:
-            rows = list(csv.reader(handle))
+            cohorts[aggregate] = list(csv.reader(handle))
+    return cohorts
+
+
+@needs_binary
+def test_extract_then_join_end_to_end(tmp_path, tiles, bin_dir):
+    params = _default_params(weights="random:0", batch_size=2)
+    samples = {name: tiles / name for name in ("sampleA", "sampleB")}
+    cohorts = _extract_and_join(tmp_path, bin_dir, samples, params, ("mean", "none"))
+    for aggregate, expected_rows in (("mean", 2), ("none", 4)):  # 2 samples of 2 tiles
+        rows = cohorts[aggregate]
         assert rows[0][0] == "sample"
         assert len(rows) == 1 + expected_rows, rows[:3]
+        assert [row[0] for row in rows[1:]] == sorted(row[0] for row in rows[1:])
         assert {row[0] for row in rows[1:]} == {"sampleA", "sampleB"}
+        assert len({len(row) for row in rows}) == 1
+
+
+def _test_profile_params():
+    """Params under -profile test: nextflow.config defaults, then conf/test.config literals."""
+    params = _default_params()
+    block = RULES._block(RULES._strip_comments((NF / "conf" / "test.config").read_text()), "params")
+    for name, value in re.findall(r"^\s*(\w+)\s*=\s*(.+?)\s*$", block, re.MULTILINE):
+        literal = re.fullmatch(r"'([^']*)'|(\d+)", value)
+        if literal:
+            params[name] = literal.group(1) if literal.group(1) is not None else int(literal.group(2))
+    return params
+
+
+@needs_binary
+def test_test_profile_end_to_end(tmp_path, bin_dir):
+    """What `nextflow run nextflow/ -profile test` runs, minus Nextflow: the test samplesheet's
+    demo tiles through the module scripts with the test profile's parameters."""
+    if not (REPO / "demo" / "tiles").is_dir():
+        pytest.skip("demo/tiles/ not in this checkout yet")
+    params = _test_profile_params()
+    assert params["weights"] == "random:0"
+    with open(NF / "assets" / "test_samplesheet.csv", newline="") as handle:
+        samples = {row["sample"]: ((NF / "assets") / row["tiles"]).resolve() for row in csv.DictReader(handle)}
+    cohorts = _extract_and_join(tmp_path, bin_dir, samples, params, (params["aggregate"],))
+    rows = cohorts[params["aggregate"]]
+    if params["aggregate"] == "none":
+        tiles = sum(1 for folder in samples.values() for p in folder.rglob("*") if p.is_file())
+        assert len(rows) == 1 + tiles
+    else:
+        assert [row[0] for row in rows[1:]] == sorted(samples)
 
 
 @pytest.mark.parametrize("module_path", [EXTRACT_NF, JOIN_NF], ids=["extract", "join"])

@@ -3,9 +3,33 @@ import os
 import shlex
 from pathlib import Path
 
+import yaml
+
 from snakemake import __version__ as SNAKEMAKE_VERSION
 from snakemake.utils import validate
 
+
+def coerce_cli_strings(values, schema):
+    """`--config 'extract={"gpus": 0}'` gives nested values as strings: type them per schema."""
+    for key, sub in schema.get("properties", {}).items():
+        value = values.get(key) if isinstance(values, dict) else None
+        types = sub.get("type", [])
+        types = [types] if isinstance(types, str) else types
+        if isinstance(value, dict):
+            coerce_cli_strings(value, sub)
+        elif isinstance(value, str):
+            if "integer" in types and value.strip().isdigit():
+                values[key] = int(value)
+            elif "boolean" in types and value.lower() in ("true", "false"):
+                values[key] = value.lower() == "true"
+            elif value in ("null", "~") and (
+                "null" in types or None in sub.get("enum", [])
+            ):
+                values[key] = None
+
+
+with open(workflow.source_path("../schemas/config.schema.yaml")) as fh:
+    coerce_cli_strings(config, yaml.safe_load(fh))
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
 OUTDIR = os.path.normpath(config["outdir"])

@@ -1,0 +1,87 @@
+"""Shared fixtures: the tilefeat binary, random-init weights, and real tiles of mixed sizes
+and formats cropped from the shared IHC image (or the repo's demo tiles)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def tilefeat_bin() -> Path:
+    return Path(os.environ.get("TILEFEAT_BIN", ROOT / "target" / "release" / "tilefeat"))
+
+
+@pytest.fixture(scope="session")
+def tilefeat():
+    b = tilefeat_bin()
+    if not b.exists():
+        pytest.fail(f"{b} does not exist: build it first (scripts/setup.sh --no-demo)")
+
+    def run(*args, check=True, **kw):
+        r = subprocess.run([str(b), *map(str, args)], capture_output=True, text=True, **kw)
+        if check and r.returncode != 0:
+            raise AssertionError(f"tilefeat {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr}")
+        return r
+
+    return run
+
+
+def source_image() -> np.ndarray:
+    for p in (ROOT.parent / "shared" / "data" / "ihc.png", ROOT / "demo" / "ihc.png"):
+        if p.exists():
+            return cv2.imread(str(p))
+    # Fall back to stitching the demo tiles (always in the repo).
+    tiles = sorted((ROOT / "demo" / "tiles").rglob("*.png"))
+    return cv2.imread(str(tiles[0]))
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory):
+    from tutorial_reference import make_random_weights
+
+    d = tmp_path_factory.mktemp("weights")
+    return make_random_weights(d / "resnet50_random", seed=0)
+
+
+@pytest.fixture(scope="session")
+def mixed_tiles(tmp_path_factory):
+    """~20 real tiles: sizes 224..1000, PNG (RGB, gray, RGBA, 16-bit), JPEG (4:2:0, 4:4:4), TIFF."""
+    im = source_image()
+    h, w = im.shape[:2]
+    d = tmp_path_factory.mktemp("tiles")
+    (d / "sub").mkdir()
+    rng = np.random.default_rng(0)
+
+    def crop(n):
+        if n > min(h, w):
+            return cv2.resize(im, (n, n), interpolation=cv2.INTER_CUBIC)
+        y, x = rng.integers(0, h - n + 1), rng.integers(0, w - n + 1)
+        return im[y : y + n, x : x + n]
+
+    k = 0
+    for n in (224, 256, 300, 448, 512, 1000, 200, 333):
+        cv2.imwrite(str(d / f"t{k:02d}_{n}.png"), crop(n)); k += 1
+        cv2.imwrite(str(d / "sub" / f"t{k:02d}_{n}.jpg"), crop(n), [cv2.IMWRITE_JPEG_QUALITY, 90]); k += 1
+    cv2.imwrite(str(d / f"t{k:02d}_gray.png"), cv2.cvtColor(crop(256), cv2.COLOR_BGR2GRAY)); k += 1
+    rgba = cv2.cvtColor(crop(256), cv2.COLOR_BGR2BGRA); rgba[..., 3] = 128
+    cv2.imwrite(str(d / f"t{k:02d}_rgba.png"), rgba); k += 1
+    cv2.imwrite(str(d / f"t{k:02d}_16bit.png"), crop(256).astype(np.uint16) * 257 + 77); k += 1
+    cv2.imwrite(str(d / f"t{k:02d}_444.jpg"), crop(240), [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]); k += 1
+    cv2.imwrite(str(d / f"t{k:02d}.tif"), crop(256)); k += 1
+    return d
+
+
+def read_features(csv: Path):
+    import pandas as pd
+
+    df = pd.read_csv(csv, index_col=0)
+    return list(df.index), df.to_numpy(dtype=np.float32)
