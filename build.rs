@@ -12,8 +12,9 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
     // torch-sys (links = "tch") exports the libtorch lib directory it linked against.
-    let lib_dir = std::env::var("DEP_TCH_LIBTORCH_LIB")
-        .expect("torch-sys did not report DEP_TCH_LIBTORCH_LIB (is torch-sys a direct dependency?)");
+    let lib_dir = std::env::var("DEP_TCH_LIBTORCH_LIB").expect(
+        "torch-sys did not report DEP_TCH_LIBTORCH_LIB (is torch-sys a direct dependency?)",
+    );
     let os = std::env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     if os == "linux" {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
@@ -23,7 +24,10 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch");
     }
     println!("cargo:rustc-env=TILEFEAT_LIBTORCH_LIB={lib_dir}");
-    println!("cargo:rustc-env=TILEFEAT_LIBTORCH_VERSION={}", libtorch_version(&lib_dir));
+    println!(
+        "cargo:rustc-env=TILEFEAT_LIBTORCH_VERSION={}",
+        libtorch_version(&lib_dir)
+    );
 }
 
 /// The version of the libtorch in `lib_dir`: pip's `torch/version.py` or the zip's

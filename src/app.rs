@@ -9,8 +9,12 @@ use crate::error::{fail, ExitKind, WithKind};
 
 /// `tilefeat preprocess`: one tile through decode + resize, saved as PNG.
 fn preprocess(a: &crate::cli::PreprocessArgs) -> Result<()> {
-    let bytes = std::fs::read(&a.image)
-        .map_err(|e| fail(ExitKind::Input, format!("cannot read {}: {e}", a.image.display())))?;
+    let bytes = std::fs::read(&a.image).map_err(|e| {
+        fail(
+            ExitKind::Input,
+            format!("cannot read {}: {e}", a.image.display()),
+        )
+    })?;
     let img = crate::decode::decode_rgb(&bytes)
         .map_err(|e| fail(ExitKind::Input, format!("tile {}: {e}", a.image.display())))?;
     let s = a.size as usize;
@@ -47,7 +51,10 @@ pub fn run(cli: Cli) -> Result<()> {
                         cfg.output.display()
                     );
                     if !p.weights.trained {
-                        eprintln!("tilefeat: WARNING: {}", crate::provenance::RANDOM_WEIGHTS_WARNING);
+                        eprintln!(
+                            "tilefeat: WARNING: {}",
+                            crate::provenance::RANDOM_WEIGHTS_WARNING
+                        );
                     }
                 }
                 if cfg.profile {
@@ -69,7 +76,11 @@ pub fn run(cli: Cli) -> Result<()> {
             CacheCommand::Gc(a) => {
                 let opts = crate::cache::GcOptions {
                     keep: a.keep.clone(),
-                    unused_since: a.unused_since.as_deref().map(crate::cache::parse_date).transpose()?,
+                    unused_since: a
+                        .unused_since
+                        .as_deref()
+                        .map(crate::cache::parse_date)
+                        .transpose()?,
                     stale: std::time::Duration::from_secs(a.stale_after_hours * 3600),
                 };
                 crate::cache::gc(&a.cache_dir, &opts, &mut out)?
@@ -81,16 +92,32 @@ pub fn run(cli: Cli) -> Result<()> {
                 match dir {
                     Some(d) => {
                         let p = d.join(crate::weights::TORCHVISION_FILE);
-                        writeln!(out, "{} ({})", p.display(), if p.is_file() { "present" } else { "missing" })?;
+                        writeln!(
+                            out,
+                            "{} ({})",
+                            p.display(),
+                            if p.is_file() { "present" } else { "missing" }
+                        )?;
                     }
-                    None => writeln!(out, "no torchvision cache directory (HOME and TORCH_HOME unset)")?,
+                    None => writeln!(
+                        out,
+                        "no torchvision cache directory (HOME and TORCH_HOME unset)"
+                    )?,
                 }
             }
             WeightsCommand::Verify { file } => {
                 let src = crate::weights::WeightsSource::File(file.clone());
-                let w = crate::weights::Weights::load(&src, crate::cli::Layer::Layer4).kind(ExitKind::Weights)?;
-                writeln!(out, "{}: ResNet50 state dict OK ({} tensors checked), sha256 {}", file.display(), w.tensors.len(), w.id)?;
-                if file.file_name().and_then(|n| n.to_str()) == Some(crate::weights::TORCHVISION_FILE)
+                let w = crate::weights::Weights::load(&src, crate::cli::Layer::Layer4)
+                    .kind(ExitKind::Weights)?;
+                writeln!(
+                    out,
+                    "{}: ResNet50 state dict OK ({} tensors checked), sha256 {}",
+                    file.display(),
+                    w.tensors.len(),
+                    w.id
+                )?;
+                if file.file_name().and_then(|n| n.to_str())
+                    == Some(crate::weights::TORCHVISION_FILE)
                     && !w.id.starts_with(crate::weights::TORCHVISION_SHA256_PREFIX)
                 {
                     return Err(fail(ExitKind::Weights, format!(

@@ -1,7 +1,10 @@
 //! `tilefeat bench`: model-only throughput on random input, the ceiling `extract` is measured
-//! against (same trunk, batch, precision, layout and device; no decoding, no I/O).
+//! against: the same trunk, batch, precision, layout, device and model-worker arrangement as
+//! `extract` (see `extract::model_workers`), with no decoding and no I/O. Each timed batch
+//! ends with its features on the CPU, as in `extract`.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::Result;
@@ -10,16 +13,19 @@ use tch::{Device, Kind, Tensor};
 use crate::cli::{BenchArgs, Pool};
 use crate::device::{available_cpus, device_name, parse_device};
 use crate::error::{fail, ExitKind};
+use crate::extract::model_workers;
 use crate::model::{to_channels_last, ResNetTrunk, RunOptions};
 use crate::weights::random_state_dict;
 
 pub fn run(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     if a.batch_size == 0 || a.batches == 0 {
-        return Err(fail(ExitKind::Usage, "--batch-size and --batches must be at least 1"));
+        return Err(fail(
+            ExitKind::Usage,
+            "--batch-size and --batches must be at least 1",
+        ));
     }
     let device = parse_device(&a.device)?;
     let threads = a.threads.unwrap_or(available_cpus());
-    tch::set_num_threads(threads as i32);
     if let Device::Cuda(_) = device {
         tch::Cuda::cudnn_set_benchmark(true);
     }
@@ -29,33 +35,66 @@ pub fn run(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         channels_last: a.layout == "nhwc",
     };
     let model = ResNetTrunk::new(&random_state_dict(0, a.layer), a.layer, Pool::Max, opts)?;
+    let (workers, per_worker) = model_workers(device, threads);
     let s = a.size as i64;
-    let x = Tensor::randn([a.batch_size as i64, 3, s, s], (Kind::Float, device));
-    let x = if opts.channels_last { to_channels_last(&x) } else { x };
-    let x = x.to_kind(opts.kind());
-    // Each timed batch ends with the features on the CPU, as in `extract`.
-    let step = || model.forward(&x).to_device(Device::Cpu);
-    for _ in 0..a.warmup {
-        let _ = step();
-    }
-    let t = Instant::now();
-    for _ in 0..a.batches {
-        let _ = step();
-    }
-    let secs = t.elapsed().as_secs_f64();
+    let make_input = || {
+        let x = Tensor::randn([a.batch_size as i64, 3, s, s], (Kind::Float, device));
+        let x = if opts.channels_last {
+            to_channels_last(&x)
+        } else {
+            x
+        };
+        x.to_kind(opts.kind())
+    };
+    // Batches are handed out from one counter: warm-up first, then the timed ones.
+    let total = a.warmup + a.batches;
+    let next = AtomicUsize::new(0);
+    let timed_start = std::sync::Mutex::new(None::<Instant>);
+    let warm_done = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let m = model.shallow_clone();
+            let (next, timed_start, warm_done) = (&next, &timed_start, &warm_done);
+            let x = make_input();
+            scope.spawn(move || {
+                tch::set_num_threads(per_worker as i32);
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= total {
+                        return;
+                    }
+                    if i == a.warmup {
+                        // Timing starts once every warm-up batch has finished.
+                        while warm_done.load(Ordering::SeqCst) < a.warmup {
+                            std::thread::yield_now();
+                        }
+                        *timed_start.lock().unwrap() = Some(Instant::now());
+                    }
+                    let _ = m.forward(&x).to_device(Device::Cpu);
+                    if i < a.warmup {
+                        warm_done.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    let start = timed_start
+        .lock()
+        .unwrap()
+        .expect("at least one timed batch");
+    let secs = start.elapsed().as_secs_f64();
     let ips = (a.batches * a.batch_size) as f64 / secs;
     if a.machine {
         writeln!(out, "images_per_s={ips:.2}")?;
     } else {
         writeln!(
             out,
-            "model-only: {ips:.2} images/s ({} batches of {} on {}, {:?}, {}, {} threads, {:?} {}px)",
+            "model-only: {ips:.2} images/s ({} batches of {} on {}, {:?}, {}, {workers} model workers x {per_worker} threads, {:?} {}px)",
             a.batches,
             a.batch_size,
             device_name(device),
             a.precision,
             a.layout,
-            threads,
             a.layer,
             a.size
         )?;

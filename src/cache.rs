@@ -106,7 +106,13 @@ fn hostname() -> String {
     let h: String = h
         .trim()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if h.is_empty() {
         "host".into()
@@ -121,7 +127,12 @@ fn random_hex() -> String {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     let local = 0u8;
-    let seed = format!("{nanos}-{}-{:p}-{:?}", std::process::id(), &local, std::thread::current().id());
+    let seed = format!(
+        "{nanos}-{}-{:p}-{:?}",
+        std::process::id(),
+        &local,
+        std::thread::current().id()
+    );
     hex::encode(&Sha256::digest(seed.as_bytes())[..8])
 }
 
@@ -141,7 +152,10 @@ fn encode_record(fp: &Hash32, tile: &Hash32, features: &[f32]) -> Vec<u8> {
 }
 
 /// Decode and check one record; `expect` is the key it must carry.
-fn decode_record(bytes: &[u8], expect: Option<(&Hash32, &Hash32)>) -> Result<(Hash32, Hash32, Vec<f32>)> {
+fn decode_record(
+    bytes: &[u8],
+    expect: Option<(&Hash32, &Hash32)>,
+) -> Result<(Hash32, Hash32, Vec<f32>)> {
     if bytes.len() < RECORD_OVERHEAD {
         bail!("record shorter than its header");
     }
@@ -413,7 +427,8 @@ impl Cache {
         }
         let w = w.as_mut().unwrap();
         if w.put(&self.fp, tile, features)? {
-            self.stored.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stored
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(())
     }
@@ -516,24 +531,48 @@ impl PackWriter {
     }
 
     fn flush(&mut self, force_sync: bool) -> Result<()> {
-        let ctx = |what: &str| format!("cannot write cache {what} {}/{}", self.dir.display(), self.stem);
+        let ctx = |what: &str| {
+            format!(
+                "cannot write cache {what} {}/{}",
+                self.dir.display(),
+                self.stem
+            )
+        };
         if !self.pack_buf.is_empty() {
-            self.pack.write_all(&self.pack_buf).with_context(|| ctx("pack")).kind(ExitKind::Cache)?;
+            self.pack
+                .write_all(&self.pack_buf)
+                .with_context(|| ctx("pack"))
+                .kind(ExitKind::Cache)?;
             self.offset += self.pack_buf.len() as u64;
             self.pack_buf.clear();
             let sync = force_sync || self.last_sync.elapsed() >= SYNC_EVERY;
             if sync {
-                self.pack.sync_data().with_context(|| ctx("pack")).kind(ExitKind::Cache)?;
+                self.pack
+                    .sync_data()
+                    .with_context(|| ctx("pack"))
+                    .kind(ExitKind::Cache)?;
             }
-            self.idx.write_all(&self.idx_buf).with_context(|| ctx("index")).kind(ExitKind::Cache)?;
+            self.idx
+                .write_all(&self.idx_buf)
+                .with_context(|| ctx("index"))
+                .kind(ExitKind::Cache)?;
             self.idx_buf.clear();
             if sync {
-                self.idx.sync_data().with_context(|| ctx("index")).kind(ExitKind::Cache)?;
+                self.idx
+                    .sync_data()
+                    .with_context(|| ctx("index"))
+                    .kind(ExitKind::Cache)?;
                 self.last_sync = Instant::now();
             }
         } else if force_sync {
-            self.pack.sync_data().with_context(|| ctx("pack")).kind(ExitKind::Cache)?;
-            self.idx.sync_data().with_context(|| ctx("index")).kind(ExitKind::Cache)?;
+            self.pack
+                .sync_data()
+                .with_context(|| ctx("pack"))
+                .kind(ExitKind::Cache)?;
+            self.idx
+                .sync_data()
+                .with_context(|| ctx("index"))
+                .kind(ExitKind::Cache)?;
         }
         Ok(())
     }
@@ -589,7 +628,10 @@ fn require_cache_dir(dir: &Path) -> Result<()> {
     if !dir.join("tilefeat-cache.yaml").is_file() || !packs_dir(dir).is_dir() {
         return Err(crate::error::fail(
             ExitKind::Cache,
-            format!("{} is not a tilefeat cache directory (no tilefeat-cache.yaml)", dir.display()),
+            format!(
+                "{} is not a tilefeat cache directory (no tilefeat-cache.yaml)",
+                dir.display()
+            ),
         ));
     }
     Ok(())
@@ -602,7 +644,9 @@ pub fn stats(dir: &Path, out: &mut dyn Write) -> Result<()> {
     let mut per_fp: BTreeMap<String, HashSet<Hash32>> = BTreeMap::new();
     let (mut entries, mut bytes, mut sealed, mut torn) = (0u64, 0u64, 0usize, 0u64);
     for p in &packs {
-        let (es, t) = read_idx(&p.idx).with_context(|| format!("cannot read {}", p.idx.display())).kind(ExitKind::Cache)?;
+        let (es, t) = read_idx(&p.idx)
+            .with_context(|| format!("cannot read {}", p.idx.display()))
+            .kind(ExitKind::Cache)?;
         torn += t as u64;
         entries += es.len() as u64;
         bytes += std::fs::metadata(&p.pack).map(|m| m.len()).unwrap_or(0)
@@ -615,11 +659,20 @@ pub fn stats(dir: &Path, out: &mut dyn Write) -> Result<()> {
     let records = fingerprint_records(dir);
     let unique: usize = per_fp.values().map(|s| s.len()).sum();
     writeln!(out, "cache: {}", dir.display())?;
-    writeln!(out, "packs: {} ({} sealed, {} open or abandoned)", packs.len(), sealed, packs.len() - sealed)?;
+    writeln!(
+        out,
+        "packs: {} ({} sealed, {} open or abandoned)",
+        packs.len(),
+        sealed,
+        packs.len() - sealed
+    )?;
     writeln!(out, "entries: {entries} ({unique} unique)")?;
     writeln!(out, "bytes: {bytes}")?;
     if torn > 0 {
-        writeln!(out, "torn index bytes (from killed writers, ignored): {torn}")?;
+        writeln!(
+            out,
+            "torn index bytes (from killed writers, ignored): {torn}"
+        )?;
     }
     writeln!(out, "fingerprints: {}", per_fp.len())?;
     for (id, tiles) in &per_fp {
@@ -660,7 +713,8 @@ struct PackScan {
 
 /// Walk a pack record by record, checking each one, and cross-check its index.
 fn scan_pack(p: &PackInfo, keep_records: bool) -> Result<PackScan> {
-    let data = std::fs::read(&p.pack).with_context(|| format!("cannot read {}", p.pack.display()))?;
+    let data =
+        std::fs::read(&p.pack).with_context(|| format!("cannot read {}", p.pack.display()))?;
     let mut scan = PackScan {
         good: Vec::new(),
         problems: Vec::new(),
@@ -668,7 +722,8 @@ fn scan_pack(p: &PackInfo, keep_records: bool) -> Result<PackScan> {
     };
     let name = p.pack.display();
     if data.len() < PACK_MAGIC.len() || &data[..PACK_MAGIC.len()] != PACK_MAGIC {
-        scan.problems.push(format!("{name}: not a tilefeat pack (bad header)"));
+        scan.problems
+            .push(format!("{name}: not a tilefeat pack (bad header)"));
         return Ok(scan);
     }
     let mut pos = PACK_MAGIC.len();
@@ -681,11 +736,15 @@ fn scan_pack(p: &PackInfo, keep_records: bool) -> Result<PackScan> {
             usize::MAX
         };
         if len > rest.len() {
-            let msg = format!("{name}: incomplete record at offset {pos} ({} trailing bytes)", rest.len());
+            let msg = format!(
+                "{name}: incomplete record at offset {pos} ({} trailing bytes)",
+                rest.len()
+            );
             if p.sealed {
                 scan.problems.push(format!("{msg}: the pack was truncated"));
             } else {
-                scan.notes.push(format!("{msg}: left by a killed writer, ignored"));
+                scan.notes
+                    .push(format!("{msg}: left by a killed writer, ignored"));
             }
             break;
         }
@@ -696,21 +755,29 @@ fn scan_pack(p: &PackInfo, keep_records: bool) -> Result<PackScan> {
                     scan.good.push((fp, tile, v));
                 }
             }
-            Err(e) => scan.problems.push(format!("{name}: record at offset {pos}: {e:#}")),
+            Err(e) => scan
+                .problems
+                .push(format!("{name}: record at offset {pos}: {e:#}")),
         }
         pos += len;
     }
     match read_idx(&p.idx) {
         Ok((entries, torn)) => {
             if torn > 0 {
-                let msg = format!("{}: {torn} torn bytes at the end of the index", p.idx.display());
+                let msg = format!(
+                    "{}: {torn} torn bytes at the end of the index",
+                    p.idx.display()
+                );
                 if p.sealed {
                     scan.problems.push(msg);
                 } else {
                     scan.notes.push(format!("{msg} (killed writer), ignored"));
                 }
             }
-            let bad = entries.iter().filter(|e| !valid_offsets.contains(&e.offset)).count();
+            let bad = entries
+                .iter()
+                .filter(|e| !valid_offsets.contains(&e.offset))
+                .count();
             if bad > 0 {
                 scan.problems.push(format!(
                     "{}: {bad} index entries point at damaged or missing records",
@@ -739,7 +806,12 @@ pub fn verify(dir: &Path, out: &mut dyn Write) -> Result<()> {
     for pr in &problems {
         writeln!(out, "DAMAGED: {pr}")?;
     }
-    writeln!(out, "verified {} packs, {records} good records, {} problems", packs.len(), problems.len())?;
+    writeln!(
+        out,
+        "verified {} packs, {records} good records, {} problems",
+        packs.len(),
+        problems.len()
+    )?;
     if !problems.is_empty() {
         return Err(crate::error::fail(
             ExitKind::Cache,
@@ -768,7 +840,12 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 /// Parse `YYYY-MM-DD` to Unix seconds (midnight UTC).
 pub fn parse_date(s: &str) -> Result<u64> {
     let parts: Vec<&str> = s.split('-').collect();
-    let bad = || crate::error::fail(ExitKind::Usage, format!("--unused-since {s}: expected YYYY-MM-DD"));
+    let bad = || {
+        crate::error::fail(
+            ExitKind::Usage,
+            format!("--unused-since {s}: expected YYYY-MM-DD"),
+        )
+    };
     if parts.len() != 3 {
         return Err(bad());
     }
@@ -794,7 +871,9 @@ pub fn gc(dir: &Path, opts: &GcOptions, out: &mut dyn Write) -> Result<()> {
     require_cache_dir(dir)?;
     let records = fingerprint_records(dir);
     let all_packs = list_packs(dir).kind(ExitKind::Cache)?;
-    let (done, live): (Vec<_>, Vec<_>) = all_packs.into_iter().partition(|p| writer_gone(p, opts.stale));
+    let (done, live): (Vec<_>, Vec<_>) = all_packs
+        .into_iter()
+        .partition(|p| writer_gone(p, opts.stale));
     // Resolve --keep prefixes against the fingerprints present.
     let mut present: HashSet<String> = records.keys().cloned().collect();
     let mut scans = Vec::new();
@@ -809,16 +888,25 @@ pub fn gc(dir: &Path, opts: &GcOptions, out: &mut dyn Write) -> Result<()> {
     if !opts.keep.is_empty() {
         let mut ids = HashSet::new();
         for k in &opts.keep {
-            let m: Vec<&String> = present.iter().filter(|id| id.starts_with(&k.to_lowercase())).collect();
+            let m: Vec<&String> = present
+                .iter()
+                .filter(|id| id.starts_with(&k.to_lowercase()))
+                .collect();
             match m.len() {
                 1 => {
                     ids.insert(m[0].clone());
                 }
                 0 => {
-                    return Err(crate::error::fail(ExitKind::Usage, format!("--keep {k}: no such fingerprint in {}", dir.display())))
+                    return Err(crate::error::fail(
+                        ExitKind::Usage,
+                        format!("--keep {k}: no such fingerprint in {}", dir.display()),
+                    ))
                 }
                 _ => {
-                    return Err(crate::error::fail(ExitKind::Usage, format!("--keep {k}: prefix matches {} fingerprints", m.len())))
+                    return Err(crate::error::fail(
+                        ExitKind::Usage,
+                        format!("--keep {k}: prefix matches {} fingerprints", m.len()),
+                    ))
                 }
             }
         }
@@ -874,7 +962,11 @@ pub fn gc(dir: &Path, opts: &GcOptions, out: &mut dyn Write) -> Result<()> {
             match std::fs::remove_file(&f) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("cannot remove {}", f.display())).kind(ExitKind::Cache),
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("cannot remove {}", f.display()))
+                        .kind(ExitKind::Cache)
+                }
             }
         }
     }
@@ -959,7 +1051,9 @@ mod tests {
         assert_eq!(c.counters().damaged_records, 1);
         let mut out = Vec::new();
         assert!(verify(d.path(), &mut out).is_err());
-        assert!(String::from_utf8(out).unwrap().contains("checksum mismatch"));
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("checksum mismatch"));
     }
 
     #[test]
@@ -972,7 +1066,11 @@ mod tests {
         }
         assert_eq!(list_packs(d.path()).unwrap().len(), 3);
         let keep = hex::encode(fp(224).id())[..10].to_string();
-        let opts = GcOptions { keep: vec![keep], unused_since: None, stale: Duration::from_secs(3600) };
+        let opts = GcOptions {
+            keep: vec![keep],
+            unused_since: None,
+            stale: Duration::from_secs(3600),
+        };
         gc(d.path(), &opts, &mut Vec::new()).unwrap();
         assert_eq!(list_packs(d.path()).unwrap().len(), 1);
         let c = Cache::open(d.path(), &fp(224)).unwrap();

@@ -161,10 +161,10 @@ pub struct ExtractArgs {
     pub on_error: OnError,
 
     /// Feature cache directory shared across runs, processes and nodes.
-    #[arg(long, value_name = "DIR", env = "TILEFEAT_CACHE_DIR", conflicts_with = "no_cache")]
+    #[arg(long, value_name = "DIR", env = "TILEFEAT_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
 
-    /// Do not use a cache, even if TILEFEAT_CACHE_DIR is set.
+    /// Do not use a cache, even if --cache-dir or TILEFEAT_CACHE_DIR is given.
     #[arg(long)]
     pub no_cache: bool,
 

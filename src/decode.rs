@@ -19,9 +19,8 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<Image, String> {
     if bytes.is_empty() {
         return Err("empty file".into());
     }
-    let format = image::guess_format(bytes).map_err(|_| {
-        "not a PNG, JPEG or TIFF image (unrecognised file signature)".to_string()
-    })?;
+    let format = image::guess_format(bytes)
+        .map_err(|_| "not a PNG, JPEG or TIFF image (unrecognised file signature)".to_string())?;
     if !matches!(
         format,
         ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::Tiff
@@ -35,8 +34,8 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<Image, String> {
     let decoder = reader
         .into_decoder()
         .map_err(|e| format!("cannot decode {format:?}: {e}"))?;
-    let img =
-        DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot decode {format:?}: {e}"))?;
+    let img = DynamicImage::from_decoder(decoder)
+        .map_err(|e| format!("cannot decode {format:?}: {e}"))?;
     to_rgb8(img, format)
 }
 
@@ -88,7 +87,8 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Image, String> {
     let img = Image::new(w, h, 3, data);
     match orientation {
         Some(o) if o != image::metadata::Orientation::NoTransforms => {
-            let buf = image::RgbImage::from_raw(w as u32, h as u32, img.data).expect("size checked");
+            let buf =
+                image::RgbImage::from_raw(w as u32, h as u32, img.data).expect("size checked");
             let mut dynimg = DynamicImage::ImageRgb8(buf);
             dynimg.apply_orientation(o);
             to_rgb8(dynimg, ImageFormat::Jpeg)
@@ -178,8 +178,9 @@ mod tests {
 
     #[test]
     fn png16_keeps_high_byte() {
-        let buf = image::ImageBuffer::<image::Rgb<u16>, _>::from_raw(1, 1, vec![0x12ff, 0x0080, 0xff7f])
-            .unwrap();
+        let buf =
+            image::ImageBuffer::<image::Rgb<u16>, _>::from_raw(1, 1, vec![0x12ff, 0x0080, 0xff7f])
+                .unwrap();
         let img = decode_rgb(&encode_png(DynamicImage::ImageRgb16(buf))).unwrap();
         assert_eq!(img.data, vec![0x12, 0x00, 0xff]);
     }
@@ -187,7 +188,9 @@ mod tests {
     #[test]
     fn garbage_and_truncation_are_reported() {
         assert!(decode_rgb(b"").unwrap_err().contains("empty"));
-        assert!(decode_rgb(b"hello world").unwrap_err().contains("signature"));
+        assert!(decode_rgb(b"hello world")
+            .unwrap_err()
+            .contains("signature"));
         let rgb = image::RgbImage::from_raw(8, 8, vec![7; 192]).unwrap();
         let png = encode_png(DynamicImage::ImageRgb8(rgb));
         assert!(decode_rgb(&png[..png.len() / 2]).is_err());

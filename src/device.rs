@@ -15,7 +15,13 @@ pub fn libtorch_version() -> &'static str {
 
 /// Parse `--device`.
 pub fn parse_device(spec: &str) -> Result<Device> {
-    let cuda_count = || if Cuda::is_available() { Cuda::device_count() } else { 0 };
+    let cuda_count = || {
+        if Cuda::is_available() {
+            Cuda::device_count()
+        } else {
+            0
+        }
+    };
     let why_not = || {
         let vis = std::env::var("CUDA_VISIBLE_DEVICES")
             .map(|v| format!("CUDA_VISIBLE_DEVICES={v:?}"))
@@ -29,26 +35,42 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         )
     };
     match spec {
-        "auto" => Ok(if cuda_count() > 0 { Device::Cuda(0) } else { Device::Cpu }),
+        "auto" => Ok(if cuda_count() > 0 {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        }),
         "cpu" => Ok(Device::Cpu),
         "cuda" => {
             if cuda_count() == 0 {
-                return Err(fail(ExitKind::Device, format!("--device cuda: {}", why_not())));
+                return Err(fail(
+                    ExitKind::Device,
+                    format!("--device cuda: {}", why_not()),
+                ));
             }
             Ok(Device::Cuda(0))
         }
         s if s.starts_with("cuda:") => {
             let n: usize = s[5..].parse().map_err(|_| {
-                fail(ExitKind::Usage, format!("--device {s}: expected cuda:N with N a GPU index"))
+                fail(
+                    ExitKind::Usage,
+                    format!("--device {s}: expected cuda:N with N a GPU index"),
+                )
             })?;
             let count = cuda_count();
             if count == 0 {
-                return Err(fail(ExitKind::Device, format!("--device {s}: {}", why_not())));
+                return Err(fail(
+                    ExitKind::Device,
+                    format!("--device {s}: {}", why_not()),
+                ));
             }
             if n >= count as usize {
                 return Err(fail(
                     ExitKind::Device,
-                    format!("--device {s}: only {count} CUDA device(s) visible (0..{})", count - 1),
+                    format!(
+                        "--device {s}: only {count} CUDA device(s) visible (0..{})",
+                        count - 1
+                    ),
                 ));
             }
             Ok(Device::Cuda(n))
@@ -81,10 +103,18 @@ pub fn info(out: &mut dyn std::io::Write) -> Result<()> {
     writeln!(out, "tilefeat {}", env!("CARGO_PKG_VERSION"))?;
     writeln!(out, "tch {}", crate::TCH_VERSION)?;
     writeln!(out, "libtorch {} (built against)", libtorch_version())?;
-    writeln!(out, "libtorch lib dir (build time) {}", env!("TILEFEAT_LIBTORCH_LIB"))?;
+    writeln!(
+        out,
+        "libtorch lib dir (build time) {}",
+        env!("TILEFEAT_LIBTORCH_LIB")
+    )?;
     let cuda = Cuda::is_available();
     writeln!(out, "cuda available: {cuda}")?;
-    writeln!(out, "cuda devices: {}", if cuda { Cuda::device_count() } else { 0 })?;
+    writeln!(
+        out,
+        "cuda devices: {}",
+        if cuda { Cuda::device_count() } else { 0 }
+    )?;
     writeln!(out, "cudnn available: {}", Cuda::cudnn_is_available())?;
     if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
         writeln!(out, "CUDA_VISIBLE_DEVICES: {v}")?;

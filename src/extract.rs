@@ -29,7 +29,9 @@ use crate::cli::{ExtractArgs, Normalize, OnError, Precision};
 use crate::device::{available_cpus, device_name, parse_device};
 use crate::error::{fail, ExitKind, WithKind};
 use crate::model::{feature_dim, to_channels_last, ResNetTrunk, RunOptions};
-use crate::output::{csv_header, provenance_path, push_csv_field, push_features, rejected_path, AtomicFile};
+use crate::output::{
+    csv_header, provenance_path, push_csv_field, push_features, rejected_path, AtomicFile,
+};
 use crate::progress::Progress;
 use crate::provenance::{
     CacheInfo, Counts, FingerprintInfo, Provenance, Settings, Skipped, Timings, WeightsInfo,
@@ -68,22 +70,41 @@ impl ExtractConfig {
     pub fn from_cli_arguments(a: &ExtractArgs) -> Result<ExtractConfig> {
         let usage = |m: String| fail(ExitKind::Usage, m);
         if a.batch_size == 0 || a.batch_size > 4096 {
-            return Err(usage(format!("--batch-size {}: must be between 1 and 4096", a.batch_size)));
+            return Err(usage(format!(
+                "--batch-size {}: must be between 1 and 4096",
+                a.batch_size
+            )));
         }
         if !(16..=4096).contains(&a.size) {
-            return Err(usage(format!("--size {}: must be between 16 and 4096 pixels", a.size)));
+            return Err(usage(format!(
+                "--size {}: must be between 16 and 4096 pixels",
+                a.size
+            )));
         }
         if a.threads == Some(0) || a.decode_threads == Some(0) {
-            return Err(usage("--threads and --decode-threads must be at least 1".into()));
+            return Err(usage(
+                "--threads and --decode-threads must be at least 1".into(),
+            ));
         }
         if !a.tile_dir.is_dir() {
-            let why = if a.tile_dir.exists() { "is not a directory" } else { "does not exist" };
-            return Err(fail(ExitKind::Input, format!("tile folder {} {why}", a.tile_dir.display())));
+            let why = if a.tile_dir.exists() {
+                "is not a directory"
+            } else {
+                "does not exist"
+            };
+            return Err(fail(
+                ExitKind::Input,
+                format!("tile folder {} {why}", a.tile_dir.display()),
+            ));
         }
         if a.output.is_dir() {
             return Err(fail(
                 ExitKind::Output,
-                format!("--output {} is a directory; give a file name such as {}/features.csv", a.output.display(), a.output.display()),
+                format!(
+                    "--output {} is a directory; give a file name such as {}/features.csv",
+                    a.output.display(),
+                    a.output.display()
+                ),
             ));
         }
         let sample = match &a.sample {
@@ -98,7 +119,9 @@ impl ExtractConfig {
             }
         };
         if sample.is_empty() || sample.contains(['\n', '\r', ',', '"']) {
-            return Err(usage(format!("--sample {sample:?}: must be non-empty, without commas, quotes or newlines")));
+            return Err(usage(format!(
+                "--sample {sample:?}: must be non-empty, without commas, quotes or newlines"
+            )));
         }
         let weights = weights::resolve(a.weights.as_deref()).kind(ExitKind::Weights)?;
         let device = parse_device(&a.device)?;
@@ -108,7 +131,10 @@ impl ExtractConfig {
             // On the CPU the model is the bottleneck; one decoder per 8 threads keeps it fed.
             Device::Cpu => (threads, a.decode_threads.unwrap_or((threads / 8).max(1))),
             // On a GPU the CPU's job is decoding; libtorch needs little.
-            _ => (threads.clamp(1, 4), a.decode_threads.unwrap_or(threads.saturating_sub(1).max(1))),
+            _ => (
+                threads.clamp(1, 4),
+                a.decode_threads.unwrap_or(threads.saturating_sub(1).max(1)),
+            ),
         };
         let channels_last = a.layout == "nhwc";
         Ok(ExtractConfig {
@@ -126,7 +152,11 @@ impl ExtractConfig {
             normalize: a.normalize,
             size: a.size,
             on_error: a.on_error,
-            cache_dir: if a.no_cache { None } else { a.cache_dir.clone() },
+            cache_dir: if a.no_cache {
+                None
+            } else {
+                a.cache_dir.clone()
+            },
             channels_last,
             dry_run: a.dry_run,
             quiet: a.quiet,
@@ -168,8 +198,12 @@ struct Row {
 }
 
 enum RowState {
-    Ready { features: Vec<f32>, hit: bool },
-    InBatch(usize),
+    Ready {
+        features: Vec<f32>,
+        hit: bool,
+    },
+    /// Row `k` of batch `id`.
+    InBatch(u64, usize),
     Rejected(String),
 }
 
@@ -183,7 +217,12 @@ struct WorkerTimes {
 }
 
 /// Read, hash, look up and (on a miss) decode and resize one tile.
-fn prepare(tile: &Tile, size: usize, cache: Option<&Cache>, t: &mut WorkerTimes) -> (Hash32, Prepared) {
+fn prepare(
+    tile: &Tile,
+    size: usize,
+    cache: Option<&Cache>,
+    t: &mut WorkerTimes,
+) -> (Hash32, Prepared) {
     let clock = Instant::now();
     let bytes = match std::fs::read(&tile.path) {
         Ok(b) => b,
@@ -239,6 +278,16 @@ impl Runner {
         }
     }
 
+    fn shallow_clone(&self) -> Runner {
+        Runner {
+            model: self.model.shallow_clone(),
+            mean: self.mean.shallow_clone(),
+            std: self.std.shallow_clone(),
+            size: self.size,
+            pad_to: self.pad_to,
+        }
+    }
+
     /// `pixels` holds `n` RGB tiles of size x size; returns `n * D` features.
     fn run(&self, pixels: &[u8], n: usize) -> Result<Vec<f32>> {
         let _guard = tch::no_grad_guard();
@@ -246,7 +295,10 @@ impl Runner {
         let rows = self.pad_to.map_or(n, |p| p.max(n));
         let mut input = Tensor::from_slice(pixels).view([n as i64, self.size, self.size, 3]);
         if rows > n {
-            let pad = Tensor::zeros([(rows - n) as i64, self.size, self.size, 3], (Kind::Uint8, Device::Cpu));
+            let pad = Tensor::zeros(
+                [(rows - n) as i64, self.size, self.size, 3],
+                (Kind::Uint8, Device::Cpu),
+            );
             input = Tensor::cat(&[input, pad], 0);
         }
         let input = match opts.device {
@@ -256,25 +308,21 @@ impl Runner {
         // ToTensor (x / 255) and Normalize ((x - mean) / std) in f32, as torchvision does.
         let x = input.permute([0, 3, 1, 2]).to_kind(Kind::Float);
         let x = ((x / 255.0) - &self.mean) / &self.std;
-        let x = if opts.channels_last { to_channels_last(&x) } else { x.contiguous() };
+        let x = if opts.channels_last {
+            to_channels_last(&x)
+        } else {
+            x.contiguous()
+        };
         let x = x.to_kind(opts.kind());
-        let out = self.model.forward(&x).narrow(0, 0, n as i64).to_device(Device::Cpu);
+        let out = self
+            .model
+            .forward(&x)
+            .narrow(0, 0, n as i64)
+            .to_device(Device::Cpu);
         let flat = out.contiguous().view([-1]);
         Vec::<f32>::try_from(&flat).context("cannot read features back from the model")
     }
 }
-
-/// The writer thread stopped early; its own error is what gets reported.
-#[derive(Debug)]
-struct WriterStopped;
-
-impl std::fmt::Display for WriterStopped {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("writer stopped")
-    }
-}
-
-impl std::error::Error for WriterStopped {}
 
 /// Summary of a finished run.
 pub struct Summary {
@@ -282,7 +330,11 @@ pub struct Summary {
 }
 
 /// `tilefeat extract`.
-pub fn run(cfg: &ExtractConfig, command: Vec<String>, out: &mut dyn Write) -> Result<Option<Summary>> {
+pub fn run(
+    cfg: &ExtractConfig,
+    command: Vec<String>,
+    out: &mut dyn Write,
+) -> Result<Option<Summary>> {
     let start = Instant::now();
     let listing = find_tiles(&cfg.tile_dir)?;
     for w in &listing.warnings {
@@ -332,7 +384,6 @@ pub fn run(cfg: &ExtractConfig, command: Vec<String>, out: &mut dyn Write) -> Re
         .with_context(|| format!("cannot write {}", cfg.output.display()))
         .kind(ExitKind::Output)?;
 
-    tch::set_num_threads(cfg.torch_threads as i32);
     if let Device::Cuda(_) = cfg.device {
         tch::Cuda::cudnn_set_benchmark(true);
     }
@@ -341,8 +392,8 @@ pub fn run(cfg: &ExtractConfig, command: Vec<String>, out: &mut dyn Write) -> Re
         precision: cfg.precision,
         channels_last: cfg.channels_last,
     };
-    let model = ResNetTrunk::new(&weights.tensors, cfg.layer, cfg.pool, opts)
-        .kind(ExitKind::Weights)?;
+    let model =
+        ResNetTrunk::new(&weights.tensors, cfg.layer, cfg.pool, opts).kind(ExitKind::Weights)?;
     drop(weights.tensors);
     let pad_to = matches!(cfg.device, Device::Cuda(_)).then_some(cfg.batch_size);
     let runner = Runner::new(model, cfg.normalize, cfg.size, pad_to);
@@ -354,7 +405,15 @@ pub fn run(cfg: &ExtractConfig, command: Vec<String>, out: &mut dyn Write) -> Re
     let entries_at_open = cache.as_ref().map_or(0, |c| c.len());
 
     let mut progress = Progress::new(tiles.len(), cfg.quiet);
-    let state = pipeline(cfg, &tiles, &runner, cache.as_ref(), csv, &mut progress, dim)?;
+    let state = pipeline(
+        cfg,
+        &tiles,
+        &runner,
+        cache.as_ref(),
+        csv,
+        &mut progress,
+        dim,
+    )?;
     progress.finish();
 
     let counters = match &cache {
@@ -369,7 +428,11 @@ pub fn run(cfg: &ExtractConfig, command: Vec<String>, out: &mut dyn Write) -> Re
     // Rejected list (always written, so workflows can declare it as an output).
     let mut tsv = String::from("tile\treason\n");
     for s in &state.skipped {
-        tsv.push_str(&format!("{}\t{}\n", s.tile.replace(['\t', '\n'], " "), s.reason.replace(['\t', '\n'], " ")));
+        tsv.push_str(&format!(
+            "{}\t{}\n",
+            s.tile.replace(['\t', '\n'], " "),
+            s.reason.replace(['\t', '\n'], " ")
+        ));
     }
     crate::output::write_atomic(&rejected_path(&cfg.output), tsv.as_bytes())?;
 
@@ -383,9 +446,14 @@ pub fn run(cfg: &ExtractConfig, command: Vec<String>, out: &mut dyn Write) -> Re
         libtorch_version: crate::device::libtorch_version().into(),
         command,
         created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-        host: std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default(),
+        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default(),
         sample: cfg.sample.clone(),
-        tile_dir: std::fs::canonicalize(&cfg.tile_dir).unwrap_or(cfg.tile_dir.clone()).display().to_string(),
+        tile_dir: std::fs::canonicalize(&cfg.tile_dir)
+            .unwrap_or(cfg.tile_dir.clone())
+            .display()
+            .to_string(),
         output: cfg.output.display().to_string(),
         device: device_name(cfg.device),
         feature_dim: dim,
@@ -398,7 +466,11 @@ pub fn run(cfg: &ExtractConfig, command: Vec<String>, out: &mut dyn Write) -> Re
             batch_size: cfg.batch_size,
             torch_threads: cfg.torch_threads,
             decode_threads: cfg.decode_threads,
-            layout: if cfg.channels_last { "nhwc".into() } else { "nchw".into() },
+            layout: if cfg.channels_last {
+                "nhwc".into()
+            } else {
+                "nchw".into()
+            },
             on_error: format!("{:?}", cfg.on_error).to_lowercase(),
         },
         weights: WeightsInfo {
@@ -431,7 +503,10 @@ pub fn run(cfg: &ExtractConfig, command: Vec<String>, out: &mut dyn Write) -> Re
         tiles_per_s: round3(tiles.len() as f64 / elapsed.max(1e-9)),
         timings_s: state.timings.clone(),
     };
-    crate::output::write_atomic(&provenance_path(&cfg.output), provenance.to_yaml()?.as_bytes())?;
+    crate::output::write_atomic(
+        &provenance_path(&cfg.output),
+        provenance.to_yaml()?.as_bytes(),
+    )?;
     // The CSV was committed by the writer; all three files are now in place.
     Ok(Some(Summary { provenance }))
 }
@@ -463,6 +538,30 @@ struct OutRow {
     hit: bool,
 }
 
+/// A batch for a model worker, and what comes back.
+struct BatchJob {
+    id: u64,
+    pixels: Vec<u8>,
+    n: usize,
+}
+
+struct BatchDone {
+    id: u64,
+    features: Result<Vec<f32>>,
+    secs: f64,
+}
+
+/// How many model workers, and libtorch threads each: on the CPU, one single-threaded worker
+/// per thread (per-image arithmetic is then identical whatever --threads and --batch-size,
+/// which multi-threaded kernels do not guarantee); on a GPU, two workers so that one batch is
+/// always queued while the other's results come back.
+pub fn model_workers(device: Device, torch_threads: usize) -> (usize, usize) {
+    match device {
+        Device::Cpu => (torch_threads, 1),
+        _ => (2, torch_threads),
+    }
+}
+
 fn pipeline(
     cfg: &ExtractConfig,
     tiles: &[Tile],
@@ -473,9 +572,11 @@ fn pipeline(
     dim: usize,
 ) -> Result<PipelineState> {
     let size = cfg.size as usize;
-    let px = size * size * 3;
     let batch = cfg.batch_size;
-    let window = (4 * batch).max(4 * cfg.decode_threads).max(16);
+    let (n_model, model_threads) = model_workers(cfg.device, cfg.torch_threads);
+    let window = (2 * n_model * batch + 2 * batch)
+        .max(4 * cfg.decode_threads)
+        .max(16);
 
     std::thread::scope(|scope| -> Result<PipelineState> {
         let (credit_tx, credit_rx) = bounded::<()>(window);
@@ -485,6 +586,8 @@ fn pipeline(
         let (job_tx, job_rx) = bounded::<usize>(window);
         let (item_tx, item_rx) = bounded::<(Item, WorkerTimes)>(window);
         let (row_tx, row_rx) = bounded::<WriterMsg>(8);
+        let (batch_tx, batch_rx) = bounded::<BatchJob>(1);
+        let (done_tx, done_rx) = bounded::<BatchDone>(n_model + 1);
 
         // Feeder: tile indices in order, never more than `window` in flight.
         let n_tiles = tiles.len();
@@ -495,7 +598,7 @@ fn pipeline(
                 }
             }
         });
-        // Workers.
+        // Decode workers.
         for _ in 0..cfg.decode_threads {
             let job_rx = job_rx.clone();
             let item_tx = item_tx.clone();
@@ -511,11 +614,48 @@ fn pipeline(
         }
         drop(job_rx);
         drop(item_tx);
+        // Model workers, each with its own handle on the (shared) weights.
+        for _ in 0..n_model {
+            let batch_rx = batch_rx.clone();
+            let done_tx = done_tx.clone();
+            let worker = runner.shallow_clone();
+            scope.spawn(move || {
+                tch::set_num_threads(model_threads as i32);
+                for job in batch_rx.iter() {
+                    let t = Instant::now();
+                    let features = worker.run(&job.pixels, job.n);
+                    let secs = t.elapsed().as_secs_f64();
+                    if done_tx
+                        .send(BatchDone {
+                            id: job.id,
+                            features,
+                            secs,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(batch_rx);
+        drop(done_tx);
         // Writer.
         let output = cfg.output.clone();
         let writer = scope.spawn(move || writer_loop(row_rx, csv, tiles, cache, &output));
 
-        let result = model_stage(cfg, tiles, runner, item_rx, credit_tx, row_tx, progress, px, batch, dim);
+        let mut stage = ModelStage::new(
+            cfg,
+            tiles,
+            batch * size * size * 3,
+            batch,
+            dim,
+            row_tx,
+            batch_tx,
+            done_rx,
+        );
+        let result = stage.run(item_rx, credit_tx, progress);
+        drop(stage);
         let write_result = writer.join().expect("writer thread panicked");
         let (mut state, write_secs) = match (result, write_result) {
             (Err(e), _) => return Err(e),
@@ -573,74 +713,274 @@ fn writer_loop(
     Ok(busy + t.elapsed().as_secs_f64())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn model_stage(
-    cfg: &ExtractConfig,
-    tiles: &[Tile],
-    runner: &Runner,
-    items: Receiver<(Item, WorkerTimes)>,
-    credits: Sender<()>,
-    rows_out: Sender<WriterMsg>,
-    progress: &mut Progress,
-    px: usize,
+/// The in-order heart of the pipeline: tiles arrive out of order from the decoders, leave in
+/// order to the writer; misses are grouped into batches for the model workers.
+struct ModelStage<'a> {
+    cfg: &'a ExtractConfig,
+    tiles: &'a [Tile],
     batch: usize,
     dim: usize,
-) -> Result<PipelineState> {
-    let mut reorder: BTreeMap<usize, Item> = BTreeMap::new();
-    let mut next = 0usize;
-    let mut pending: VecDeque<Row> = VecDeque::new();
-    let mut pixels: Vec<u8> = Vec::with_capacity(batch * px);
-    let mut in_batch = 0usize;
-    let mut st = PipelineState {
-        written: 0,
-        computed: 0,
-        hits: 0,
-        skipped: Vec::new(),
-        timings: Timings::default(),
-    };
-    let mut wt = WorkerTimes::default();
-    let mut waiting = 0.0;
-    let mut compute = 0.0;
-    let max_pending = 2 * batch.max(64);
+    rows_out: Sender<WriterMsg>,
+    batches: Sender<BatchJob>,
+    done: Receiver<BatchDone>,
+    /// Rows not yet handed to the writer, in tile order.
+    pending: VecDeque<Row>,
+    /// The batch being filled.
+    pixels: Vec<u8>,
+    in_batch: usize,
+    next_batch: u64,
+    /// Finished batches' features, until their rows are written.
+    results: std::collections::HashMap<u64, Vec<f32>>,
+    outstanding: usize,
+    st: PipelineState,
+    compute: f64,
+    capacity: usize,
+}
 
-    // Run the open batch and hand every finished row at the front of `pending` to the writer.
-    let flush = |pending: &mut VecDeque<Row>,
-                     pixels: &mut Vec<u8>,
-                     in_batch: &mut usize,
-                     st: &mut PipelineState,
-                     compute: &mut f64|
-     -> Result<()> {
-        if *in_batch > 0 {
-            let t = Instant::now();
-            let feats = runner.run(pixels, *in_batch).with_context(|| {
-                let first = pending.iter().find_map(|r| match r.state {
-                    RowState::InBatch(_) => Some(tiles[r.idx].path.display().to_string()),
-                    _ => None,
-                });
-                format!("model failed on the batch starting at {}", first.unwrap_or_default())
-            })?;
-            *compute += t.elapsed().as_secs_f64();
-            for r in pending.iter_mut() {
-                if let RowState::InBatch(k) = r.state {
-                    r.state = RowState::Ready {
-                        features: feats[k * dim..(k + 1) * dim].to_vec(),
-                        hit: false,
-                    };
+impl<'a> ModelStage<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cfg: &'a ExtractConfig,
+        tiles: &'a [Tile],
+        capacity: usize,
+        batch: usize,
+        dim: usize,
+        rows_out: Sender<WriterMsg>,
+        batches: Sender<BatchJob>,
+        done: Receiver<BatchDone>,
+    ) -> Self {
+        ModelStage {
+            cfg,
+            tiles,
+            batch,
+            dim,
+            rows_out,
+            batches,
+            done,
+            pending: VecDeque::new(),
+            pixels: Vec::with_capacity(capacity),
+            in_batch: 0,
+            next_batch: 0,
+            results: Default::default(),
+            outstanding: 0,
+            st: PipelineState {
+                written: 0,
+                computed: 0,
+                hits: 0,
+                skipped: Vec::new(),
+                timings: Timings::default(),
+            },
+            compute: 0.0,
+            capacity,
+        }
+    }
+
+    fn run(
+        &mut self,
+        items: Receiver<(Item, WorkerTimes)>,
+        credits: Sender<()>,
+        progress: &mut Progress,
+    ) -> Result<PipelineState> {
+        let mut reorder: BTreeMap<usize, Item> = BTreeMap::new();
+        let mut next = 0usize;
+        let mut wt = WorkerTimes::default();
+        let mut waiting = 0.0;
+        let max_pending = 2 * self.batch.max(64);
+        while next < self.tiles.len() {
+            // Take the next tile in order, waiting for the decoders as needed.
+            let item = loop {
+                if let Some(it) = reorder.remove(&next) {
+                    break it;
+                }
+                let t = Instant::now();
+                let Ok((it, times)) = items.recv() else {
+                    return Err(anyhow::anyhow!("decode workers stopped unexpectedly"));
+                };
+                waiting += t.elapsed().as_secs_f64();
+                wt.read += times.read;
+                wt.hash += times.hash;
+                wt.lookup += times.lookup;
+                wt.decode += times.decode;
+                wt.resize += times.resize;
+                reorder.insert(it.idx, it);
+            };
+            next += 1;
+            let _ = credits.send(());
+            let state = match item.prepared {
+                Prepared::Hit(features) => RowState::Ready {
+                    features,
+                    hit: true,
+                },
+                Prepared::Pixels(p) => {
+                    self.pixels.extend_from_slice(&p);
+                    self.in_batch += 1;
+                    RowState::InBatch(self.next_batch, self.in_batch - 1)
+                }
+                Prepared::Bad(reason) => match self.cfg.on_error {
+                    OnError::Fail => return Err(fail(
+                        ExitKind::Input,
+                        format!(
+                            "tile {}: {reason} (use --on-error skip to record bad tiles and go on)",
+                            self.tiles[item.idx].path.display()
+                        ),
+                    )),
+                    OnError::Skip => {
+                        if !self.cfg.quiet {
+                            eprintln!(
+                                "tilefeat: skipping {}: {reason}",
+                                self.tiles[item.idx].path.display()
+                            );
+                        }
+                        RowState::Rejected(reason)
+                    }
+                },
+            };
+            self.pending.push_back(Row {
+                idx: item.idx,
+                sha: item.sha,
+                state,
+            });
+            if self.in_batch == self.batch {
+                self.dispatch()?;
+            }
+            // Collect finished batches without blocking, and pass on what is ready.
+            while let Ok(d) = self.done.try_recv() {
+                self.receive(d)?;
+            }
+            // Bound the rows held back: flush a partial batch and wait for results.
+            while self.pending.len() >= max_pending {
+                if self.in_batch > 0 {
+                    self.dispatch()?;
+                }
+                self.wait_one()?;
+            }
+            if !self.flush_ready()? {
+                return Ok(self.take_state(wt, waiting));
+            }
+            progress.update(self.st.written + self.st.skipped.len(), self.st.hits);
+        }
+        if self.in_batch > 0 {
+            self.dispatch()?;
+        }
+        while self.outstanding > 0 {
+            self.wait_one()?;
+        }
+        if !self.flush_ready()? {
+            return Ok(self.take_state(wt, waiting));
+        }
+        progress.update(next, self.st.hits);
+        let _ = self.rows_out.send(WriterMsg::Finish);
+        Ok(self.take_state(wt, waiting))
+    }
+
+    fn take_state(&mut self, wt: WorkerTimes, waiting: f64) -> PipelineState {
+        let mut st = std::mem::replace(
+            &mut self.st,
+            PipelineState {
+                written: 0,
+                computed: 0,
+                hits: 0,
+                skipped: Vec::new(),
+                timings: Timings::default(),
+            },
+        );
+        st.timings = Timings {
+            read: round3(wt.read),
+            hash: round3(wt.hash),
+            cache_lookup: round3(wt.lookup),
+            decode: round3(wt.decode),
+            resize: round3(wt.resize),
+            model_waiting_for_tiles: round3(waiting),
+            model_compute: round3(self.compute),
+            write: 0.0,
+        };
+        st
+    }
+
+    /// Hand the open batch to a model worker; while they are all busy, take in results (so
+    /// that workers blocked on returning them can go on).
+    fn dispatch(&mut self) -> Result<()> {
+        let mut job = BatchJob {
+            id: self.next_batch,
+            pixels: std::mem::replace(&mut self.pixels, Vec::with_capacity(self.capacity)),
+            n: self.in_batch,
+        };
+        self.next_batch += 1;
+        self.in_batch = 0;
+        let stopped = || anyhow::anyhow!("model workers stopped unexpectedly");
+        loop {
+            match self.batches.try_send(job) {
+                Ok(()) => {
+                    self.outstanding += 1;
+                    return Ok(());
+                }
+                Err(crossbeam_channel::TrySendError::Disconnected(_)) => return Err(stopped()),
+                Err(crossbeam_channel::TrySendError::Full(j)) => {
+                    job = j;
+                    let mut sel = crossbeam_channel::Select::new();
+                    sel.send(&self.batches);
+                    let r = sel.recv(&self.done);
+                    if sel.ready() == r {
+                        match self.done.try_recv() {
+                            Ok(d) => self.receive(d)?,
+                            Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                                return Err(stopped())
+                            }
+                            Err(crossbeam_channel::TryRecvError::Empty) => {}
+                        }
+                    }
                 }
             }
-            pixels.clear();
-            *in_batch = 0;
         }
-        let mut group = Vec::with_capacity(pending.len());
-        while let Some(r) = pending.pop_front() {
+    }
+
+    fn wait_one(&mut self) -> Result<()> {
+        let d = self
+            .done
+            .recv()
+            .map_err(|_| anyhow::anyhow!("model workers stopped unexpectedly"))?;
+        self.receive(d)
+    }
+
+    fn receive(&mut self, d: BatchDone) -> Result<()> {
+        self.outstanding -= 1;
+        self.compute += d.secs;
+        let feats = d.features.with_context(|| {
+            let first = self.pending.iter().find_map(|r| match r.state {
+                RowState::InBatch(id, _) if id == d.id => {
+                    Some(self.tiles[r.idx].path.display().to_string())
+                }
+                _ => None,
+            });
+            format!(
+                "model failed on the batch starting at {}",
+                first.unwrap_or_default()
+            )
+        })?;
+        self.results.insert(d.id, feats);
+        Ok(())
+    }
+
+    /// Hand every finished row at the front to the writer. False if the writer stopped.
+    fn flush_ready(&mut self) -> Result<bool> {
+        let mut group = Vec::new();
+        while let Some(front) = self.pending.front() {
+            let ready = match front.state {
+                RowState::InBatch(id, _) => self.results.contains_key(&id),
+                _ => true,
+            };
+            if !ready {
+                break;
+            }
+            let r = self.pending.pop_front().expect("front exists");
             match r.state {
                 RowState::Ready { features, hit } => {
                     if hit {
-                        st.hits += 1;
+                        self.st.hits += 1;
                     } else {
-                        st.computed += 1;
+                        self.st.computed += 1;
                     }
-                    st.written += 1;
+                    self.st.written += 1;
                     group.push(OutRow {
                         idx: r.idx,
                         sha: r.sha,
@@ -648,94 +988,30 @@ fn model_stage(
                         hit,
                     });
                 }
-                RowState::Rejected(reason) => st.skipped.push(Skipped {
-                    tile: tiles[r.idx].rel.clone(),
+                RowState::InBatch(id, k) => {
+                    let feats = &self.results[&id];
+                    let features = feats[k * self.dim..(k + 1) * self.dim].to_vec();
+                    if (k + 1) * self.dim == feats.len() {
+                        self.results.remove(&id);
+                    }
+                    self.st.computed += 1;
+                    self.st.written += 1;
+                    group.push(OutRow {
+                        idx: r.idx,
+                        sha: r.sha,
+                        features,
+                        hit: false,
+                    });
+                }
+                RowState::Rejected(reason) => self.st.skipped.push(Skipped {
+                    tile: self.tiles[r.idx].rel.clone(),
                     reason,
                 }),
-                RowState::InBatch(_) => unreachable!("batch was just run"),
             }
         }
-        if !group.is_empty() && rows_out.send(WriterMsg::Rows(group)).is_err() {
-            return Err(WriterStopped.into());
+        if !group.is_empty() && self.rows_out.send(WriterMsg::Rows(group)).is_err() {
+            return Ok(false);
         }
-        Ok(())
-    };
-
-    while next < tiles.len() {
-        // Take the next tile in order, waiting for workers as needed.
-        let item = loop {
-            if let Some(it) = reorder.remove(&next) {
-                break it;
-            }
-            let t = Instant::now();
-            let Ok((it, times)) = items.recv() else {
-                return Err(anyhow::anyhow!("decode workers stopped unexpectedly"));
-            };
-            waiting += t.elapsed().as_secs_f64();
-            wt.read += times.read;
-            wt.hash += times.hash;
-            wt.lookup += times.lookup;
-            wt.decode += times.decode;
-            wt.resize += times.resize;
-            reorder.insert(it.idx, it);
-        };
-        next += 1;
-        let _ = credits.send(());
-        let state = match item.prepared {
-            Prepared::Hit(features) => RowState::Ready { features, hit: true },
-            Prepared::Pixels(p) => {
-                pixels.extend_from_slice(&p);
-                in_batch += 1;
-                RowState::InBatch(in_batch - 1)
-            }
-            Prepared::Bad(reason) => match cfg.on_error {
-                OnError::Fail => {
-                    return Err(fail(
-                        ExitKind::Input,
-                        format!(
-                            "tile {}: {reason} (use --on-error skip to record bad tiles and go on)",
-                            tiles[item.idx].path.display()
-                        ),
-                    ))
-                }
-                OnError::Skip => {
-                    if !cfg.quiet {
-                        eprintln!("tilefeat: skipping {}: {reason}", tiles[item.idx].path.display());
-                    }
-                    RowState::Rejected(reason)
-                }
-            },
-        };
-        pending.push_back(Row {
-            idx: item.idx,
-            sha: item.sha,
-            state,
-        });
-        if in_batch == 0 || in_batch == batch || pending.len() >= max_pending {
-            match flush(&mut pending, &mut pixels, &mut in_batch, &mut st, &mut compute) {
-                Ok(()) => {}
-                Err(e) if e.is::<WriterStopped>() => return Ok(st),
-                Err(e) => return Err(e),
-            }
-            progress.update(next, st.hits);
-        }
+        Ok(true)
     }
-    match flush(&mut pending, &mut pixels, &mut in_batch, &mut st, &mut compute) {
-        Ok(()) => {}
-        Err(e) if e.is::<WriterStopped>() => return Ok(st),
-        Err(e) => return Err(e),
-    }
-    progress.update(next, st.hits);
-    let _ = rows_out.send(WriterMsg::Finish);
-    st.timings = Timings {
-        read: round3(wt.read),
-        hash: round3(wt.hash),
-        cache_lookup: round3(wt.lookup),
-        decode: round3(wt.decode),
-        resize: round3(wt.resize),
-        model_waiting_for_tiles: round3(waiting),
-        model_compute: round3(compute),
-        write: 0.0,
-    };
-    Ok(st)
 }

@@ -59,13 +59,24 @@ fn input_paths(a: &JoinArgs) -> Result<Vec<PathBuf>> {
             .with_context(|| format!("cannot read --from-list {}", list.display()))
             .kind(ExitKind::Input)?;
         let base = list.parent().unwrap_or(Path::new("."));
-        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
             let p = PathBuf::from(line);
-            paths.push(if p.is_absolute() || p.exists() { p } else { base.join(p) });
+            paths.push(if p.is_absolute() || p.exists() {
+                p
+            } else {
+                base.join(p)
+            });
         }
     }
     if paths.is_empty() {
-        return Err(fail(ExitKind::Usage, "no input CSVs (give paths or --from-list FILE)"));
+        return Err(fail(
+            ExitKind::Usage,
+            "no input CSVs (give paths or --from-list FILE)",
+        ));
     }
     Ok(paths)
 }
@@ -108,17 +119,27 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
         if !pp.exists() {
             return Err(input_err(
                 p,
-                format!("no provenance file {} beside it (was it written by tilefeat extract?)", pp.display()),
+                format!(
+                    "no provenance file {} beside it (was it written by tilefeat extract?)",
+                    pp.display()
+                ),
             ));
         }
         let prov = Provenance::read(&pp)?;
         if let Some(prev) = samples.insert(prov.sample.clone(), p.clone()) {
             return Err(input_err(
                 p,
-                format!("duplicate sample ID {:?} (also in {})", prov.sample, prev.display()),
+                format!(
+                    "duplicate sample ID {:?} (also in {})",
+                    prov.sample,
+                    prev.display()
+                ),
             ));
         }
-        inputs.push(Input { csv: p.clone(), prov });
+        inputs.push(Input {
+            csv: p.clone(),
+            prov,
+        });
     }
     let first = &inputs[0];
     let dim = first.prov.feature_dim;
@@ -149,7 +170,12 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
         Aggregate::None => csv_header(&["sample", "tile"], dim),
         _ => csv_header(&["sample", "n_tiles"], dim),
     };
-    let werr = |e: std::io::Error| fail(ExitKind::Output, format!("cannot write {}: {e}", a.output.display()));
+    let werr = |e: std::io::Error| {
+        fail(
+            ExitKind::Output,
+            format!("cannot write {}: {e}", a.output.display()),
+        )
+    };
     file.writer().write_all(header.as_bytes()).map_err(werr)?;
     let expected_header = csv_header(&["tile"], dim);
     let mut total_rows = 0usize;
@@ -157,14 +183,18 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
     let mut line = String::new();
     let mut out_line = String::new();
     for inp in &inputs {
-        let f = File::open(&inp.csv).map_err(|e| input_err(&inp.csv, format!("cannot open: {e}")))?;
+        let f =
+            File::open(&inp.csv).map_err(|e| input_err(&inp.csv, format!("cannot open: {e}")))?;
         let mut r = BufReader::with_capacity(1 << 20, f);
         line.clear();
         r.read_line(&mut line).map_err(|e| input_err(&inp.csv, e))?;
         if line != expected_header {
             return Err(input_err(
                 &inp.csv,
-                format!("header is not `tile,0,...,{}` (a tilefeat CSV with {dim} features)", dim - 1),
+                format!(
+                    "header is not `tile,0,...,{}` (a tilefeat CSV with {dim} features)",
+                    dim - 1
+                ),
             ));
         }
         let mut sample_field = String::new();
@@ -180,14 +210,20 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
             }
             let row = rows + 2;
             if !line.ends_with('\n') {
-                return Err(input_err(&inp.csv, format!("line {row} is truncated (no newline at end of file)")));
+                return Err(input_err(
+                    &inp.csv,
+                    format!("line {row} is truncated (no newline at end of file)"),
+                ));
             }
             let body = line.trim_end_matches(['\n', '\r']);
             let (_tile, rest) = split_first_field(body)
                 .ok_or_else(|| input_err(&inp.csv, format!("line {row} is malformed")))?;
             let fields = rest.bytes().filter(|&b| b == b',').count();
             if fields != dim {
-                return Err(input_err(&inp.csv, format!("line {row} has {} features, expected {dim}", fields)));
+                return Err(input_err(
+                    &inp.csv,
+                    format!("line {row} has {} features, expected {dim}", fields),
+                ));
             }
             match a.aggregate {
                 Aggregate::None => {
@@ -200,9 +236,12 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
                 }
                 agg => {
                     for (k, v) in rest[1..].split(',').enumerate() {
-                        let x: f32 = v
-                            .parse()
-                            .map_err(|_| input_err(&inp.csv, format!("line {row}: feature {k} is not a number: {v:?}")))?;
+                        let x: f32 = v.parse().map_err(|_| {
+                            input_err(
+                                &inp.csv,
+                                format!("line {row}: feature {k} is not a number: {v:?}"),
+                            )
+                        })?;
                         if agg == Aggregate::Mean {
                             sum[k] += x as f64;
                         } else if x > max[k] || x.is_nan() {
@@ -216,7 +255,10 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
         if rows != inp.prov.tiles.written {
             return Err(input_err(
                 &inp.csv,
-                format!("has {rows} rows but its provenance records {} (truncated or edited?)", inp.prov.tiles.written),
+                format!(
+                    "has {rows} rows but its provenance records {} (truncated or edited?)",
+                    inp.prov.tiles.written
+                ),
             ));
         }
         if a.aggregate != Aggregate::None {
@@ -233,7 +275,11 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
             push_features(&mut out_line, &v);
             file.writer().write_all(out_line.as_bytes()).map_err(werr)?;
         }
-        total_rows += if a.aggregate == Aggregate::None { rows } else { 1 };
+        total_rows += if a.aggregate == Aggregate::None {
+            rows
+        } else {
+            1
+        };
         joined.push(JoinedInput {
             csv: inp.csv.display().to_string(),
             sample: inp.prov.sample.clone(),
@@ -259,7 +305,12 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
     text.push_str(&serde_yaml::to_string(&prov)?);
     crate::output::write_atomic(&provenance_path(&a.output), text.as_bytes())?;
     if !a.quiet {
-        writeln!(out, "tilefeat: joined {} samples, {total_rows} rows -> {}", inputs.len(), a.output.display())?;
+        writeln!(
+            out,
+            "tilefeat: joined {} samples, {total_rows} rows -> {}",
+            inputs.len(),
+            a.output.display()
+        )?;
     }
     Ok(())
 }
@@ -270,8 +321,14 @@ mod tests {
 
     #[test]
     fn first_field() {
-        assert_eq!(split_first_field("a.png,1,2"), Some(("a.png".into(), ",1,2")));
-        assert_eq!(split_first_field("\"a,\"\"b\".png\",1"), Some(("a,\"b.png".into(), ",1")));
+        assert_eq!(
+            split_first_field("a.png,1,2"),
+            Some(("a.png".into(), ",1,2"))
+        );
+        assert_eq!(
+            split_first_field("\"a,\"\"b\"\".png\",1"),
+            Some(("a,\"b\".png".into(), ",1"))
+        );
         assert_eq!(split_first_field("\"open,1"), None);
     }
 }

@@ -92,8 +92,22 @@ fn block_specs(layer: Layer) -> Vec<Vec<BlockSpec>> {
             stage.push(BlockSpec {
                 convs: [
                     conv_bn(format!("{p}.conv1"), format!("{p}.bn1"), c_in, planes, 1, 1),
-                    conv_bn(format!("{p}.conv2"), format!("{p}.bn2"), planes, planes, 3, s),
-                    conv_bn(format!("{p}.conv3"), format!("{p}.bn3"), planes, c_out, 1, 1),
+                    conv_bn(
+                        format!("{p}.conv2"),
+                        format!("{p}.bn2"),
+                        planes,
+                        planes,
+                        3,
+                        s,
+                    ),
+                    conv_bn(
+                        format!("{p}.conv3"),
+                        format!("{p}.bn3"),
+                        planes,
+                        c_out,
+                        1,
+                        1,
+                    ),
                 ],
                 downsample,
             });
@@ -119,7 +133,10 @@ fn all_conv_bn(layer: Layer) -> Vec<ConvBnSpec> {
 pub fn parameter_shapes(layer: Layer) -> Vec<(String, Vec<i64>)> {
     let mut out = Vec::new();
     for s in all_conv_bn(layer) {
-        out.push((format!("{}.weight", s.conv), vec![s.c_out, s.c_in, s.k, s.k]));
+        out.push((
+            format!("{}.weight", s.conv),
+            vec![s.c_out, s.c_in, s.k, s.k],
+        ));
         for name in ["weight", "bias", "running_mean", "running_var"] {
             out.push((format!("{}.{name}", s.bn), vec![s.c_out]));
         }
@@ -136,6 +153,15 @@ struct FusedConv {
 }
 
 impl FusedConv {
+    fn shallow_clone(&self) -> FusedConv {
+        FusedConv {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.shallow_clone(),
+            stride: self.stride,
+            pad: self.pad,
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Tensor {
         x.conv2d(
             &self.weight,
@@ -253,6 +279,31 @@ impl ResNetTrunk {
         })
     }
 
+    /// Another handle on the same weights (no copy), for another thread.
+    pub fn shallow_clone(&self) -> ResNetTrunk {
+        ResNetTrunk {
+            stem: self.stem.shallow_clone(),
+            stages: self
+                .stages
+                .iter()
+                .map(|s| {
+                    s.iter()
+                        .map(|b| Bottleneck {
+                            convs: [
+                                b.convs[0].shallow_clone(),
+                                b.convs[1].shallow_clone(),
+                                b.convs[2].shallow_clone(),
+                            ],
+                            downsample: b.downsample.as_ref().map(FusedConv::shallow_clone),
+                        })
+                        .collect()
+                })
+                .collect(),
+            pool: self.pool,
+            opts: self.opts,
+        }
+    }
+
     pub fn options(&self) -> RunOptions {
         self.opts
     }
@@ -272,7 +323,10 @@ impl ResNetTrunk {
         }
         let pooled = match self.pool {
             Pool::Max => y.amax([2, 3], false),
-            Pool::Avg => y.to_kind(Kind::Float).mean_dim(Some([2i64, 3].as_slice()), false, Kind::Float),
+            Pool::Avg => {
+                y.to_kind(Kind::Float)
+                    .mean_dim(Some([2i64, 3].as_slice()), false, Kind::Float)
+            }
         };
         pooled.to_kind(Kind::Float)
     }
@@ -290,7 +344,10 @@ mod tests {
         assert_eq!(shapes.len(), 53 * 5);
         let get = |k: &str| shapes.iter().find(|(n, _)| n == k).map(|(_, s)| s.clone());
         assert_eq!(get("conv1.weight"), Some(vec![64, 3, 7, 7]));
-        assert_eq!(get("layer1.0.downsample.0.weight"), Some(vec![256, 64, 1, 1]));
+        assert_eq!(
+            get("layer1.0.downsample.0.weight"),
+            Some(vec![256, 64, 1, 1])
+        );
         assert_eq!(get("layer2.0.conv2.weight"), Some(vec![128, 128, 3, 3]));
         assert_eq!(get("layer4.2.bn3.running_var"), Some(vec![2048]));
         assert_eq!(get("layer1.1.downsample.0.weight"), None);

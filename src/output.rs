@@ -45,7 +45,13 @@ impl AtomicFile {
             std::process::id()
         ));
         let file = File::create(&tmp)
-            .with_context(|| format!("cannot write {} (temporary file {})", target.display(), tmp.display()))
+            .with_context(|| {
+                format!(
+                    "cannot write {} (temporary file {})",
+                    target.display(),
+                    tmp.display()
+                )
+            })
             .kind(ExitKind::Output)?;
         Ok(AtomicFile {
             target: target.to_path_buf(),
@@ -70,7 +76,13 @@ impl AtomicFile {
             .with_context(|| format!("cannot write {}", self.target.display()))
             .kind(ExitKind::Output)?;
         std::fs::rename(&self.tmp, &self.target)
-            .with_context(|| format!("cannot move {} to {}", self.tmp.display(), self.target.display()))
+            .with_context(|| {
+                format!(
+                    "cannot move {} to {}",
+                    self.tmp.display(),
+                    self.target.display()
+                )
+            })
             .kind(ExitKind::Output)?;
         Ok(())
     }
@@ -183,8 +195,14 @@ mod tests {
 
     #[test]
     fn side_files() {
-        assert_eq!(provenance_path(Path::new("a/x.csv")), PathBuf::from("a/x.provenance.yaml"));
-        assert_eq!(rejected_path(Path::new("x.tsv")), PathBuf::from("x.tsv.rejected.tsv"));
+        assert_eq!(
+            provenance_path(Path::new("a/x.csv")),
+            PathBuf::from("a/x.provenance.yaml")
+        );
+        assert_eq!(
+            rejected_path(Path::new("x.tsv")),
+            PathBuf::from("x.tsv.rejected.tsv")
+        );
     }
 
     #[test]
@@ -210,14 +228,20 @@ mod tests {
         assert!(!t.exists());
         drop(f);
         assert!(!t.exists());
-        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0, "temp removed on drop");
+        assert_eq!(
+            std::fs::read_dir(d.path()).unwrap().count(),
+            0,
+            "temp removed on drop"
+        );
         write_atomic(&t, b"whole").unwrap();
         assert_eq!(std::fs::read(&t).unwrap(), b"whole");
     }
 
     #[test]
     fn missing_folder_is_output_error() {
-        let e = AtomicFile::create(Path::new("/nonexistent/dir/out.csv")).err().unwrap();
+        let e = AtomicFile::create(Path::new("/nonexistent/dir/out.csv"))
+            .err()
+            .unwrap();
         assert_eq!(crate::error::kind_of(&e), ExitKind::Output);
     }
 }

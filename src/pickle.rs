@@ -212,23 +212,49 @@ pub fn parse(data: &[u8], pos: &mut usize) -> Result<Value> {
             }
             b'q' => {
                 let k = r.u8()? as u32;
-                memo.insert(k, stack.last().context("pickle BINPUT on empty stack")?.clone());
+                memo.insert(
+                    k,
+                    stack
+                        .last()
+                        .context("pickle BINPUT on empty stack")?
+                        .clone(),
+                );
             }
             b'r' => {
                 let k = r.u32()?;
-                memo.insert(k, stack.last().context("pickle LONG_BINPUT on empty stack")?.clone());
+                memo.insert(
+                    k,
+                    stack
+                        .last()
+                        .context("pickle LONG_BINPUT on empty stack")?
+                        .clone(),
+                );
             }
             0x94 => {
                 let k = memo.len() as u32;
-                memo.insert(k, stack.last().context("pickle MEMOIZE on empty stack")?.clone());
+                memo.insert(
+                    k,
+                    stack
+                        .last()
+                        .context("pickle MEMOIZE on empty stack")?
+                        .clone(),
+                );
             }
             b'h' => {
                 let k = r.u8()? as u32;
-                stack.push(memo.get(&k).context("pickle BINGET of unknown memo")?.clone());
+                stack.push(
+                    memo.get(&k)
+                        .context("pickle BINGET of unknown memo")?
+                        .clone(),
+                );
             }
             b'j' => {
                 let k = r.u32()?;
-                stack.push(memo.get(&k).context("pickle LONG_BINGET of unknown memo")?.clone());
+                stack.push(
+                    memo.get(&k)
+                        .context("pickle LONG_BINGET of unknown memo")?
+                        .clone(),
+                );
             }
             b't' => {
                 let items = pop_mark(&mut stack)?;

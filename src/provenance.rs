@@ -127,7 +127,12 @@ impl Provenance {
             .with_context(|| format!("cannot read provenance file {}", path.display()))
             .kind(ExitKind::Input)?;
         serde_yaml::from_str(&text)
-            .with_context(|| format!("provenance file {} is not a tilefeat provenance record", path.display()))
+            .with_context(|| {
+                format!(
+                    "provenance file {} is not a tilefeat provenance record",
+                    path.display()
+                )
+            })
             .kind(ExitKind::Input)
     }
 }

@@ -59,7 +59,10 @@ pub fn find_tiles(dir: &Path) -> Result<Listing> {
         let entry = match entry {
             Ok(e) => e,
             Err(e) if e.loop_ancestor().is_some() => {
-                let p = e.path().map(|p| p.display().to_string()).unwrap_or_default();
+                let p = e
+                    .path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
                 listing
                     .warnings
                     .push(format!("skipped symbolic link loop at {p}"));
@@ -72,7 +75,12 @@ pub fn find_tiles(dir: &Path) -> Result<Listing> {
                     .unwrap_or_else(|| dir.display().to_string());
                 return Err(fail(
                     ExitKind::Input,
-                    format!("cannot list {p}: {}", e.io_error().map(|i| i.to_string()).unwrap_or_else(|| e.to_string())),
+                    format!(
+                        "cannot list {p}: {}",
+                        e.io_error()
+                            .map(|i| i.to_string())
+                            .unwrap_or_else(|| e.to_string())
+                    ),
                 ));
             }
         };
@@ -90,7 +98,10 @@ pub fn find_tiles(dir: &Path) -> Result<Listing> {
             continue;
         }
         let rel_path = entry.path().strip_prefix(dir).unwrap_or(entry.path());
-        let parts: Option<Vec<&str>> = rel_path.components().map(|c| c.as_os_str().to_str()).collect();
+        let parts: Option<Vec<&str>> = rel_path
+            .components()
+            .map(|c| c.as_os_str().to_str())
+            .collect();
         let Some(parts) = parts else {
             listing.warnings.push(format!(
                 "skipped {}: path is not valid UTF-8",
@@ -127,7 +138,14 @@ mod tests {
         let root = d.path();
         std::fs::create_dir_all(root.join("b/sub")).unwrap();
         std::fs::create_dir_all(root.join(".hidden")).unwrap();
-        for f in ["b/sub/z.png", "a.JPG", "b/c.tif", ".hidden/x.png", "notes.txt", ".x.png"] {
+        for f in [
+            "b/sub/z.png",
+            "a.JPG",
+            "b/c.tif",
+            ".hidden/x.png",
+            "notes.txt",
+            ".x.png",
+        ] {
             std::fs::write(root.join(f), b"x").unwrap();
         }
         #[cfg(unix)]
@@ -136,7 +154,11 @@ mod tests {
         let rels: Vec<_> = l.tiles.iter().map(|t| t.rel.as_str()).collect();
         assert_eq!(rels, ["a.JPG", "b/c.tif", "b/sub/z.png"]);
         #[cfg(unix)]
-        assert!(l.warnings.iter().any(|w| w.contains("loop")), "{:?}", l.warnings);
+        assert!(
+            l.warnings.iter().any(|w| w.contains("loop")),
+            "{:?}",
+            l.warnings
+        );
     }
 
     #[test]

@@ -66,7 +66,9 @@ pub fn torch_hub_checkpoints() -> Option<PathBuf> {
     } else if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
         PathBuf::from(x).join("torch")
     } else {
-        PathBuf::from(std::env::var_os("HOME")?).join(".cache").join("torch")
+        PathBuf::from(std::env::var_os("HOME")?)
+            .join(".cache")
+            .join("torch")
     };
     Some(home.join("hub").join("checkpoints"))
 }
@@ -77,7 +79,10 @@ pub fn resolve(arg: Option<&str>) -> Result<WeightsSource> {
         let src = WeightsSource::parse(a)?;
         if let WeightsSource::File(p) = &src {
             if !p.is_file() {
-                bail!("weights file {} does not exist or is not a file", p.display());
+                bail!(
+                    "weights file {} does not exist or is not a file",
+                    p.display()
+                );
             }
         }
         return Ok(src);
@@ -144,14 +149,21 @@ pub fn fetch(dest: Option<&Path>, out: &mut dyn std::io::Write) -> Result<()> {
     use crate::error::{fail, ExitKind, WithKind};
     let dir = match dest {
         Some(d) => d.to_path_buf(),
-        None => torch_hub_checkpoints()
-            .ok_or_else(|| fail(ExitKind::Usage, "HOME and TORCH_HOME are unset: pass --dest DIR"))?,
+        None => torch_hub_checkpoints().ok_or_else(|| {
+            fail(
+                ExitKind::Usage,
+                "HOME and TORCH_HOME are unset: pass --dest DIR",
+            )
+        })?,
     };
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create {}", dir.display()))
         .kind(ExitKind::Output)?;
     let target = dir.join(TORCHVISION_FILE);
-    let partial = dir.join(format!(".{TORCHVISION_FILE}.partial.{}", std::process::id()));
+    let partial = dir.join(format!(
+        ".{TORCHVISION_FILE}.partial.{}",
+        std::process::id()
+    ));
     writeln!(out, "downloading {TORCHVISION_URL} -> {}", target.display())?;
     let status = std::process::Command::new("curl")
         .args(["-fL", "--retry", "3", "-o"])
@@ -201,11 +213,14 @@ pub fn fetch(dest: Option<&Path>, out: &mut dyn std::io::Write) -> Result<()> {
 
 /// SHA-256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -278,7 +293,10 @@ fn int_list(v: &Value, what: &str) -> Result<Vec<i64>> {
     v.as_tuple()
         .with_context(|| format!("{what} is not a tuple"))?
         .iter()
-        .map(|x| x.as_int().with_context(|| format!("{what} holds a non-integer")))
+        .map(|x| {
+            x.as_int()
+                .with_context(|| format!("{what} holds a non-integer"))
+        })
         .collect()
 }
 
@@ -293,7 +311,9 @@ fn tensor_ref(v: &Value) -> Result<TensorRef> {
         Value::Global(g) => g.as_str(),
         _ => bail!("expected a tensor reconstructor"),
     };
-    let args = args.as_tuple().context("tensor arguments are not a tuple")?;
+    let args = args
+        .as_tuple()
+        .context("tensor arguments are not a tuple")?;
     match name {
         "torch._utils._rebuild_parameter" | "torch._utils._rebuild_parameter_with_state" => {
             tensor_ref(args.first().context("empty parameter")?)
@@ -304,7 +324,10 @@ fn tensor_ref(v: &Value) -> Result<TensorRef> {
             }
             let pid = match &args[0] {
                 Value::PersId(p) => p.as_tuple().context("storage id is not a tuple")?,
-                other => bail!("tensor storage is {}, not a storage reference", short(other)),
+                other => bail!(
+                    "tensor storage is {}, not a storage reference",
+                    short(other)
+                ),
             };
             // ('storage', StorageClass, key, location, numel[, view_metadata])
             if pid.len() < 5 || pid[0].as_str() != Some("storage") {
@@ -324,7 +347,9 @@ fn tensor_ref(v: &Value) -> Result<TensorRef> {
                 key,
                 kind,
                 elem,
-                offset: args[1].as_int().context("storage offset is not an integer")?,
+                offset: args[1]
+                    .as_int()
+                    .context("storage offset is not an integer")?,
                 size: int_list(&args[2], "tensor size")?,
                 stride: int_list(&args[3], "tensor stride")?,
             })
@@ -345,7 +370,9 @@ fn state_dict_entries(top: &Value) -> Result<&[(Value, Value)]> {
         _ => bail!("the file does not hold a dict of tensors (a whole pickled model is not supported; save model.state_dict())"),
     };
     for wrapper in ["state_dict", "model"] {
-        if let Some((_, Value::Dict(inner))) = entries.iter().find(|(k, _)| k.as_str() == Some(wrapper)) {
+        if let Some((_, Value::Dict(inner))) =
+            entries.iter().find(|(k, _)| k.as_str() == Some(wrapper))
+        {
             return Ok(inner.as_slice());
         }
     }
@@ -365,7 +392,9 @@ fn build_tensor(r: &TensorRef, storage: &[u8]) -> Result<Tensor> {
     if r.size.iter().all(|&n| n > 0) && last >= numel_storage {
         bail!("tensor view exceeds its storage ({last} >= {numel_storage})");
     }
-    Ok(base.as_strided(&r.size, &r.stride, Some(r.offset)).contiguous())
+    Ok(base
+        .as_strided(&r.size, &r.stride, Some(r.offset))
+        .contiguous())
 }
 
 fn collect_tensors(
@@ -375,10 +404,16 @@ fn collect_tensors(
     let mut cache: HashMap<String, Vec<u8>> = HashMap::new();
     let mut out = HashMap::new();
     for (k, v) in state_dict_entries(top)? {
-        let name = k.as_str().context("state dict key is not a string")?.to_string();
+        let name = k
+            .as_str()
+            .context("state dict key is not a string")?
+            .to_string();
         let r = tensor_ref(v).with_context(|| format!("entry {name}"))?;
         if !cache.contains_key(&r.key) {
-            cache.insert(r.key.clone(), storage(&r.key).with_context(|| format!("entry {name}"))?);
+            cache.insert(
+                r.key.clone(),
+                storage(&r.key).with_context(|| format!("entry {name}"))?,
+            );
         }
         let t = build_tensor(&r, &cache[&r.key]).with_context(|| format!("entry {name}"))?;
         out.insert(name, t);
@@ -387,7 +422,8 @@ fn collect_tensors(
 }
 
 fn read_zip_pth(bytes: &[u8]) -> Result<HashMap<String, Tensor>> {
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).context("invalid zip archive")?;
+    let mut zip =
+        zip::ZipArchive::new(std::io::Cursor::new(bytes)).context("invalid zip archive")?;
     let names: Vec<String> = zip.file_names().map(String::from).collect();
     let pkl = names
         .iter()
@@ -429,7 +465,11 @@ fn read_legacy_pth(bytes: &[u8]) -> Result<HashMap<String, Tensor>> {
         .as_tuple()
         .context("storage key list is not a list")?
         .iter()
-        .map(|k| k.as_str().map(String::from).context("storage key is not a string"))
+        .map(|k| {
+            k.as_str()
+                .map(String::from)
+                .context("storage key is not a string")
+        })
         .collect::<Result<_>>()?;
     // Element sizes per key come from the tensors that reference them.
     let mut elem_of: HashMap<String, usize> = HashMap::new();
@@ -489,7 +529,10 @@ pub fn check_state_dict(
             }
             Some(t) => {
                 if !t.is_floating_point() {
-                    wrong.push(format!("{key}: expected a floating-point tensor, found {:?}", t.kind()));
+                    wrong.push(format!(
+                        "{key}: expected a floating-point tensor, found {:?}",
+                        t.kind()
+                    ));
                 } else {
                     out.insert(key.clone(), t.to_kind(Kind::Float));
                 }
@@ -531,27 +574,56 @@ pub fn check_state_dict(
     Ok(out)
 }
 
+/// SplitMix64: a tiny, portable PRNG, so random weights are identical on every machine,
+/// thread and libtorch version.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box-Muller).
+    fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.uniform();
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
 /// Deterministic random weights: Kaiming-normal convolutions (fan-out, as torchvision) and
 /// BatchNorm with non-trivial statistics, so that a wrong BatchNorm shows up in features.
+/// Each tensor has its own stream, seeded by `seed` and its key.
 pub fn random_state_dict(seed: u64, layer: Layer) -> HashMap<String, Tensor> {
-    let _guard = tch::no_grad_guard();
-    tch::manual_seed(seed as i64);
-    let opts = (Kind::Float, tch::Device::Cpu);
     let mut out = HashMap::new();
     for (key, shape) in parameter_shapes(layer) {
-        let t = if key.ends_with("running_var") {
-            Tensor::rand(&shape, opts) * 1.5 + 0.5
-        } else if key.ends_with("running_mean") {
-            Tensor::randn(&shape, opts) * 0.1
-        } else if shape.len() == 4 {
-            let fan_out = (shape[0] * shape[2] * shape[3]) as f64;
-            Tensor::randn(&shape, opts) * (2.0 / fan_out).sqrt()
-        } else if key.ends_with(".weight") {
-            Tensor::rand(&shape, opts) + 0.5
-        } else {
-            Tensor::randn(&shape, opts) * 0.1
-        };
-        out.insert(key, t);
+        let digest = Sha256::digest(format!("{seed}:{key}").as_bytes());
+        let mut rng = SplitMix64(u64::from_le_bytes(digest[..8].try_into().expect("8 bytes")));
+        let n: i64 = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                (if key.ends_with("running_var") {
+                    rng.uniform() * 1.5 + 0.5
+                } else if key.ends_with("running_mean") {
+                    rng.normal() * 0.1
+                } else if shape.len() == 4 {
+                    let fan_out = (shape[0] * shape[2] * shape[3]) as f64;
+                    rng.normal() * (2.0 / fan_out).sqrt()
+                } else if key.ends_with(".weight") {
+                    rng.uniform() + 0.5
+                } else {
+                    rng.normal() * 0.1
+                }) as f32
+            })
+            .collect();
+        out.insert(key, Tensor::from_slice(&values).view(shape.as_slice()));
     }
     out
 }
@@ -562,7 +634,10 @@ mod tests {
 
     #[test]
     fn parse_weights_arg() {
-        assert_eq!(WeightsSource::parse("random:7").unwrap(), WeightsSource::Random(7));
+        assert_eq!(
+            WeightsSource::parse("random:7").unwrap(),
+            WeightsSource::Random(7)
+        );
         assert!(WeightsSource::parse("random:x").is_err());
         assert_eq!(
             WeightsSource::parse("a.pth").unwrap(),
@@ -583,12 +658,27 @@ mod tests {
     fn check_names_missing_wrong_and_unexpected() {
         let mut sd = random_state_dict(0, Layer::Layer4);
         sd.remove("layer3.1.bn2.running_mean");
-        sd.insert("conv1.weight".into(), Tensor::zeros([64, 3, 3, 3], (Kind::Float, tch::Device::Cpu)));
-        sd.insert("layer5.0.conv1.weight".into(), Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)));
+        sd.insert(
+            "conv1.weight".into(),
+            Tensor::zeros([64, 3, 3, 3], (Kind::Float, tch::Device::Cpu)),
+        );
+        sd.insert(
+            "layer5.0.conv1.weight".into(),
+            Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)),
+        );
         let err = check_state_dict(sd, Layer::Layer4).unwrap_err().to_string();
-        assert!(err.contains("missing keys: layer3.1.bn2.running_mean"), "{err}");
-        assert!(err.contains("conv1.weight: expected [64, 3, 7, 7]"), "{err}");
-        assert!(err.contains("unexpected keys: layer5.0.conv1.weight"), "{err}");
+        assert!(
+            err.contains("missing keys: layer3.1.bn2.running_mean"),
+            "{err}"
+        );
+        assert!(
+            err.contains("conv1.weight: expected [64, 3, 7, 7]"),
+            "{err}"
+        );
+        assert!(
+            err.contains("unexpected keys: layer5.0.conv1.weight"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,0 +1,442 @@
+//! Black-box tests of `tilefeat extract`, `info`, `preprocess` and `weights`: errors and exit
+//! codes, the CSV and provenance layout (golden), bad input, determinism.
+
+mod common;
+
+use common::*;
+use predicates::prelude::*;
+
+#[test]
+fn version_and_info() {
+    tilefeat()
+        .arg("--version")
+        .assert()
+        .success()
+        .stdout(format!("tilefeat {}\n", env!("CARGO_PKG_VERSION")));
+    tilefeat()
+        .arg("info")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("libtorch 2.11.0"))
+        .stdout(predicate::str::contains("cuda available:"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    tilefeat().args(["extract"]).assert().code(2);
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("x.csv");
+    for bad in [
+        ["--batch-size", "0"],
+        ["--size", "8"],
+        ["--device", "tpu"],
+        ["--pool", "min"],
+    ] {
+        tilefeat()
+            .args([
+                "extract",
+                demo_sample("sampleA").to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ])
+            .args(["--weights", "random:0"])
+            .args(bad)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(bad[0]).or(predicate::str::contains(bad[1])));
+    }
+}
+
+#[test]
+fn missing_empty_and_non_folder_inputs_exit_3() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("x.csv");
+    let missing = d.path().join("no-such-slide");
+    tilefeat()
+        .args([
+            "extract",
+            missing.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--weights",
+            "random:0",
+        ])
+        .assert()
+        .code(3)
+        .stderr(
+            predicate::str::contains("no-such-slide")
+                .and(predicate::str::contains("does not exist")),
+        );
+    let empty = d.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    std::fs::write(empty.join("notes.txt"), "not a tile").unwrap();
+    tilefeat()
+        .args([
+            "extract",
+            empty.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--weights",
+            "random:0",
+        ])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("holds no tiles").and(predicate::str::contains("empty")));
+    let file = d.path().join("file.png");
+    std::fs::write(&file, "x").unwrap();
+    tilefeat()
+        .args([
+            "extract",
+            file.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--weights",
+            "random:0",
+        ])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("is not a directory"));
+    assert!(!out.exists());
+}
+
+#[test]
+fn unwritable_output_exit_6() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("missing-dir").join("x.csv");
+    tilefeat()
+        .args([
+            "extract",
+            demo_sample("sampleC").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--weights",
+            "random:0",
+        ])
+        .assert()
+        .code(6)
+        .stderr(predicate::str::contains("missing-dir"));
+    tilefeat()
+        .args([
+            "extract",
+            demo_sample("sampleC").to_str().unwrap(),
+            "-o",
+            d.path().to_str().unwrap(),
+            "--weights",
+            "random:0",
+        ])
+        .assert()
+        .code(6)
+        .stderr(predicate::str::contains("is a directory"));
+}
+
+#[test]
+fn bad_weights_exit_4() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("x.csv");
+    let tiles = demo_sample("sampleC");
+    let garbage = d.path().join("garbage.pth");
+    std::fs::write(&garbage, b"this is not a checkpoint at all").unwrap();
+    let truncated = d.path().join("truncated.pth");
+    std::fs::write(&truncated, b"PK\x03\x04\x14\x00\x00\x00").unwrap();
+    for (w, msg) in [
+        (garbage.to_str().unwrap(), "garbage.pth"),
+        (truncated.to_str().unwrap(), "truncated.pth"),
+        ("/no/such/weights.pth", "does not exist"),
+        ("random:abc", "SEED"),
+    ] {
+        tilefeat()
+            .args([
+                "extract",
+                tiles.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--weights",
+                w,
+            ])
+            .assert()
+            .code(4)
+            .stderr(predicate::str::contains(msg));
+    }
+    // No weights and an empty torchvision cache: instructions, not a crash.
+    tilefeat()
+        .env("TORCH_HOME", d.path())
+        .args([
+            "extract",
+            tiles.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .assert()
+        .code(4)
+        .stderr(
+            predicate::str::contains("resnet50-0676ba61.pth")
+                .and(predicate::str::contains("tilefeat weights fetch")),
+        );
+    assert!(!out.exists());
+}
+
+#[test]
+fn cuda_without_cuda_fails_loudly() {
+    let info = tilefeat().arg("info").output().unwrap();
+    if String::from_utf8_lossy(&info.stdout).contains("cuda available: true") {
+        eprintln!("CUDA is available here: the no-CUDA error path cannot be exercised");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("x.csv");
+    for dev in ["cuda", "cuda:1"] {
+        tilefeat()
+            .args([
+                "extract",
+                demo_sample("sampleC").to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ])
+            .args(["--weights", "random:0", "--device", dev])
+            .assert()
+            .code(5)
+            .stderr(predicate::str::contains("CUDA is not available"));
+    }
+    assert!(!out.exists());
+}
+
+/// Golden test of the output layout: header, row names and order, field count, provenance keys.
+#[test]
+fn csv_and_provenance_layout_golden() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("slide-7");
+    copy_dir(&demo_sample("sampleC"), &tiles.join("nested"));
+    std::fs::copy(
+        demo_sample("sampleA").join("tile_000_000.png"),
+        tiles.join("a, \"odd\" name.PNG"),
+    )
+    .unwrap();
+    std::fs::write(tiles.join(".hidden.png"), b"ignored").unwrap();
+    let out = d.path().join("features.csv");
+    extract_ok(&tiles, &out, &["--batch-size", "2"]);
+    let csv = read(&out);
+    let lines: Vec<&str> = csv.lines().collect();
+    let golden_header = read(&repo().join("tests/golden/header_layer4.txt"));
+    assert_eq!(format!("{}\n", lines[0]), golden_header);
+    let names: Vec<String> = lines[1..]
+        .iter()
+        .map(|l| {
+            if let Some(rest) = l.strip_prefix('"') {
+                rest[..rest.find("\",").unwrap()].replace("\"\"", "\"")
+            } else {
+                l.split(',').next().unwrap().to_string()
+            }
+        })
+        .collect();
+    let golden_names: Vec<String> = read(&repo().join("tests/golden/tiles_slide7.txt"))
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(names, golden_names);
+    for l in &lines[1..] {
+        let fields = l.rsplitn(2049, ',').count();
+        assert_eq!(fields, 2049, "2048 features and a name");
+        for v in l.rsplitn(2049, ',').take(2048) {
+            let f: f32 = v.parse().unwrap();
+            assert!(f.is_finite());
+        }
+    }
+    // Provenance: the golden list of keys, the sample defaulting to the folder name.
+    let prov = provenance(&out);
+    let mut keys: Vec<String> = prov
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
+    keys.sort();
+    let golden_keys: Vec<String> = read(&repo().join("tests/golden/provenance_keys.txt"))
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(keys, golden_keys);
+    assert_eq!(prov["sample"].as_str(), Some("slide-7"));
+    assert_eq!(prov["tiles"]["written"].as_u64(), Some(5));
+    assert_eq!(prov["weights"]["trained"].as_bool(), Some(false));
+    let prov_text = read(&out.with_extension("provenance.yaml"));
+    assert!(
+        prov_text.starts_with("# WARNING: RANDOM WEIGHTS"),
+        "random weights are flagged loudly"
+    );
+    assert_eq!(read(&out.with_extension("rejected.tsv")), "tile\treason\n");
+}
+
+#[test]
+fn same_bytes_whatever_batch_size_and_threads() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = demo_sample("sampleA");
+    let mut outputs = Vec::new();
+    for (i, args) in [
+        vec!["--batch-size", "1", "--threads", "1"],
+        vec!["--batch-size", "4", "--threads", "2"],
+        vec![
+            "--batch-size",
+            "32",
+            "--threads",
+            "2",
+            "--decode-threads",
+            "3",
+        ],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let out = d.path().join(format!("o{i}.csv"));
+        extract_ok(&tiles, &out, args);
+        outputs.push(std::fs::read(&out).unwrap());
+    }
+    assert_eq!(outputs[0], outputs[1], "batch 1 vs 4");
+    assert_eq!(outputs[0], outputs[2], "batch 1 vs 32");
+}
+
+#[test]
+fn bad_tile_fail_names_it_and_writes_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("s");
+    copy_dir(&demo_sample("sampleC"), &tiles);
+    std::fs::write(
+        tiles.join("tile_999_broken.png"),
+        b"\x89PNG\r\n\x1a\n garbage",
+    )
+    .unwrap();
+    let out = d.path().join("x.csv");
+    tilefeat()
+        .args([
+            "extract",
+            tiles.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--weights",
+            "random:0",
+        ])
+        .assert()
+        .code(3)
+        .stderr(
+            predicate::str::contains("tile_999_broken.png")
+                .and(predicate::str::contains("--on-error skip")),
+        );
+    assert!(!out.exists());
+    assert!(
+        files_containing(d.path(), "tmp").is_empty(),
+        "no temporary file left behind"
+    );
+}
+
+#[test]
+fn bad_tiles_skip_are_recorded() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("s");
+    copy_dir(&demo_sample("sampleC"), &tiles);
+    std::fs::write(tiles.join("a_empty.png"), b"").unwrap();
+    let good = std::fs::read(demo_sample("sampleA").join("tile_100_100.jpg")).unwrap();
+    std::fs::write(tiles.join("b_truncated.jpg"), &good[..good.len() / 2]).unwrap();
+    std::fs::write(tiles.join("c_text.tif"), b"hello").unwrap();
+    let out = d.path().join("x.csv");
+    tilefeat()
+        .args([
+            "extract",
+            tiles.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .args(["--weights", "random:0", "--on-error", "skip"])
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("skipping"));
+    let csv = read(&out);
+    assert_eq!(csv.lines().count(), 1 + 4, "header + the 4 good tiles");
+    assert!(!csv.contains("a_empty"));
+    let rej = read(&out.with_extension("rejected.tsv"));
+    let rej_lines: Vec<&str> = rej.lines().collect();
+    assert_eq!(rej_lines[0], "tile\treason");
+    assert!(rej_lines[1].starts_with("a_empty.png\tempty file"), "{rej}");
+    assert!(
+        rej_lines[2].starts_with("b_truncated.jpg\ttruncated JPEG"),
+        "{rej}"
+    );
+    assert!(rej_lines[3].starts_with("c_text.tif\t"), "{rej}");
+    let prov = provenance(&out);
+    assert_eq!(prov["tiles"]["skipped"].as_u64(), Some(3));
+    assert_eq!(
+        prov["skipped_tiles"][1]["tile"].as_str(),
+        Some("b_truncated.jpg")
+    );
+}
+
+#[test]
+fn dry_run_validates_and_writes_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("x.csv");
+    tilefeat()
+        .args([
+            "extract",
+            demo_sample("sampleB").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .args(["--weights", "random:3", "--dry-run", "--sample", "B"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("sample B").and(predicate::str::contains("5 tiles")));
+    assert!(!out.exists());
+}
+
+#[test]
+fn symlinked_folders_are_followed_without_loops() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("s");
+    std::fs::create_dir(&tiles).unwrap();
+    std::os::unix::fs::symlink(demo_sample("sampleC"), tiles.join("linked")).unwrap();
+    std::os::unix::fs::symlink(&tiles, tiles.join("linked-loop")).unwrap();
+    let out = d.path().join("x.csv");
+    tilefeat()
+        .args([
+            "extract",
+            tiles.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--weights",
+            "random:0",
+        ])
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("loop"));
+    assert_eq!(read(&out).lines().count(), 1 + 4);
+    assert!(read(&out).contains("\nlinked/tile_000_100.jpg,"));
+}
+
+#[test]
+fn preprocess_writes_the_network_input() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("p.png");
+    tilefeat()
+        .args([
+            "preprocess",
+            demo_sample("sampleA")
+                .join("tile_000_000.png")
+                .to_str()
+                .unwrap(),
+        ])
+        .args(["-o", out.to_str().unwrap(), "--size", "128"])
+        .assert()
+        .success();
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (128, 128));
+}
+
+#[test]
+fn weights_verify_rejects_garbage() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("w.safetensors");
+    std::fs::write(&f, b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":1}        ").unwrap();
+    tilefeat()
+        .args(["weights", "verify", f.to_str().unwrap()])
+        .assert()
+        .code(4)
+        .stderr(predicate::str::contains("w.safetensors"));
+}

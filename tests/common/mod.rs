@@ -1,0 +1,125 @@
+//! Helpers shared by the black-box tests of the `tilefeat` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn demo_sample(name: &str) -> PathBuf {
+    repo().join("demo").join("tiles").join(name)
+}
+
+pub fn tilefeat() -> Command {
+    let mut c = Command::cargo_bin("tilefeat").unwrap();
+    c.env_remove("TILEFEAT_CACHE_DIR")
+        .env_remove("TILEFEAT_WEIGHTS");
+    c
+}
+
+/// `n` distinct real tiles (crops of the demo tiles at different offsets), `size` px, PNG.
+pub fn make_tiles(dir: &Path, n: usize, size: u32) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dir).unwrap();
+    let src = image::open(demo_sample("sampleA").join("tile_000_000.png"))
+        .unwrap()
+        .to_rgb8();
+    let (w, h) = src.dimensions();
+    (0..n)
+        .map(|i| {
+            let x = (i as u32 * 37) % (w - size);
+            let y = (i as u32 * 53) % (h - size);
+            let crop = image::imageops::crop_imm(&src, x, y, size, size).to_image();
+            let p = dir.join(format!("tile_{i:03}.png"));
+            crop.save(&p).unwrap();
+            p
+        })
+        .collect()
+}
+
+/// Copy a folder's files (flat).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Run `extract` with random weights and extra args; panics unless it succeeds.
+pub fn extract_ok(tiles: &Path, out: &Path, extra: &[&str]) -> String {
+    let o = tilefeat()
+        .args([
+            "extract",
+            tiles.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .args(if extra.contains(&"--weights") {
+            vec![]
+        } else {
+            vec!["--weights", "random:0"]
+        })
+        .arg("--quiet")
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "extract failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+pub fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
+}
+
+pub fn provenance(out_csv: &Path) -> serde_yaml::Value {
+    let p = out_csv.with_extension("provenance.yaml");
+    serde_yaml::from_str(&read(&p)).unwrap()
+}
+
+pub fn prov_u64(out_csv: &Path, path: &[&str]) -> u64 {
+    let mut v = provenance(out_csv);
+    for k in path {
+        v = v[*k].clone();
+    }
+    v.as_u64()
+        .unwrap_or_else(|| panic!("{path:?} is not a number: {v:?}"))
+}
+
+/// Files in a directory whose names contain `part`.
+pub fn files_containing(dir: &Path, part: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(part))
+        .collect()
+}
+
+/// Assert two files are byte-identical, reporting only the first differing line.
+#[track_caller]
+pub fn assert_same(a: &Path, b: &Path, what: &str) {
+    let (x, y) = (read(a), read(b));
+    if x != y {
+        let line = x
+            .lines()
+            .zip(y.lines())
+            .position(|(p, q)| p != q)
+            .map(|i| i + 1)
+            .unwrap_or_else(|| x.lines().count().min(y.lines().count()) + 1);
+        panic!(
+            "{what}: {} and {} differ (first at line {line}; {} vs {} lines)",
+            a.display(),
+            b.display(),
+            x.lines().count(),
+            y.lines().count()
+        );
+    }
+}
