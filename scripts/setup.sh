@@ -57,9 +57,16 @@ export PATH="$venv_abs/bin:$PATH"
 echo "==> built target/release/tilefeat"
 
 if [ "$mode" = demo ]; then
-  echo "==> demo: extracting features of demo/tiles/ (random weights; see README for real ones)"
   target/release/tilefeat info
-  target/release/tilefeat extract demo/tiles --output demo/out/demo.csv \
-    --weights random:0
-  echo "==> wrote demo/out/demo.csv and demo/out/demo.provenance.yaml"
+  mkdir -p demo/out
+  if target/release/tilefeat weights where | grep -q present; then
+    weights=()
+    echo "==> demo: features of demo/tiles/sampleA with the torchvision weights in your torch cache"
+  else
+    weights=(--weights random:0)
+    echo "==> demo: features of demo/tiles/sampleA with RANDOM weights (no resnet50-0676ba61.pth in"
+    echo "    your torch cache; see 'tilefeat weights fetch'): the pipeline is real, the numbers are not"
+  fi
+  target/release/tilefeat extract demo/tiles/sampleA --output demo/out/demo.csv "${weights[@]}"
+  echo "==> wrote demo/out/demo.csv, demo/out/demo.provenance.yaml, demo/out/demo.rejected.tsv"
 fi

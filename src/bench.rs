@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
 
-use crate::cli::{BenchArgs, Pool};
+use crate::cli::{BenchArgs, BenchWhat, Pool};
 use crate::device::{available_cpus, device_name, parse_device};
 use crate::error::{fail, ExitKind};
 use crate::extract::model_workers;
@@ -18,6 +18,99 @@ use crate::model::{to_channels_last, ResNetTrunk, RunOptions};
 use crate::weights::random_state_dict;
 
 pub fn run(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
+    match a.what {
+        BenchWhat::Model => model(a, out),
+        BenchWhat::Hash => hash(out),
+        BenchWhat::CacheOpen => cache_open(a, out),
+    }
+}
+
+/// SHA-256 over a 256 MiB buffer on one core (sha2 uses SHA-NI where the CPU has it).
+fn hash(out: &mut dyn Write) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    let buf: Vec<u8> = (0..256u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let _ = Sha256::digest(&buf[..1 << 20]);
+    let t = Instant::now();
+    let d = Sha256::digest(&buf);
+    let secs = t.elapsed().as_secs_f64();
+    writeln!(
+        out,
+        "sha256: {:.2} GB/s on one core (digest {})",
+        buf.len() as f64 / secs / 1e9,
+        hex::encode(&d[..4])
+    )?;
+    Ok(())
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Fill a cache with `entries` small records (the index, not the payload, is what opening
+/// reads), then time opening it for that fingerprint and a lookup.
+fn cache_open(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
+    use crate::cache::{Cache, Fingerprint, PREPROCESSING_VERSION};
+    let dir = a
+        .cache_dir
+        .clone()
+        .ok_or_else(|| fail(ExitKind::Usage, "--what cache-open needs --cache-dir DIR"))?;
+    let fp = Fingerprint {
+        weights_sha256: "bench".into(),
+        layer: a.layer,
+        pool: Pool::Max,
+        normalize: crate::cli::Normalize::Tutorial,
+        size: a.size,
+        precision: a.precision,
+        preprocessing_version: PREPROCESSING_VERSION,
+    };
+    let key = |i: usize| -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        Sha256::digest((i as u64).to_le_bytes()).into()
+    };
+    let rss_before = peak_rss_mb();
+    {
+        let c = Cache::open(&dir, &fp)?;
+        if c.len() < a.entries {
+            let t = Instant::now();
+            for i in c.len()..a.entries {
+                c.put(&key(i), &[i as f32; 4])?;
+            }
+            c.close()?;
+            writeln!(
+                out,
+                "filled {} entries in {:.1} s",
+                a.entries,
+                t.elapsed().as_secs_f64()
+            )?;
+        }
+    }
+    let t = Instant::now();
+    let c = Cache::open(&dir, &fp)?;
+    let open_secs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let hit = c.get(&key(a.entries / 2)).is_some();
+    let lookup_us = t.elapsed().as_secs_f64() * 1e6;
+    writeln!(
+        out,
+        "cache open: {} entries in {open_secs:.3} s; peak RSS {:.0} MB (before: {rss_before:.0} MB); one lookup {lookup_us:.0} us (hit: {hit})",
+        c.len(),
+        peak_rss_mb()
+    )?;
+    Ok(())
+}
+
+fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     if a.batch_size == 0 || a.batches == 0 {
         return Err(fail(
             ExitKind::Usage,

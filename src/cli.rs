@@ -265,8 +265,27 @@ pub enum WeightsCommand {
     },
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchWhat {
+    /// ResNet trunk throughput on random input.
+    Model,
+    /// SHA-256 throughput of the tile hasher (one core).
+    Hash,
+    /// Opening a cache of --entries records: time and peak memory.
+    CacheOpen,
+}
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = BenchWhat::Model)]
+    pub what: BenchWhat,
+    /// With --what cache-open: entries to create (once) in --cache-dir, then open.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub entries: usize,
+    /// With --what cache-open: the cache directory (created and filled if empty).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
     /// Compute device.
     #[arg(long, default_value = "auto")]
     pub device: String,

@@ -817,13 +817,15 @@ impl<'a> ModelStage<'a> {
                     RowState::InBatch(self.next_batch, self.in_batch - 1)
                 }
                 Prepared::Bad(reason) => match self.cfg.on_error {
-                    OnError::Fail => return Err(fail(
-                        ExitKind::Input,
-                        format!(
+                    OnError::Fail => {
+                        return Err(fail(
+                            ExitKind::Input,
+                            format!(
                             "tile {}: {reason} (use --on-error skip to record bad tiles and go on)",
                             self.tiles[item.idx].path.display()
                         ),
-                    )),
+                        ))
+                    }
                     OnError::Skip => {
                         if !self.cfg.quiet {
                             eprintln!(

@@ -36,13 +36,13 @@ fn rerun_hits_and_equals_and_moving_tiles_still_hits() {
     assert_same(
         &first,
         &fresh,
-        &"a cached run writes what an uncached one does",
+        "a cached run writes what an uncached one does",
     );
     let second = d.path().join("second.csv");
     extract_ok(&tiles, &second, &args(&c, &["--batch-size", "3"]));
     assert_eq!(prov_u64(&second, &["cache", "hits"]), 5);
     assert_eq!(prov_u64(&second, &["tiles", "computed"]), 0);
-    assert_same(&second, &fresh, &"hits return exactly the stored values");
+    assert_same(&second, &fresh, "hits return exactly the stored values");
     // Move and rename the tiles: same bytes, same features.
     let moved = d.path().join("elsewhere").join("renamed");
     std::fs::create_dir_all(&moved).unwrap();
@@ -178,7 +178,11 @@ fn damaged_packs_are_reported_never_served_and_recomputed() {
             "{damage}"
         );
         assert_eq!(prov_u64(&again, &["cache", "hits"]), 3, "{damage}");
-        assert_same(&again, &clean, &"{damage}: the damaged tile was recomputed");
+        assert_same(
+            &again,
+            &clean,
+            &format!("{damage}: the damaged tile was recomputed"),
+        );
         // gc drops the damaged record and keeps the rest, plus the recomputed one.
         tilefeat()
             .args(["cache", "gc", "--cache-dir", cache.to_str().unwrap()])
@@ -260,7 +264,7 @@ fn kill_9_then_resume_gives_identical_csv() {
         &out,
         &["--batch-size", "4", "--cache-dir", cache.to_str().unwrap()],
     );
-    assert_same(&out, &reference, &"resumed CSV equals an uninterrupted run");
+    assert_same(&out, &reference, "resumed CSV equals an uninterrupted run");
     let hits = prov_u64(&out, &["cache", "hits"]);
     let computed = prov_u64(&out, &["tiles", "computed"]);
     assert_eq!(hits + computed, 40);

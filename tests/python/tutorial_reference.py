@@ -131,8 +131,6 @@ def dataloader_pipeline(folder, weights, device="cpu", batch=32, workers=2, prec
 def make_random_weights(path_stem: str | Path, seed: int = 0) -> dict[str, Path]:
     """Deterministic random-init ResNet50 with non-trivial BatchNorm statistics, saved as a zip
     .pth, a legacy .pth and a .safetensors file."""
-    from safetensors.torch import save_file
-
     torch.manual_seed(seed)
     model = torchvision.models.resnet50(weights=None)
     g = torch.Generator().manual_seed(seed + 1)
@@ -153,5 +151,10 @@ def make_random_weights(path_stem: str | Path, seed: int = 0) -> dict[str, Path]
     }
     torch.save(sd, paths["zip"])
     torch.save(sd, paths["legacy"], _use_new_zipfile_serialization=False)
+    try:
+        from safetensors.torch import save_file
+    except ImportError:  # e.g. a GPU machine without safetensors: .pth files only
+        del paths["safetensors"]
+        return paths
     save_file({k: v.contiguous() for k, v in sd.items()}, paths["safetensors"])
     return paths

@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""tilefeat throughput benchmark: one command, one run, the same tiles for everyone.
+
+Prints tiles/s for
+  1. tilefeat end-to-end (read, hash, decode, resize, model, write),
+  2. tilefeat model-only (random input, same batch, precision and device: the ceiling),
+  3. the Python tutorial loop (one tile at a time, cv2 + torchvision, as the notebook),
+  4. the batched Python DataLoader pipeline (bf16 on a GPU, like tilefeat's --precision),
+and their ratios; with --cache also a cached rerun, SHA-256 speed and a 1M-entry cache open.
+
+    .venv/bin/python scripts/benchmark.py                       # CPU, here
+    .venv/bin/python scripts/benchmark.py --device cuda --precision bf16 --batch-size 256
+
+The Python baselines are slow on a CPU (~1.6 and ~3.6 tiles/s here), so by default they run
+on the first --python-tiles tiles (all tiles on a GPU); throughput is tiles/s either way and
+the report says how many tiles each row used. Results also go to --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "python"))
+
+
+def make_tiles(folder: Path, n: int, source: Path) -> None:
+    """n distinct 256 px tiles, half PNG, half JPEG, cropped (and flipped/rotated) from a
+    real IHC image."""
+    import cv2
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if len(list(folder.iterdir())) >= n:
+        return
+    im = cv2.imread(str(source))
+    if im is None:
+        raise SystemExit(f"cannot read {source}")
+    h, w = im.shape[:2]
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        y, x = rng.integers(0, h - 256 + 1), rng.integers(0, w - 256 + 1)
+        t = np.rot90(im[y : y + 256, x : x + 256], k=i % 4).copy()
+        if (i // 4) % 2:
+            t = t[:, ::-1].copy()
+        if i % 2:
+            cv2.imwrite(str(folder / f"tile_{i:05d}.jpg"), t, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        else:
+            cv2.imwrite(str(folder / f"tile_{i:05d}.png"), t)
+
+
+def run(cmd: list[str], env=None) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr}")
+    return r.stdout + r.stderr
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiles", type=int, default=2000)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--python-tiles", type=int, default=None, help="tiles for the Python baselines")
+    ap.add_argument("--python-workers", type=int, default=None, help="DataLoader workers")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/tilefeat-bench"))
+    ap.add_argument("--bin", type=Path, default=ROOT / "target" / "release" / "tilefeat")
+    ap.add_argument("--source", type=Path, default=ROOT.parent / "shared" / "data" / "ihc.png")
+    ap.add_argument("--cache", action="store_true", help="also benchmark the cache (rerun, SHA-256, 1M-entry open)")
+    ap.add_argument("--skip-python", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args()
+
+    import torch
+
+    from tutorial_reference import dataloader_pipeline, load_model, make_random_weights, tutorial_loop
+
+    gpu = a.device.startswith("cuda")
+    threads = a.threads or os.cpu_count()
+    torch.set_num_threads(threads)
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    tiles = a.workdir / f"tiles{a.tiles}"
+    source = a.source if a.source.exists() else ROOT / "demo" / "ihc.png"
+    make_tiles(tiles, a.tiles, source)
+    weights = make_random_weights(a.workdir / "resnet50_random", seed=0)["zip"]
+    results: dict = {"device": a.device, "precision": a.precision, "batch_size": a.batch_size, "tiles": a.tiles, "threads": threads}
+    common = ["--device", a.device, "--precision", a.precision, "--batch-size", str(a.batch_size), "--threads", str(threads)]
+
+    print(run([str(a.bin), "info"]).strip())
+    # 2. model-only (also warms the page cache and cuDNN for the end-to-end run below).
+    b = run([str(a.bin), "bench", "--machine", "--batches", "30" if gpu else "6", "--warmup", "5" if gpu else "1", *common])
+    results["tilefeat_model_only"] = float(b.split("images_per_s=")[1].split()[0])
+
+    # 1. end-to-end, uncached.
+    out = a.workdir / "features.csv"
+    t = time.perf_counter()
+    run([str(a.bin), "extract", str(tiles), "-o", str(out), "--weights", str(weights), "--quiet", "--no-cache", *common])
+    secs = time.perf_counter() - t
+    results["tilefeat_end_to_end"] = a.tiles / secs
+    prov = (a.workdir / "features.provenance.yaml").read_text()
+    results["tilefeat_profile"] = prov.split("timings_s:")[1].strip()
+
+    if not a.skip_python:
+        n_py = a.python_tiles or (a.tiles if gpu else 120)
+        py_tiles = a.workdir / f"pytiles{n_py}"
+        if py_tiles.exists():
+            shutil.rmtree(py_tiles)
+        py_tiles.mkdir()
+        for p in sorted(tiles.iterdir())[:n_py]:
+            os.symlink(p, py_tiles / p.name)
+        model = load_model(weights, a.device)
+        t = time.perf_counter()
+        tutorial_loop(py_tiles, weights, device=a.device, model=model)
+        if gpu:
+            torch.cuda.synchronize()
+        results["python_tutorial_loop"] = n_py / (time.perf_counter() - t)
+        py_prec = "bf16" if gpu else "fp32"
+        workers = a.python_workers or (min(8, threads) if gpu else threads)
+        t = time.perf_counter()
+        dataloader_pipeline(py_tiles, weights, device=a.device, batch=a.batch_size, workers=workers, precision=py_prec, model=load_model(weights, a.device))
+        results["python_dataloader"] = n_py / (time.perf_counter() - t)
+        results["python_dataloader_precision"] = py_prec
+        results["python_tiles"] = n_py
+
+    if a.cache:
+        cache = a.workdir / "cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        t = time.perf_counter()
+        run([str(a.bin), "extract", str(tiles), "-o", str(out), "--weights", str(weights), "--quiet", "--cache-dir", str(cache), *common])
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        run([str(a.bin), "extract", str(tiles), "-o", str(out), "--weights", str(weights), "--quiet", "--cache-dir", str(cache), *common])
+        second = time.perf_counter() - t
+        results["cache_first_run_s"] = first
+        results["cache_second_run_s"] = second
+        results["cache_speedup"] = first / second
+        results["sha256"] = run([str(a.bin), "bench", "--what", "hash"]).strip()
+        big = a.workdir / "cache1m"
+        run([str(a.bin), "bench", "--what", "cache-open", "--cache-dir", str(big)])  # fill once
+        results["cache_open_1m"] = run([str(a.bin), "bench", "--what", "cache-open", "--cache-dir", str(big)]).strip()
+
+    # Report.
+    e2e, mo = results["tilefeat_end_to_end"], results["tilefeat_model_only"]
+    print(f"\ntilefeat benchmark: {a.tiles} tiles of 256 px (PNG+JPEG), device {a.device}, {a.precision}, batch {a.batch_size}, {threads} threads")
+    print(f"  tilefeat end-to-end         {e2e:9.2f} tiles/s   ({e2e / mo:.2f}x model-only)")
+    print(f"  tilefeat model-only         {mo:9.2f} tiles/s")
+    if "python_tutorial_loop" in results:
+        n = results["python_tiles"]
+        tl, dl = results["python_tutorial_loop"], results["python_dataloader"]
+        print(f"  python tutorial loop        {tl:9.2f} tiles/s   (fp32, batch 1, {n} tiles)  -> tilefeat {e2e / tl:.1f}x")
+        print(f"  python DataLoader pipeline  {dl:9.2f} tiles/s   ({results['python_dataloader_precision']}, batch {a.batch_size}, {n} tiles)  -> tilefeat {e2e / dl:.1f}x")
+    print(f"  tilefeat time per stage (s, summed over threads): {results['tilefeat_profile'].replace(chr(10), ', ')}")
+    if a.cache:
+        print(f"  cache: first run {results['cache_first_run_s']:.1f} s, unchanged rerun {results['cache_second_run_s']:.2f} s -> {results['cache_speedup']:.0f}x")
+        print(f"  {results['sha256']}")
+        print(f"  {results['cache_open_1m']}")
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

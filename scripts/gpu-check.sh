@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# GPU check, in one go: run on a GPU machine from the repo root, with the release binary built
+# on a CPU machine (scripts/setup.sh --build-only) and carried along. Uses that machine's
+# python3 with torch 2.11.0 (+ torchvision, opencv, pandas) and its torch libraries.
+#
+#   scripts/gpu-check.sh [OUT_DIR]
+#
+# Prints, and writes to OUT_DIR/gpu-report.txt: GPU and libtorch info; proof that
+# `--device cuda` runs on the GPU; GPU features vs the tutorial pipeline on the GPU and vs
+# tilefeat on the CPU; bf16/fp16 precision effects against fp32; model-only throughput
+# (fp32, fp16, bf16 at batch 256); the full benchmark (tilefeat end-to-end and model-only,
+# Python tutorial loop and bf16 DataLoader pipeline, ratios); decoder speed per core.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-/tmp/tilefeat-gpu}}
+mkdir -p "$OUT_DIR"
+exec > >(tee "$OUT_DIR/gpu-report.txt") 2>&1
+TORCH_LIB=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
+export LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}"
+export PYTHONUNBUFFERED=1
+B=${TILEFEAT_BIN:-$PWD/target/release/tilefeat}
+W=/tmp/tilefeat-gpu-work
+mkdir -p "$W"
+section() { printf '\n===== %s =====\n' "$*"; }
+
+section "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+nproc
+python3 -c 'import torch, torchvision, cv2; print("torch", torch.__version__, "torchvision", torchvision.__version__, "cv2", cv2.__version__)'
+"$B" info
+
+section "extract --device cuda on mixed real tiles (parity)"
+python3 - "$B" "$W" <<'PY'
+import subprocess, sys, time
+from pathlib import Path
+import numpy as np, torch
+sys.path.insert(0, "tests/python")
+import conftest  # noqa: F401  (path setup)
+from tutorial_reference import batched_all, make_random_weights
+B, W = sys.argv[1], Path(sys.argv[2])
+weights = make_random_weights(W / "rand", seed=0)["zip"]
+# Mixed tiles as in the CPU parity test.
+import cv2
+im = conftest.source_image(); rng = np.random.default_rng(0); tiles = W / "mixed"; tiles.mkdir(exist_ok=True)
+for k, n in enumerate((224, 256, 300, 448, 512, 1000, 200, 333)):
+    c = im[:n, :n] if n <= im.shape[0] else cv2.resize(im, (n, n), interpolation=cv2.INTER_CUBIC)
+    cv2.imwrite(str(tiles / f"t{k}.png"), c); cv2.imwrite(str(tiles / f"t{k}.jpg"), c)
+def run(*a):
+    r = subprocess.run([B, "extract", str(tiles), "--weights", str(weights), "--quiet", *a], capture_output=True, text=True)
+    print(" ".join(a), "->", r.returncode, r.stderr.strip()[-300:]); return r.returncode
+def feats(p):
+    import pandas as pd
+    return pd.read_csv(p, index_col=0).to_numpy(np.float32)
+for prec in ("fp32", "bf16", "fp16"):
+    run("-o", str(W / f"gpu_{prec}.csv"), "--device", "cuda", "--precision", prec, "--batch-size", "8")
+run("-o", str(W / "cpu_fp32.csv"), "--device", "cpu")
+prov = (W / "gpu_fp32.provenance.yaml").read_text()
+print("provenance device:", [l for l in prov.splitlines() if l.startswith("device:")])
+_, ref = batched_all(tiles, weights, device="cuda")
+ref = ref[("layer4", "max")]
+_, ref_cpu = batched_all(tiles, weights, device="cpu")
+ref_cpu = ref_cpu[("layer4", "max")]
+def cmp(name, a, b):
+    rel = (np.abs(a - b).max(1) / np.abs(b).max(1)).max()
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    print(f"{name:45s} max rel err {rel:.2e}   min cosine {cos.min():.6f}")
+g32 = feats(W / "gpu_fp32.csv"); c32 = feats(W / "cpu_fp32.csv")
+cmp("tilefeat GPU fp32 vs tutorial on GPU (torch)", g32, ref)
+cmp("tilefeat CPU fp32 vs tutorial on CPU (torch)", c32, ref_cpu)
+cmp("tilefeat GPU fp32 vs tilefeat CPU fp32", g32, c32)
+cmp("tutorial GPU vs tutorial CPU (torch)", ref, ref_cpu)
+for prec in ("bf16", "fp16"):
+    cmp(f"tilefeat GPU {prec} vs GPU fp32", feats(W / f"gpu_{prec}.csv"), g32)
+PY
+
+section "model-only throughput (batch 256)"
+for p in fp32 fp16 bf16; do
+  for lay in nhwc nchw; do
+    "$B" bench --device cuda --precision "$p" --layout "$lay" --batch-size 256 --batches 40 --warmup 5
+  done
+done
+
+section "benchmark: 4000 tiles, bf16, batch 256"
+python3 scripts/benchmark.py --device cuda --precision bf16 --batch-size 256 --tiles 4000 \
+  --workdir "$W/bench" --bin "$B" --json "$OUT_DIR/benchmark-gpu.json"
+
+section "benchmark: 4000 tiles, fp32, batch 256 (tilefeat only)"
+python3 scripts/benchmark.py --device cuda --precision fp32 --batch-size 256 --tiles 4000 \
+  --workdir "$W/bench" --bin "$B" --skip-python
+
+section "decoders: tiles/s per core (CPU only does decode work: cache-free extract, profile)"
+"$B" extract "$W/bench/tiles4000" -o "$W/dec.csv" --weights random:0 --device cuda --precision bf16 \
+  --batch-size 256 --profile --quiet 2>&1 | tail -1
+for d in 1 4 15; do
+  /usr/bin/time -f "decode-threads $d: %e s wall" "$B" extract "$W/bench/tiles4000" -o "$W/dec.csv" \
+    --weights random:0 --device cuda --precision bf16 --batch-size 256 --decode-threads "$d" --quiet
+done
+echo "done"
