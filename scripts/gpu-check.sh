@@ -35,13 +35,12 @@ import subprocess, sys, time
 from pathlib import Path
 import numpy as np, torch
 sys.path.insert(0, "tests/python")
-import conftest  # noqa: F401  (path setup)
 from tutorial_reference import batched_all, make_random_weights
 B, W = sys.argv[1], Path(sys.argv[2])
 weights = make_random_weights(W / "rand", seed=0)["zip"]
 # Mixed tiles as in the CPU parity test.
 import cv2
-im = conftest.source_image(); rng = np.random.default_rng(0); tiles = W / "mixed"; tiles.mkdir(exist_ok=True)
+im = cv2.imread("demo/ihc.png"); rng = np.random.default_rng(0); tiles = W / "mixed"; tiles.mkdir(exist_ok=True)
 for k, n in enumerate((224, 256, 300, 448, 512, 1000, 200, 333)):
     c = im[:n, :n] if n <= im.shape[0] else cv2.resize(im, (n, n), interpolation=cv2.INTER_CUBIC)
     cv2.imwrite(str(tiles / f"t{k}.png"), c); cv2.imwrite(str(tiles / f"t{k}.jpg"), c)
@@ -81,7 +80,7 @@ for p in fp32 fp16 bf16; do
 done
 
 section "benchmark: 4000 tiles, bf16, batch 256"
-python3 scripts/benchmark.py --device cuda --precision bf16 --batch-size 256 --tiles 4000 \
+python3 scripts/benchmark.py --device cuda --precision bf16 --batch-size 256 --tiles 4000 --python-tiles 2000 \
   --workdir "$W/bench" --bin "$B" --json "$OUT_DIR/benchmark-gpu.json"
 
 section "benchmark: 4000 tiles, fp32, batch 256 (tilefeat only)"

@@ -36,12 +36,11 @@ def tilefeat():
 
 
 def source_image() -> np.ndarray:
+    # The shared copy when present, else the repo's copy of the same image.
     for p in (ROOT.parent / "shared" / "data" / "ihc.png", ROOT / "demo" / "ihc.png"):
         if p.exists():
             return cv2.imread(str(p))
-    # Fall back to stitching the demo tiles (always in the repo).
-    tiles = sorted((ROOT / "demo" / "tiles").rglob("*.png"))
-    return cv2.imread(str(tiles[0]))
+    raise FileNotFoundError("ihc.png not found in ../shared/data or demo/")
 
 
 @pytest.fixture(scope="session")
