@@ -646,6 +646,7 @@ fn pipeline(
 
         let mut stage = ModelStage::new(
             cfg,
+            n_model,
             tiles,
             batch * size * size * 3,
             batch,
@@ -717,6 +718,7 @@ fn writer_loop(
 /// order to the writer; misses are grouped into batches for the model workers.
 struct ModelStage<'a> {
     cfg: &'a ExtractConfig,
+    n_model: usize,
     tiles: &'a [Tile],
     batch: usize,
     dim: usize,
@@ -741,6 +743,7 @@ impl<'a> ModelStage<'a> {
     #[allow(clippy::too_many_arguments)]
     fn new(
         cfg: &'a ExtractConfig,
+        n_model: usize,
         tiles: &'a [Tile],
         capacity: usize,
         batch: usize,
@@ -751,6 +754,7 @@ impl<'a> ModelStage<'a> {
     ) -> Self {
         ModelStage {
             cfg,
+            n_model,
             tiles,
             batch,
             dim,
@@ -785,7 +789,9 @@ impl<'a> ModelStage<'a> {
         let mut next = 0usize;
         let mut wt = WorkerTimes::default();
         let mut waiting = 0.0;
-        let max_pending = 2 * self.batch.max(64);
+        // Room for every worker's batch, one queued and the one being filled, so the bound
+        // never stalls the model; hits and rejects beyond it wait for the batches before them.
+        let max_pending = (self.n_model + 2) * self.batch + 64;
         while next < self.tiles.len() {
             // Take the next tile in order, waiting for the decoders as needed.
             let item = loop {
@@ -849,15 +855,21 @@ impl<'a> ModelStage<'a> {
             while let Ok(d) = self.done.try_recv() {
                 self.receive(d)?;
             }
-            // Bound the rows held back: flush a partial batch and wait for results.
+            if !self.flush_ready()? {
+                return Ok(self.take_state(wt, waiting));
+            }
+            // Bound the rows held back: send the partial batch, wait for results, pass on.
             while self.pending.len() >= max_pending {
                 if self.in_batch > 0 {
                     self.dispatch()?;
                 }
+                if self.outstanding == 0 {
+                    break; // everything held back is ready and was just flushed
+                }
                 self.wait_one()?;
-            }
-            if !self.flush_ready()? {
-                return Ok(self.take_state(wt, waiting));
+                if !self.flush_ready()? {
+                    return Ok(self.take_state(wt, waiting));
+                }
             }
             progress.update(self.st.written + self.st.skipped.len(), self.st.hits);
         }

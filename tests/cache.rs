@@ -388,3 +388,39 @@ fn gc_keeps_only_named_fingerprints() {
         .code(7)
         .stderr(predicate::str::contains("not a tilefeat cache directory"));
 }
+
+/// Regression: a miss followed by more cached tiles than the model stage holds back used to
+/// deadlock (rows all finished, none flushed, nothing outstanding to wait for).
+#[test]
+fn one_miss_before_many_hits_does_not_hang() {
+    let d = tempfile::tempdir().unwrap();
+    let all = d.path().join("all");
+    let tiles = make_tiles(&all, 150, 48);
+    let cache = d.path().join("cache");
+    let warm = d.path().join("warm");
+    std::fs::create_dir(&warm).unwrap();
+    for t in &tiles[1..] {
+        std::fs::copy(t, warm.join(t.file_name().unwrap())).unwrap();
+    }
+    let out = d.path().join("o.csv");
+    extract_ok(&warm, &out, &["--cache-dir", cache.to_str().unwrap()]);
+    tilefeat()
+        .args([
+            "extract",
+            all.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .args([
+            "--weights",
+            "random:0",
+            "--quiet",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ])
+        .timeout(Duration::from_secs(120))
+        .assert()
+        .success();
+    assert_eq!(prov_u64(&out, &["cache", "hits"]), 149);
+    assert_eq!(prov_u64(&out, &["tiles", "computed"]), 1);
+}
