@@ -101,11 +101,12 @@ fn cache_open(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     let t = Instant::now();
     let hit = c.get(&key(a.entries / 2)).is_some();
     let lookup_us = t.elapsed().as_secs_f64() * 1e6;
+    let peak = peak_rss_mb();
     writeln!(
         out,
-        "cache open: {} entries in {open_secs:.3} s; peak RSS {:.0} MB (before: {rss_before:.0} MB); one lookup {lookup_us:.0} us (hit: {hit})",
+        "cache open: {} entries in {open_secs:.3} s; memory for the index {:.0} MB (peak RSS {peak:.0} MB, {rss_before:.0} MB before opening, libtorch included); one lookup {lookup_us:.0} us (hit: {hit})",
         c.len(),
-        peak_rss_mb()
+        peak - rss_before
     )?;
     Ok(())
 }

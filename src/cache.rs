@@ -208,15 +208,21 @@ fn encode_idx(e: &IdxEntry) -> [u8; IDX_ENTRY] {
 
 /// Read an index file: its valid entries, and how many trailing bytes were torn or damaged.
 fn read_idx(path: &Path) -> Result<(Vec<IdxEntry>, usize)> {
+    let mut out = Vec::new();
+    let torn = scan_idx(path, |e| out.push(e))?;
+    Ok((out, torn))
+}
+
+/// Stream an index file's valid entries to `each` (no list of them is built, so opening a
+/// million-entry cache does not hold a million entries twice); returns the torn byte count.
+fn scan_idx(path: &Path, mut each: impl FnMut(IdxEntry)) -> Result<usize> {
     let mut f = BufReader::with_capacity(1 << 20, File::open(path)?);
     let mut magic = [0u8; 16];
     f.read_exact(&mut magic)?;
     if &magic != IDX_MAGIC {
         bail!("not a tilefeat index file");
     }
-    let mut out = Vec::new();
     let mut buf = [0u8; IDX_ENTRY];
-    let mut torn = 0usize;
     loop {
         let mut got = 0;
         while got < IDX_ENTRY {
@@ -227,24 +233,21 @@ fn read_idx(path: &Path) -> Result<(Vec<IdxEntry>, usize)> {
             got += n;
         }
         if got == 0 {
-            break;
+            return Ok(0);
         }
         if got < IDX_ENTRY || crc(&buf[..76]) != u32::from_le_bytes(buf[76..80].try_into()?) {
             // A torn or damaged entry: nothing after it can be trusted to be aligned.
-            torn = got;
             let mut rest = Vec::new();
             f.read_to_end(&mut rest)?;
-            torn += rest.len();
-            break;
+            return Ok(got + rest.len());
         }
-        out.push(IdxEntry {
+        each(IdxEntry {
             fp: buf[0..32].try_into()?,
             tile: buf[32..64].try_into()?,
             offset: u64::from_le_bytes(buf[64..72].try_into()?),
             len: u32::from_le_bytes(buf[72..76].try_into()?),
         });
     }
-    Ok((out, torn))
 }
 
 /// A pack (and its index) found in the directory.
@@ -301,9 +304,31 @@ fn init_dir(dir: &Path) -> Result<()> {
 
 #[derive(Debug, Clone, Copy)]
 struct Loc {
-    pack: u32,
+    /// Pack number (24 bits) and record length (40 bits would be overkill: records are
+    /// < 16 MiB), packed so that a map entry is 32 bytes.
+    pack_len: u64,
     offset: u64,
-    len: u32,
+}
+
+impl Loc {
+    fn new(pack: u32, offset: u64, len: u32) -> Loc {
+        Loc {
+            pack_len: ((pack as u64) << 32) | len as u64,
+            offset,
+        }
+    }
+    fn pack(&self) -> usize {
+        (self.pack_len >> 32) as usize
+    }
+    fn len(&self) -> usize {
+        (self.pack_len & 0xffff_ffff) as usize
+    }
+}
+
+/// In-memory key: the first 128 bits of the tile hash. The full hash is in every record and
+/// is checked on read, so a (2^-128) prefix collision is caught, never served.
+fn short_key(tile: &Hash32) -> u128 {
+    u128::from_le_bytes(tile[..16].try_into().expect("16 bytes"))
 }
 
 /// Counters a run reports.
@@ -321,7 +346,7 @@ pub struct Cache {
     fp_record: FingerprintRecord,
     files: Vec<File>,
     pack_names: Vec<String>,
-    index: HashMap<Hash32, Loc>,
+    index: HashMap<u128, Loc>,
     writer: Mutex<Option<PackWriter>>,
     damaged: Mutex<Vec<String>>,
     torn_index_bytes: u64,
@@ -337,25 +362,30 @@ impl Cache {
         let mut pack_names = Vec::new();
         let mut index = HashMap::new();
         let mut torn = 0u64;
-        for p in list_packs(dir).kind(ExitKind::Cache)? {
+        let packs = list_packs(dir).kind(ExitKind::Cache)?;
+        // Reserve for the largest possible count up front: no rehash (and no transient
+        // double table) while loading a million entries.
+        let upper: u64 = packs
+            .iter()
+            .map(|p| std::fs::metadata(&p.idx).map_or(0, |m| m.len()) / IDX_ENTRY as u64)
+            .sum();
+        index.reserve(upper.min(64 << 20) as usize);
+        for p in packs {
             // A pack removed by a concurrent gc between listing and opening: skip it.
-            let (Ok(file), Ok((entries, t))) = (File::open(&p.pack), read_idx(&p.idx)) else {
+            let Ok(file) = File::open(&p.pack) else {
                 continue;
             };
-            torn += t as u64;
             let n = files.len() as u32;
-            for e in entries.iter().filter(|e| e.fp == fp) {
-                index.insert(
-                    e.tile,
-                    Loc {
-                        pack: n,
-                        offset: e.offset,
-                        len: e.len,
-                    },
-                );
-            }
             files.push(file);
             pack_names.push(p.stem);
+            // Entries read before an I/O error are still valid and point at pack `n`.
+            if let Ok(t) = scan_idx(&p.idx, |e| {
+                if e.fp == fp {
+                    index.insert(short_key(&e.tile), Loc::new(n, e.offset, e.len));
+                }
+            }) {
+                torn += t as u64;
+            }
         }
         let now = unix_now();
         let fp_record = FingerprintRecord {
@@ -400,9 +430,9 @@ impl Cache {
 
     /// The stored vector for a tile hash, checked; `None` on a miss or a damaged record.
     pub fn get(&self, tile: &Hash32) -> Option<Vec<f32>> {
-        let loc = *self.index.get(tile)?;
-        let mut buf = vec![0u8; loc.len as usize];
-        let file = &self.files[loc.pack as usize];
+        let loc = *self.index.get(&short_key(tile))?;
+        let mut buf = vec![0u8; loc.len()];
+        let file = &self.files[loc.pack()];
         let result = file
             .read_exact_at(&mut buf, loc.offset)
             .map_err(anyhow::Error::from)
@@ -412,7 +442,8 @@ impl Cache {
             Err(e) => {
                 self.damaged.lock().unwrap().push(format!(
                     "pack {} offset {}: {e:#}",
-                    self.pack_names[loc.pack as usize], loc.offset
+                    self.pack_names[loc.pack()],
+                    loc.offset
                 ));
                 None
             }

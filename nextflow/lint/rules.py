@@ -277,7 +277,12 @@ def pipeline_profiles(config: ConfigFile, results: LintResults):
     gpu_label = _block(gpu, r"withLabel:\s*'process_gpu'") or ""
     if not re.search(r"^\s*accelerator\s*=\s*1\s*$", gpu_label, re.MULTILINE):
         results.errors.append(LintError(1, "profile gpu: withLabel 'process_gpu' must set accelerator = 1"))
-    for setting, value in (("docker.runOptions", "--gpus all"), ("apptainer.runOptions", "--nv"), ("singularity.runOptions", "--nv")):
+    # The image runs as a non-root user: Docker tasks need `-u $(id -u):$(id -g)` in both the
+    # docker profile and the gpu profile (whose runOptions replaces the docker profile's).
+    docker = _block(profiles, "docker") or ""
+    if not re.search(r"^\s*docker\.runOptions\s*=\s*'-u \$\(id -u\):\$\(id -g\)'", docker, re.MULTILINE):
+        results.errors.append(LintError(1, "profile docker: docker.runOptions must be '-u $(id -u):$(id -g)'"))
+    for setting, value in (("docker.runOptions", "-u $(id -u):$(id -g) --gpus all"), ("apptainer.runOptions", "--nv"), ("singularity.runOptions", "--nv")):
         if not re.search(rf"^\s*{re.escape(setting)}\s*=\s*'{re.escape(value)}'", gpu, re.MULTILINE):
             results.errors.append(LintError(1, f"profile gpu: {setting} must be '{value}'"))
     slurm = _block(profiles, "slurm") or ""
