@@ -987,41 +987,36 @@ impl<'a> ModelStage<'a> {
                 break;
             }
             let r = self.pending.pop_front().expect("front exists");
-            match r.state {
-                RowState::Ready { features, hit } => {
-                    if hit {
-                        self.st.hits += 1;
-                    } else {
-                        self.st.computed += 1;
-                    }
-                    self.st.written += 1;
-                    group.push(OutRow {
-                        idx: r.idx,
-                        sha: r.sha,
-                        features,
-                        hit,
-                    });
-                }
+            let (features, hit) = match r.state {
+                RowState::Ready { features, hit } => (features, hit),
                 RowState::InBatch(id, k) => {
                     let feats = &self.results[&id];
                     let features = feats[k * self.dim..(k + 1) * self.dim].to_vec();
                     if (k + 1) * self.dim == feats.len() {
                         self.results.remove(&id);
                     }
-                    self.st.computed += 1;
-                    self.st.written += 1;
-                    group.push(OutRow {
-                        idx: r.idx,
-                        sha: r.sha,
-                        features,
-                        hit: false,
-                    });
+                    (features, false)
                 }
-                RowState::Rejected(reason) => self.st.skipped.push(Skipped {
-                    tile: self.tiles[r.idx].rel.clone(),
-                    reason,
-                }),
+                RowState::Rejected(reason) => {
+                    self.st.skipped.push(Skipped {
+                        tile: self.tiles[r.idx].rel.clone(),
+                        reason,
+                    });
+                    continue;
+                }
+            };
+            if hit {
+                self.st.hits += 1;
+            } else {
+                self.st.computed += 1;
             }
+            self.st.written += 1;
+            group.push(OutRow {
+                idx: r.idx,
+                sha: r.sha,
+                features,
+                hit,
+            });
         }
         if !group.is_empty() && self.rows_out.send(WriterMsg::Rows(group)).is_err() {
             return Ok(false);

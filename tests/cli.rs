@@ -52,47 +52,19 @@ fn missing_empty_and_non_folder_inputs_exit_3() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("x.csv");
     let missing = d.path().join("no-such-slide");
-    tilefeat()
-        .args([
-            "extract",
-            missing.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--weights",
-            "random:0",
-        ])
-        .assert()
-        .code(3)
-        .stderr(
-            predicate::str::contains("no-such-slide")
-                .and(predicate::str::contains("does not exist")),
-        );
+    extract_cmd(&missing, &out).assert().code(3).stderr(
+        predicate::str::contains("no-such-slide").and(predicate::str::contains("does not exist")),
+    );
     let empty = d.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     std::fs::write(empty.join("notes.txt"), "not a tile").unwrap();
-    tilefeat()
-        .args([
-            "extract",
-            empty.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--weights",
-            "random:0",
-        ])
+    extract_cmd(&empty, &out)
         .assert()
         .code(3)
         .stderr(predicate::str::contains("holds no tiles").and(predicate::str::contains("empty")));
     let file = d.path().join("file.png");
     std::fs::write(&file, "x").unwrap();
-    tilefeat()
-        .args([
-            "extract",
-            file.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--weights",
-            "random:0",
-        ])
+    extract_cmd(&file, &out)
         .assert()
         .code(3)
         .stderr(predicate::str::contains("is not a directory"));
@@ -103,27 +75,11 @@ fn missing_empty_and_non_folder_inputs_exit_3() {
 fn unwritable_output_exit_6() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("missing-dir").join("x.csv");
-    tilefeat()
-        .args([
-            "extract",
-            demo_sample("sampleC").to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--weights",
-            "random:0",
-        ])
+    extract_cmd(&demo_sample("sampleC"), &out)
         .assert()
         .code(6)
         .stderr(predicate::str::contains("missing-dir"));
-    tilefeat()
-        .args([
-            "extract",
-            demo_sample("sampleC").to_str().unwrap(),
-            "-o",
-            d.path().to_str().unwrap(),
-            "--weights",
-            "random:0",
-        ])
+    extract_cmd(&demo_sample("sampleC"), d.path())
         .assert()
         .code(6)
         .stderr(predicate::str::contains("is a directory"));
@@ -305,21 +261,10 @@ fn bad_tile_fail_names_it_and_writes_nothing() {
     )
     .unwrap();
     let out = d.path().join("x.csv");
-    tilefeat()
-        .args([
-            "extract",
-            tiles.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--weights",
-            "random:0",
-        ])
-        .assert()
-        .code(3)
-        .stderr(
-            predicate::str::contains("tile_999_broken.png")
-                .and(predicate::str::contains("--on-error skip")),
-        );
+    extract_cmd(&tiles, &out).assert().code(3).stderr(
+        predicate::str::contains("tile_999_broken.png")
+            .and(predicate::str::contains("--on-error skip")),
+    );
     assert!(!out.exists());
     assert!(
         files_containing(d.path(), "tmp").is_empty(),
@@ -394,15 +339,7 @@ fn symlinked_folders_are_followed_without_loops() {
     std::os::unix::fs::symlink(demo_sample("sampleC"), tiles.join("linked")).unwrap();
     std::os::unix::fs::symlink(&tiles, tiles.join("linked-loop")).unwrap();
     let out = d.path().join("x.csv");
-    tilefeat()
-        .args([
-            "extract",
-            tiles.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--weights",
-            "random:0",
-        ])
+    extract_cmd(&tiles, &out)
         .assert()
         .success()
         .stderr(predicate::str::contains("loop"));

@@ -20,6 +20,19 @@ pub fn tilefeat() -> Command {
     c
 }
 
+/// `tilefeat extract TILES -o OUT --weights random:0`, to which a test adds its flags.
+pub fn extract_cmd(tiles: &Path, out: &Path) -> Command {
+    let mut c = tilefeat();
+    c.args([
+        "extract",
+        tiles.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ])
+    .args(["--weights", "random:0"]);
+    c
+}
+
 /// `n` distinct real tiles (crops of the demo tiles at different offsets), `size` px, PNG.
 pub fn make_tiles(dir: &Path, n: usize, size: u32) -> Vec<PathBuf> {
     std::fs::create_dir_all(dir).unwrap();
