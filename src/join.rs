@@ -235,13 +235,21 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
                     file.writer().write_all(out_line.as_bytes()).map_err(werr)?;
                 }
                 agg => {
-                    for (k, v) in rest[1..].split(',').enumerate() {
-                        let x: f32 = v.parse().map_err(|_| {
-                            input_err(
-                                &inp.csv,
-                                format!("line {row}: feature {k} is not a number: {v:?}"),
-                            )
-                        })?;
+                    // One pass over the bytes: parse a number, expect a comma, repeat.
+                    // fast-float2 gives the same result as str::parse, several times faster.
+                    let bytes = &rest.as_bytes()[1..];
+                    let mut pos = 0;
+                    for k in 0..dim {
+                        let (x, n) = fast_float2::parse_partial::<f32, _>(&bytes[pos..])
+                            .ok()
+                            .filter(|&(_, n)| matches!(bytes.get(pos + n), Some(b',') | None))
+                            .ok_or_else(|| {
+                                input_err(
+                                    &inp.csv,
+                                    format!("line {row}: feature {k} is not a number"),
+                                )
+                            })?;
+                        pos += n + 1;
                         if agg == Aggregate::Mean {
                             sum[k] += x as f64;
                         } else if x > max[k] || x.is_nan() {
