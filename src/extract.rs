@@ -303,7 +303,12 @@ impl Runner {
         }
         let input = match opts.device {
             Device::Cpu => input,
-            d => input.pin_memory(d).to_device_(d, Kind::Uint8, true, false),
+            // `_pin_memory` directly: `pin_memory(device)` prints a deprecation warning per
+            // call. If pinning fails, copy from pageable memory (slower, same result).
+            d => match input.f_internal_pin_memory(d) {
+                Ok(pinned) => pinned.to_device_(d, Kind::Uint8, true, false),
+                Err(_) => input.to_device(d),
+            },
         };
         // ToTensor (x / 255) and Normalize ((x - mean) / std) in f32, as torchvision does.
         let x = input.permute([0, 3, 1, 2]).to_kind(Kind::Float);
