@@ -15,7 +15,15 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// Exit codes: 0 success, 1 internal error, 2 usage error, 3 bad input (tile folder, tile,
 /// CSV), 4 bad weights, 5 device unavailable, 6 cannot write output, 7 cache error.
 #[derive(Debug, Parser)]
-#[command(name = "tilefeat", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "tilefeat",
+    version,
+    about,
+    long_about = None,
+    propagate_version = true,
+    after_help = "Exit codes: 0 success, 1 internal error, 2 usage error, 3 bad input (tile folder, \
+                  tile, CSV), 4 bad weights, 5 device unavailable, 6 cannot write output, 7 cache error."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -39,7 +47,7 @@ pub enum Command {
         #[command(subcommand)]
         command: WeightsCommand,
     },
-    /// Measure model-only throughput (random input): the ceiling for `extract`.
+    /// Measure: model-only throughput (the ceiling for `extract`), SHA-256 speed, cache opening.
     Bench(BenchArgs),
     /// Write the exact pixels the network sees for one tile (decoded, resized; RGB PNG).
     Preprocess(PreprocessArgs),
