@@ -41,13 +41,15 @@ pub fn run(cli: Cli) -> Result<()> {
                 if !cfg.quiet {
                     let secs = started.elapsed().as_secs_f64();
                     eprintln!(
-                        "tilefeat: {} tiles ({} computed, {} cached, {} skipped) in {:.1} s, {:.1} tiles/s -> {}",
+                        "tilefeat: {} tiles ({} computed, {} cached, {} skipped) in {:.1} s, {:.1} tiles/s on {} ({:?}) -> {}",
                         p.tiles.found,
                         p.tiles.computed,
                         p.tiles.cache_hits,
                         p.tiles.skipped,
                         secs,
                         p.tiles.found as f64 / secs.max(1e-9),
+                        p.device,
+                        cfg.precision,
                         cfg.output.display()
                     );
                     if !p.weights.trained {

@@ -1,7 +1,8 @@
 //! Choosing the compute device, and what `tilefeat info` reports about libtorch and CUDA.
 //!
 //! `--device cuda` fails loudly (exit 5) when CUDA is unavailable: the binary must never fall
-//! back to the CPU behind the user's back. `auto` picks CUDA when available and says so.
+//! back to the CPU behind the user's back. `auto` picks CUDA when available; the summary line
+//! and the provenance name the device used.
 
 use anyhow::Result;
 use tch::{Cuda, Device};

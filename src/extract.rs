@@ -4,9 +4,10 @@
 //!
 //! ```text
 //! sorted tile list -> feeder --(credits: at most WINDOW tiles in flight)--> jobs
-//! jobs -> N workers: read bytes, SHA-256, cache lookup; on a miss decode + resize (u8 RGB)
-//! workers -> model stage (this thread): reorder by tile index, fill a u8 batch, upload,
-//!            normalize on the device, ResNet trunk, pool, download
+//! jobs -> D decode workers: read bytes, SHA-256, cache lookup; on a miss decode + resize
+//! decoders -> model stage (this thread): reorder by tile index, group misses into u8 batches,
+//!             hand rows on in order as their batches come back
+//! batches -> M model workers: upload, normalize on the device, ResNet trunk, pool, download
 //! model stage -> writer thread: CSV rows in tile order, new vectors appended to the cache
 //! ```
 //!
