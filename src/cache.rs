@@ -363,13 +363,14 @@ impl Cache {
         let mut index = HashMap::new();
         let mut torn = 0u64;
         let packs = list_packs(dir).kind(ExitKind::Cache)?;
-        // Reserve for the largest possible count up front: no rehash (and no transient
-        // double table) while loading a million entries.
+        // Reserve up front for the entries present (up to 2^20; other fingerprints count too,
+        // so no more than that): no rehash, and no transient double table, while loading a
+        // million entries.
         let upper: u64 = packs
             .iter()
             .map(|p| std::fs::metadata(&p.idx).map_or(0, |m| m.len()) / IDX_ENTRY as u64)
             .sum();
-        index.reserve(upper.min(64 << 20) as usize);
+        index.reserve(upper.min(1 << 20) as usize);
         for p in packs {
             // A pack removed by a concurrent gc between listing and opening: skip it.
             let Ok(file) = File::open(&p.pack) else {
