@@ -493,10 +493,6 @@ impl Cache {
     pub fn damaged(&self) -> Vec<String> {
         self.damaged.lock().unwrap().clone()
     }
-
-    pub fn fingerprint_id(&self) -> String {
-        hex::encode(self.fp)
-    }
 }
 
 /// The single writer of one pack.

@@ -56,32 +56,15 @@ fn rerun_hits_and_equals_and_moving_tiles_still_hits() {
     assert_eq!(prov_u64(&third, &["cache", "hits"]), 5);
     // Environment variable works too, and --no-cache bypasses it.
     let o = d.path().join("env.csv");
-    tilefeat()
+    extract_cmd(&tiles, &o)
         .env("TILEFEAT_CACHE_DIR", &cache)
-        .args([
-            "extract",
-            tiles.to_str().unwrap(),
-            "-o",
-            o.to_str().unwrap(),
-            "--weights",
-            "random:0",
-            "--quiet",
-        ])
+        .arg("--quiet")
         .assert()
         .success();
     assert_eq!(prov_u64(&o, &["cache", "hits"]), 5);
-    tilefeat()
+    extract_cmd(&tiles, &o)
         .env("TILEFEAT_CACHE_DIR", &cache)
-        .args([
-            "extract",
-            tiles.to_str().unwrap(),
-            "-o",
-            o.to_str().unwrap(),
-            "--weights",
-            "random:0",
-            "--quiet",
-            "--no-cache",
-        ])
+        .args(["--quiet", "--no-cache"])
         .assert()
         .success();
     assert_eq!(prov_u64(&o, &["cache", "hits"]), 0);
