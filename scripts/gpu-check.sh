@@ -87,11 +87,13 @@ section "benchmark: 4000 tiles, fp32, batch 256 (tilefeat only)"
 python3 scripts/benchmark.py --device cuda --precision fp32 --batch-size 256 --tiles 4000 \
   --workdir "$W/bench" --bin "$B" --skip-python
 
-section "decoders: tiles/s per core (CPU only does decode work: cache-free extract, profile)"
-"$B" extract "$W/bench/tiles4000" -o "$W/dec.csv" --weights random:0 --device cuda --precision bf16 \
-  --batch-size 256 --profile --quiet 2>&1 | tail -1
-for d in 1 4 15; do
-  /usr/bin/time -f "decode-threads $d: %e s wall" "$B" extract "$W/bench/tiles4000" -o "$W/dec.csv" \
-    --weights random:0 --device cuda --precision bf16 --batch-size 256 --decode-threads "$d" --quiet
+section "decoders: tiles/s per core, then on all cores (read, hash, decode, resize; no model)"
+"$B" bench --what decode --tiles "$W/bench/tiles4000" --threads "$(nproc)"
+
+section "extract profile, bf16, batch 256, 4000 tiles: decode threads 8 and all-but-one"
+for d in 8 $(( $(nproc) - 1 )); do
+  echo "decode-threads $d:"
+  "$B" extract "$W/bench/tiles4000" -o "$W/dec.csv" --weights random:0 --device cuda --precision bf16 \
+    --batch-size 256 --decode-threads "$d" --profile --quiet 2>&1 | tail -1
 done
 echo "done"

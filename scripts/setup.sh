@@ -49,6 +49,20 @@ if [ "$mode" != build-only ]; then
   "$VENV/bin/pip" install -q -r requirements-dev.txt
 fi
 
+# nasm: libjpeg-turbo's SIMD kernels (JPEG decoding about 2x faster, same pixels). Without it
+# the build still works, with a warning; `tilefeat info` says which build you have.
+if ! command -v nasm >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing nasm with apt-get (libjpeg-turbo SIMD)"
+    apt-get install -y -q --no-install-recommends nasm >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends nasm >/dev/null 2>&1; } ||
+      echo "==> warning: could not install nasm; JPEG decoding will be built without SIMD" >&2
+  else
+    echo "==> warning: nasm not found (apt install nasm / module load nasm): JPEG decoding will be" >&2
+    echo "    built without SIMD, about 2x slower with the same pixels" >&2
+  fi
+fi
+
 echo "==> building tilefeat (release)"
 export LIBTORCH_USE_PYTORCH=1
 case "$VENV" in /*) venv_abs=$VENV ;; *) venv_abs=$PWD/$VENV ;; esac

@@ -41,7 +41,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 if !cfg.quiet {
                     let secs = started.elapsed().as_secs_f64();
                     eprintln!(
-                        "tilefeat: {} tiles ({} computed, {} cached, {} skipped) in {:.1} s, {:.1} tiles/s on {} ({:?}) -> {}",
+                        "tilefeat: {} tiles ({} computed, {} cached, {} skipped) in {:.1} s, {:.1} tiles/s on {} ({}) -> {}",
                         p.tiles.found,
                         p.tiles.computed,
                         p.tiles.cache_hits,
@@ -62,8 +62,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 if cfg.profile {
                     let t = &p.timings_s;
                     eprintln!(
-                        "tilefeat: profile (seconds, summed over threads): read {:.2}, hash {:.2}, cache lookup {:.2}, decode {:.2}, resize {:.2}, model waiting for tiles {:.2}, model compute {:.2}, write {:.2}",
-                        t.read, t.hash, t.cache_lookup, t.decode, t.resize, t.model_waiting_for_tiles, t.model_compute, t.write
+                        "tilefeat: profile: startup {:.2} s, pipeline {:.2} s ({:.1} tiles/s) wall; summed over threads (s): read {:.2}, hash {:.2}, cache lookup {:.2}, decode {:.2}, resize {:.2}, model waiting for tiles {:.2}, model compute {:.2}, write {:.2}",
+                        t.startup, t.pipeline, p.tiles.found as f64 / t.pipeline.max(1e-9), t.read, t.hash, t.cache_lookup, t.decode, t.resize, t.model_waiting_for_tiles, t.model_compute, t.write
                     );
                 }
             }

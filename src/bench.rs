@@ -22,6 +22,7 @@ pub fn run(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         BenchWhat::Model => model(a, out),
         BenchWhat::Hash => hash(out),
         BenchWhat::CacheOpen => cache_open(a, out),
+        BenchWhat::Decode => decode(a, out),
     }
 }
 
@@ -183,7 +184,7 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     } else {
         writeln!(
             out,
-            "model-only: {ips:.2} images/s ({} batches of {} on {}, {:?}, {}, {workers} model workers x {per_worker} threads, {:?} {}px)",
+            "model-only: {ips:.2} images/s ({} batches of {} on {}, {}, {}, {workers} model workers x {per_worker} threads, {} {}px)",
             a.batches,
             a.batch_size,
             device_name(device),
@@ -193,5 +194,133 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
             a.size
         )?;
     }
+    Ok(())
+}
+
+/// Per-core throughput of `extract`'s decode workers (read, hash, decode, resize; no cache, no
+/// model) on a real tile folder, per format; then all --threads cores at once. This is the
+/// figure that bounds end-to-end throughput on a GPU: the model needs
+/// `model images/s / tiles/s per core` such cores to stay busy.
+fn decode(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
+    use crate::extract::{prepare, Prepared, WorkerTimes};
+    use crate::tiles::find_tiles;
+    let dir = a
+        .tiles
+        .clone()
+        .ok_or_else(|| fail(ExitKind::Usage, "--what decode needs --tiles DIR"))?;
+    let tiles = find_tiles(&dir)?.tiles;
+    if tiles.is_empty() {
+        return Err(fail(
+            ExitKind::Input,
+            format!(
+                "tile folder {} holds no tiles (*.png, *.jpg, *.jpeg, *.tif, *.tiff)",
+                dir.display()
+            ),
+        ));
+    }
+    let size = a.size as usize;
+    // One untimed pass so that reads come from the page cache, as on a warm node.
+    for t in &tiles {
+        let _ = std::fs::read(&t.path);
+    }
+    let format_of = |t: &crate::tiles::Tile| -> String {
+        let ext = t
+            .path
+            .extension()
+            .map(|e| e.to_string_lossy().to_lowercase());
+        match ext.as_deref() {
+            Some("jpg") | Some("jpeg") => "jpeg".into(),
+            Some("tif") | Some("tiff") => "tiff".into(),
+            Some(e) => e.to_string(),
+            None => "?".into(),
+        }
+    };
+    let mut by_format: std::collections::BTreeMap<String, (usize, WorkerTimes)> =
+        Default::default();
+    let mut bad = 0usize;
+    for t in &tiles {
+        let mut times = WorkerTimes::default();
+        let (_, prepared) = prepare(t, size, None, &mut times);
+        if let Prepared::Bad(_) = prepared {
+            bad += 1;
+            continue;
+        }
+        let e = by_format.entry(format_of(t)).or_default();
+        e.0 += 1;
+        for (sum, x) in [
+            (&mut e.1.read, times.read),
+            (&mut e.1.hash, times.hash),
+            (&mut e.1.decode, times.decode),
+            (&mut e.1.resize, times.resize),
+        ] {
+            *sum += x;
+        }
+    }
+    let ok: usize = by_format.values().map(|(n, _)| n).sum();
+    writeln!(
+        out,
+        "decode workers on {} ({ok} tiles, {bad} unreadable; page cache warm; resize to {size} px), one core, ms per tile:",
+        dir.display()
+    )?;
+    writeln!(
+        out,
+        "  {:<6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>12}",
+        "format", "tiles", "read", "hash", "decode", "resize", "total", "tiles/s/core"
+    )?;
+    let mut all = (0usize, WorkerTimes::default());
+    for (fmt, (n, t)) in &by_format {
+        row(out, fmt, *n, t)?;
+        all.0 += n;
+        all.1.read += t.read;
+        all.1.hash += t.hash;
+        all.1.decode += t.decode;
+        all.1.resize += t.resize;
+    }
+    if by_format.len() > 1 {
+        row(out, "all", all.0, &all.1)?;
+    }
+    // All cores at once: memory bandwidth and frequency scaling show up here.
+    let threads = a.threads.unwrap_or(available_cpus()).max(1);
+    let next = AtomicUsize::new(0);
+    let total = tiles.len().max(250 * threads);
+    let t0 = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let (next, tiles) = (&next, &tiles);
+            scope.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return;
+                }
+                let mut times = WorkerTimes::default();
+                let _ = prepare(&tiles[i % tiles.len()], size, None, &mut times);
+            });
+        }
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    let tps = total as f64 / secs;
+    writeln!(
+        out,
+        "on {threads} threads at once: {tps:.0} tiles/s ({:.0} per thread; {total} tiles)",
+        tps / threads as f64
+    )?;
+    Ok(())
+}
+
+fn row(out: &mut dyn Write, name: &str, n: usize, t: &crate::extract::WorkerTimes) -> Result<()> {
+    let ms = |s: f64| 1e3 * s / n.max(1) as f64;
+    let total = t.read + t.hash + t.decode + t.resize;
+    writeln!(
+        out,
+        "  {:<6} {:>6} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>7.3} {:>12.0}",
+        name,
+        n,
+        ms(t.read),
+        ms(t.hash),
+        ms(t.decode),
+        ms(t.resize),
+        ms(total),
+        n as f64 / total
+    )?;
     Ok(())
 }

@@ -73,6 +73,24 @@ pub enum Precision {
     Fp16,
 }
 
+/// The spelling users type (`fp32`), for messages.
+fn value_name(v: &impl ValueEnum) -> String {
+    v.to_possible_value()
+        .map_or_else(String::new, |p| p.get_name().to_string())
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&value_name(self))
+    }
+}
+
+impl std::fmt::Display for Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&value_name(self))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Layer {
@@ -281,6 +299,9 @@ pub enum BenchWhat {
     Hash,
     /// Opening a cache of --entries records: time and peak memory.
     CacheOpen,
+    /// Read, hash, decode and resize the tiles of --tiles DIR (no model, no cache): tiles/s
+    /// per core and per format, then on --threads cores at once.
+    Decode,
 }
 
 #[derive(Debug, Args)]
@@ -294,6 +315,9 @@ pub struct BenchArgs {
     /// With --what cache-open: the cache directory (created and filled if empty).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// With --what decode: a tile folder (searched recursively, as `extract` does).
+    #[arg(long, value_name = "DIR")]
+    pub tiles: Option<PathBuf>,
     /// Compute device.
     #[arg(long, default_value = "auto")]
     pub device: String,

@@ -39,6 +39,18 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<Image, String> {
     to_rgb8(img, format)
 }
 
+extern "C" {
+    /// libjpeg-turbo's own check (linked in from mozjpeg-sys): 1 when its SIMD kernels were
+    /// built (x86 needs `nasm` at build time) and the CPU supports them.
+    fn jsimd_can_idct_islow() -> std::os::raw::c_int;
+}
+
+/// Whether JPEG decoding uses libjpeg-turbo's SIMD kernels (about 2x faster; same pixels).
+pub fn jpeg_simd() -> bool {
+    // SAFETY: a pure query of compile-time configuration and CPU flags.
+    unsafe { jsimd_can_idct_islow() != 0 }
+}
+
 thread_local! {
     /// Set while libjpeg runs: its errors unwind as panics, which are expected and caught.
     pub static IN_LIBJPEG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };

@@ -179,7 +179,7 @@ impl ExtractConfig {
 }
 
 /// What a worker produced for one tile.
-enum Prepared {
+pub(crate) enum Prepared {
     Hit(Vec<f32>),
     Pixels(Vec<u8>),
     Bad(String),
@@ -208,17 +208,18 @@ enum RowState {
     Rejected(String),
 }
 
+/// Seconds a decode worker spent per step.
 #[derive(Default, Clone)]
-struct WorkerTimes {
-    read: f64,
-    hash: f64,
-    lookup: f64,
-    decode: f64,
-    resize: f64,
+pub(crate) struct WorkerTimes {
+    pub read: f64,
+    pub hash: f64,
+    pub lookup: f64,
+    pub decode: f64,
+    pub resize: f64,
 }
 
 /// Read, hash, look up and (on a miss) decode and resize one tile.
-fn prepare(
+pub(crate) fn prepare(
     tile: &Tile,
     size: usize,
     cache: Option<&Cache>,
@@ -366,7 +367,7 @@ pub fn run(
     if cfg.dry_run {
         writeln!(
             out,
-            "dry run: sample {} — {} tiles in {} -> {}; device {}, precision {:?}, batch {}, {} torch + {} decode threads; weights {} (sha256 {}); fingerprint {}",
+            "dry run: sample {} — {} tiles in {} -> {}; device {}, precision {}, batch {}, {} torch + {} decode threads; weights {} (sha256 {}); fingerprint {}",
             cfg.sample,
             tiles.len(),
             cfg.tile_dir.display(),
@@ -411,7 +412,8 @@ pub fn run(
     let entries_at_open = cache.as_ref().map_or(0, |c| c.len());
 
     let mut progress = Progress::new(tiles.len(), cfg.quiet);
-    let state = pipeline(
+    let pipeline_start = Instant::now();
+    let mut state = pipeline(
         cfg,
         &tiles,
         &runner,
@@ -421,6 +423,8 @@ pub fn run(
         dim,
     )?;
     progress.finish();
+    state.timings.startup = round3((pipeline_start - start).as_secs_f64());
+    state.timings.pipeline = round3(pipeline_start.elapsed().as_secs_f64());
 
     let counters = match &cache {
         Some(c) => Some(c.close()?),
@@ -912,7 +916,7 @@ impl<'a> ModelStage<'a> {
             resize: round3(wt.resize),
             model_waiting_for_tiles: round3(waiting),
             model_compute: round3(self.compute),
-            write: 0.0,
+            ..Timings::default()
         };
         st
     }

@@ -3,6 +3,7 @@
 //! The library behind the `tilefeat` binary; see ARCHITECTURE.md for the codemap and the
 //! invariants each module keeps.
 
+pub mod alloc;
 pub mod app;
 pub mod bench;
 pub mod cache;

@@ -4,6 +4,7 @@
 use clap::Parser;
 
 fn main() {
+    tilefeat::alloc::tune_heap();
     // A panic (a bug, or libtorch failing inside an operation) is reported like any error.
     std::panic::set_hook(Box::new(|info| {
         if tilefeat::decode::IN_LIBJPEG.with(|f| f.get()) {

@@ -66,9 +66,16 @@ pub struct CacheInfo {
     pub damaged_records: u64,
 }
 
-/// Seconds spent per stage, summed over the threads doing it.
+/// Seconds spent per stage, summed over the threads doing it; `startup` and `pipeline` are
+/// wall-clock: listing, loading the weights, building the model and opening the cache, then
+/// everything from the first tile read to the last row written (throughput in steady state is
+/// tiles / `pipeline`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Timings {
+    #[serde(default)]
+    pub startup: f64,
+    #[serde(default)]
+    pub pipeline: f64,
     pub read: f64,
     pub hash: f64,
     pub cache_lookup: f64,

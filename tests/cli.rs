@@ -377,3 +377,97 @@ fn weights_verify_rejects_garbage() {
         .code(4)
         .stderr(predicate::str::contains("w.safetensors"));
 }
+
+#[test]
+fn profile_reports_wall_times_and_stage_times() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("f.csv");
+    let o = extract_cmd(&demo_sample("sampleA"), &out)
+        .args(["--profile", "--quiet", "--no-cache"])
+        .assert()
+        .success();
+    let stderr = String::from_utf8_lossy(&o.get_output().stderr).into_owned();
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("tilefeat: profile:"))
+        .unwrap_or_else(|| panic!("no profile line in:\n{stderr}"));
+    for part in [
+        "startup",
+        "pipeline",
+        "tiles/s",
+        "decode",
+        "resize",
+        "model compute",
+    ] {
+        assert!(line.contains(part), "{part} missing from {line}");
+    }
+    let prov = provenance(&out);
+    let t = &prov["timings_s"];
+    let (startup, pipeline) = (
+        t["startup"].as_f64().unwrap(),
+        t["pipeline"].as_f64().unwrap(),
+    );
+    let elapsed = prov["elapsed_s"].as_f64().unwrap();
+    assert!(startup > 0.0 && pipeline > 0.0, "{t:?}");
+    // Both are parts of the run's wall time (rounded to ms each).
+    assert!(startup + pipeline <= elapsed + 0.002, "{t:?} vs {elapsed}");
+    assert!(t["model_compute"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bench_decode_reports_each_format_and_unreadable_tiles() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("tiles");
+    copy_dir(&demo_sample("sampleA"), &tiles);
+    std::fs::write(tiles.join("broken.png"), b"not a png").unwrap();
+    let out = tilefeat()
+        .args([
+            "bench",
+            "--what",
+            "decode",
+            "--threads",
+            "2",
+            "--size",
+            "64",
+        ])
+        .arg("--tiles")
+        .arg(&tiles)
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.contains("(6 tiles, 1 unreadable;"), "{out}");
+    assert!(out.contains("resize to 64 px"), "{out}");
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| matches!(w.first(), Some(&"png" | &"jpeg" | &"all")))
+        .collect();
+    let names: Vec<&str> = rows.iter().map(|w| w[0]).collect();
+    assert_eq!(names, ["jpeg", "png", "all"], "{out}");
+    let count = |name: &str| rows.iter().find(|w| w[0] == name).unwrap()[1];
+    assert_eq!((count("jpeg"), count("png"), count("all")), ("2", "4", "6"));
+    for w in &rows {
+        let per_core: f64 = w[7].parse().unwrap();
+        assert!(per_core > 0.0 && per_core.is_finite(), "{w:?}");
+    }
+    assert!(out.contains("on 2 threads at once:"), "{out}");
+}
+
+#[test]
+fn bench_decode_needs_a_tile_folder() {
+    tilefeat()
+        .args(["bench", "--what", "decode"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--tiles DIR"));
+    let d = tempfile::tempdir().unwrap();
+    tilefeat()
+        .args(["bench", "--what", "decode", "--tiles"])
+        .arg(d.path())
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("holds no tiles"));
+}
