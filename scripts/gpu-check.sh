@@ -11,7 +11,7 @@
 # (fp32, fp16, bf16 at batch 256); the full benchmark (tilefeat end-to-end and model-only,
 # Python tutorial loop and bf16 DataLoader pipeline, ratios); decoder speed per core.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT_DIR=${1:-${OUT:-/tmp/tilefeat-gpu}}
 mkdir -p "$OUT_DIR"
 exec > >(tee "$OUT_DIR/gpu-report.txt") 2>&1
