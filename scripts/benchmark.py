@@ -169,7 +169,7 @@ def main() -> None:
     if "all" in dpc:
         print(f"  decoders (read+hash+decode+resize): {dpc['all']:.0f} tiles/s per core "
               f"({', '.join(f'{k} {v:.0f}' for k, v in dpc.items() if k != 'all')}); "
-              f"the model-only rate needs {mo / dpc['all']:.1f} such cores")
+              f"the model-only rate needs {mo / dpc['all']:.2f} such cores")
     if "python_tutorial_loop" in results:
         n = results["python_tiles"]
         tl, dl = results["python_tutorial_loop"], results["python_dataloader"]
