@@ -262,6 +262,9 @@ struct Runner {
     size: i64,
     /// Pad partial batches to this size (fixed shapes for cuDNN's autotuner).
     pad_to: Option<usize>,
+    /// This worker's input buffer, reused from batch to batch (page-locked on a GPU, so the
+    /// upload is one DMA from where the pixels were copied once), and whether it is pinned.
+    staging: std::cell::RefCell<Option<(Tensor, bool)>>,
 }
 
 impl Runner {
@@ -277,9 +280,11 @@ impl Runner {
             model,
             size: size as i64,
             pad_to,
+            staging: Default::default(),
         }
     }
 
+    /// A handle for another worker: shared weights, its own staging buffer.
     fn shallow_clone(&self) -> Runner {
         Runner {
             model: self.model.shallow_clone(),
@@ -287,7 +292,41 @@ impl Runner {
             std: self.std.shallow_clone(),
             size: self.size,
             pad_to: self.pad_to,
+            staging: Default::default(),
         }
+    }
+
+    /// `rows` tiles of input on the CPU: the `n` tiles of `pixels`, then zeros. Copies the
+    /// pixels once, into this worker's staging buffer (allocated, and on a GPU pinned, when the
+    /// shape changes). Returns the buffer and whether it is pinned.
+    fn stage(&self, pixels: &[u8], n: usize, rows: usize) -> (Tensor, bool) {
+        let shape = [rows as i64, self.size, self.size, 3];
+        let mut slot = self.staging.borrow_mut();
+        if slot.as_ref().is_none_or(|(t, _)| t.size() != shape) {
+            let t = Tensor::zeros(shape, (Kind::Uint8, Device::Cpu));
+            *slot = Some(match self.model.options().device {
+                Device::Cpu => (t, false),
+                // `_pin_memory` directly: `pin_memory(device)` prints a deprecation warning.
+                // If pinning fails, pageable memory works too (slower uploads).
+                d => match t.f_internal_pin_memory(d) {
+                    Ok(pinned) => (pinned, true),
+                    Err(_) => (t, false),
+                },
+            });
+        }
+        let (buf, pinned) = slot.as_ref().expect("staging buffer was just set");
+        let row_bytes = (self.size * self.size * 3) as usize;
+        assert_eq!(pixels.len(), n * row_bytes, "batch pixel buffer size");
+        assert!(buf.is_contiguous() && buf.kind() == Kind::Uint8 && n <= rows);
+        // SAFETY: `buf` is a contiguous u8 CPU tensor of `rows * row_bytes` bytes that only
+        // this worker uses, and no earlier upload still reads it: `run` waits for its features
+        // (which come after the upload on the same stream) before it returns.
+        unsafe {
+            let dst = buf.data_ptr() as *mut u8;
+            std::ptr::copy_nonoverlapping(pixels.as_ptr(), dst, pixels.len());
+            std::ptr::write_bytes(dst.add(pixels.len()), 0, (rows - n) * row_bytes);
+        }
+        (buf.shallow_clone(), *pinned)
     }
 
     /// `pixels` holds `n` RGB tiles of size x size; returns `n * D` features.
@@ -295,22 +334,10 @@ impl Runner {
         let _guard = tch::no_grad_guard();
         let opts = self.model.options();
         let rows = self.pad_to.map_or(n, |p| p.max(n));
-        let mut input = Tensor::from_slice(pixels).view([n as i64, self.size, self.size, 3]);
-        if rows > n {
-            let pad = Tensor::zeros(
-                [(rows - n) as i64, self.size, self.size, 3],
-                (Kind::Uint8, Device::Cpu),
-            );
-            input = Tensor::cat(&[input, pad], 0);
-        }
+        let (staged, pinned) = self.stage(pixels, n, rows);
         let input = match opts.device {
-            Device::Cpu => input,
-            // `_pin_memory` directly: `pin_memory(device)` prints a deprecation warning per
-            // call. If pinning fails, copy from pageable memory (slower, same result).
-            d => match input.f_internal_pin_memory(d) {
-                Ok(pinned) => pinned.to_device_(d, Kind::Uint8, true, false),
-                Err(_) => input.to_device(d),
-            },
+            Device::Cpu => staged,
+            d => staged.to_device_(d, Kind::Uint8, pinned, false),
         };
         // ToTensor (x / 255) and Normalize ((x - mean) / std) in f32, as torchvision does.
         let x = input.permute([0, 3, 1, 2]).to_kind(Kind::Float);
@@ -1100,5 +1127,53 @@ mod tests {
         }
         // Small groups stay on the writer thread.
         assert_eq!(format_rows(&rows[..20], &tiles, 4).len(), 1);
+    }
+
+    /// The staging buffer (reused per worker, padded as on a GPU) gives each tile the features
+    /// it gets alone: pixels land in the right rows, reuse and reallocation are clean.
+    #[test]
+    fn staged_padded_batches_match_single_tiles() {
+        use crate::cli::{Layer, Pool};
+        let opts = RunOptions {
+            device: Device::Cpu,
+            precision: Precision::Fp32,
+            channels_last: true,
+        };
+        let model = ResNetTrunk::new(
+            &weights::random_state_dict(1, Layer::Layer4),
+            Layer::Layer4,
+            Pool::Max,
+            opts,
+        )
+        .unwrap();
+        let size = 32usize;
+        let tile_bytes = size * size * 3;
+        let tiles: Vec<Vec<u8>> = (0..4u32)
+            .map(|t| {
+                (0..tile_bytes as u32)
+                    .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(t * 977) >> 13) as u8)
+                    .collect()
+            })
+            .collect();
+        let single = Runner::new(model.shallow_clone(), Normalize::Tutorial, 32, None);
+        let alone: Vec<Vec<f32>> = tiles.iter().map(|t| single.run(t, 1).unwrap()).collect();
+        let padded = Runner::new(model, Normalize::Tutorial, 32, Some(5));
+        for group in [&[0usize, 1, 2][..], &[3, 1], &[2, 0, 3, 1]] {
+            let pixels: Vec<u8> = group.iter().flat_map(|&i| tiles[i].clone()).collect();
+            let got = padded.run(&pixels, group.len()).unwrap();
+            assert_eq!(got.len(), group.len() * 2048);
+            for (k, &i) in group.iter().enumerate() {
+                let row = &got[k * 2048..(k + 1) * 2048];
+                let scale = alone[i].iter().fold(0f32, |m, v| m.max(v.abs()));
+                let err = row
+                    .iter()
+                    .zip(&alone[i])
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    err <= 1e-5 * scale,
+                    "tile {i} in {group:?}: {err} vs {scale}"
+                );
+            }
+        }
     }
 }
