@@ -54,8 +54,8 @@ fi
 if ! command -v nasm >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "==> installing nasm with apt-get (libjpeg-turbo SIMD)"
-    apt-get install -y -q --no-install-recommends nasm >/dev/null 2>&1 ||
-      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends nasm >/dev/null 2>&1; } ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nasm >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nasm >/dev/null 2>&1; } ||
       echo "==> warning: could not install nasm; JPEG decoding will be built without SIMD" >&2
   else
     echo "==> warning: nasm not found (apt install nasm / module load nasm): JPEG decoding will be" >&2
