@@ -90,8 +90,8 @@ python3 scripts/benchmark.py --device cuda --precision fp32 --batch-size 256 --t
 section "decoders: tiles/s per core, then on all cores (read, hash, decode, resize; no model)"
 "$B" bench --what decode --tiles "$W/bench/tiles4000" --threads "$(nproc)"
 
-section "extract profile, bf16, batch 256, 4000 tiles: decode threads 8 and all-but-one"
-for d in 8 $(( $(nproc) - 1 )); do
+section "extract profile, bf16, batch 256, 4000 tiles: decode threads 8 and all cores but one"
+for d in $(printf '%s\n' 8 $(( $(nproc) > 1 ? $(nproc) - 1 : 1 )) | sort -un); do
   echo "decode-threads $d:"
   "$B" extract "$W/bench/tiles4000" -o "$W/dec.csv" --weights random:0 --device cuda --precision bf16 \
     --batch-size 256 --decode-threads "$d" --profile --quiet 2>&1 | tail -1

@@ -54,9 +54,13 @@ fi
 if ! command -v nasm >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "==> installing nasm with apt-get (libjpeg-turbo SIMD)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nasm >/dev/null 2>&1 ||
-      { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nasm >/dev/null 2>&1; } ||
+    if DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nasm >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nasm >/dev/null 2>&1; }; then
+      # A libjpeg-turbo built earlier without nasm is not rebuilt by itself.
+      "${CARGO:-cargo}" clean --release -p mozjpeg-sys >/dev/null 2>&1 || true
+    else
       echo "==> warning: could not install nasm; JPEG decoding will be built without SIMD" >&2
+    fi
   else
     echo "==> warning: nasm not found (apt install nasm / module load nasm): JPEG decoding will be" >&2
     echo "    built without SIMD, about 2x slower with the same pixels" >&2

@@ -208,6 +208,12 @@ fn decode(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         .tiles
         .clone()
         .ok_or_else(|| fail(ExitKind::Usage, "--what decode needs --tiles DIR"))?;
+    if !(16..=4096).contains(&a.size) {
+        return Err(fail(
+            ExitKind::Usage,
+            format!("--size {}: must be between 16 and 4096", a.size),
+        ));
+    }
     let tiles = find_tiles(&dir)?.tiles;
     if tiles.is_empty() {
         return Err(fail(
@@ -237,14 +243,14 @@ fn decode(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     };
     let mut by_format: std::collections::BTreeMap<String, (usize, WorkerTimes)> =
         Default::default();
-    let mut bad = 0usize;
+    let mut good = Vec::with_capacity(tiles.len());
     for t in &tiles {
         let mut times = WorkerTimes::default();
         let (_, prepared) = prepare(t, size, None, &mut times);
         if let Prepared::Bad(_) = prepared {
-            bad += 1;
             continue;
         }
+        good.push(t.clone());
         let e = by_format.entry(format_of(t)).or_default();
         e.0 += 1;
         for (sum, x) in [
@@ -256,7 +262,16 @@ fn decode(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
             *sum += x;
         }
     }
-    let ok: usize = by_format.values().map(|(n, _)| n).sum();
+    let ok = good.len();
+    let bad = tiles.len() - ok;
+    if ok == 0 {
+        return Err(fail(
+            ExitKind::Input,
+            format!("no tile under {} could be decoded", dir.display()),
+        ));
+    }
+    // Only decodable tiles from here on: failures return early and would inflate tiles/s.
+    let tiles = good;
     writeln!(
         out,
         "decode workers on {} ({ok} tiles, {bad} unreadable; page cache warm; resize to {size} px), one core, ms per tile:",

@@ -136,11 +136,7 @@ pub fn info(out: &mut dyn std::io::Write) -> Result<()> {
     writeln!(
         out,
         "heap tuning for libtorch: {}",
-        if crate::alloc::heap_tuned() {
-            "on"
-        } else {
-            "off (not glibc, or MALLOC_*_/GLIBC_TUNABLES set)"
-        }
+        crate::alloc::heap_tuning()
     )?;
     Ok(())
 }

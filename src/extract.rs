@@ -713,7 +713,7 @@ fn pipeline(
 /// rows each, so concatenating the parts keeps the order).
 fn format_rows(rows: &[OutRow], tiles: &[Tile], threads: usize) -> Vec<String> {
     let format = |chunk: &[OutRow]| {
-        let mut text = String::with_capacity(chunk.len() * 24 * 1024);
+        let mut text = String::with_capacity(chunk.len() * 28 * 1024);
         for r in chunk {
             push_csv_field(&mut text, &tiles[r.idx].rel);
             push_features(&mut text, &r.features);

@@ -67,9 +67,9 @@ pub struct CacheInfo {
 }
 
 /// Seconds spent per stage, summed over the threads doing it; `startup` and `pipeline` are
-/// wall-clock: listing, loading the weights, building the model and opening the cache, then
-/// everything from the first tile read to the last row written (throughput in steady state is
-/// tiles / `pipeline`).
+/// wall-clock: listing the tiles, loading the weights, building the model (on a GPU: creating
+/// the CUDA context) and opening the cache; then everything from the first tile read to the
+/// last row written, the first batch's cuDNN autotuning included.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Timings {
     #[serde(default)]

@@ -119,9 +119,10 @@ pub fn resize_linear(src: &Image, dst_w: usize, dst_h: usize) -> Image {
         .map(|(sx, a0, a1)| {
             let sx = sx as usize;
             let sx1 = (sx + 1).min(src.width - 1);
+            let offset = |x: usize| u32::try_from(x * cn).expect("image row under 4 GiB");
             Tap {
-                o0: (sx * cn) as u32,
-                o1: (sx1 * cn) as u32,
+                o0: offset(sx),
+                o1: offset(sx1),
                 a0,
                 a1,
             }
@@ -189,8 +190,8 @@ pub fn resize_linear(src: &Image, dst_w: usize, dst_h: usize) -> Image {
     Image::new(dst_w, dst_h, cn, out)
 }
 
-/// The three-channel horizontal pass with SSSE3: one pixel per instruction sequence instead of
-/// ~25 scalar instructions (about 3x faster per resize, same values).
+/// The three-channel horizontal pass with SSSE3: six instructions per pixel instead of ~25
+/// scalar ones (the whole resize 2.4x faster, same values).
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Tap;
