@@ -8,8 +8,9 @@
 //! fp32 run 1.40 -> 1.78 GB, as memory now stays near the run's high-water mark instead of
 //! dipping between batches. Results are byte-identical (only where buffers live changes).
 //!
-//! Only on glibc, and never over a user's own malloc settings (`MALLOC_*` variables or
-//! `glibc.malloc.*` in `GLIBC_TUNABLES`), which glibc has already applied when `main` starts.
+//! Only on glibc, never over a user's own malloc settings (`MALLOC_*` variables or
+//! `glibc.malloc.*` in `GLIBC_TUNABLES`, which glibc has already applied when `main` starts),
+//! and not when `TILEFEAT_NO_HEAP_TUNING` is set (for jobs whose memory limit is tight).
 //! Older glibc refuses thresholds above 32 MiB; the tuning then uses 32 MiB (smaller buffers
 //! still benefit). The trim threshold is only raised together with the mmap threshold: on its
 //! own it switches off glibc's dynamic threshold and was measured slower (bf16 28 images/s).
@@ -56,6 +57,9 @@ mod imp {
                 v.to_string_lossy().into_owned(),
             )
         });
+        if std::env::var_os("TILEFEAT_NO_HEAP_TUNING").is_some_and(|v| !v.is_empty()) {
+            return "off (TILEFEAT_NO_HEAP_TUNING is set)";
+        }
         if user_set(vars) {
             return "off (MALLOC_* or glibc.malloc tunables set by the user)";
         }

@@ -18,7 +18,36 @@ fn version_and_info() {
         .assert()
         .success()
         .stdout(predicate::str::contains("libtorch 2.11.0"))
-        .stdout(predicate::str::contains("cuda available:"));
+        .stdout(predicate::str::contains("cuda available:"))
+        .stdout(predicate::str::contains(
+            "jpeg decoding: libjpeg-turbo, SIMD ",
+        ));
+}
+
+#[test]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn heap_tuning_is_on_unless_the_user_says_otherwise() {
+    let line = |envs: &[(&str, &str)]| {
+        let mut c = tilefeat();
+        c.env_remove("GLIBC_TUNABLES")
+            .env_remove("TILEFEAT_NO_HEAP_TUNING");
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_")) {
+            c.env_remove(k);
+        }
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        let out = c.arg("info").output().unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.lines()
+            .find(|l| l.starts_with("heap tuning for libtorch: "))
+            .unwrap_or_else(|| panic!("no heap tuning line in:\n{text}"))
+            .to_string()
+    };
+    assert!(line(&[]).contains(": on ("), "{}", line(&[]));
+    assert!(line(&[("GLIBC_TUNABLES", "glibc.pthread.rseq=0")]).contains(": on ("));
+    assert!(line(&[("TILEFEAT_NO_HEAP_TUNING", "1")]).contains("off (TILEFEAT_NO_HEAP_TUNING"));
+    assert!(line(&[("MALLOC_ARENA_MAX", "2")]).contains("off (MALLOC_*"));
 }
 
 #[test]
