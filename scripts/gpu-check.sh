@@ -9,7 +9,8 @@
 # `--device cuda` runs on the GPU; GPU features vs the tutorial pipeline on the GPU and vs
 # tilefeat on the CPU; bf16/fp16 precision effects against fp32; model-only throughput
 # (fp32, fp16, bf16 at batch 256); the full benchmark (tilefeat end-to-end and model-only,
-# Python tutorial loop and bf16 DataLoader pipeline, ratios); decoder speed per core.
+# Python tutorial loop and bf16 DataLoader pipeline, ratios); decoder speed per core; a
+# 16,000-tile end-to-end run with its profile (start-up vs pipeline).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT_DIR=${1:-${OUT:-/tmp/tilefeat-gpu}}
@@ -96,4 +97,12 @@ for d in $(printf '%s\n' 8 $(( $(nproc) > 1 ? $(nproc) - 1 : 1 )) | sort -un); d
   "$B" extract "$W/bench/tiles4000" -o "$W/dec.csv" --weights random:0 --device cuda --precision bf16 \
     --batch-size 256 --decode-threads "$d" --profile --quiet 2>&1 | tail -1
 done
+
+section "end-to-end, 16,000 tiles (the 4,000 linked 4 times; no cache), bf16, batch 256"
+mkdir -p "$W/t16k"
+for k in 0 1 2 3; do
+  for f in "$W"/bench/tiles4000/*; do ln -sf "$f" "$W/t16k/${k}_$(basename "$f")"; done
+done
+"$B" extract "$W/t16k" -o "$W/e16k.csv" --weights random:0 --device cuda --precision bf16 \
+  --batch-size 256 --profile --quiet 2>&1 | tail -1
 echo "done"

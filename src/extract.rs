@@ -310,7 +310,15 @@ impl Runner {
                 // If pinning fails, pageable memory works too (slower uploads).
                 d => match t.f_internal_pin_memory(d) {
                     Ok(pinned) => (pinned, true),
-                    Err(_) => (t, false),
+                    Err(e) => {
+                        let first = e.to_string();
+                        let first = first.lines().next().unwrap_or_default();
+                        eprintln!(
+                            "tilefeat: warning: cannot pin host memory for uploads ({first}); \
+                             using pageable memory (slower, same results)"
+                        );
+                        (t, false)
+                    }
                 },
             });
         }
