@@ -253,14 +253,7 @@ fn decode(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         good.push(t.clone());
         let e = by_format.entry(format_of(t)).or_default();
         e.0 += 1;
-        for (sum, x) in [
-            (&mut e.1.read, times.read),
-            (&mut e.1.hash, times.hash),
-            (&mut e.1.decode, times.decode),
-            (&mut e.1.resize, times.resize),
-        ] {
-            *sum += x;
-        }
+        e.1 += &times;
     }
     let ok = good.len();
     let bad = tiles.len() - ok;
@@ -286,10 +279,7 @@ fn decode(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     for (fmt, (n, t)) in &by_format {
         row(out, fmt, *n, t)?;
         all.0 += n;
-        all.1.read += t.read;
-        all.1.hash += t.hash;
-        all.1.decode += t.decode;
-        all.1.resize += t.resize;
+        all.1 += t;
     }
     if by_format.len() > 1 {
         row(out, "all", all.0, &all.1)?;

@@ -218,6 +218,16 @@ pub(crate) struct WorkerTimes {
     pub resize: f64,
 }
 
+impl std::ops::AddAssign<&WorkerTimes> for WorkerTimes {
+    fn add_assign(&mut self, o: &WorkerTimes) {
+        self.read += o.read;
+        self.hash += o.hash;
+        self.lookup += o.lookup;
+        self.decode += o.decode;
+        self.resize += o.resize;
+    }
+}
+
 /// Read, hash, look up and (on a miss) decode and resize one tile.
 pub(crate) fn prepare(
     tile: &Tile,
@@ -879,11 +889,7 @@ impl<'a> ModelStage<'a> {
                     return Err(anyhow::anyhow!("decode workers stopped unexpectedly"));
                 };
                 waiting += t.elapsed().as_secs_f64();
-                wt.read += times.read;
-                wt.hash += times.hash;
-                wt.lookup += times.lookup;
-                wt.decode += times.decode;
-                wt.resize += times.resize;
+                wt += &times;
                 reorder.insert(it.idx, it);
             };
             next += 1;
