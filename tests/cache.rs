@@ -68,10 +68,7 @@ fn rerun_hits_and_equals_and_moving_tiles_still_hits() {
         .assert()
         .success();
     assert_eq!(prov_u64(&o, &["cache", "hits"]), 0);
-    tilefeat()
-        .args(["cache", "verify", "--cache-dir", cache.to_str().unwrap()])
-        .assert()
-        .success();
+    cache_cmd("verify", &cache).assert().success();
     tilefeat()
         .args(["cache", "stats", "--cache-dir", cache.to_str().unwrap()])
         .assert()
@@ -148,8 +145,7 @@ fn damaged_packs_are_reported_never_served_and_recomputed() {
             _ => bytes.truncate(bytes.len() - 100),
         }
         std::fs::write(pack, bytes).unwrap();
-        tilefeat()
-            .args(["cache", "verify", "--cache-dir", cache.to_str().unwrap()])
+        cache_cmd("verify", &cache)
             .assert()
             .code(7)
             .stdout(predicate::str::contains("DAMAGED"));
@@ -171,10 +167,7 @@ fn damaged_packs_are_reported_never_served_and_recomputed() {
             .args(["cache", "gc", "--cache-dir", cache.to_str().unwrap()])
             .assert()
             .success();
-        tilefeat()
-            .args(["cache", "verify", "--cache-dir", cache.to_str().unwrap()])
-            .assert()
-            .success();
+        cache_cmd("verify", &cache).assert().success();
         assert_eq!(pack_files(&cache).len(), 1);
         extract_ok(&tiles, &again, &args(&c, &[]));
         assert_eq!(
@@ -255,10 +248,7 @@ fn kill_9_then_resume_gives_identical_csv() {
         hits >= stored_before.min(40),
         "nothing stored before the kills is recomputed: {hits} < {stored_before}"
     );
-    tilefeat()
-        .args(["cache", "verify", "--cache-dir", cache.to_str().unwrap()])
-        .assert()
-        .success();
+    cache_cmd("verify", &cache).assert().success();
     assert!(
         files_containing(d.path(), ".tilefeat-tmp.").is_empty(),
         "stale temp files removed"
@@ -315,10 +305,7 @@ fn concurrent_writers_share_one_cache() {
             &format!("set {k}"),
         );
     }
-    tilefeat()
-        .args(["cache", "verify", "--cache-dir", cache.to_str().unwrap()])
-        .assert()
-        .success();
+    cache_cmd("verify", &cache).assert().success();
     // No entry lost: the union is all hits.
     let out = d.path().join("union.csv");
     extract_ok(&all, &out, &["--cache-dir", cache.to_str().unwrap()]);
@@ -387,20 +374,8 @@ fn one_miss_before_many_hits_does_not_hang() {
     }
     let out = d.path().join("o.csv");
     extract_ok(&warm, &out, &["--cache-dir", cache.to_str().unwrap()]);
-    tilefeat()
-        .args([
-            "extract",
-            all.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .args([
-            "--weights",
-            "random:0",
-            "--quiet",
-            "--cache-dir",
-            cache.to_str().unwrap(),
-        ])
+    extract_cmd(&all, &out)
+        .args(["--quiet", "--cache-dir", cache.to_str().unwrap()])
         .timeout(Duration::from_secs(120))
         .assert()
         .success();

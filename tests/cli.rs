@@ -61,14 +61,7 @@ fn usage_errors_exit_2() {
         ["--device", "tpu"],
         ["--pool", "min"],
     ] {
-        tilefeat()
-            .args([
-                "extract",
-                demo_sample("sampleA").to_str().unwrap(),
-                "-o",
-                out.to_str().unwrap(),
-            ])
-            .args(["--weights", "random:0"])
+        extract_cmd(&demo_sample("sampleA"), &out)
             .args(bad)
             .assert()
             .code(2)
@@ -129,28 +122,15 @@ fn bad_weights_exit_4() {
         ("/no/such/weights.pth", "does not exist"),
         ("random:abc", "SEED"),
     ] {
-        tilefeat()
-            .args([
-                "extract",
-                tiles.to_str().unwrap(),
-                "-o",
-                out.to_str().unwrap(),
-                "--weights",
-                w,
-            ])
+        extract_base(&tiles, &out)
+            .args(["--weights", w])
             .assert()
             .code(4)
             .stderr(predicate::str::contains(msg));
     }
     // No weights and an empty torchvision cache: instructions, not a crash.
-    tilefeat()
+    extract_base(&tiles, &out)
         .env("TORCH_HOME", d.path())
-        .args([
-            "extract",
-            tiles.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
         .assert()
         .code(4)
         .stderr(
@@ -170,14 +150,8 @@ fn cuda_without_cuda_fails_loudly() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("x.csv");
     for dev in ["cuda", "cuda:1"] {
-        tilefeat()
-            .args([
-                "extract",
-                demo_sample("sampleC").to_str().unwrap(),
-                "-o",
-                out.to_str().unwrap(),
-            ])
-            .args(["--weights", "random:0", "--device", dev])
+        extract_cmd(&demo_sample("sampleC"), &out)
+            .args(["--device", dev])
             .assert()
             .code(5)
             .stderr(predicate::str::contains("CUDA is not available"));
@@ -311,14 +285,8 @@ fn bad_tiles_skip_are_recorded() {
     std::fs::write(tiles.join("b_truncated.jpg"), &good[..good.len() / 2]).unwrap();
     std::fs::write(tiles.join("c_text.tif"), b"hello").unwrap();
     let out = d.path().join("x.csv");
-    tilefeat()
-        .args([
-            "extract",
-            tiles.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .args(["--weights", "random:0", "--on-error", "skip"])
+    extract_cmd(&tiles, &out)
+        .args(["--on-error", "skip"])
         .assert()
         .success()
         .stderr(predicate::str::contains("skipping"));
@@ -346,13 +314,7 @@ fn bad_tiles_skip_are_recorded() {
 fn dry_run_validates_and_writes_nothing() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("x.csv");
-    tilefeat()
-        .args([
-            "extract",
-            demo_sample("sampleB").to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
+    extract_base(&demo_sample("sampleB"), &out)
         .args(["--weights", "random:3", "--dry-run", "--sample", "B"])
         .assert()
         .success()

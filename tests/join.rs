@@ -53,18 +53,7 @@ fn join_streams_samples_and_aggregates() {
     )
     .unwrap();
     let mean = d.path().join("mean.csv");
-    tilefeat()
-        .args([
-            "join",
-            "--from-list",
-            list.to_str().unwrap(),
-            "-o",
-            mean.to_str().unwrap(),
-            "--aggregate",
-            "mean",
-        ])
-        .assert()
-        .success();
+    join_list(&list, &mean, "mean");
     let m = read(&mean);
     let mlines: Vec<&str> = m.lines().collect();
     assert_eq!(mlines.len(), 4);
@@ -81,18 +70,7 @@ fn join_streams_samples_and_aggregates() {
     let got: f32 = mlines[3].split(',').nth(2).unwrap().parse().unwrap();
     assert_eq!(got, expect);
     let max = d.path().join("max.csv");
-    tilefeat()
-        .args([
-            "join",
-            "--from-list",
-            list.to_str().unwrap(),
-            "-o",
-            max.to_str().unwrap(),
-            "--aggregate",
-            "max",
-        ])
-        .assert()
-        .success();
+    join_list(&list, &max, "max");
     let got: f32 = read(&max)
         .lines()
         .nth(3)
@@ -174,4 +152,13 @@ fn join_refuses_bad_inputs_and_writes_nothing() {
         .stderr(predicate::str::contains("no provenance file"));
     assert!(!cohort.exists(), "nothing written under the final name");
     assert!(files_containing(d.path(), ".tilefeat-tmp.").is_empty());
+}
+
+/// `tilefeat join --from-list LIST -o OUT --aggregate HOW`, which must succeed.
+fn join_list(list: &Path, out: &Path, aggregate: &str) {
+    tilefeat()
+        .args(["join", "--from-list", list.to_str().unwrap()])
+        .args(["-o", out.to_str().unwrap(), "--aggregate", aggregate])
+        .assert()
+        .success();
 }

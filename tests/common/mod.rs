@@ -20,16 +20,29 @@ pub fn tilefeat() -> Command {
     c
 }
 
-/// `tilefeat extract TILES -o OUT --weights random:0`, to which a test adds its flags.
-pub fn extract_cmd(tiles: &Path, out: &Path) -> Command {
+/// `tilefeat extract TILES -o OUT`, with no weights (the tests of weight lookup add theirs).
+pub fn extract_base(tiles: &Path, out: &Path) -> Command {
     let mut c = tilefeat();
     c.args([
         "extract",
         tiles.to_str().unwrap(),
         "-o",
         out.to_str().unwrap(),
-    ])
-    .args(["--weights", "random:0"]);
+    ]);
+    c
+}
+
+/// `tilefeat extract TILES -o OUT --weights random:0`, to which a test adds its flags.
+pub fn extract_cmd(tiles: &Path, out: &Path) -> Command {
+    let mut c = extract_base(tiles, out);
+    c.args(["--weights", "random:0"]);
+    c
+}
+
+/// `tilefeat cache SUBCOMMAND --cache-dir CACHE`.
+pub fn cache_cmd(subcommand: &str, cache: &Path) -> Command {
+    let mut c = tilefeat();
+    c.args(["cache", subcommand, "--cache-dir", cache.to_str().unwrap()]);
     c
 }
 
@@ -65,13 +78,7 @@ pub fn copy_dir(from: &Path, to: &Path) {
 
 /// Run `extract` with random weights and extra args; panics unless it succeeds.
 pub fn extract_ok(tiles: &Path, out: &Path, extra: &[&str]) -> String {
-    let o = tilefeat()
-        .args([
-            "extract",
-            tiles.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
+    let o = extract_base(tiles, out)
         .args(if extra.contains(&"--weights") {
             vec![]
         } else {
