@@ -15,24 +15,19 @@
 //! still benefit). The trim threshold is only raised together with the mmap threshold: on its
 //! own it switches off glibc's dynamic threshold and was measured slower (bf16 28 images/s).
 
-use std::sync::Mutex;
+use std::sync::OnceLock;
 
-static STATE: Mutex<Option<&'static str>> = Mutex::new(None);
+static STATE: OnceLock<&'static str> = OnceLock::new();
 
 /// Apply the tuning once, before any thread starts. Returns a one-line account of what was
-/// done (also shown by `tilefeat info`).
+/// done (also shown by `tilefeat info`); later calls change nothing and return the same.
 pub fn tune_heap() -> &'static str {
-    let state = imp::tune_heap();
-    *STATE.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
-    state
+    STATE.get_or_init(imp::tune_heap)
 }
 
 /// What [`tune_heap`] did in this process ("not applied" if it was not called).
 pub fn heap_tuning() -> &'static str {
-    STATE
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .unwrap_or("not applied")
+    STATE.get().copied().unwrap_or("not applied")
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
