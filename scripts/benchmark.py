@@ -2,8 +2,9 @@
 """tilefeat throughput benchmark: one command, one run, the same tiles for everyone.
 
 Prints tiles/s for
-  1. tilefeat end-to-end (read, hash, decode, resize, model, write),
+  1. tilefeat end-to-end (read, decode, resize, model, write; no cache, so no hashing),
   2. tilefeat model-only (random input, same batch, precision and device: the ceiling),
+     and the pipeline without the network (the most the CPU side can feed a device),
   3. the Python tutorial loop (one tile at a time, cv2 + torchvision, as the notebook),
   4. the batched Python DataLoader pipeline (bf16 on a GPU, like tilefeat's --precision),
 and their ratios; with --cache also a cached rerun, SHA-256 speed and a 1M-entry cache open.
@@ -126,6 +127,10 @@ def main() -> None:
     results["decode_bench"] = dec.strip()
     per_core = [l.split() for l in dec.splitlines() if l.split()[:1] in (["all"], ["png"], ["jpeg"])]
     results["decode_tiles_per_s_per_core"] = {r[0]: float(r[-1]) for r in per_core}
+    # The whole pipeline with a stand-in for the network (as `extract --device cuda` splits
+    # the threads: all but one decode): the most this host can feed any device.
+    pipe = run([str(a.bin), "bench", "--what", "pipeline", "--tiles", str(tiles), "--batch-size", str(a.batch_size), "--machine"])
+    results["pipeline_without_network"] = float(pipe.split("tiles_per_s=")[1].split()[0])
 
     if not a.skip_python:
         n_py = a.python_tiles or (a.tiles if gpu else 120)
@@ -178,6 +183,8 @@ def main() -> None:
         print(f"  decoders (read+hash+decode+resize): {dpc['all']:.0f} tiles/s per core "
               f"({', '.join(f'{k} {v:.0f}' for k, v in dpc.items() if k != 'all')}); "
               f"the model-only rate needs {mo / dpc['all']:.2f} such cores")
+    pn = results["pipeline_without_network"]
+    print(f"  pipeline without the network {pn:8.0f} tiles/s   (all cores but one decoding; the most this host can feed a device: {pn / mo:.2f}x model-only)")
     if "python_tutorial_loop" in results:
         n = results["python_tiles"]
         tl, dl = results["python_tutorial_loop"], results["python_dataloader"]

@@ -9,8 +9,9 @@
 # `--device cuda` runs on the GPU; GPU features vs the tutorial pipeline on the GPU and vs
 # tilefeat on the CPU; bf16/fp16 precision effects against fp32; model-only throughput
 # (fp32, fp16, bf16 at batch 256); the full benchmark (tilefeat end-to-end and model-only,
-# Python tutorial loop and bf16 DataLoader pipeline, ratios); decoder speed per core; a
-# 16,000-tile end-to-end run with its profile (start-up vs pipeline).
+# Python tutorial loop and bf16 DataLoader pipeline, ratios); decoder speed per core; the
+# pipeline's ceiling without the network; a 16,000-tile end-to-end run with its profile
+# (start-up vs pipeline).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT_DIR=${1:-${OUT:-/tmp/tilefeat-gpu}}
@@ -90,6 +91,10 @@ python3 scripts/benchmark.py --device cuda --precision fp32 --batch-size 256 --t
 
 section "decoders: tiles/s per core, then on all cores (read, hash, decode, resize; no model)"
 "$B" bench --what decode --tiles "$W/bench/tiles4000" --threads "$(nproc)"
+
+section "pipeline without the network (list, read, decode, resize, batch, write; then with a cache)"
+"$B" bench --what pipeline --tiles "$W/bench/tiles4000" --batch-size 256
+"$B" bench --what pipeline --tiles "$W/bench/tiles4000" --batch-size 256 --cache-dir "$W"
 
 section "extract profile, bf16, batch 256, 4000 tiles: decode threads 8 and all cores but one"
 for d in $(printf '%s\n' 8 $(( $(nproc) > 1 ? $(nproc) - 1 : 1 )) | sort -un); do

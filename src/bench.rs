@@ -1,13 +1,17 @@
-//! `tilefeat bench`: model-only throughput on random input, the ceiling `extract` is measured
-//! against: the same trunk, batch, precision, layout, device and model-worker arrangement as
-//! `extract` (see `extract::model_workers`), with no decoding and no I/O. Each timed batch
-//! ends with its features on the CPU, as in `extract`.
+//! `tilefeat bench`: the ceilings `extract` is measured against. `--what model`: the ResNet
+//! trunk alone on random input, with the same batch, precision, layout, device and
+//! model-worker arrangement as `extract` (see `extract::model_workers`), each batch ending
+//! with its features on the CPU. `--what decode`: read, hash, decode and resize per core.
+//! `--what pipeline`: `extract`'s own pipeline with a stand-in for the network, the most the
+//! CPU side can feed a device. Also SHA-256 speed and opening a large cache.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use anyhow::Result;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::cli::{BenchArgs, BenchWhat, Pool};
@@ -15,6 +19,8 @@ use crate::device::{available_cpus, device_name, parse_device};
 use crate::error::{fail, ExitKind};
 use crate::extract::model_workers;
 use crate::model::{to_channels_last, ResNetTrunk, RunOptions};
+use crate::output::{csv_header, AtomicFile};
+use crate::progress::Progress;
 use crate::weights::random_state_dict;
 
 pub fn run(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
@@ -23,7 +29,174 @@ pub fn run(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         BenchWhat::Hash => hash(out),
         BenchWhat::CacheOpen => cache_open(a, out),
         BenchWhat::Decode => decode(a, out),
+        BenchWhat::Pipeline => pipeline(a, out),
     }
+}
+
+/// The tiles of `--tiles DIR` for the decode and pipeline benches, read once so that the
+/// timed passes read from the page cache, as on a warm node.
+fn bench_tiles(a: &BenchArgs, what: &str) -> Result<(PathBuf, Vec<crate::tiles::Tile>)> {
+    let dir = a
+        .tiles
+        .clone()
+        .ok_or_else(|| fail(ExitKind::Usage, format!("--what {what} needs --tiles DIR")))?;
+    if !(16..=4096).contains(&a.size) {
+        return Err(fail(
+            ExitKind::Usage,
+            format!("--size {}: must be between 16 and 4096", a.size),
+        ));
+    }
+    let tiles = crate::tiles::find_tiles(&dir)?.tiles;
+    if tiles.is_empty() {
+        return Err(fail(
+            ExitKind::Input,
+            format!(
+                "tile folder {} holds no tiles (*.png, *.jpg, *.jpeg, *.tif, *.tiff)",
+                dir.display()
+            ),
+        ));
+    }
+    for t in &tiles {
+        let _ = std::fs::read(&t.path);
+    }
+    Ok((dir, tiles))
+}
+
+/// `extract`'s pipeline with [`NullModel`] in place of the network: listing, reading,
+/// decoding, resizing, batching, reordering, CSV formatting and writing (and with
+/// --cache-dir, hashing and storing), at full speed. On a GPU host this is the ceiling of
+/// `extract`: if it is below `bench --what model`, the CPU side bounds the run.
+fn pipeline(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
+    let (dir, tiles) = bench_tiles(a, "pipeline")?;
+    if a.batch_size == 0 || a.batch_size > 4096 || a.decode_threads == Some(0) {
+        return Err(fail(
+            ExitKind::Usage,
+            "--batch-size must be between 1 and 4096 and --decode-threads at least 1",
+        ));
+    }
+    let scratch = std::env::temp_dir().join(format!("tilefeat-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)
+        .with_context(|| format!("cannot create {}", scratch.display()))?;
+    let result = pipeline_in(a, &dir, &tiles, &scratch, out);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn pipeline_in(
+    a: &BenchArgs,
+    dir: &Path,
+    tiles: &[crate::tiles::Tile],
+    scratch: &Path,
+    out: &mut dyn Write,
+) -> Result<()> {
+    use crate::extract::{pipeline, ExtractConfig, NullModel};
+    let dim = crate::model::feature_dim(a.layer);
+    let decode_threads = a
+        .decode_threads
+        .unwrap_or(available_cpus().saturating_sub(1).max(1));
+    let csv_path = scratch.join("features.csv");
+    let cfg = ExtractConfig {
+        tile_dir: dir.to_path_buf(),
+        output: csv_path.clone(),
+        sample: "bench".into(),
+        weights: crate::weights::WeightsSource::Random(0),
+        device: Device::Cpu,
+        batch_size: a.batch_size,
+        // Two model workers, as `extract` runs on a GPU.
+        torch_threads: 2,
+        decode_threads,
+        precision: a.precision,
+        layer: a.layer,
+        pool: Pool::Max,
+        normalize: crate::cli::Normalize::Tutorial,
+        size: a.size,
+        on_error: crate::cli::OnError::Skip,
+        cache_dir: None,
+        channels_last: false,
+        dry_run: false,
+        quiet: true,
+        profile: false,
+    };
+    // A fresh cache, so that every tile is hashed, missed and stored, as on a first run.
+    let cache = match &a.cache_dir {
+        Some(parent) => {
+            let d = parent.join(format!("tilefeat-bench-{}", std::process::id()));
+            let fp = crate::cache::Fingerprint {
+                weights_sha256: "bench-pipeline-null-model".into(),
+                layer: a.layer,
+                pool: Pool::Max,
+                normalize: crate::cli::Normalize::Tutorial,
+                size: a.size,
+                precision: a.precision,
+                preprocessing_version: crate::cache::PREPROCESSING_VERSION,
+            };
+            Some((crate::cache::Cache::open(&d, &fp)?, d))
+        }
+        None => None,
+    };
+    let mut csv = AtomicFile::create(&csv_path)?;
+    csv.writer()
+        .write_all(csv_header(&["tile"], dim).as_bytes())
+        .with_context(|| format!("cannot write {}", csv_path.display()))?;
+    let model = NullModel {
+        dim,
+        tile_bytes: (a.size * a.size * 3) as usize,
+    };
+    let mut progress = Progress::new(tiles.len(), true);
+    let t = Instant::now();
+    let run = pipeline(
+        &cfg,
+        tiles,
+        &model,
+        cache.as_ref().map(|(c, _)| c),
+        csv,
+        &mut progress,
+        dim,
+    );
+    let secs = t.elapsed().as_secs_f64();
+    let csv_mb = std::fs::metadata(&csv_path).map_or(0.0, |m| m.len() as f64 / 1e6);
+    if let Some((c, d)) = cache {
+        c.close()?;
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let st = run?;
+    let n = st.written;
+    let tps = n as f64 / secs;
+    if a.machine {
+        writeln!(out, "tiles_per_s={tps:.1}")?;
+        return Ok(());
+    }
+    let ms = |s: f64| 1e3 * s / n.max(1) as f64;
+    let tm = &st.timings;
+    writeln!(
+        out,
+        "pipeline without the network on {} ({n} tiles written, {} unreadable; page cache warm): {tps:.0} tiles/s in {secs:.2} s",
+        dir.display(),
+        st.skipped.len()
+    )?;
+    writeln!(
+        out,
+        "  {decode_threads} decode threads, batch {}, {} columns, CSV {csv_mb:.0} MB under {}{}",
+        a.batch_size,
+        dim,
+        scratch.display(),
+        if a.cache_dir.is_some() {
+            ", with a fresh cache"
+        } else {
+            ", no cache (no hashing)"
+        }
+    )?;
+    writeln!(
+        out,
+        "  decode workers, ms per tile summed over threads: read {:.3}, hash {:.3}, decode {:.3}, resize {:.3}; batching thread waited {:.2} s for tiles; writer busy {:.2} s",
+        ms(tm.read),
+        ms(tm.hash),
+        ms(tm.decode),
+        ms(tm.resize),
+        tm.model_waiting_for_tiles,
+        tm.write
+    )?;
+    Ok(())
 }
 
 /// SHA-256 over a 256 MiB buffer on one core (sha2 uses SHA-NI where the CPU has it).
@@ -203,32 +376,8 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
 /// `model images/s / tiles/s per core` such cores to stay busy.
 fn decode(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     use crate::extract::{prepare, Prepared, WorkerTimes};
-    use crate::tiles::find_tiles;
-    let dir = a
-        .tiles
-        .clone()
-        .ok_or_else(|| fail(ExitKind::Usage, "--what decode needs --tiles DIR"))?;
-    if !(16..=4096).contains(&a.size) {
-        return Err(fail(
-            ExitKind::Usage,
-            format!("--size {}: must be between 16 and 4096", a.size),
-        ));
-    }
-    let tiles = find_tiles(&dir)?.tiles;
-    if tiles.is_empty() {
-        return Err(fail(
-            ExitKind::Input,
-            format!(
-                "tile folder {} holds no tiles (*.png, *.jpg, *.jpeg, *.tif, *.tiff)",
-                dir.display()
-            ),
-        ));
-    }
+    let (dir, tiles) = bench_tiles(a, "decode")?;
     let size = a.size as usize;
-    // One untimed pass so that reads come from the page cache, as on a warm node.
-    for t in &tiles {
-        let _ = std::fs::read(&t.path);
-    }
     let format_of = |t: &crate::tiles::Tile| -> String {
         let ext = t
             .path
@@ -246,7 +395,7 @@ fn decode(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     let mut good = Vec::with_capacity(tiles.len());
     for t in &tiles {
         let mut times = WorkerTimes::default();
-        let (_, prepared) = prepare(t, size, None, &mut times);
+        let (_, prepared) = prepare(t, size, None, true, &mut times);
         if let Prepared::Bad(_) = prepared {
             continue;
         }
@@ -298,7 +447,7 @@ fn decode(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
                     return;
                 }
                 let mut times = WorkerTimes::default();
-                let _ = prepare(&tiles[i % tiles.len()], size, None, &mut times);
+                let _ = prepare(&tiles[i % tiles.len()], size, None, true, &mut times);
             });
         }
     });

@@ -302,6 +302,10 @@ pub enum BenchWhat {
     /// Read, hash, decode and resize the tiles of --tiles DIR (no model, no cache): tiles/s
     /// per core and per format, then on --threads cores at once.
     Decode,
+    /// The whole `extract` pipeline on --tiles DIR (list, read, decode, resize, batch, write
+    /// the CSV; with --cache-dir, hash and store too) with a stand-in for the network that
+    /// costs nothing: the most tiles/s this host can feed any device.
+    Pipeline,
 }
 
 #[derive(Debug, Args)]
@@ -312,12 +316,19 @@ pub struct BenchArgs {
     /// With --what cache-open: entries to create (once) in --cache-dir, then open.
     #[arg(long, default_value_t = 1_000_000)]
     pub entries: usize,
-    /// With --what cache-open: the cache directory (created and filled if empty).
+    /// With --what cache-open: the cache directory (created and filled if empty). With
+    /// --what pipeline: also hash and cache, in a fresh cache created under DIR and removed
+    /// after (every tile a miss, as on a first run).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    /// With --what decode: a tile folder (searched recursively, as `extract` does).
+    /// With --what decode or pipeline: a tile folder (searched recursively, as `extract`
+    /// does).
     #[arg(long, value_name = "DIR")]
     pub tiles: Option<PathBuf>,
+    /// With --what pipeline: decode workers [default: as `extract --device cuda`, all
+    /// cores but one].
+    #[arg(long)]
+    pub decode_threads: Option<usize>,
     /// Compute device.
     #[arg(long, default_value = "auto")]
     pub device: String,

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! sorted tile list -> feeder --(credits: at most WINDOW tiles in flight)--> jobs
-//! jobs -> D decode workers: read bytes, SHA-256, cache lookup; on a miss decode + resize
+//! jobs -> D decode workers: read bytes; with a cache, SHA-256 + lookup; on a miss decode +
+//!             resize
 //! decoders -> model stage (this thread): reorder by tile index, group misses into u8 batches,
 //!             hand rows on in order as their batches come back
 //! batches -> M model workers: upload, normalize on the device, ResNet trunk, pool, download
@@ -228,11 +229,14 @@ impl std::ops::AddAssign<&WorkerTimes> for WorkerTimes {
     }
 }
 
-/// Read, hash, look up and (on a miss) decode and resize one tile.
+/// Read, hash, look up and (on a miss) decode and resize one tile. The content hash is only
+/// worth its time (~10% of a PNG tile's) when a cache uses it: with `hash` false and no cache,
+/// it is left at zeros.
 pub(crate) fn prepare(
     tile: &Tile,
     size: usize,
     cache: Option<&Cache>,
+    hash: bool,
     t: &mut WorkerTimes,
 ) -> (Hash32, Prepared) {
     let clock = Instant::now();
@@ -242,7 +246,11 @@ pub(crate) fn prepare(
     };
     let t1 = Instant::now();
     t.read += (t1 - clock).as_secs_f64();
-    let sha: Hash32 = Sha256::digest(&bytes).into();
+    let sha: Hash32 = if hash || cache.is_some() {
+        Sha256::digest(&bytes).into()
+    } else {
+        [0; 32]
+    };
     let t2 = Instant::now();
     t.hash += (t2 - t1).as_secs_f64();
     if let Some(c) = cache {
@@ -262,6 +270,49 @@ pub(crate) fn prepare(
     let out = resize_linear(&img, size, size);
     t.resize += t4.elapsed().as_secs_f64();
     (sha, Prepared::Pixels(out.data))
+}
+
+/// What a model worker runs on each batch: the network ([`Runner`]), or [`NullModel`] for
+/// `bench --what pipeline`, which measures everything else.
+pub(crate) trait BatchModel: Send {
+    /// A handle for another worker (shared weights, its own buffers).
+    fn fork(&self) -> Self
+    where
+        Self: Sized;
+    /// `pixels` holds `n` RGB tiles of size x size; returns `n * dim` features.
+    fn run(&self, pixels: &[u8], n: usize) -> Result<Vec<f32>>;
+}
+
+/// A stand-in for the network that costs next to nothing: it reads every pixel once (as the
+/// staging copy does) and returns `dim` full-precision values per tile, so that the writer
+/// formats realistic numbers. With it, `pipeline` runs at the speed of listing, reading,
+/// hashing, decoding, resizing, batching and writing: the most it can feed any device.
+pub(crate) struct NullModel {
+    pub dim: usize,
+    pub tile_bytes: usize,
+}
+
+impl BatchModel for NullModel {
+    fn fork(&self) -> Self {
+        NullModel { ..*self }
+    }
+
+    fn run(&self, pixels: &[u8], n: usize) -> Result<Vec<f32>> {
+        assert_eq!(pixels.len(), n * self.tile_bytes, "batch pixel buffer size");
+        let mut out = Vec::with_capacity(n * self.dim);
+        for tile in pixels.chunks_exact(self.tile_bytes.max(1)) {
+            let sum = tile.iter().fold(0u64, |a, &b| a.wrapping_add(b as u64));
+            // xorshift64*, seeded by the pixels: values in [0, 4) with all 24 bits used.
+            let mut x = sum.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            out.extend((0..self.dim).map(|_| {
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u32 << 22) as f32
+            }));
+        }
+        Ok(out)
+    }
 }
 
 /// Turns u8 NHWC batches into pooled features on the configured device.
@@ -290,18 +341,6 @@ impl Runner {
             model,
             size: size as i64,
             pad_to,
-            staging: Default::default(),
-        }
-    }
-
-    /// A handle for another worker: shared weights, its own staging buffer.
-    fn shallow_clone(&self) -> Runner {
-        Runner {
-            model: self.model.shallow_clone(),
-            mean: self.mean.shallow_clone(),
-            std: self.std.shallow_clone(),
-            size: self.size,
-            pad_to: self.pad_to,
             staging: Default::default(),
         }
     }
@@ -345,6 +384,20 @@ impl Runner {
             std::ptr::write_bytes(dst.add(pixels.len()), 0, (rows - n) * row_bytes);
         }
         (buf.shallow_clone(), *pinned)
+    }
+}
+
+impl BatchModel for Runner {
+    /// A handle for another worker: shared weights, its own staging buffer.
+    fn fork(&self) -> Runner {
+        Runner {
+            model: self.model.shallow_clone(),
+            mean: self.mean.shallow_clone(),
+            std: self.std.shallow_clone(),
+            size: self.size,
+            pad_to: self.pad_to,
+            staging: Default::default(),
+        }
     }
 
     /// `pixels` holds `n` RGB tiles of size x size; returns `n * D` features.
@@ -571,12 +624,12 @@ fn round3(x: f64) -> f64 {
 }
 
 /// What the pipeline hands back.
-struct PipelineState {
-    written: usize,
-    computed: usize,
-    hits: usize,
-    skipped: Vec<Skipped>,
-    timings: Timings,
+pub(crate) struct PipelineState {
+    pub written: usize,
+    pub computed: usize,
+    pub hits: usize,
+    pub skipped: Vec<Skipped>,
+    pub timings: Timings,
 }
 
 /// Messages to the writer thread: groups of finished rows in order, then `Finish`. A
@@ -603,6 +656,8 @@ struct BatchJob {
 struct BatchDone {
     id: u64,
     features: Result<Vec<f32>>,
+    /// The batch's pixel buffer, handed back for the next batch to fill.
+    pixels: Vec<u8>,
     secs: f64,
 }
 
@@ -617,10 +672,10 @@ pub fn model_workers(device: Device, torch_threads: usize) -> (usize, usize) {
     }
 }
 
-fn pipeline(
+pub(crate) fn pipeline(
     cfg: &ExtractConfig,
     tiles: &[Tile],
-    runner: &Runner,
+    runner: &impl BatchModel,
     cache: Option<&Cache>,
     csv: AtomicFile,
     progress: &mut Progress,
@@ -660,7 +715,7 @@ fn pipeline(
             scope.spawn(move || {
                 for idx in job_rx.iter() {
                     let mut t = WorkerTimes::default();
-                    let (sha, prepared) = prepare(&tiles[idx], size, cache, &mut t);
+                    let (sha, prepared) = prepare(&tiles[idx], size, cache, false, &mut t);
                     if item_tx.send((Item { idx, sha, prepared }, t)).is_err() {
                         return;
                     }
@@ -673,7 +728,7 @@ fn pipeline(
         for _ in 0..n_model {
             let batch_rx = batch_rx.clone();
             let done_tx = done_tx.clone();
-            let worker = runner.shallow_clone();
+            let worker = runner.fork();
             scope.spawn(move || {
                 tch::set_num_threads(model_threads as i32);
                 for job in batch_rx.iter() {
@@ -684,6 +739,7 @@ fn pipeline(
                         .send(BatchDone {
                             id: job.id,
                             features,
+                            pixels: job.pixels,
                             secs,
                         })
                         .is_err()
@@ -823,6 +879,9 @@ struct ModelStage<'a> {
     st: PipelineState,
     compute: f64,
     capacity: usize,
+    /// Pixel buffers of finished batches, reused (a GPU batch of 256 is 38 MB: allocating it
+    /// afresh each time costs page faults).
+    spare: Vec<Vec<u8>>,
 }
 
 impl<'a> ModelStage<'a> {
@@ -862,6 +921,7 @@ impl<'a> ModelStage<'a> {
             },
             compute: 0.0,
             capacity,
+            spare: Vec::new(),
         }
     }
 
@@ -998,7 +1058,12 @@ impl<'a> ModelStage<'a> {
     fn dispatch(&mut self) -> Result<()> {
         let mut job = BatchJob {
             id: self.next_batch,
-            pixels: std::mem::replace(&mut self.pixels, Vec::with_capacity(self.capacity)),
+            pixels: std::mem::replace(
+                &mut self.pixels,
+                self.spare
+                    .pop()
+                    .unwrap_or_else(|| Vec::with_capacity(self.capacity)),
+            ),
             n: self.in_batch,
         };
         self.next_batch += 1;
@@ -1038,8 +1103,10 @@ impl<'a> ModelStage<'a> {
         self.receive(d)
     }
 
-    fn receive(&mut self, d: BatchDone) -> Result<()> {
+    fn receive(&mut self, mut d: BatchDone) -> Result<()> {
         self.outstanding -= 1;
+        d.pixels.clear();
+        self.spare.push(std::mem::take(&mut d.pixels));
         self.compute += d.secs;
         let feats = d.features.with_context(|| {
             let first = self.pending.iter().find_map(|r| match r.state {
@@ -1141,6 +1208,67 @@ mod tests {
         }
         // Small groups stay on the writer thread.
         assert_eq!(format_rows(&rows[..20], &tiles, 4).len(), 1);
+    }
+
+    /// Without a cache the content hash is skipped unless asked for; pixels are the same.
+    #[test]
+    fn tiles_are_hashed_only_for_a_cache_or_when_asked() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("t.png");
+        let img = image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        img.save(&path).unwrap();
+        let tile = Tile {
+            path: path.clone(),
+            rel: "t.png".into(),
+        };
+        let want: Hash32 = Sha256::digest(std::fs::read(&path).unwrap()).into();
+        let mut t = WorkerTimes::default();
+        let (sha0, p0) = prepare(&tile, 32, None, false, &mut t);
+        let (sha1, p1) = prepare(&tile, 32, None, true, &mut t);
+        assert_eq!(sha0, [0; 32]);
+        assert_eq!(sha1, want);
+        match (p0, p1) {
+            (Prepared::Pixels(a), Prepared::Pixels(b)) => {
+                assert_eq!(a.len(), 32 * 32 * 3);
+                assert_eq!(a, b);
+            }
+            _ => panic!("tile did not decode"),
+        }
+        let fp = Fingerprint {
+            weights_sha256: "test".into(),
+            layer: crate::cli::Layer::Layer4,
+            pool: crate::cli::Pool::Max,
+            normalize: Normalize::Tutorial,
+            size: 32,
+            precision: Precision::Fp32,
+            preprocessing_version: PREPROCESSING_VERSION,
+        };
+        let cache = Cache::open(&d.path().join("cache"), &fp).unwrap();
+        let (sha2, _) = prepare(&tile, 32, Some(&cache), false, &mut t);
+        assert_eq!(sha2, want, "a cache always gets the real hash");
+    }
+
+    /// The pipeline bench's stand-in: one row of `dim` values per tile, a function of the
+    /// tile's pixels only, full-precision floats in [0, 4).
+    #[test]
+    fn null_model_rows_depend_on_each_tile_only() {
+        let m = NullModel {
+            dim: 50,
+            tile_bytes: 12,
+        };
+        let a: Vec<u8> = (0..12).collect();
+        let b: Vec<u8> = (100..112).collect();
+        let ab = m.fork().run(&[a.clone(), b.clone()].concat(), 2).unwrap();
+        let ba = m.run(&[b, a.clone()].concat(), 2).unwrap();
+        assert_eq!(ab.len(), 100);
+        assert_eq!(ab[..50], ba[50..]);
+        assert_eq!(ab[50..], ba[..50]);
+        assert_ne!(ab[..50], ab[50..]);
+        assert_eq!(m.run(&a, 1).unwrap(), ab[..50]);
+        assert!(ab.iter().all(|v| (0.0..4.0).contains(v)));
+        assert!(ab
+            .iter()
+            .any(|v| v.fract() != 0.0 && (v * 1024.0).fract() != 0.0));
     }
 
     /// The staging buffer (reused per worker, padded as on a GPU) gives each tile the features

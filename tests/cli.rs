@@ -448,6 +448,62 @@ fn bench_decode_reports_each_format_and_unreadable_tiles() {
 }
 
 #[test]
+fn bench_pipeline_runs_every_tile_through_and_leaves_nothing_behind() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("tiles");
+    copy_dir(&demo_sample("sampleA"), &tiles);
+    std::fs::write(tiles.join("broken.png"), b"not a png").unwrap();
+    let (tmp, cache) = (d.path().join("tmp"), d.path().join("cache"));
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::create_dir(&cache).unwrap();
+    let run = |extra: &[&str]| {
+        let out = tilefeat()
+            .env("TMPDIR", &tmp)
+            .args(["bench", "--what", "pipeline", "--decode-threads", "2"])
+            .args(["--size", "64", "--batch-size", "4"])
+            .args(extra)
+            .arg("--tiles")
+            .arg(&tiles)
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone();
+        String::from_utf8(out).unwrap()
+    };
+    let out = run(&[]);
+    assert!(out.contains("(6 tiles written, 1 unreadable;"), "{out}");
+    assert!(out.contains("no cache (no hashing)"), "{out}");
+    assert!(
+        out.contains("2 decode threads, batch 4, 2048 columns"),
+        "{out}"
+    );
+    let out = run(&["--cache-dir", cache.to_str().unwrap(), "--layer", "layer3"]);
+    assert!(out.contains("with a fresh cache"), "{out}");
+    assert!(out.contains("1024 columns"), "{out}");
+    let out = run(&["--machine"]);
+    let tps: f64 = out
+        .trim()
+        .strip_prefix("tiles_per_s=")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(tps > 0.0 && tps.is_finite(), "{out}");
+    // The CSV (under TMPDIR) and the fresh cache are removed.
+    for dir in [&tmp, &cache] {
+        let left: Vec<_> = std::fs::read_dir(dir).unwrap().collect();
+        assert!(left.is_empty(), "{} still holds {left:?}", dir.display());
+    }
+    tilefeat()
+        .args(["bench", "--what", "pipeline"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "--what pipeline needs --tiles DIR",
+        ));
+}
+
+#[test]
 fn bench_decode_needs_a_tile_folder() {
     tilefeat()
         .args(["bench", "--what", "decode"])
