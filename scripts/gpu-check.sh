@@ -11,7 +11,7 @@
 # (fp32, fp16, bf16 at batch 256); the full benchmark (tilefeat end-to-end and model-only,
 # Python tutorial loop and bf16 DataLoader pipeline, ratios); decoder speed per core; the
 # pipeline's ceiling without the network; a 16,000-tile end-to-end run with its profile
-# (start-up vs pipeline).
+# (start-up vs pipeline) and CPU time, then again with CUDA's default spin-waiting.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT_DIR=${1:-${OUT:-/tmp/tilefeat-gpu}}
@@ -108,6 +108,12 @@ mkdir -p "$W/t16k"
 for k in 0 1 2 3; do
   for f in "$W"/bench/tiles4000/*; do ln -sf "$f" "$W/t16k/${k}_$(basename "$f")"; done
 done
-"$B" extract "$W/t16k" -o "$W/e16k.csv" --weights random:0 --device cuda --precision bf16 \
+TIMEFORMAT='  wall %R s, CPU user %U s, system %S s'
+time "$B" extract "$W/t16k" -o "$W/e16k.csv" --weights random:0 --device cuda --precision bf16 \
   --batch-size 256 --profile --quiet 2>&1 | tail -1
+
+section "the same with CUDA's default spin-waiting (TILEFEAT_CUDA_SPIN=1), to compare"
+time TILEFEAT_CUDA_SPIN=1 "$B" extract "$W/t16k" -o "$W/e16k-spin.csv" --weights random:0 --device cuda \
+  --precision bf16 --batch-size 256 --profile --quiet 2>&1 | tail -1
+cmp -s "$W/e16k.csv" "$W/e16k-spin.csv" && echo "  same CSV bytes" || echo "  CSVs differ (cuDNN autotuning may pick other kernels from run to run)"
 echo "done"

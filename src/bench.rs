@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use crate::cli::{BenchArgs, BenchWhat, Pool};
-use crate::device::{available_cpus, device_name, parse_device};
+use crate::device::{available_cpus, configure_cuda, device_name, parse_device};
 use crate::error::{fail, ExitKind};
 use crate::extract::model_workers;
 use crate::model::{to_channels_last, ResNetTrunk, RunOptions};
@@ -294,8 +294,8 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     }
     let device = parse_device(&a.device)?;
     let threads = a.threads.unwrap_or(available_cpus());
-    if let Device::Cuda(_) = device {
-        tch::Cuda::cudnn_set_benchmark(true);
+    if let Some(w) = configure_cuda(device) {
+        eprintln!("tilefeat: warning: {w}");
     }
     let opts = RunOptions {
         device,

@@ -1,4 +1,5 @@
-//! Choosing the compute device, and what `tilefeat info` reports about libtorch and CUDA.
+//! Choosing the compute device, setting CUDA up for a run, and what `tilefeat info` reports
+//! about libtorch and CUDA.
 //!
 //! `--device cuda` fails loudly (exit 5) when CUDA is unavailable: the binary must never fall
 //! back to the CPU behind the user's back. `auto` picks CUDA when available; the summary line
@@ -83,6 +84,142 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
+/// Prepare a CUDA device for a run (nothing for the CPU): cuDNN autotuning, which pays off as
+/// every batch has the same shape, and threads that sleep, instead of spinning a CPU core,
+/// while they wait for the GPU. By default CUDA spins when the process has fewer contexts
+/// than CPUs; tilefeat's model workers wait for every batch's features, so two cores would
+/// spin that the decoders need. `TILEFEAT_CUDA_SPIN=1` keeps CUDA's default (to compare).
+/// Returns a warning for the user when the waits cannot be made to sleep.
+pub fn configure_cuda(device: Device) -> Option<String> {
+    let Device::Cuda(index) = device else {
+        return None;
+    };
+    Cuda::cudnn_set_benchmark(true);
+    if std::env::var("TILEFEAT_CUDA_SPIN").is_ok_and(|v| !v.is_empty() && v != "0") {
+        return None;
+    }
+    cuda_runtime::blocking_sync(index).err().map(|e| {
+        format!(
+            "cannot make threads sleep while they wait for the GPU ({e}); each model worker \
+             will spin a CPU core instead"
+        )
+    })
+}
+
+/// The CUDA runtime libtorch loaded, reached through the dynamic linker (tch has no binding
+/// for device flags): present when this libtorch was built with CUDA, whether or not a GPU
+/// is there.
+mod cuda_runtime {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    mod imp {
+        use std::ffi::{c_int, c_uint, c_void, CStr};
+
+        /// `cudaDeviceScheduleBlockingSync`.
+        const BLOCKING_SYNC: c_uint = 0x04;
+
+        fn sym(name: &CStr) -> Result<*mut c_void, String> {
+            // SAFETY: looks a name up in the libraries already loaded; loads nothing.
+            let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+            if p.is_null() {
+                Err(format!(
+                    "{} not found: libtorch without the CUDA runtime",
+                    name.to_string_lossy()
+                ))
+            } else {
+                Ok(p)
+            }
+        }
+
+        /// `error N (the runtime's description)`.
+        fn describe(code: c_int) -> String {
+            type ErrorString = unsafe extern "C" fn(c_int) -> *const std::ffi::c_char;
+            let text = sym(c"cudaGetErrorString").ok().and_then(|f| {
+                // SAFETY: `const char* cudaGetErrorString(cudaError_t)` returns a static
+                // NUL-terminated string (or null).
+                let f: ErrorString = unsafe { std::mem::transmute(f) };
+                let p = unsafe { f(code) };
+                (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+            });
+            match text {
+                Some(t) => format!("error {code}: {t}"),
+                None => format!("error {code}"),
+            }
+        }
+
+        type IntOut = unsafe extern "C" fn(*mut c_int) -> c_int;
+        type UintOut = unsafe extern "C" fn(*mut c_uint) -> c_int;
+        type IntIn = unsafe extern "C" fn(c_int) -> c_int;
+        type UintIn = unsafe extern "C" fn(c_uint) -> c_int;
+
+        pub fn version() -> Result<i32, String> {
+            // SAFETY: the CUDA runtime's `cudaError_t cudaRuntimeGetVersion(int*)`.
+            let f: IntOut = unsafe { std::mem::transmute(sym(c"cudaRuntimeGetVersion")?) };
+            let mut v: c_int = 0;
+            match unsafe { f(&mut v) } {
+                0 => Ok(v),
+                e => Err(format!("cudaRuntimeGetVersion returned {}", describe(e))),
+            }
+        }
+
+        pub fn blocking_sync(index: usize) -> Result<(), String> {
+            // SAFETY: the CUDA runtime's functions of these exact signatures.
+            let (get, set, set_flags, get_flags) = unsafe {
+                (
+                    std::mem::transmute::<*mut c_void, IntOut>(sym(c"cudaGetDevice")?),
+                    std::mem::transmute::<*mut c_void, IntIn>(sym(c"cudaSetDevice")?),
+                    std::mem::transmute::<*mut c_void, UintIn>(sym(c"cudaSetDeviceFlags")?),
+                    std::mem::transmute::<*mut c_void, UintOut>(sym(c"cudaGetDeviceFlags")?),
+                )
+            };
+            let index = index as c_int;
+            let mut previous: c_int = index;
+            // SAFETY: plain CUDA runtime calls with valid pointers. The flags belong to the
+            // device (its primary context, shared with libtorch); the current device is a
+            // per-thread setting, restored before returning.
+            unsafe {
+                if get(&mut previous) != 0 {
+                    previous = index;
+                }
+                let e = set(index);
+                if e != 0 {
+                    return Err(format!("cudaSetDevice({index}) returned {}", describe(e)));
+                }
+                let e = set_flags(BLOCKING_SYNC);
+                let mut flags: c_uint = 0;
+                let read = get_flags(&mut flags);
+                set(previous);
+                if e != 0 {
+                    return Err(format!("cudaSetDeviceFlags returned {}", describe(e)));
+                }
+                if read != 0 || flags & BLOCKING_SYNC == 0 {
+                    return Err(format!(
+                        "flags read back as {flags:#x} (cudaGetDeviceFlags: {})",
+                        describe(read)
+                    ));
+                }
+            }
+            Ok(())
+        }
+    }
+
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    mod imp {
+        pub fn version() -> Result<i32, String> {
+            Err("only looked up on Linux (glibc)".into())
+        }
+        pub fn blocking_sync(_: usize) -> Result<(), String> {
+            Err("only set on Linux (glibc)".into())
+        }
+    }
+
+    pub use imp::{blocking_sync, version};
+}
+
+/// The CUDA runtime's version as `13.0`, or why it cannot be told.
+pub fn cuda_runtime_version() -> Result<String, String> {
+    cuda_runtime::version().map(|v| format!("{}.{}", v / 1000, (v % 1000) / 10))
+}
+
 /// Human name of a device.
 pub fn device_name(d: Device) -> String {
     match d {
@@ -117,6 +254,11 @@ pub fn info(out: &mut dyn std::io::Write) -> Result<()> {
         if cuda { Cuda::device_count() } else { 0 }
     )?;
     writeln!(out, "cudnn available: {}", Cuda::cudnn_is_available())?;
+    writeln!(
+        out,
+        "cuda runtime: {}",
+        cuda_runtime_version().unwrap_or_else(|e| format!("none ({e})"))
+    )?;
     if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
         writeln!(out, "CUDA_VISIBLE_DEVICES: {v}")?;
     }
@@ -139,4 +281,39 @@ pub fn info(out: &mut dyn std::io::Write) -> Result<()> {
         crate::alloc::heap_tuning()
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The runtime is found wherever libtorch has CUDA (the pip build used here and on GPU
+    /// nodes), GPU or not: otherwise `configure_cuda` could never make waits sleep.
+    #[test]
+    fn cuda_runtime_is_found_when_libtorch_has_cuda() {
+        let lib = std::path::Path::new(env!("TILEFEAT_LIBTORCH_LIB"));
+        let v = cuda_runtime_version();
+        if lib.join("libtorch_cuda.so").exists() {
+            let v = v.expect("libtorch has CUDA, so its runtime is loaded");
+            let major: u32 = v.split('.').next().unwrap().parse().unwrap();
+            assert!(major >= 11, "{v}");
+        } else {
+            assert!(v.is_err(), "{v:?}");
+        }
+    }
+
+    /// Without a GPU the flags cannot be set, and the error says which call failed; with one
+    /// they are set and read back.
+    #[test]
+    fn blocking_sync_is_set_or_explained() {
+        match (Cuda::is_available(), cuda_runtime::blocking_sync(0)) {
+            (true, r) => assert_eq!(r, Ok(())),
+            (false, Err(e)) => assert!(
+                e.contains("returned error ") || e.contains("not found"),
+                "{e}"
+            ),
+            (false, Ok(())) => panic!("device flags set without a GPU"),
+        }
+        assert_eq!(configure_cuda(Device::Cpu), None);
+    }
 }

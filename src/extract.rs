@@ -28,7 +28,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::cache::{Cache, Fingerprint, Hash32, PREPROCESSING_VERSION};
 use crate::cli::{ExtractArgs, Normalize, OnError, Precision};
-use crate::device::{available_cpus, device_name, parse_device};
+use crate::device::{available_cpus, configure_cuda, device_name, parse_device};
 use crate::error::{fail, ExitKind, WithKind};
 use crate::model::{feature_dim, to_channels_last, ResNetTrunk, RunOptions};
 use crate::output::{
@@ -489,8 +489,8 @@ pub fn run(
         .with_context(|| format!("cannot write {}", cfg.output.display()))
         .kind(ExitKind::Output)?;
 
-    if let Device::Cuda(_) = cfg.device {
-        tch::Cuda::cudnn_set_benchmark(true);
+    if let Some(w) = configure_cuda(cfg.device) {
+        eprintln!("tilefeat: warning: {w}");
     }
     let opts = RunOptions {
         device: cfg.device,

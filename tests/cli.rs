@@ -19,6 +19,8 @@ fn version_and_info() {
         .success()
         .stdout(predicate::str::contains("libtorch 2.11.0"))
         .stdout(predicate::str::contains("cuda available:"))
+        // The pip libtorch (setup.sh) carries the CUDA 13 runtime, GPU or not.
+        .stdout(predicate::str::contains("cuda runtime: 13."))
         .stdout(predicate::str::contains(
             "jpeg decoding: libjpeg-turbo, SIMD ",
         ));
