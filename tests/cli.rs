@@ -1,10 +1,11 @@
-//! Black-box tests of `tilefeat extract`, `info`, `preprocess` and `weights`: errors and exit
-//! codes, the CSV and provenance layout (golden), bad input, determinism.
+//! Black-box tests of `tilefeat extract`, `info`, `preprocess`, `weights` and `bench`: errors
+//! and exit codes, the CSV and provenance layout (golden), bad input, determinism.
 
 mod common;
 
 use common::*;
 use predicates::prelude::*;
+use std::path::{Path, PathBuf};
 
 #[test]
 fn version_and_info() {
@@ -407,30 +408,36 @@ fn profile_reports_wall_times_and_stage_times() {
     assert!(t["model_compute"].as_f64().unwrap() > 0.0);
 }
 
-#[test]
-fn bench_decode_reports_each_format_and_unreadable_tiles() {
-    let d = tempfile::tempdir().unwrap();
-    let tiles = d.path().join("tiles");
+/// sampleA's six tiles, and one that is not an image.
+fn tiles_and_a_broken_one(d: &Path) -> PathBuf {
+    let tiles = d.join("tiles");
     copy_dir(&demo_sample("sampleA"), &tiles);
     std::fs::write(tiles.join("broken.png"), b"not a png").unwrap();
+    tiles
+}
+
+/// `tilefeat bench ARGS --tiles TILES`, which must succeed; its output.
+fn bench_ok(args: &[&str], tiles: &Path, tmpdir: &Path) -> String {
     let out = tilefeat()
-        .args([
-            "bench",
-            "--what",
-            "decode",
-            "--threads",
-            "2",
-            "--size",
-            "64",
-        ])
+        .env("TMPDIR", tmpdir)
+        .arg("bench")
+        .args(args)
         .arg("--tiles")
-        .arg(&tiles)
+        .arg(tiles)
         .assert()
         .success()
         .get_output()
         .stdout
         .clone();
-    let out = String::from_utf8(out).unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+#[test]
+fn bench_decode_reports_each_format_and_unreadable_tiles() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = tiles_and_a_broken_one(d.path());
+    let args = ["--what", "decode", "--threads", "2", "--size", "64"];
+    let out = bench_ok(&args, &tiles, d.path());
     assert!(out.contains("(6 tiles, 1 unreadable;"), "{out}");
     assert!(out.contains("resize to 64 px"), "{out}");
     let rows: Vec<Vec<&str>> = out
@@ -452,26 +459,21 @@ fn bench_decode_reports_each_format_and_unreadable_tiles() {
 #[test]
 fn bench_pipeline_runs_every_tile_through_and_leaves_nothing_behind() {
     let d = tempfile::tempdir().unwrap();
-    let tiles = d.path().join("tiles");
-    copy_dir(&demo_sample("sampleA"), &tiles);
-    std::fs::write(tiles.join("broken.png"), b"not a png").unwrap();
+    let tiles = tiles_and_a_broken_one(d.path());
     let (tmp, cache) = (d.path().join("tmp"), d.path().join("cache"));
     std::fs::create_dir(&tmp).unwrap();
     std::fs::create_dir(&cache).unwrap();
     let run = |extra: &[&str]| {
-        let out = tilefeat()
-            .env("TMPDIR", &tmp)
-            .args(["bench", "--what", "pipeline", "--decode-threads", "2"])
-            .args(["--size", "64", "--batch-size", "4"])
-            .args(extra)
-            .arg("--tiles")
-            .arg(&tiles)
-            .assert()
-            .success()
-            .get_output()
-            .stdout
-            .clone();
-        String::from_utf8(out).unwrap()
+        let base = [
+            "--what",
+            "pipeline",
+            "--decode-threads",
+            "2",
+            "--size",
+            "64",
+        ];
+        let args = [&base[..], &["--batch-size", "4"], extra].concat();
+        bench_ok(&args, &tiles, &tmp)
     };
     let out = run(&[]);
     assert!(out.contains("(6 tiles written, 1 unreadable;"), "{out}");
