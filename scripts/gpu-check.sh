@@ -100,20 +100,25 @@ section "extract profile, bf16, batch 256, 4000 tiles: decode threads 8 and all 
 for d in $(printf '%s\n' 8 $(( $(nproc) > 1 ? $(nproc) - 1 : 1 )) | sort -un); do
   echo "decode-threads $d:"
   "$B" extract "$W/bench/tiles4000" -o "$W/dec.csv" --weights random:0 --device cuda --precision bf16 \
-    --batch-size 256 --decode-threads "$d" --profile --quiet 2>&1 | tail -1
+    --batch-size 256 --decode-threads "$d" --profile --quiet 2>&1 | tail -n 2
 done
 
-section "end-to-end, 16,000 tiles (the 4,000 linked 4 times; no cache), bf16, batch 256"
+section "end-to-end, 16,000 tiles (the 4,000 linked 4 times; --no-cache), bf16, batch 256"
 mkdir -p "$W/t16k"
 for k in 0 1 2 3; do
   for f in "$W"/bench/tiles4000/*; do ln -sf "$f" "$W/t16k/${k}_$(basename "$f")"; done
 done
 TIMEFORMAT='  wall %R s, CPU user %U s, system %S s'
-time "$B" extract "$W/t16k" -o "$W/e16k.csv" --weights random:0 --device cuda --precision bf16 \
-  --batch-size 256 --profile --quiet 2>&1 | tail -1
+e16k() {  # $1: label; then extra environment for the run
+  local label=$1; shift
+  echo "$label:"
+  time env "$@" "$B" extract "$W/t16k" -o "$W/e16k-$label.csv" --weights random:0 --device cuda \
+    --precision bf16 --batch-size 256 --no-cache --profile --quiet 2>&1
+}
+e16k sleep TILEFEAT_CUDA_SPIN=0
 
-section "the same with CUDA's default spin-waiting (TILEFEAT_CUDA_SPIN=1), to compare"
-time TILEFEAT_CUDA_SPIN=1 "$B" extract "$W/t16k" -o "$W/e16k-spin.csv" --weights random:0 --device cuda \
-  --precision bf16 --batch-size 256 --profile --quiet 2>&1 | tail -1
-cmp -s "$W/e16k.csv" "$W/e16k-spin.csv" && echo "  same CSV bytes" || echo "  CSVs differ (cuDNN autotuning may pick other kernels from run to run)"
+section "the same with CUDA's default spin-waiting (TILEFEAT_CUDA_SPIN=1), alternating to see the noise"
+e16k spin TILEFEAT_CUDA_SPIN=1
+e16k sleep TILEFEAT_CUDA_SPIN=0
+e16k spin TILEFEAT_CUDA_SPIN=1
 echo "done"

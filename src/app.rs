@@ -65,6 +65,9 @@ pub fn run(cli: Cli) -> Result<()> {
                         "tilefeat: profile: startup {:.2} s, pipeline {:.2} s ({:.1} tiles/s) wall; summed over threads (s): read {:.2}, hash {:.2}, cache lookup {:.2}, decode {:.2}, resize {:.2}, model waiting for tiles {:.2}, model compute {:.2}, write {:.2}",
                         t.startup, t.pipeline, p.tiles.found as f64 / t.pipeline.max(1e-9), t.read, t.hash, t.cache_lookup, t.decode, t.resize, t.model_waiting_for_tiles, t.model_compute, t.write
                     );
+                    if let Some(w) = &p.cuda_waits {
+                        eprintln!("tilefeat: profile: threads waiting for the GPU: {w}");
+                    }
                 }
             }
         }

@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::cli::{BenchArgs, BenchWhat, Pool};
 use crate::device::{available_cpus, configure_cuda, device_name, parse_device};
-use crate::error::{fail, ExitKind};
+use crate::error::{fail, ExitKind, WithKind};
 use crate::extract::model_workers;
 use crate::model::{to_channels_last, ResNetTrunk, RunOptions};
 use crate::output::{csv_header, AtomicFile};
@@ -62,65 +62,58 @@ fn bench_tiles(a: &BenchArgs, what: &str) -> Result<(PathBuf, Vec<crate::tiles::
     Ok((dir, tiles))
 }
 
-/// `extract`'s pipeline with [`NullModel`] in place of the network: listing, reading,
-/// decoding, resizing, batching, reordering, CSV formatting and writing (and with
-/// --cache-dir, hashing and storing), at full speed. On a GPU host this is the ceiling of
-/// `extract`: if it is below `bench --what model`, the CPU side bounds the run.
+/// `extract`'s pipeline with [`NullModel`] in place of the network: reading, decoding,
+/// resizing, batching, reordering, CSV formatting and writing (and with --cache-dir, hashing
+/// and storing), at full speed; the tiles are listed and read once before the clock starts.
+/// On a GPU host this is the ceiling of `extract`: if it is below `bench --what model`, the
+/// CPU side bounds the run. The CSV (about 20 KB per tile) goes to a scratch folder under
+/// TMPDIR and the cache to a fresh folder under --cache-dir; both are removed afterwards, on
+/// errors too.
 fn pipeline(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
+    use crate::extract::{pipeline, ExtractConfig, NullModel};
     let (dir, tiles) = bench_tiles(a, "pipeline")?;
-    if a.batch_size == 0 || a.batch_size > 4096 || a.decode_threads == Some(0) {
+    if a.batch_size == 0 || a.batch_size > 4096 {
         return Err(fail(
             ExitKind::Usage,
-            "--batch-size must be between 1 and 4096 and --decode-threads at least 1",
+            format!("--batch-size {}: must be between 1 and 4096", a.batch_size),
         ));
     }
-    let scratch = std::env::temp_dir().join(format!("tilefeat-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch)
-        .with_context(|| format!("cannot create {}", scratch.display()))?;
-    let result = pipeline_in(a, &dir, &tiles, &scratch, out);
-    let _ = std::fs::remove_dir_all(&scratch);
-    result
-}
-
-fn pipeline_in(
-    a: &BenchArgs,
-    dir: &Path,
-    tiles: &[crate::tiles::Tile],
-    scratch: &Path,
-    out: &mut dyn Write,
-) -> Result<()> {
-    use crate::extract::{pipeline, ExtractConfig, NullModel};
-    let dim = crate::model::feature_dim(a.layer);
+    if a.decode_threads == Some(0) {
+        return Err(fail(ExitKind::Usage, "--decode-threads must be at least 1"));
+    }
     let decode_threads = a
         .decode_threads
         .unwrap_or(available_cpus().saturating_sub(1).max(1));
-    let csv_path = scratch.join("features.csv");
-    let cfg = ExtractConfig {
-        tile_dir: dir.to_path_buf(),
-        output: csv_path.clone(),
-        sample: "bench".into(),
-        weights: crate::weights::WeightsSource::Random(0),
-        device: Device::Cpu,
-        batch_size: a.batch_size,
-        // Two model workers, as `extract` runs on a GPU.
-        torch_threads: 2,
-        decode_threads,
-        precision: a.precision,
-        layer: a.layer,
-        pool: Pool::Max,
-        normalize: crate::cli::Normalize::Tutorial,
-        size: a.size,
-        on_error: crate::cli::OnError::Skip,
-        cache_dir: None,
-        channels_last: false,
-        dry_run: false,
-        quiet: true,
-        profile: false,
+    let scratch_dir = |parent: &Path| {
+        tempfile::Builder::new()
+            .prefix("tilefeat-bench-")
+            .tempdir_in(parent)
+            .with_context(|| format!("cannot create a scratch folder in {}", parent.display()))
     };
+    let scratch = scratch_dir(&std::env::temp_dir()).kind(ExitKind::Output)?;
+    let csv_path = scratch.path().join("features.csv");
+    let cfg = ExtractConfig::for_pipeline_bench(
+        &dir,
+        &csv_path,
+        a.batch_size,
+        decode_threads,
+        a.size,
+        a.layer,
+        a.precision,
+    );
+    let dim = crate::model::feature_dim(a.layer);
+    let mut csv = AtomicFile::create(&csv_path)?;
+    csv.writer()
+        .write_all(csv_header(&["tile"], dim).as_bytes())
+        .with_context(|| format!("cannot write {}", csv_path.display()))
+        .kind(ExitKind::Output)?;
     // A fresh cache, so that every tile is hashed, missed and stored, as on a first run.
-    let cache = match &a.cache_dir {
-        Some(parent) => {
-            let d = parent.join(format!("tilefeat-bench-{}", std::process::id()));
+    let cache_dir = match &a.cache_dir {
+        Some(parent) => Some(scratch_dir(parent).kind(ExitKind::Cache)?),
+        None => None,
+    };
+    let cache = match &cache_dir {
+        Some(d) => {
             let fp = crate::cache::Fingerprint {
                 weights_sha256: "bench-pipeline-null-model".into(),
                 layer: a.layer,
@@ -130,36 +123,31 @@ fn pipeline_in(
                 precision: a.precision,
                 preprocessing_version: crate::cache::PREPROCESSING_VERSION,
             };
-            Some((crate::cache::Cache::open(&d, &fp)?, d))
+            Some(crate::cache::Cache::open(d.path(), &fp)?)
         }
         None => None,
     };
-    let mut csv = AtomicFile::create(&csv_path)?;
-    csv.writer()
-        .write_all(csv_header(&["tile"], dim).as_bytes())
-        .with_context(|| format!("cannot write {}", csv_path.display()))?;
     let model = NullModel {
         dim,
         tile_bytes: (a.size * a.size * 3) as usize,
     };
     let mut progress = Progress::new(tiles.len(), true);
     let t = Instant::now();
-    let run = pipeline(
+    let st = pipeline(
         &cfg,
-        tiles,
+        &tiles,
         &model,
-        cache.as_ref().map(|(c, _)| c),
+        cache.as_ref(),
         csv,
         &mut progress,
         dim,
-    );
+    )?;
     let secs = t.elapsed().as_secs_f64();
     let csv_mb = std::fs::metadata(&csv_path).map_or(0.0, |m| m.len() as f64 / 1e6);
-    if let Some((c, d)) = cache {
-        c.close()?;
-        let _ = std::fs::remove_dir_all(d);
-    }
-    let st = run?;
+    let stored = match cache {
+        Some(c) => Some(c.close()?.stored),
+        None => None,
+    };
     let n = st.written;
     let tps = n as f64 / secs;
     if a.machine {
@@ -176,14 +164,12 @@ fn pipeline_in(
     )?;
     writeln!(
         out,
-        "  {decode_threads} decode threads, batch {}, {} columns, CSV {csv_mb:.0} MB under {}{}",
+        "  {decode_threads} decode threads, batch {}, {dim} columns, CSV {csv_mb:.0} MB in {} (removed); {}",
         a.batch_size,
-        dim,
-        scratch.display(),
-        if a.cache_dir.is_some() {
-            ", with a fresh cache"
-        } else {
-            ", no cache (no hashing)"
+        scratch.path().display(),
+        match stored {
+            Some(k) => format!("a fresh cache (removed): {k} vectors stored"),
+            None => "no cache (no hashing)".into(),
         }
     )?;
     writeln!(
@@ -294,9 +280,7 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     }
     let device = parse_device(&a.device)?;
     let threads = a.threads.unwrap_or(available_cpus());
-    if let Some(w) = configure_cuda(device) {
-        eprintln!("tilefeat: warning: {w}");
-    }
+    configure_cuda(device);
     let opts = RunOptions {
         device,
         precision: a.precision,

@@ -302,9 +302,10 @@ pub enum BenchWhat {
     /// Read, hash, decode and resize the tiles of --tiles DIR (no model, no cache): tiles/s
     /// per core and per format, then on --threads cores at once.
     Decode,
-    /// The whole `extract` pipeline on --tiles DIR (list, read, decode, resize, batch, write
-    /// the CSV; with --cache-dir, hash and store too) with a stand-in for the network that
-    /// costs nothing: the most tiles/s this host can feed any device.
+    /// The whole `extract` pipeline on --tiles DIR (read, decode, resize, batch, write the
+    /// CSV; with --cache-dir, hash and store too) with a stand-in for the network that costs
+    /// nothing: the most tiles/s this host can feed any device. Uses --decode-threads,
+    /// --batch-size, --size, --layer; not --device, --threads or --layout.
     Pipeline,
 }
 
@@ -352,7 +353,8 @@ pub struct BenchArgs {
     /// Untimed warm-up batches.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
-    /// Print one machine-readable line `images_per_s=...`.
+    /// Print one machine-readable line: `images_per_s=...` (model) or `tiles_per_s=...`
+    /// (pipeline).
     #[arg(long)]
     pub machine: bool,
 }

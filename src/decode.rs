@@ -51,11 +51,6 @@ pub fn jpeg_simd() -> bool {
     unsafe { jsimd_can_idct_islow() != 0 }
 }
 
-thread_local! {
-    /// Set while libjpeg runs: its errors unwind as panics, which are expected and caught.
-    pub static IN_LIBJPEG: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
 /// JPEG through libjpeg-turbo's own decoder (mozjpeg is a libjpeg-turbo fork), configured as
 /// OpenCV configures it (ISLOW IDCT, fancy upsampling), so pixels match `cv2.imread` exactly;
 /// pure-Rust decoders differ by up to 4 levels in a quarter of the pixels.
@@ -69,8 +64,8 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Image, String> {
         .into_decoder()
         .ok()
         .and_then(|mut d| d.orientation().ok());
-    IN_LIBJPEG.with(|f| f.set(true));
-    let result = std::panic::catch_unwind(|| -> std::io::Result<(usize, usize, Vec<u8>)> {
+    // libjpeg's errors unwind as panics, caught here and reported against the tile.
+    let result = crate::error::catch_panic(|| -> std::io::Result<(usize, usize, Vec<u8>)> {
         let mut d = mozjpeg::Decompress::new_mem(bytes)?;
         d.dct_method(mozjpeg::DctMethod::IntegerSlow);
         d.do_fancy_upsampling(true);
@@ -80,18 +75,10 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Image, String> {
         s.finish()?;
         Ok((w, h, data))
     });
-    IN_LIBJPEG.with(|f| f.set(false));
     let (w, h, data) = match result {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => return Err(format!("cannot decode JPEG: {e}")),
-        Err(p) => {
-            let msg = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "libjpeg error".into());
-            return Err(format!("cannot decode JPEG: {msg}"));
-        }
+        Err(msg) => return Err(format!("cannot decode JPEG: {msg}")),
     };
     if w == 0 || h == 0 || data.len() != w * h * 3 {
         return Err("cannot decode JPEG: unexpected image size".into());

@@ -89,20 +89,25 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 /// while they wait for the GPU. By default CUDA spins when the process has fewer contexts
 /// than CPUs; tilefeat's model workers wait for every batch's features, so two cores would
 /// spin that the decoders need. `TILEFEAT_CUDA_SPIN=1` keeps CUDA's default (to compare).
-/// Returns a warning for the user when the waits cannot be made to sleep.
+/// Warns when the waits cannot be made to sleep. Returns how threads wait for the GPU, for
+/// the provenance and `--profile`.
 pub fn configure_cuda(device: Device) -> Option<String> {
     let Device::Cuda(index) = device else {
         return None;
     };
     Cuda::cudnn_set_benchmark(true);
     if std::env::var("TILEFEAT_CUDA_SPIN").is_ok_and(|v| !v.is_empty() && v != "0") {
-        return None;
+        return Some("spin (TILEFEAT_CUDA_SPIN)".into());
     }
-    cuda_runtime::blocking_sync(index).err().map(|e| {
-        format!(
-            "cannot make threads sleep while they wait for the GPU ({e}); each model worker \
-             will spin a CPU core instead"
-        )
+    Some(match cuda_runtime::blocking_sync(index) {
+        Ok(()) => "sleep (cudaDeviceScheduleBlockingSync)".into(),
+        Err(e) => {
+            eprintln!(
+                "tilefeat: warning: cannot make threads sleep while they wait for the GPU \
+                 ({e}); each model worker will spin a CPU core instead"
+            );
+            format!("spin (could not set blocking sync: {e})")
+        }
     })
 }
 
@@ -161,36 +166,33 @@ mod cuda_runtime {
             }
         }
 
+        /// Set the scheduling flag of device `index` and make it this thread's current
+        /// device. The old current device is not put back: selecting it would create a
+        /// context on it (CUDA 12+), taking memory on a GPU the run does not use.
         pub fn blocking_sync(index: usize) -> Result<(), String> {
             // SAFETY: the CUDA runtime's functions of these exact signatures.
-            let (get, set, set_flags, get_flags) = unsafe {
+            let (set, set_flags, get_flags) = unsafe {
                 (
-                    std::mem::transmute::<*mut c_void, IntOut>(sym(c"cudaGetDevice")?),
                     std::mem::transmute::<*mut c_void, IntIn>(sym(c"cudaSetDevice")?),
                     std::mem::transmute::<*mut c_void, UintIn>(sym(c"cudaSetDeviceFlags")?),
                     std::mem::transmute::<*mut c_void, UintOut>(sym(c"cudaGetDeviceFlags")?),
                 )
             };
             let index = index as c_int;
-            let mut previous: c_int = index;
             // SAFETY: plain CUDA runtime calls with valid pointers. The flags belong to the
-            // device (its primary context, shared with libtorch); the current device is a
-            // per-thread setting, restored before returning.
+            // device's primary context, which libtorch then uses; CUDA 12+ applies them to a
+            // context that already exists.
             unsafe {
-                if get(&mut previous) != 0 {
-                    previous = index;
-                }
                 let e = set(index);
                 if e != 0 {
                     return Err(format!("cudaSetDevice({index}) returned {}", describe(e)));
                 }
                 let e = set_flags(BLOCKING_SYNC);
-                let mut flags: c_uint = 0;
-                let read = get_flags(&mut flags);
-                set(previous);
                 if e != 0 {
                     return Err(format!("cudaSetDeviceFlags returned {}", describe(e)));
                 }
+                let mut flags: c_uint = 0;
+                let read = get_flags(&mut flags);
                 if read != 0 || flags & BLOCKING_SYNC == 0 {
                     return Err(format!(
                         "flags read back as {flags:#x} (cudaGetDeviceFlags: {})",

@@ -7,6 +7,28 @@
 
 use std::fmt;
 
+thread_local! {
+    /// Set while a panic is caught by [`catch_panic`] and reported as an error naming what
+    /// failed (a libjpeg error against its tile, a libtorch failure against its batch): the
+    /// binary's panic hook then stays quiet, so the error is printed once.
+    pub static PANIC_IS_CAUGHT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f`; a panic inside it (libjpeg errors unwind as panics; tch panics when libtorch
+/// fails, e.g. out of GPU memory) comes back as its message instead of taking the thread
+/// down.
+pub fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    let was = PANIC_IS_CAUGHT.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    PANIC_IS_CAUGHT.with(|c| c.set(was));
+    result.map_err(|p| {
+        p.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into())
+    })
+}
+
 /// Exit codes, documented in the README and `tilefeat --help`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitKind {

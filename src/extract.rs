@@ -166,6 +166,41 @@ impl ExtractConfig {
         })
     }
 
+    /// What `bench --what pipeline` runs the pipeline with (the network replaced by
+    /// [`NullModel`]): two model workers as on a GPU, bad tiles skipped, no progress.
+    pub(crate) fn for_pipeline_bench(
+        tile_dir: &Path,
+        output: &Path,
+        batch_size: usize,
+        decode_threads: usize,
+        size: u32,
+        layer: crate::cli::Layer,
+        precision: Precision,
+    ) -> ExtractConfig {
+        ExtractConfig {
+            tile_dir: tile_dir.to_path_buf(),
+            output: output.to_path_buf(),
+            sample: "bench".into(),
+            weights: WeightsSource::Random(0),
+            device: Device::Cpu,
+            batch_size,
+            // `model_workers` gives one worker per torch thread on the CPU: two, as on a GPU.
+            torch_threads: 2,
+            decode_threads,
+            precision,
+            layer,
+            pool: crate::cli::Pool::Max,
+            normalize: Normalize::Tutorial,
+            size,
+            on_error: OnError::Skip,
+            cache_dir: None,
+            channels_last: false,
+            dry_run: false,
+            quiet: true,
+            profile: false,
+        }
+    }
+
     fn fingerprint(&self, weights_id: &str) -> Fingerprint {
         Fingerprint {
             weights_sha256: weights_id.to_string(),
@@ -285,8 +320,8 @@ pub(crate) trait BatchModel: Send {
 
 /// A stand-in for the network that costs next to nothing: it reads every pixel once (as the
 /// staging copy does) and returns `dim` full-precision values per tile, so that the writer
-/// formats realistic numbers. With it, `pipeline` runs at the speed of listing, reading,
-/// hashing, decoding, resizing, batching and writing: the most it can feed any device.
+/// formats realistic numbers. With it, `pipeline` runs at the speed of reading, hashing (with
+/// a cache), decoding, resizing, batching and writing: the most it can feed any device.
 pub(crate) struct NullModel {
     pub dim: usize,
     pub tile_bytes: usize,
@@ -298,7 +333,12 @@ impl BatchModel for NullModel {
     }
 
     fn run(&self, pixels: &[u8], n: usize) -> Result<Vec<f32>> {
-        assert_eq!(pixels.len(), n * self.tile_bytes, "batch pixel buffer size");
+        anyhow::ensure!(
+            pixels.len() == n * self.tile_bytes,
+            "batch of {n} tiles holds {} bytes, not {}",
+            pixels.len(),
+            n * self.tile_bytes
+        );
         let mut out = Vec::with_capacity(n * self.dim);
         for tile in pixels.chunks_exact(self.tile_bytes.max(1)) {
             let sum = tile.iter().fold(0u64, |a, &b| a.wrapping_add(b as u64));
@@ -489,9 +529,7 @@ pub fn run(
         .with_context(|| format!("cannot write {}", cfg.output.display()))
         .kind(ExitKind::Output)?;
 
-    if let Some(w) = configure_cuda(cfg.device) {
-        eprintln!("tilefeat: warning: {w}");
-    }
+    let cuda_waits = configure_cuda(cfg.device);
     let opts = RunOptions {
         device: cfg.device,
         precision: cfg.precision,
@@ -607,6 +645,7 @@ pub fn run(
             stored: counters.as_ref().map_or(0, |c| c.stored),
             damaged_records: counters.as_ref().map_or(0, |c| c.damaged_records),
         },
+        cuda_waits,
         elapsed_s: round3(elapsed),
         tiles_per_s: round3(tiles.len() as f64 / elapsed.max(1e-9)),
         timings_s: state.timings.clone(),
@@ -715,7 +754,15 @@ pub(crate) fn pipeline(
             scope.spawn(move || {
                 for idx in job_rx.iter() {
                     let mut t = WorkerTimes::default();
-                    let (sha, prepared) = prepare(&tiles[idx], size, cache, false, &mut t);
+                    // A panic on one tile (a decoder bug) makes that tile bad instead of
+                    // ending this worker, which would leave the run waiting for it forever.
+                    let (sha, prepared) = crate::error::catch_panic(|| {
+                        prepare(&tiles[idx], size, cache, false, &mut t)
+                    })
+                    .unwrap_or_else(|msg| {
+                        let first = msg.lines().next().unwrap_or_default();
+                        ([0; 32], Prepared::Bad(format!("internal error: {first}")))
+                    });
                     if item_tx.send((Item { idx, sha, prepared }, t)).is_err() {
                         return;
                     }
@@ -733,7 +780,13 @@ pub(crate) fn pipeline(
                 tch::set_num_threads(model_threads as i32);
                 for job in batch_rx.iter() {
                     let t = Instant::now();
-                    let features = worker.run(&job.pixels, job.n);
+                    // A panic (tch panics when libtorch fails, e.g. out of GPU memory) is
+                    // this batch's error: an ended worker would leave the run waiting forever.
+                    let features = crate::error::catch_panic(|| worker.run(&job.pixels, job.n))
+                        .unwrap_or_else(|msg| {
+                            let first = msg.lines().next().unwrap_or_default();
+                            Err(anyhow::anyhow!("libtorch failed: {first}"))
+                        });
                     let secs = t.elapsed().as_secs_f64();
                     if done_tx
                         .send(BatchDone {
@@ -1246,6 +1299,73 @@ mod tests {
         let cache = Cache::open(&d.path().join("cache"), &fp).unwrap();
         let (sha2, _) = prepare(&tile, 32, Some(&cache), false, &mut t);
         assert_eq!(sha2, want, "a cache always gets the real hash");
+    }
+
+    /// Regression: a model worker that panics (tch does when libtorch fails, e.g. out of GPU
+    /// memory) fails the run with an error naming the batch. Before, the other worker kept
+    /// the run waiting forever.
+    #[test]
+    fn a_panicking_model_fails_the_run_instead_of_hanging() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        struct Flaky {
+            calls: Arc<AtomicUsize>,
+            inner: NullModel,
+        }
+        impl BatchModel for Flaky {
+            fn fork(&self) -> Self {
+                Flaky {
+                    calls: self.calls.clone(),
+                    inner: self.inner.fork(),
+                }
+            }
+            fn run(&self, pixels: &[u8], n: usize) -> Result<Vec<f32>> {
+                if self.calls.fetch_add(1, Ordering::SeqCst) == 1 {
+                    panic!("CUDA out of memory (simulated)\nException raised from ...");
+                }
+                self.inner.run(pixels, n)
+            }
+        }
+        let d = tempfile::tempdir().unwrap();
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo/tiles/sampleA");
+        let tiles = find_tiles(&dir).unwrap().tiles;
+        assert!(tiles.len() >= 5, "three batches of two or more");
+        let out = d.path().join("f.csv");
+        let cfg = ExtractConfig::for_pipeline_bench(
+            &dir,
+            &out,
+            2,
+            2,
+            32,
+            crate::cli::Layer::Layer4,
+            Precision::Fp32,
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let target = out.clone();
+        std::thread::spawn(move || {
+            let model = Flaky {
+                calls: Arc::new(AtomicUsize::new(0)),
+                inner: NullModel {
+                    dim: 2048,
+                    tile_bytes: 32 * 32 * 3,
+                },
+            };
+            let csv = AtomicFile::create(&target).unwrap();
+            let mut progress = Progress::new(tiles.len(), true);
+            let r = pipeline(&cfg, &tiles, &model, None, csv, &mut progress, 2048);
+            let _ = tx.send(r.map(|_| ()).map_err(|e| format!("{e:#}")));
+        });
+        let result = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the run hung after a model worker panicked");
+        let e = result.expect_err("a panicking model must fail the run");
+        assert!(
+            e.contains("model failed on the batch starting at ")
+                && e.contains("libtorch failed: CUDA out of memory (simulated)")
+                && !e.contains("Exception raised"),
+            "{e}"
+        );
+        assert!(!out.exists(), "nothing under the final name");
     }
 
     /// The pipeline bench's stand-in: one row of `dim` values per tile, a function of the

@@ -7,8 +7,8 @@ fn main() {
     tilefeat::alloc::tune_heap();
     // A panic (a bug, or libtorch failing inside an operation) is reported like any error.
     std::panic::set_hook(Box::new(|info| {
-        if tilefeat::decode::IN_LIBJPEG.with(|f| f.get()) {
-            return; // a libjpeg error, caught and reported against its tile
+        if tilefeat::error::PANIC_IS_CAUGHT.with(|f| f.get()) {
+            return; // caught, and reported as an error naming the tile or batch
         }
         let msg = info
             .payload()

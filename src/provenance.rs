@@ -114,6 +114,9 @@ pub struct Provenance {
     pub tiles: Counts,
     pub skipped_tiles: Vec<Skipped>,
     pub cache: CacheInfo,
+    /// On a GPU: whether threads waiting for it sleep or spin (see `device::configure_cuda`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_waits: Option<String>,
     pub elapsed_s: f64,
     pub tiles_per_s: f64,
     pub timings_s: Timings,
