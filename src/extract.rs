@@ -559,8 +559,8 @@ pub fn run(
         dim,
     )?;
     progress.finish();
-    state.timings.startup = round3((pipeline_start - start).as_secs_f64());
-    state.timings.pipeline = round3(pipeline_start.elapsed().as_secs_f64());
+    state.timings.startup = (pipeline_start - start).as_secs_f64();
+    state.timings.pipeline = pipeline_start.elapsed().as_secs_f64();
 
     let counters = match &cache {
         Some(c) => Some(c.close()?),
@@ -648,7 +648,7 @@ pub fn run(
         cuda_waits,
         elapsed_s: round3(elapsed),
         tiles_per_s: round3(tiles.len() as f64 / elapsed.max(1e-9)),
-        timings_s: state.timings.clone(),
+        timings_s: state.timings.rounded(),
     };
     crate::output::write_atomic(
         &provenance_path(&cfg.output),
@@ -831,7 +831,7 @@ pub(crate) fn pipeline(
             (Ok(_), Err(e)) => return Err(e),
             (Ok(s), Ok(w)) => (s, w),
         };
-        state.timings.write = round3(write_secs);
+        state.timings.write = write_secs;
         Ok(state)
     })
 }
@@ -1094,13 +1094,13 @@ impl<'a> ModelStage<'a> {
             },
         );
         st.timings = Timings {
-            read: round3(wt.read),
-            hash: round3(wt.hash),
-            cache_lookup: round3(wt.lookup),
-            decode: round3(wt.decode),
-            resize: round3(wt.resize),
-            model_waiting_for_tiles: round3(waiting),
-            model_compute: round3(self.compute),
+            read: wt.read,
+            hash: wt.hash,
+            cache_lookup: wt.lookup,
+            decode: wt.decode,
+            resize: wt.resize,
+            model_waiting_for_tiles: waiting,
+            model_compute: self.compute,
             ..Timings::default()
         };
         st

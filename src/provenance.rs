@@ -86,6 +86,25 @@ pub struct Timings {
     pub write: f64,
 }
 
+impl Timings {
+    /// To the millisecond, as recorded in the provenance.
+    pub fn rounded(&self) -> Timings {
+        let r = |x: f64| (x * 1000.0).round() / 1000.0;
+        Timings {
+            startup: r(self.startup),
+            pipeline: r(self.pipeline),
+            read: r(self.read),
+            hash: r(self.hash),
+            cache_lookup: r(self.cache_lookup),
+            decode: r(self.decode),
+            resize: r(self.resize),
+            model_waiting_for_tiles: r(self.model_waiting_for_tiles),
+            model_compute: r(self.model_compute),
+            write: r(self.write),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FingerprintInfo {
     pub id: String,
