@@ -17,7 +17,7 @@ use tch::{Device, Kind, Tensor};
 use crate::cli::{BenchArgs, BenchWhat, Pool};
 use crate::device::{available_cpus, configure_cuda, device_name, parse_device};
 use crate::error::{fail, ExitKind, WithKind};
-use crate::extract::model_workers;
+use crate::extract::{check_batch_size, check_size, gpu_decode_threads, model_workers};
 use crate::model::{to_channels_last, ResNetTrunk, RunOptions};
 use crate::output::{csv_header, AtomicFile};
 use crate::progress::Progress;
@@ -40,22 +40,8 @@ fn bench_tiles(a: &BenchArgs, what: &str) -> Result<(PathBuf, Vec<crate::tiles::
         .tiles
         .clone()
         .ok_or_else(|| fail(ExitKind::Usage, format!("--what {what} needs --tiles DIR")))?;
-    if !(16..=4096).contains(&a.size) {
-        return Err(fail(
-            ExitKind::Usage,
-            format!("--size {}: must be between 16 and 4096", a.size),
-        ));
-    }
-    let tiles = crate::tiles::find_tiles(&dir)?.tiles;
-    if tiles.is_empty() {
-        return Err(fail(
-            ExitKind::Input,
-            format!(
-                "tile folder {} holds no tiles (*.png, *.jpg, *.jpeg, *.tif, *.tiff)",
-                dir.display()
-            ),
-        ));
-    }
+    check_size(a.size)?;
+    let tiles = crate::tiles::find_some_tiles(&dir)?.tiles;
     for t in &tiles {
         let _ = std::fs::read(&t.path);
     }
@@ -72,18 +58,13 @@ fn bench_tiles(a: &BenchArgs, what: &str) -> Result<(PathBuf, Vec<crate::tiles::
 fn pipeline(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     use crate::extract::{pipeline, ExtractConfig, NullModel};
     let (dir, tiles) = bench_tiles(a, "pipeline")?;
-    if a.batch_size == 0 || a.batch_size > 4096 {
-        return Err(fail(
-            ExitKind::Usage,
-            format!("--batch-size {}: must be between 1 and 4096", a.batch_size),
-        ));
-    }
+    check_batch_size(a.batch_size)?;
     if a.decode_threads == Some(0) {
         return Err(fail(ExitKind::Usage, "--decode-threads must be at least 1"));
     }
     let decode_threads = a
         .decode_threads
-        .unwrap_or(available_cpus().saturating_sub(1).max(1));
+        .unwrap_or(gpu_decode_threads(available_cpus()));
     let scratch_dir = |parent: &Path| {
         tempfile::Builder::new()
             .prefix("tilefeat-bench-")
@@ -114,15 +95,7 @@ fn pipeline(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     };
     let cache = match &cache_dir {
         Some(d) => {
-            let fp = crate::cache::Fingerprint {
-                weights_sha256: "bench-pipeline-null-model".into(),
-                layer: a.layer,
-                pool: Pool::Max,
-                normalize: crate::cli::Normalize::Tutorial,
-                size: a.size,
-                precision: a.precision,
-                preprocessing_version: crate::cache::PREPROCESSING_VERSION,
-            };
+            let fp = cfg.fingerprint("bench-pipeline-null-model");
             Some(crate::cache::Cache::open(d.path(), &fp)?)
         }
         None => None,

@@ -40,8 +40,35 @@ use crate::provenance::{
     RANDOM_WEIGHTS_WARNING,
 };
 use crate::resize::resize_linear;
-use crate::tiles::{find_tiles, Tile};
+use crate::tiles::{find_some_tiles, Tile};
 use crate::weights::{self, Weights, WeightsSource};
+
+/// `--batch-size`: 1 to 4096 (`extract` and `bench`).
+pub(crate) fn check_batch_size(n: usize) -> Result<()> {
+    if n == 0 || n > 4096 {
+        return Err(fail(
+            ExitKind::Usage,
+            format!("--batch-size {n}: must be between 1 and 4096"),
+        ));
+    }
+    Ok(())
+}
+
+/// `--size`: 16 to 4096 pixels (`extract` and `bench`).
+pub(crate) fn check_size(n: u32) -> Result<()> {
+    if !(16..=4096).contains(&n) {
+        return Err(fail(
+            ExitKind::Usage,
+            format!("--size {n}: must be between 16 and 4096 pixels"),
+        ));
+    }
+    Ok(())
+}
+
+/// Decode threads on a GPU when not given: all `threads` but one (the CPU's job is decoding).
+pub(crate) fn gpu_decode_threads(threads: usize) -> usize {
+    threads.saturating_sub(1).max(1)
+}
 
 /// A validated `extract` configuration.
 #[derive(Debug, Clone)]
@@ -71,18 +98,8 @@ impl ExtractConfig {
     /// Check every flag and resolve defaults; nothing heavy happens here.
     pub fn from_cli_arguments(a: &ExtractArgs) -> Result<ExtractConfig> {
         let usage = |m: String| fail(ExitKind::Usage, m);
-        if a.batch_size == 0 || a.batch_size > 4096 {
-            return Err(usage(format!(
-                "--batch-size {}: must be between 1 and 4096",
-                a.batch_size
-            )));
-        }
-        if !(16..=4096).contains(&a.size) {
-            return Err(usage(format!(
-                "--size {}: must be between 16 and 4096 pixels",
-                a.size
-            )));
-        }
+        check_batch_size(a.batch_size)?;
+        check_size(a.size)?;
         if a.threads == Some(0) || a.decode_threads == Some(0) {
             return Err(usage(
                 "--threads and --decode-threads must be at least 1".into(),
@@ -135,7 +152,7 @@ impl ExtractConfig {
             // On a GPU the CPU's job is decoding; libtorch needs little.
             _ => (
                 threads.clamp(1, 4),
-                a.decode_threads.unwrap_or(threads.saturating_sub(1).max(1)),
+                a.decode_threads.unwrap_or(gpu_decode_threads(threads)),
             ),
         };
         let channels_last = a.layout == "nhwc";
@@ -201,7 +218,7 @@ impl ExtractConfig {
         }
     }
 
-    fn fingerprint(&self, weights_id: &str) -> Fingerprint {
+    pub(crate) fn fingerprint(&self, weights_id: &str) -> Fingerprint {
         Fingerprint {
             weights_sha256: weights_id.to_string(),
             layer: self.layer,
@@ -481,22 +498,13 @@ pub fn run(
     out: &mut dyn Write,
 ) -> Result<Option<Summary>> {
     let start = Instant::now();
-    let listing = find_tiles(&cfg.tile_dir)?;
+    let listing = find_some_tiles(&cfg.tile_dir)?;
     for w in &listing.warnings {
         if !cfg.quiet {
             eprintln!("tilefeat: warning: {w}");
         }
     }
     let tiles = listing.tiles;
-    if tiles.is_empty() {
-        return Err(fail(
-            ExitKind::Input,
-            format!(
-                "tile folder {} holds no tiles (*.png, *.jpg, *.jpeg, *.tif, *.tiff)",
-                cfg.tile_dir.display()
-            ),
-        ));
-    }
     if cfg.weights.is_random() && !cfg.quiet {
         eprintln!("tilefeat: WARNING: {RANDOM_WEIGHTS_WARNING}");
     }
@@ -1328,7 +1336,7 @@ mod tests {
         }
         let d = tempfile::tempdir().unwrap();
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo/tiles/sampleA");
-        let tiles = find_tiles(&dir).unwrap().tiles;
+        let tiles = find_some_tiles(&dir).unwrap().tiles;
         assert!(tiles.len() >= 5, "three batches of two or more");
         let out = d.path().join("f.csv");
         let cfg = ExtractConfig::for_pipeline_bench(

@@ -36,6 +36,21 @@ pub struct Listing {
     pub warnings: Vec<String>,
 }
 
+/// Walk `dir` for tiles; a folder without any is an input error (exit 3).
+pub fn find_some_tiles(dir: &Path) -> Result<Listing> {
+    let listing = find_tiles(dir)?;
+    if listing.tiles.is_empty() {
+        return Err(fail(
+            ExitKind::Input,
+            format!(
+                "tile folder {} holds no tiles (*.png, *.jpg, *.jpeg, *.tif, *.tiff)",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(listing)
+}
+
 /// Walk `dir` for tiles.
 pub fn find_tiles(dir: &Path) -> Result<Listing> {
     let meta = std::fs::metadata(dir).map_err(|e| {
