@@ -8,9 +8,13 @@ Prints tiles/s for
   3. the Python tutorial loop (one tile at a time, cv2 + torchvision, as the notebook),
   4. the batched Python DataLoader pipeline (bf16 on a GPU, like tilefeat's --precision),
 and their ratios; with --cache also a cached rerun, SHA-256 speed and a 1M-entry cache open.
+On a GPU a few thousand tiles take a second or two, about what one process spends starting
+(CUDA context, weights, the first batches): --repeat R also runs end-to-end on the tiles linked
+R times, a slide-sized run, and reports its steady state (the extra tiles over the extra time).
 
     .venv/bin/python scripts/benchmark.py                       # CPU, here
-    .venv/bin/python scripts/benchmark.py --device cuda --precision bf16 --batch-size 256
+    .venv/bin/python scripts/benchmark.py --device cuda --precision bf16 --batch-size 256 \
+        --tiles 4000 --repeat 12
 
 The Python baselines are slow on a CPU (the tutorial loop measured ~16 tiles/s and the
 DataLoader ~11 on this project's 2-core machine), so by default they run on the first
@@ -78,6 +82,7 @@ def main() -> None:
     ap.add_argument("--bin", type=Path, default=ROOT / "target" / "release" / "tilefeat")
     ap.add_argument("--source", type=Path, default=ROOT.parent / "shared" / "data" / "ihc.png")
     ap.add_argument("--cache", action="store_true", help="also benchmark the cache (rerun, SHA-256, 1M-entry open)")
+    ap.add_argument("--repeat", type=int, default=1, help="also run end-to-end on the tiles linked this many times")
     ap.add_argument("--skip-python", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
@@ -108,6 +113,23 @@ def main() -> None:
     run([str(a.bin), "extract", str(tiles), "-o", str(out), "--weights", str(weights), "--quiet", "--no-cache", *common])
     secs = time.perf_counter() - t
     results["tilefeat_end_to_end"] = a.tiles / secs
+    if a.repeat > 1:
+        big = a.workdir / f"tiles{a.tiles}x{a.repeat}"
+        big.mkdir(exist_ok=True)
+        names = sorted(p.name for p in tiles.iterdir())
+        for k in range(a.repeat):
+            for n in names:
+                link = big / f"{k}_{n}"
+                if not link.exists():
+                    os.symlink(tiles / n, link)
+        n_big = a.repeat * a.tiles
+        t = time.perf_counter()
+        run([str(a.bin), "extract", str(big), "-o", str(a.workdir / "features_big.csv"), "--weights", str(weights), "--quiet", "--no-cache", *common])
+        secs_big = time.perf_counter() - t
+        results["repeat"] = a.repeat
+        results["tilefeat_end_to_end_repeat"] = n_big / secs_big
+        # Start-up costs both runs the same: what is left is what each further tile costs.
+        results["tilefeat_steady_state"] = (n_big - a.tiles) / max(secs_big - secs, 1e-9)
     prov = (a.workdir / "features.provenance.yaml").read_text()
     # The indented lines of the provenance's `timings_s:` block (no YAML module needed on the
     # GPU machine).
@@ -119,8 +141,8 @@ def main() -> None:
     results["tilefeat_profile"] = "\n".join(block)
     timings = dict(l.split(": ", 1) for l in block)
     # Pipeline: from the first tile read to the last row written, without start-up (weights,
-    # model build, CUDA context) but with the first batch's cuDNN autotuning on a GPU; a long
-    # run converges to it.
+    # model build, CUDA context) but with the model workers' first batches (on a GPU: kernels
+    # loaded, cuDNN plans built); a long run converges to it.
     results["tilefeat_pipeline"] = a.tiles / max(float(timings["pipeline"]), 1e-9)
     # What the decode workers reach without the model: per core, then on all threads.
     dec = run([str(a.bin), "bench", "--what", "decode", "--tiles", str(tiles), "--threads", str(threads)])
@@ -177,6 +199,10 @@ def main() -> None:
     print(f"  tilefeat end-to-end         {e2e:9.2f} tiles/s   ({e2e / mo:.2f}x model-only)")
     pl = results["tilefeat_pipeline"]
     print(f"  tilefeat pipeline only      {pl:9.2f} tiles/s   ({pl / mo:.2f}x model-only; end-to-end without start-up)")
+    if "repeat" in results:
+        big, st = results["tilefeat_end_to_end_repeat"], results["tilefeat_steady_state"]
+        print(f"  tilefeat end-to-end x{a.repeat:<4}    {big:9.2f} tiles/s   ({big / mo:.2f}x model-only; the tiles linked {a.repeat} times, {a.repeat * a.tiles} tiles)")
+        print(f"  tilefeat steady state       {st:9.2f} tiles/s   ({st / mo:.2f}x model-only; the extra tiles over the extra time)")
     print(f"  tilefeat model-only         {mo:9.2f} tiles/s")
     dpc = results["decode_tiles_per_s_per_core"]
     if "all" in dpc:
@@ -190,6 +216,8 @@ def main() -> None:
         tl, dl = results["python_tutorial_loop"], results["python_dataloader"]
         print(f"  python tutorial loop        {tl:9.2f} tiles/s   (fp32, batch 1, {n} tiles)  -> tilefeat {e2e / tl:.1f}x")
         print(f"  python DataLoader pipeline  {dl:9.2f} tiles/s   ({results['python_dataloader_precision']}, batch {a.batch_size}, {n} tiles)  -> tilefeat {e2e / dl:.1f}x")
+        if "repeat" in results:
+            print(f"  tilefeat end-to-end x{a.repeat} against them: {big / tl:.1f}x the tutorial loop, {big / dl:.1f}x the DataLoader")
     print(f"  tilefeat time per stage (s, summed over threads): {results['tilefeat_profile'].replace(chr(10), ', ')}")
     if a.cache:
         print(f"  cache: first run {results['cache_first_run_s']:.1f} s, unchanged rerun {results['cache_second_run_s']:.2f} s -> {results['cache_speedup']:.0f}x")

@@ -5,25 +5,20 @@
 #
 #   scripts/gpu-check.sh [OUT_DIR]
 #
-# Prints, and writes to OUT_DIR/gpu-report.txt: GPU and libtorch info; proof that
-# `--device cuda` runs on the GPU; GPU features vs the tutorial pipeline on the GPU and vs
-# tilefeat on the CPU; bf16/fp16 precision effects against fp32; model-only throughput
-# (fp32, fp16, bf16 at batch 256); the full benchmark (tilefeat end-to-end and model-only,
-# Python tutorial loop and bf16 DataLoader pipeline, ratios); decoder speed per core; the
-# pipeline's ceiling without the network; a 16,000-tile end-to-end run with its profile
-# (start-up vs pipeline) and CPU time, then again with CUDA's default spin-waiting.
+# Prints, and writes to OUT_DIR/gpu-report.txt (and gpu-longrun.txt): GPU and libtorch info;
+# proof that `--device cuda` runs on the GPU; GPU features vs the tutorial pipeline on the GPU
+# and vs tilefeat on the CPU; bf16/fp16 precision effects against fp32; model-only throughput
+# (fp32, fp16, bf16 at batch 256) and warm-up; the full benchmark (tilefeat end-to-end on 4,000
+# tiles and on 48,000, its steady state, model-only, Python tutorial loop and bf16 DataLoader
+# pipeline, ratios); decoder speed per core; the pipeline's ceiling without the network, with
+# a cache; the defaults against their alternatives (cuDNN autotuning, sleeping waits) on
+# 16,000 tiles with CPU time; then scripts/gpu-longrun.sh (48,000 tiles). About 5 minutes on
+# an H200.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-OUT_DIR=${1:-${OUT:-/tmp/tilefeat-gpu}}
-mkdir -p "$OUT_DIR"
-exec > >(tee "$OUT_DIR/gpu-report.txt") 2>&1
-TORCH_LIB=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-export LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}"
-export PYTHONUNBUFFERED=1
-B=${TILEFEAT_BIN:-$PWD/target/release/tilefeat}
-W=/tmp/tilefeat-gpu-work
-mkdir -p "$W"
-section() { printf '\n===== %s =====\n' "$*"; }
+REPORT=gpu-report.txt
+# shellcheck source=scripts/gpu-common.sh
+source scripts/gpu-common.sh
 
 section "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -74,16 +69,15 @@ for prec in ("bf16", "fp16"):
     cmp(f"tilefeat GPU {prec} vs GPU fp32", feats(W / f"gpu_{prec}.csv"), g32)
 PY
 
-section "model-only throughput (batch 256)"
-for p in fp32 fp16 bf16; do
-  for lay in nhwc nchw; do
-    "$B" bench --device cuda --precision "$p" --layout "$lay" --batch-size 256 --batches 40 --warmup 5
-  done
+section "model-only throughput (batch 256), with the warm-up batches' time"
+for pl in "fp32 nhwc" "fp16 nhwc" "bf16 nhwc" "bf16 nchw"; do
+  set -- $pl
+  "$B" bench --device cuda --precision "$1" --layout "$2" --batch-size 256 --batches 40 --warmup 2
 done
 
-section "benchmark: 4000 tiles, bf16, batch 256"
-python3 scripts/benchmark.py --device cuda --precision bf16 --batch-size 256 --tiles 4000 --python-tiles 2000 \
-  --workdir "$W/bench" --bin "$B" --json "$OUT_DIR/benchmark-gpu.json"
+section "benchmark: 4000 tiles (and linked 12 times), bf16, batch 256"
+python3 scripts/benchmark.py --device cuda --precision bf16 --batch-size 256 --tiles 4000 --repeat 12 \
+  --python-tiles 2000 --workdir "$W/bench" --bin "$B" --json "$OUT_DIR/benchmark-gpu.json"
 
 section "benchmark: 4000 tiles, fp32, batch 256 (tilefeat only)"
 python3 scripts/benchmark.py --device cuda --precision fp32 --batch-size 256 --tiles 4000 \
@@ -92,33 +86,18 @@ python3 scripts/benchmark.py --device cuda --precision fp32 --batch-size 256 --t
 section "decoders: tiles/s per core, then on all cores (read, hash, decode, resize; no model)"
 "$B" bench --what decode --tiles "$W/bench/tiles4000" --threads "$(nproc)"
 
-section "pipeline without the network (list, read, decode, resize, batch, write; then with a cache)"
-"$B" bench --what pipeline --tiles "$W/bench/tiles4000" --batch-size 256
+section "pipeline without the network, 4000 tiles, with a fresh cache (hashing and storing)"
 "$B" bench --what pipeline --tiles "$W/bench/tiles4000" --batch-size 256 --cache-dir "$W"
 
-section "extract profile, bf16, batch 256, 4000 tiles: decode threads 8 and all cores but one"
-for d in $(printf '%s\n' 8 $(( $(nproc) > 1 ? $(nproc) - 1 : 1 )) | sort -un); do
-  echo "decode-threads $d:"
-  "$B" extract "$W/bench/tiles4000" -o "$W/dec.csv" --weights random:0 --device cuda --precision bf16 \
-    --batch-size 256 --decode-threads "$d" --profile --quiet 2>&1 | tail -n 2
-done
-
-section "end-to-end, 16,000 tiles (the 4,000 linked 4 times; --no-cache), bf16, batch 256"
-mkdir -p "$W/t16k"
-for k in 0 1 2 3; do
-  for f in "$W"/bench/tiles4000/*; do ln -sf "$f" "$W/t16k/${k}_$(basename "$f")"; done
-done
-TIMEFORMAT='  wall %R s, CPU user %U s, system %S s'
-e16k() {  # $1: label; then extra environment for the run
-  local label=$1; shift
-  echo "$label:"
-  time env "$@" "$B" extract "$W/t16k" -o "$W/e16k-$label.csv" --weights random:0 --device cuda \
+section "the defaults, checked: cuDNN autotuning (TILEFEAT_CUDNN_BENCHMARK=1) and sleeping waits (TILEFEAT_CUDA_SLEEP=1)"
+TILEFEAT_CUDNN_BENCHMARK=1 "$B" bench --device cuda --precision bf16 --batch-size 256 --batches 40 --warmup 2
+linked_tiles t16k 4
+for env in TILEFEAT_CUDA_SLEEP=0 TILEFEAT_CUDA_SLEEP=1 TILEFEAT_CUDNN_BENCHMARK=1; do
+  echo "16,000 tiles, $env:"
+  time env "$env" "$B" extract "$W/t16k" -o "$W/e16k.csv" --weights random:0 --device cuda \
     --precision bf16 --batch-size 256 --no-cache --profile --quiet 2>&1
-}
-e16k sleep TILEFEAT_CUDA_SPIN=0
+done
 
-section "the same with CUDA's default spin-waiting (TILEFEAT_CUDA_SPIN=1), alternating to see the noise"
-e16k spin TILEFEAT_CUDA_SPIN=1
-e16k sleep TILEFEAT_CUDA_SPIN=0
-e16k spin TILEFEAT_CUDA_SPIN=1
+section "slide-sized runs (scripts/gpu-longrun.sh)"
+scripts/gpu-longrun.sh "$OUT_DIR"
 echo "done"

@@ -62,11 +62,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 if cfg.profile {
                     let t = &p.timings_s;
                     eprintln!(
-                        "tilefeat: profile: startup {:.2} s, pipeline {:.2} s ({:.1} tiles/s) wall; summed over threads (s): read {:.2}, hash {:.2}, cache lookup {:.2}, decode {:.2}, resize {:.2}, model waiting for tiles {:.2}, model compute {:.2}, write {:.2}",
-                        t.startup, t.pipeline, p.tiles.found as f64 / t.pipeline.max(1e-9), t.read, t.hash, t.cache_lookup, t.decode, t.resize, t.model_waiting_for_tiles, t.model_compute, t.write
+                        "tilefeat: profile: startup {:.2} s, pipeline {:.2} s ({:.1} tiles/s) wall; summed over threads (s): read {:.2}, hash {:.2}, cache lookup {:.2}, decode {:.2}, resize {:.2}, model waiting for tiles {:.2}, model warm-up (first batches) {:.2}, model compute {:.2}, format {:.2}, write {:.2}",
+                        t.startup, t.pipeline, p.tiles.found as f64 / t.pipeline.max(1e-9), t.read, t.hash, t.cache_lookup, t.decode, t.resize, t.model_waiting_for_tiles, t.model_warmup, t.model_compute, t.format, t.write
                     );
-                    if let Some(w) = &p.cuda_waits {
-                        eprintln!("tilefeat: profile: threads waiting for the GPU: {w}");
+                    if let (Some(w), Some(c)) = (&p.cuda_waits, &p.cudnn_algorithms) {
+                        eprintln!(
+                            "tilefeat: profile: threads waiting for the GPU: {w}; cuDNN algorithms: {c}"
+                        );
                     }
                 }
             }

@@ -147,12 +147,13 @@ fn pipeline(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     )?;
     writeln!(
         out,
-        "  decode workers, ms per tile summed over threads: read {:.3}, hash {:.3}, decode {:.3}, resize {:.3}; batching thread waited {:.2} s for tiles; writer busy {:.2} s",
+        "  decode workers, ms per tile summed over threads: read {:.3}, hash {:.3}, decode {:.3}, resize {:.3}; batching thread waited {:.2} s for tiles; CSV formatting {:.2} s (summed over threads), writing {:.2} s",
         ms(tm.read),
         ms(tm.hash),
         ms(tm.decode),
         ms(tm.resize),
         tm.model_waiting_for_tiles,
+        tm.format,
         tm.write
     )?;
     Ok(())
@@ -276,6 +277,7 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     let next = AtomicUsize::new(0);
     let timed_start = std::sync::Mutex::new(None::<Instant>);
     let warm_done = AtomicUsize::new(0);
+    let warm_start = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..workers {
             let m = model.shallow_clone();
@@ -308,20 +310,22 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         .unwrap()
         .expect("at least one timed batch");
     let secs = start.elapsed().as_secs_f64();
+    let warm_secs = (start - warm_start).as_secs_f64();
     let ips = (a.batches * a.batch_size) as f64 / secs;
     if a.machine {
         writeln!(out, "images_per_s={ips:.2}")?;
     } else {
         writeln!(
             out,
-            "model-only: {ips:.2} images/s ({} batches of {} on {}, {}, {}, {workers} model workers x {per_worker} threads, {} {}px)",
+            "model-only: {ips:.2} images/s ({} batches of {} on {}, {}, {}, {workers} model workers x {per_worker} threads, {} {}px; {} warm-up batches took {warm_secs:.2} s)",
             a.batches,
             a.batch_size,
             device_name(device),
             a.precision,
             a.layout,
             a.layer,
-            a.size
+            a.size,
+            a.warmup
         )?;
     }
     Ok(())

@@ -84,31 +84,60 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
-/// Prepare a CUDA device for a run (nothing for the CPU): cuDNN autotuning, which pays off as
-/// every batch has the same shape, and threads that sleep, instead of spinning a CPU core,
-/// while they wait for the GPU. By default CUDA spins when the process has fewer contexts
-/// than CPUs; tilefeat's model workers wait for every batch's features, so two cores would
-/// spin that the decoders need. `TILEFEAT_CUDA_SPIN=1` keeps CUDA's default (to compare).
-/// Warns when the waits cannot be made to sleep. Returns how threads wait for the GPU, for
-/// the provenance and `--profile`.
-pub fn configure_cuda(device: Device) -> Option<String> {
+/// How a run set its GPU up, for the provenance and `--profile`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CudaSetup {
+    /// How threads wait for the GPU (CUDA's default, or sleep).
+    pub waits: String,
+    /// How cuDNN picks its convolution algorithms.
+    pub cudnn: String,
+}
+
+/// Whether an environment switch is on (set, not empty, not `0`).
+fn env_on(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Prepare a CUDA device for a run (nothing for the CPU).
+///
+/// - cuDNN picks its algorithms by heuristics. Autotuning (`cudnn.benchmark`) measured no
+///   faster for ResNet50 at batch 256 on an H200 (bf16 13,086-13,122 images/s tuned vs
+///   13,137-13,145 not), but libtorch autotunes per thread, so each model worker's first batch
+///   took 1.9-3.2 s instead of 0.35-0.45 s: a whole slide's worth of GPU time per process.
+///   `TILEFEAT_CUDNN_BENCHMARK=1` autotunes (for GPUs or shapes where it may pay).
+/// - Threads wait for the GPU as CUDA decides (`cudaDeviceScheduleAuto`: spin while the
+///   process has fewer contexts than CPUs). Making them sleep (`cudaDeviceScheduleBlockingSync`)
+///   measured slower on an H200 with 16 cores, end-to-end on 16,000 tiles: 5.7-6.1 s against
+///   5.2-5.3 s, with the same CPU time. `TILEFEAT_CUDA_SLEEP=1` makes them sleep, for hosts
+///   with few cores per GPU where a spinning model worker could starve the decoders; a
+///   warning says so if it cannot.
+pub fn configure_cuda(device: Device) -> Option<CudaSetup> {
     let Device::Cuda(index) = device else {
         return None;
     };
-    Cuda::cudnn_set_benchmark(true);
-    if std::env::var("TILEFEAT_CUDA_SPIN").is_ok_and(|v| !v.is_empty() && v != "0") {
-        return Some("spin (TILEFEAT_CUDA_SPIN)".into());
+    let autotune = env_on("TILEFEAT_CUDNN_BENCHMARK");
+    Cuda::cudnn_set_benchmark(autotune);
+    let cudnn = if autotune {
+        "autotuned per thread (TILEFEAT_CUDNN_BENCHMARK)"
+    } else {
+        "heuristics"
     }
-    Some(match cuda_runtime::blocking_sync(index) {
-        Ok(()) => "sleep (cudaDeviceScheduleBlockingSync)".into(),
-        Err(e) => {
-            eprintln!(
-                "tilefeat: warning: cannot make threads sleep while they wait for the GPU \
-                 ({e}); each model worker will spin a CPU core instead"
-            );
-            format!("spin (could not set blocking sync: {e})")
+    .to_string();
+    let waits = if !env_on("TILEFEAT_CUDA_SLEEP") {
+        "CUDA's default (cudaDeviceScheduleAuto)".into()
+    } else {
+        match cuda_runtime::blocking_sync(index) {
+            Ok(()) => "sleep (TILEFEAT_CUDA_SLEEP: cudaDeviceScheduleBlockingSync)".into(),
+            Err(e) => {
+                eprintln!(
+                    "tilefeat: warning: TILEFEAT_CUDA_SLEEP: cannot make threads sleep while \
+                     they wait for the GPU ({e}); CUDA's default applies"
+                );
+                format!("CUDA's default (could not set blocking sync: {e})")
+            }
         }
-    })
+    };
+    Some(CudaSetup { waits, cudnn })
 }
 
 /// The CUDA runtime libtorch loaded, reached through the dynamic linker (tch has no binding

@@ -378,7 +378,7 @@ struct Runner {
     mean: Tensor,
     std: Tensor,
     size: i64,
-    /// Pad partial batches to this size (fixed shapes for cuDNN's autotuner).
+    /// Pad partial batches to this size (one input shape: cuDNN plans are made once).
     pad_to: Option<usize>,
     /// This worker's input buffer, reused from batch to batch (page-locked on a GPU, so the
     /// upload is one DMA from where the pixels were copied once), and whether it is pinned.
@@ -537,7 +537,7 @@ pub fn run(
         .with_context(|| format!("cannot write {}", cfg.output.display()))
         .kind(ExitKind::Output)?;
 
-    let cuda_waits = configure_cuda(cfg.device);
+    let cuda = configure_cuda(cfg.device);
     let opts = RunOptions {
         device: cfg.device,
         precision: cfg.precision,
@@ -653,7 +653,8 @@ pub fn run(
             stored: counters.as_ref().map_or(0, |c| c.stored),
             damaged_records: counters.as_ref().map_or(0, |c| c.damaged_records),
         },
-        cuda_waits,
+        cuda_waits: cuda.as_ref().map(|c| c.waits.clone()),
+        cudnn_algorithms: cuda.map(|c| c.cudnn),
         elapsed_s: round3(elapsed),
         tiles_per_s: round3(tiles.len() as f64 / elapsed.max(1e-9)),
         timings_s: state.timings.rounded(),
@@ -679,11 +680,26 @@ pub(crate) struct PipelineState {
     pub timings: Timings,
 }
 
-/// Messages to the writer thread: groups of finished rows in order, then `Finish`. A
-/// channel closed without `Finish` means the run failed: the CSV is not committed.
+/// Messages to the formatting threads: groups of finished rows, numbered in tile order, then
+/// `Finish` with the number of groups. A channel closed without `Finish` means the run
+/// failed: the CSV is not committed.
 enum WriterMsg {
-    Rows(Vec<OutRow>),
-    Finish,
+    Rows { seq: u64, rows: Vec<OutRow> },
+    Finish { groups: u64 },
+}
+
+/// From the formatting threads to the writer: a group's CSV text (or why it could not be
+/// made), with its rows for the cache; `Finish` passed on.
+enum Formatted {
+    Text {
+        seq: u64,
+        text: std::result::Result<String, String>,
+        rows: Vec<OutRow>,
+        secs: f64,
+    },
+    Finish {
+        groups: u64,
+    },
 }
 
 struct OutRow {
@@ -706,6 +722,9 @@ struct BatchDone {
     /// The batch's pixel buffer, handed back for the next batch to fill.
     pixels: Vec<u8>,
     secs: f64,
+    /// This worker's first batch: on a GPU it also loads kernels and builds cuDNN's plans
+    /// (which libtorch keeps per thread), so it is timed apart.
+    first: bool,
 }
 
 /// How many model workers, and libtorch threads each: on the CPU, one single-threaded worker
@@ -786,6 +805,7 @@ pub(crate) fn pipeline(
             let worker = runner.fork();
             scope.spawn(move || {
                 tch::set_num_threads(model_threads as i32);
+                let mut first = true;
                 for job in batch_rx.iter() {
                     let t = Instant::now();
                     // A panic (tch panics when libtorch fails, e.g. out of GPU memory) is
@@ -802,6 +822,7 @@ pub(crate) fn pipeline(
                             features,
                             pixels: job.pixels,
                             secs,
+                            first: std::mem::replace(&mut first, false),
                         })
                         .is_err()
                     {
@@ -812,13 +833,19 @@ pub(crate) fn pipeline(
         }
         drop(batch_rx);
         drop(done_tx);
-        // Writer.
-        let output = cfg.output.clone();
-        // Formatting 2,048 floats takes ~50 us per row: past ~15,000 rows/s (a GPU run) one
-        // thread would be the bottleneck, so groups of rows are formatted on a few threads.
+        // Writer: CSV text is made on a few threads, a group of rows each (2,048 floats take
+        // 50-100 us a row: one thread would bound a GPU run near 15,000 rows/s), while one
+        // thread writes the groups in order and stores new vectors in the cache.
         let format_threads = cfg.decode_threads.clamp(1, 4);
-        let writer =
-            scope.spawn(move || writer_loop(row_rx, csv, tiles, cache, &output, format_threads));
+        let (text_tx, text_rx) = bounded::<Formatted>(2 * format_threads);
+        for _ in 0..format_threads {
+            let (row_rx, text_tx) = (row_rx.clone(), text_tx.clone());
+            scope.spawn(move || format_loop(row_rx, text_tx, tiles));
+        }
+        drop(row_rx);
+        drop(text_tx);
+        let output = cfg.output.clone();
+        let writer = scope.spawn(move || writer_loop(text_rx, csv, cache, &output));
 
         let mut stage = ModelStage::new(
             cfg,
@@ -834,87 +861,107 @@ pub(crate) fn pipeline(
         let result = stage.run(item_rx, credit_tx, progress);
         drop(stage);
         let write_result = writer.join().expect("writer thread panicked");
-        let (mut state, write_secs) = match (result, write_result) {
+        let (mut state, (write_secs, format_secs)) = match (result, write_result) {
             (Err(e), _) => return Err(e),
             (Ok(_), Err(e)) => return Err(e),
             (Ok(s), Ok(w)) => (s, w),
         };
         state.timings.write = write_secs;
+        state.timings.format = format_secs;
         Ok(state)
     })
 }
 
-/// CSV text of `rows`, in order, formatted on up to `threads` threads (one contiguous chunk of
-/// rows each, so concatenating the parts keeps the order).
-fn format_rows(rows: &[OutRow], tiles: &[Tile], threads: usize) -> Vec<String> {
-    let format = |chunk: &[OutRow]| {
-        let mut text = String::with_capacity(chunk.len() * 28 * 1024);
-        for r in chunk {
-            push_csv_field(&mut text, &tiles[r.idx].rel);
-            push_features(&mut text, &r.features);
-        }
-        text
-    };
-    // Below this, starting threads costs more than it saves.
-    const MIN_ROWS_PER_THREAD: usize = 16;
-    let threads = threads.min(rows.len() / MIN_ROWS_PER_THREAD).max(1);
-    if threads == 1 {
-        return vec![format(rows)];
+/// CSV text of `rows`, in order.
+fn format_rows(rows: &[OutRow], tiles: &[Tile]) -> String {
+    let mut text = String::with_capacity(rows.len() * 28 * 1024);
+    for r in rows {
+        push_csv_field(&mut text, &tiles[r.idx].rel);
+        push_features(&mut text, &r.features);
     }
-    let chunk = rows.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let parts: Vec<_> = rows
-            .chunks(chunk)
-            .map(|c| scope.spawn(move || format(c)))
-            .collect();
-        parts
-            .into_iter()
-            .map(|h| h.join().expect("CSV formatting thread panicked"))
-            .collect()
-    })
+    text
 }
 
-/// Receives rows in order; streams the CSV; stores computed vectors in the cache.
-fn writer_loop(
-    rows: Receiver<WriterMsg>,
-    mut csv: AtomicFile,
-    tiles: &[Tile],
-    cache: Option<&Cache>,
-    output: &Path,
-    format_threads: usize,
-) -> Result<f64> {
-    let mut busy = 0.0;
-    let mut finished = false;
+/// A formatting thread: turns groups of rows into CSV text, in whatever order it gets them.
+fn format_loop(rows: Receiver<WriterMsg>, out: Sender<Formatted>, tiles: &[Tile]) {
     for msg in rows.iter() {
-        let group = match msg {
-            WriterMsg::Rows(g) => g,
-            WriterMsg::Finish => {
-                finished = true;
-                break;
+        let formatted = match msg {
+            WriterMsg::Finish { groups } => Formatted::Finish { groups },
+            WriterMsg::Rows { seq, rows } => {
+                let t = Instant::now();
+                // A bug here fails the run (in the writer) instead of leaving a hole in it.
+                let text = crate::error::catch_panic(|| format_rows(&rows, tiles));
+                Formatted::Text {
+                    seq,
+                    text,
+                    rows,
+                    secs: t.elapsed().as_secs_f64(),
+                }
             }
         };
-        let t = Instant::now();
-        for text in format_rows(&group, tiles, format_threads) {
+        if out.send(formatted).is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes the formatted groups in order (holding back those that come early), stores
+/// computed vectors in the cache, and commits the CSV once every group is written. Returns the
+/// seconds spent writing and, summed over the formatting threads, formatting.
+fn writer_loop(
+    texts: Receiver<Formatted>,
+    mut csv: AtomicFile,
+    cache: Option<&Cache>,
+    output: &Path,
+) -> Result<(f64, f64)> {
+    let (mut busy, mut format) = (0.0, 0.0);
+    let mut early: BTreeMap<u64, (String, Vec<OutRow>)> = BTreeMap::new();
+    let mut next = 0u64;
+    let mut groups = None;
+    for msg in texts.iter() {
+        match msg {
+            Formatted::Finish { groups: n } => groups = Some(n),
+            Formatted::Text {
+                seq,
+                text,
+                rows,
+                secs,
+            } => {
+                format += secs;
+                let text = text.map_err(|m| {
+                    anyhow::anyhow!("internal error while formatting {}: {m}", output.display())
+                })?;
+                early.insert(seq, (text, rows));
+            }
+        }
+        while let Some((text, rows)) = early.remove(&next) {
+            let t = Instant::now();
             csv.writer()
                 .write_all(text.as_bytes())
                 .with_context(|| format!("cannot write {}", output.display()))
                 .kind(ExitKind::Output)?;
-        }
-        if let Some(c) = cache {
-            for r in group.iter().filter(|r| !r.hit) {
-                c.put(&r.sha, &r.features)?;
+            if let Some(c) = cache {
+                for r in rows.iter().filter(|r| !r.hit) {
+                    c.put(&r.sha, &r.features)?;
+                }
+                c.flush()?;
             }
-            c.flush()?;
+            busy += t.elapsed().as_secs_f64();
+            next += 1;
         }
-        busy += t.elapsed().as_secs_f64();
+        if groups == Some(next) {
+            let t = Instant::now();
+            csv.commit()?;
+            return Ok((busy + t.elapsed().as_secs_f64(), format));
+        }
     }
-    if !finished {
-        // The run failed: drop the temporary CSV (the cache keeps what was computed).
-        return Ok(busy);
-    }
-    let t = Instant::now();
-    csv.commit()?;
-    Ok(busy + t.elapsed().as_secs_f64())
+    // The run failed (no `Finish`): drop the temporary CSV (the cache keeps what was computed).
+    anyhow::ensure!(
+        groups.is_none(),
+        "internal error: rows of {} went missing before the writer",
+        output.display()
+    );
+    Ok((busy, format))
 }
 
 /// The in-order heart of the pipeline: tiles arrive out of order from the decoders, leave in
@@ -926,6 +973,8 @@ struct ModelStage<'a> {
     batch: usize,
     dim: usize,
     rows_out: Sender<WriterMsg>,
+    /// Groups of rows sent to the writer so far.
+    groups_sent: u64,
     batches: Sender<BatchJob>,
     done: Receiver<BatchDone>,
     /// Rows not yet handed to the writer, in tile order.
@@ -939,6 +988,8 @@ struct ModelStage<'a> {
     outstanding: usize,
     st: PipelineState,
     compute: f64,
+    /// Model workers' first batches (see [`BatchDone::first`]).
+    warmup: f64,
     capacity: usize,
     /// Pixel buffers of finished batches, reused (a GPU batch of 256 is 38 MB: allocating it
     /// afresh each time costs page faults).
@@ -965,6 +1016,7 @@ impl<'a> ModelStage<'a> {
             batch,
             dim,
             rows_out,
+            groups_sent: 0,
             batches,
             done,
             pending: VecDeque::new(),
@@ -981,6 +1033,7 @@ impl<'a> ModelStage<'a> {
                 timings: Timings::default(),
             },
             compute: 0.0,
+            warmup: 0.0,
             capacity,
             spare: Vec::new(),
         }
@@ -1086,7 +1139,9 @@ impl<'a> ModelStage<'a> {
             return Ok(self.take_state(wt, waiting));
         }
         progress.update(next, self.st.hits);
-        let _ = self.rows_out.send(WriterMsg::Finish);
+        let _ = self.rows_out.send(WriterMsg::Finish {
+            groups: self.groups_sent,
+        });
         Ok(self.take_state(wt, waiting))
     }
 
@@ -1108,6 +1163,7 @@ impl<'a> ModelStage<'a> {
             decode: wt.decode,
             resize: wt.resize,
             model_waiting_for_tiles: waiting,
+            model_warmup: self.warmup,
             model_compute: self.compute,
             ..Timings::default()
         };
@@ -1168,7 +1224,11 @@ impl<'a> ModelStage<'a> {
         self.outstanding -= 1;
         d.pixels.clear();
         self.spare.push(std::mem::take(&mut d.pixels));
-        self.compute += d.secs;
+        if d.first && !matches!(self.cfg.device, Device::Cpu) {
+            self.warmup += d.secs;
+        } else {
+            self.compute += d.secs;
+        }
         let feats = d.features.with_context(|| {
             let first = self.pending.iter().find_map(|r| match r.state {
                 RowState::InBatch(id, _) if id == d.id => {
@@ -1228,10 +1288,15 @@ impl<'a> ModelStage<'a> {
                 hit,
             });
         }
-        if !group.is_empty() && self.rows_out.send(WriterMsg::Rows(group)).is_err() {
-            return Ok(false);
+        if group.is_empty() {
+            return Ok(true);
         }
-        Ok(true)
+        let seq = self.groups_sent;
+        self.groups_sent += 1;
+        Ok(self
+            .rows_out
+            .send(WriterMsg::Rows { seq, rows: group })
+            .is_ok())
     }
 }
 
@@ -1239,6 +1304,8 @@ impl<'a> ModelStage<'a> {
 mod tests {
     use super::*;
 
+    /// Groups formatted on several threads finish out of order; the CSV keeps tile order,
+    /// and is committed only once every group is written.
     #[test]
     fn parallel_formatting_keeps_rows_in_order() {
         let tiles: Vec<Tile> = (0..203)
@@ -1247,28 +1314,57 @@ mod tests {
                 rel: format!("dir,{i}/t{i}.png"),
             })
             .collect();
-        let rows: Vec<OutRow> = (0..203)
-            .map(|i| OutRow {
-                idx: 202 - i,
-                sha: [i as u8; 32],
-                features: (0..7).map(|k| (i * 7 + k) as f32 / 3.0).collect(),
-                hit: i % 2 == 0,
-            })
-            .collect();
-        let one = format_rows(&rows, &tiles, 1).concat();
-        assert_eq!(one.lines().count(), 203);
+        let row = |i: usize| OutRow {
+            idx: 202 - i,
+            sha: [i as u8; 32],
+            features: (0..7).map(|k| (i * 7 + k) as f32 / 3.0).collect(),
+            hit: i % 2 == 0,
+        };
+        let want = format_rows(&(0..203).map(row).collect::<Vec<_>>(), &tiles);
+        assert_eq!(want.lines().count(), 203);
         assert!(
-            one.starts_with("\"dir,202/t202.png\",0.0,0.33333334,"),
+            want.starts_with("\"dir,202/t202.png\",0.0,0.33333334,"),
             "{}",
-            &one[..40]
+            &want[..40]
         );
-        for threads in [2, 3, 4, 64] {
-            let parts = format_rows(&rows, &tiles, threads);
-            assert!(parts.len() > 1, "{threads} threads");
-            assert_eq!(parts.concat(), one, "{threads} threads");
+        // Groups of 1 to 40 rows, some large ones first so that they finish after later ones.
+        let sizes = [40, 35, 1, 30, 2, 1, 25, 3, 40, 26];
+        assert_eq!(sizes.iter().sum::<usize>(), 203);
+        for finish in [true, false] {
+            let d = tempfile::tempdir().unwrap();
+            let out = d.path().join("f.csv");
+            let csv = AtomicFile::create(&out).unwrap();
+            let (row_tx, row_rx) = bounded::<WriterMsg>(2);
+            let (text_tx, text_rx) = bounded::<Formatted>(2);
+            let (write, format) = std::thread::scope(|scope| {
+                for _ in 0..3 {
+                    let (row_rx, text_tx) = (row_rx.clone(), text_tx.clone());
+                    scope.spawn(|| format_loop(row_rx, text_tx, &tiles));
+                }
+                drop((row_rx, text_tx));
+                let writer = scope.spawn(|| writer_loop(text_rx, csv, None, &out));
+                let mut first = 0;
+                for (seq, n) in sizes.iter().enumerate() {
+                    let rows = (first..first + n).map(row).collect();
+                    first += n;
+                    let seq = seq as u64;
+                    row_tx.send(WriterMsg::Rows { seq, rows }).unwrap();
+                }
+                if finish {
+                    let groups = sizes.len() as u64;
+                    row_tx.send(WriterMsg::Finish { groups }).unwrap();
+                }
+                drop(row_tx);
+                writer.join().unwrap().unwrap()
+            });
+            assert!(write >= 0.0 && format > 0.0);
+            if finish {
+                assert_eq!(std::fs::read_to_string(&out).unwrap(), want);
+            } else {
+                // No `Finish`: a failed run, nothing under the final name.
+                assert!(!out.exists());
+            }
         }
-        // Small groups stay on the writer thread.
-        assert_eq!(format_rows(&rows[..20], &tiles, 4).len(), 1);
     }
 
     /// Without a cache the content hash is skipped unless asked for; pixels are the same.

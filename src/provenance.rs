@@ -69,7 +69,7 @@ pub struct CacheInfo {
 /// Seconds spent per stage, summed over the threads doing it; `startup` and `pipeline` are
 /// wall-clock: listing the tiles, loading the weights, building the model (on a GPU: creating
 /// the CUDA context) and opening the cache; then everything from the first tile read to the
-/// last row written, the first batch's cuDNN autotuning included.
+/// last row written, the model workers' first batches (`model_warmup`) included.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Timings {
     #[serde(default)]
@@ -82,7 +82,15 @@ pub struct Timings {
     pub decode: f64,
     pub resize: f64,
     pub model_waiting_for_tiles: f64,
+    /// Each model worker's first batch, summed, on a GPU (0 on the CPU): it also loads kernels
+    /// and builds cuDNN's plans (autotuning them with `TILEFEAT_CUDNN_BENCHMARK=1`).
+    #[serde(default)]
+    pub model_warmup: f64,
     pub model_compute: f64,
+    /// Making the CSV text, summed over the formatting threads.
+    #[serde(default)]
+    pub format: f64,
+    /// Writing the CSV (and storing vectors in the cache), on the writer thread.
     pub write: f64,
 }
 
@@ -99,7 +107,9 @@ impl Timings {
             decode: r(self.decode),
             resize: r(self.resize),
             model_waiting_for_tiles: r(self.model_waiting_for_tiles),
+            model_warmup: r(self.model_warmup),
             model_compute: r(self.model_compute),
+            format: r(self.format),
             write: r(self.write),
         }
     }
@@ -133,9 +143,12 @@ pub struct Provenance {
     pub tiles: Counts,
     pub skipped_tiles: Vec<Skipped>,
     pub cache: CacheInfo,
-    /// On a GPU: whether threads waiting for it sleep or spin (see `device::configure_cuda`).
+    /// On a GPU: how threads wait for it (see `device::configure_cuda`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cuda_waits: Option<String>,
+    /// On a GPU: how cuDNN picked its algorithms (heuristics, or autotuned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cudnn_algorithms: Option<String>,
     pub elapsed_s: f64,
     pub tiles_per_s: f64,
     pub timings_s: Timings,

@@ -71,6 +71,25 @@ fn heap_tuning_is_on_unless_the_user_says_otherwise() {
     assert!(line(&[("MALLOC_ARENA_MAX", "2")]).contains("off (MALLOC_*"));
 }
 
+/// The tuning variables are documented where users look: `extract --help`.
+#[test]
+fn extract_help_lists_exit_codes_and_tuning_variables() {
+    tilefeat()
+        .args(["extract", "--help"])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("TILEFEAT_NO_HEAP_TUNING")
+                .and(predicate::str::contains("TILEFEAT_CUDNN_BENCHMARK"))
+                .and(predicate::str::contains("TILEFEAT_CUDA_SLEEP")),
+        );
+    tilefeat()
+        .args(["--help"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("Exit codes: 0 success"));
+}
+
 #[test]
 fn usage_errors_exit_2() {
     tilefeat().args(["extract"]).assert().code(2);
@@ -409,10 +428,15 @@ fn profile_reports_wall_times_and_stage_times() {
         "tiles/s",
         "decode",
         "resize",
+        "model warm-up",
         "model compute",
+        "format",
+        "write",
     ] {
         assert!(line.contains(part), "{part} missing from {line}");
     }
+    // GPU set-up is reported for GPU runs only.
+    assert!(!stderr.contains("waiting for the GPU"), "{stderr}");
     let prov = provenance(&out);
     let t = &prov["timings_s"];
     let (startup, pipeline) = (
@@ -423,7 +447,12 @@ fn profile_reports_wall_times_and_stage_times() {
     assert!(startup > 0.0 && pipeline > 0.0, "{t:?}");
     // Both are parts of the run's wall time (rounded to ms each).
     assert!(startup + pipeline <= elapsed + 0.002, "{t:?} vs {elapsed}");
+    // On the CPU a worker's first batch is ordinary compute, not a GPU warm-up (regression:
+    // a run of one batch per worker once reported all its compute as warm-up).
     assert!(t["model_compute"].as_f64().unwrap() > 0.0);
+    assert_eq!(t["model_warmup"].as_f64(), Some(0.0), "{t:?}");
+    assert!(t["format"].as_f64().unwrap() >= 0.0, "{t:?}");
+    assert!(prov.get("cuda_waits").is_none() && prov.get("cudnn_algorithms").is_none());
 }
 
 /// sampleA's six tiles, and one that is not an image.

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# GPU slide-sized runs, in one go (about 2 minutes on an H200): end-to-end and the pipeline
+# without the network on 16,000 and 48,000 tiles, where per-process start-up no longer hides
+# the steady state. Run on a GPU machine from the repo root with the release binary carried
+# along, as scripts/gpu-check.sh (which this complements). With TILEFEAT_BIN_B set to another
+# build (say, of the previous commit), each measurement alternates A, B, A, B on the same
+# machine. Prints, and writes to OUT_DIR/gpu-longrun.txt:
+#   - model-only bf16 at batch 256 (with its warm-up time);
+#   - pipeline without the network on 48,000 tiles (A/B);
+#   - end-to-end bf16, batch 256, --no-cache, --profile on 48,000 tiles (A/B), 16,000 tiles;
+# The tiles are the benchmark's 4,000 (256 px, half PNG, half JPEG) linked 4 and 12 times.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+REPORT=gpu-longrun.txt
+# shellcheck source=scripts/gpu-common.sh
+source scripts/gpu-common.sh
+A=$B
+BINS=("$A")
+[ -n "${TILEFEAT_BIN_B:-}" ] && BINS=("$A" "$TILEFEAT_BIN_B" "$A" "$TILEFEAT_BIN_B")
+
+section "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+nproc
+linked_tiles t16k 4
+linked_tiles t48k 12
+for b in "${BINS[@]}"; do echo "binary $b: $("$b" --version)"; done
+
+section "model-only bf16, batch 256"
+"$A" bench --device cuda --precision bf16 --batch-size 256 --batches 40 --warmup 2
+
+section "pipeline without the network, 48,000 tiles, batch 256"
+for b in "${BINS[@]}"; do
+  echo "$b:"; "$b" bench --what pipeline --tiles "$W/t48k" --batch-size 256
+done
+
+section "end-to-end bf16, batch 256, --no-cache, 48,000 tiles"
+e2e() {  # $1: binary, $2: folder
+  echo "$1 $(basename "$2"):"
+  time "$1" extract "$2" -o "$W/e2e.csv" --weights random:0 --device cuda --precision bf16 \
+    --batch-size 256 --no-cache --profile --quiet 2>&1
+}
+for b in "${BINS[@]}"; do e2e "$b" "$W/t48k"; done
+
+section "end-to-end bf16, batch 256, --no-cache, 16,000 tiles"
+e2e "$A" "$W/t16k"
+echo done
