@@ -98,8 +98,9 @@ def main() -> None:
     tiles = a.workdir / f"tiles{a.tiles}"
     source = a.source if a.source.exists() else ROOT / "demo" / "ihc.png"
     make_tiles(tiles, a.tiles, source)
+    n_tiles = len(list(tiles.iterdir()))  # --tiles, or more if the folder already held more
     weights = make_random_weights(a.workdir / "resnet50_random", seed=0)["zip"]
-    results: dict = {"device": a.device, "precision": a.precision, "batch_size": a.batch_size, "tiles": a.tiles, "threads": threads}
+    results: dict = {"device": a.device, "precision": a.precision, "batch_size": a.batch_size, "tiles": n_tiles, "threads": threads}
     common = ["--device", a.device, "--precision", a.precision, "--batch-size", str(a.batch_size), "--threads", str(threads)]
 
     print(run([str(a.bin), "info"]).strip())
@@ -112,7 +113,7 @@ def main() -> None:
     t = time.perf_counter()
     run([str(a.bin), "extract", str(tiles), "-o", str(out), "--weights", str(weights), "--quiet", "--no-cache", *common])
     secs = time.perf_counter() - t
-    results["tilefeat_end_to_end"] = a.tiles / secs
+    results["tilefeat_end_to_end"] = n_tiles / secs
     if a.repeat > 1:
         big = a.workdir / f"tiles{a.tiles}x{a.repeat}"
         big.mkdir(exist_ok=True)
@@ -122,14 +123,14 @@ def main() -> None:
                 link = big / f"{k}_{n}"
                 if not link.exists():
                     os.symlink(tiles / n, link)
-        n_big = a.repeat * a.tiles
+        n_big = a.repeat * len(names)
         t = time.perf_counter()
         run([str(a.bin), "extract", str(big), "-o", str(a.workdir / "features_big.csv"), "--weights", str(weights), "--quiet", "--no-cache", *common])
         secs_big = time.perf_counter() - t
         results["repeat"] = a.repeat
         results["tilefeat_end_to_end_repeat"] = n_big / secs_big
         # Start-up costs both runs the same: what is left is what each further tile costs.
-        results["tilefeat_steady_state"] = (n_big - a.tiles) / max(secs_big - secs, 1e-9)
+        results["tilefeat_steady_state"] = (n_big - n_tiles) / max(secs_big - secs, 1e-9)
     prov = (a.workdir / "features.provenance.yaml").read_text()
     # The indented lines of the provenance's `timings_s:` block (no YAML module needed on the
     # GPU machine).
@@ -143,7 +144,7 @@ def main() -> None:
     # Pipeline: from the first tile read to the last row written, without start-up (weights,
     # model build, CUDA context) but with the model workers' first batches (on a GPU: kernels
     # loaded, cuDNN plans built); a long run converges to it.
-    results["tilefeat_pipeline"] = a.tiles / max(float(timings["pipeline"]), 1e-9)
+    results["tilefeat_pipeline"] = n_tiles / max(float(timings["pipeline"]), 1e-9)
     # What the decode workers reach without the model: per core, then on all threads.
     dec = run([str(a.bin), "bench", "--what", "decode", "--tiles", str(tiles), "--threads", str(threads)])
     results["decode_bench"] = dec.strip()
@@ -195,13 +196,13 @@ def main() -> None:
 
     # Report.
     e2e, mo = results["tilefeat_end_to_end"], results["tilefeat_model_only"]
-    print(f"\ntilefeat benchmark: {a.tiles} tiles of 256 px (PNG+JPEG), device {a.device}, {a.precision}, batch {a.batch_size}, {threads} threads")
+    print(f"\ntilefeat benchmark: {n_tiles} tiles of 256 px (PNG+JPEG), device {a.device}, {a.precision}, batch {a.batch_size}, {threads} threads")
     print(f"  tilefeat end-to-end         {e2e:9.2f} tiles/s   ({e2e / mo:.2f}x model-only)")
     pl = results["tilefeat_pipeline"]
     print(f"  tilefeat pipeline only      {pl:9.2f} tiles/s   ({pl / mo:.2f}x model-only; end-to-end without start-up)")
     if "repeat" in results:
-        big, st = results["tilefeat_end_to_end_repeat"], results["tilefeat_steady_state"]
-        print(f"  tilefeat end-to-end x{a.repeat:<4}    {big:9.2f} tiles/s   ({big / mo:.2f}x model-only; the tiles linked {a.repeat} times, {a.repeat * a.tiles} tiles)")
+        rep, st = results["tilefeat_end_to_end_repeat"], results["tilefeat_steady_state"]
+        print(f"  tilefeat end-to-end x{a.repeat:<4}    {rep:9.2f} tiles/s   ({rep / mo:.2f}x model-only; the tiles linked {a.repeat} times, {a.repeat * n_tiles} tiles)")
         print(f"  tilefeat steady state       {st:9.2f} tiles/s   ({st / mo:.2f}x model-only; the extra tiles over the extra time)")
     print(f"  tilefeat model-only         {mo:9.2f} tiles/s")
     dpc = results["decode_tiles_per_s_per_core"]
@@ -217,7 +218,7 @@ def main() -> None:
         print(f"  python tutorial loop        {tl:9.2f} tiles/s   (fp32, batch 1, {n} tiles)  -> tilefeat {e2e / tl:.1f}x")
         print(f"  python DataLoader pipeline  {dl:9.2f} tiles/s   ({results['python_dataloader_precision']}, batch {a.batch_size}, {n} tiles)  -> tilefeat {e2e / dl:.1f}x")
         if "repeat" in results:
-            print(f"  tilefeat end-to-end x{a.repeat} against them: {big / tl:.1f}x the tutorial loop, {big / dl:.1f}x the DataLoader")
+            print(f"  tilefeat end-to-end x{a.repeat} against them: {rep / tl:.1f}x the tutorial loop, {rep / dl:.1f}x the DataLoader")
     print(f"  tilefeat time per stage (s, summed over threads): {results['tilefeat_profile'].replace(chr(10), ', ')}")
     if a.cache:
         print(f"  cache: first run {results['cache_first_run_s']:.1f} s, unchanged rerun {results['cache_second_run_s']:.2f} s -> {results['cache_speedup']:.0f}x")

@@ -71,8 +71,8 @@ PY
 
 section "model-only throughput (batch 256), with the warm-up batches' time"
 for pl in "fp32 nhwc" "fp16 nhwc" "bf16 nhwc" "bf16 nchw"; do
-  set -- $pl
-  "$B" bench --device cuda --precision "$1" --layout "$2" --batch-size 256 --batches 40 --warmup 2
+  read -r prec layout <<<"$pl"
+  "$B" bench --device cuda --precision "$prec" --layout "$layout" --batch-size 256 --batches 40 --warmup 2
 done
 
 section "benchmark: 4000 tiles (and linked 12 times), bf16, batch 256"

@@ -1,9 +1,10 @@
+# shellcheck shell=bash
 # Sourced by scripts/gpu-check.sh and scripts/gpu-longrun.sh (run from the repo root on a GPU
 # machine): the report file, that machine's torch libraries, the binary, the work folder, and
 # helpers. $1 of the sourcing script is the output folder; REPORT names the report in it.
 OUT_DIR=${1:-${OUT:-/tmp/tilefeat-gpu}}
 mkdir -p "$OUT_DIR"
-exec > >(tee "$OUT_DIR/$REPORT") 2>&1
+exec > >(tee "$OUT_DIR/${REPORT:?set REPORT before sourcing gpu-common.sh}") 2>&1
 TORCH_LIB=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
 export LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}"
 export PYTHONUNBUFFERED=1

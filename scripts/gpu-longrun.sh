@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# GPU slide-sized runs, in one go (about 2 minutes on an H200): end-to-end and the pipeline
-# without the network on 16,000 and 48,000 tiles, where per-process start-up no longer hides
-# the steady state. Run on a GPU machine from the repo root with the release binary carried
-# along, as scripts/gpu-check.sh (which this complements). With TILEFEAT_BIN_B set to another
-# build (say, of the previous commit), each measurement alternates A, B, A, B on the same
-# machine. Prints, and writes to OUT_DIR/gpu-longrun.txt:
+# GPU slide-sized runs, in one go (about 2 minutes on an H200): end-to-end on 16,000 and 48,000
+# tiles and the pipeline without the network on 48,000, where per-process start-up no longer
+# hides the steady state. Run on a GPU machine from the repo root with the release binary
+# carried along, as scripts/gpu-check.sh (which ends with this). With TILEFEAT_BIN_B set to
+# another build (say, of the previous commit), the 48,000-tile measurements alternate A, B,
+# A, B on the same machine. Prints, and writes to OUT_DIR/gpu-longrun.txt:
 #   - model-only bf16 at batch 256 (with its warm-up time);
 #   - pipeline without the network on 48,000 tiles (A/B);
-#   - end-to-end bf16, batch 256, --no-cache, --profile on 48,000 tiles (A/B), 16,000 tiles;
+#   - end-to-end bf16, batch 256, --no-cache, --profile on 48,000 tiles (A/B), then on 16,000
+#     tiles (A only).
 # The tiles are the benchmark's 4,000 (256 px, half PNG, half JPEG) linked 4 and 12 times.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -43,4 +44,4 @@ for b in "${BINS[@]}"; do e2e "$b" "$W/t48k"; done
 
 section "end-to-end bf16, batch 256, --no-cache, 16,000 tiles"
 e2e "$A" "$W/t16k"
-echo done
+echo "done"

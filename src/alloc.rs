@@ -10,7 +10,7 @@
 //!
 //! Only on glibc, never over a user's own malloc settings (`MALLOC_*` variables or
 //! `glibc.malloc.*` in `GLIBC_TUNABLES`, which glibc has already applied when `main` starts),
-//! and not when `TILEFEAT_NO_HEAP_TUNING` is set (for jobs whose memory limit is tight).
+//! and not when `TILEFEAT_NO_HEAP_TUNING=1` (for jobs whose memory limit is tight).
 //! Older glibc refuses thresholds above 32 MiB; the tuning then uses 32 MiB (smaller buffers
 //! still benefit). The trim threshold is only raised together with the mmap threshold: on its
 //! own it switches off glibc's dynamic threshold and was measured slower (bf16 28 images/s).
@@ -52,7 +52,7 @@ mod imp {
                 v.to_string_lossy().into_owned(),
             )
         });
-        if std::env::var_os("TILEFEAT_NO_HEAP_TUNING").is_some_and(|v| !v.is_empty()) {
+        if crate::env_on("TILEFEAT_NO_HEAP_TUNING") {
             return "off (TILEFEAT_NO_HEAP_TUNING is set)";
         }
         if user_set(vars) {

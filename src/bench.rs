@@ -254,7 +254,7 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     }
     let device = parse_device(&a.device)?;
     let threads = a.threads.unwrap_or(available_cpus());
-    configure_cuda(device);
+    let cuda = configure_cuda(device);
     let opts = RunOptions {
         device,
         precision: a.precision,
@@ -317,7 +317,7 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     } else {
         writeln!(
             out,
-            "model-only: {ips:.2} images/s ({} batches of {} on {}, {}, {}, {workers} model workers x {per_worker} threads, {} {}px; {} warm-up batches took {warm_secs:.2} s)",
+            "model-only: {ips:.2} images/s ({} batches of {} on {}, {}, {}, {workers} model workers x {per_worker} threads, {} {}px; {} warm-up batches took {warm_secs:.2} s{})",
             a.batches,
             a.batch_size,
             device_name(device),
@@ -325,7 +325,8 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
             a.layout,
             a.layer,
             a.size,
-            a.warmup
+            a.warmup,
+            cuda.map_or(String::new(), |c| format!("; cuDNN {}", c.cudnn))
         )?;
     }
     Ok(())

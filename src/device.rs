@@ -93,11 +93,6 @@ pub struct CudaSetup {
     pub cudnn: String,
 }
 
-/// Whether an environment switch is on (set, not empty, not `0`).
-fn env_on(name: &str) -> bool {
-    std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
-}
-
 /// Prepare a CUDA device for a run (nothing for the CPU).
 ///
 /// - cuDNN picks its algorithms by heuristics. Autotuning (`cudnn.benchmark`) measured no
@@ -106,16 +101,18 @@ fn env_on(name: &str) -> bool {
 ///   took 1.9-3.2 s instead of 0.35-0.45 s: a whole slide's worth of GPU time per process.
 ///   `TILEFEAT_CUDNN_BENCHMARK=1` autotunes (for GPUs or shapes where it may pay).
 /// - Threads wait for the GPU as CUDA decides (`cudaDeviceScheduleAuto`: spin while the
-///   process has fewer contexts than CPUs). Making them sleep (`cudaDeviceScheduleBlockingSync`)
-///   measured slower on an H200 with 16 cores, end-to-end on 16,000 tiles: 5.7-6.1 s against
-///   5.2-5.3 s, with the same CPU time. `TILEFEAT_CUDA_SLEEP=1` makes them sleep, for hosts
+///   process has fewer contexts than CPUs), as in PyTorch. Making them sleep
+///   (`cudaDeviceScheduleBlockingSync`, the default of an earlier build) did not help on an
+///   H200 with 16 cores: end-to-end on 16,000 tiles, alternating, 6.15 and 5.68 s against 5.32
+///   and 5.22 s with the same CPU time (two runs each, with that build's cuDNN autotuning, whose
+///   cost varies by more than that gap). `TILEFEAT_CUDA_SLEEP=1` makes them sleep, for hosts
 ///   with few cores per GPU where a spinning model worker could starve the decoders; a
 ///   warning says so if it cannot.
 pub fn configure_cuda(device: Device) -> Option<CudaSetup> {
     let Device::Cuda(index) = device else {
         return None;
     };
-    let autotune = env_on("TILEFEAT_CUDNN_BENCHMARK");
+    let autotune = crate::env_on("TILEFEAT_CUDNN_BENCHMARK");
     Cuda::cudnn_set_benchmark(autotune);
     let cudnn = if autotune {
         "autotuned per thread (TILEFEAT_CUDNN_BENCHMARK)"
@@ -123,7 +120,7 @@ pub fn configure_cuda(device: Device) -> Option<CudaSetup> {
         "heuristics"
     }
     .to_string();
-    let waits = if !env_on("TILEFEAT_CUDA_SLEEP") {
+    let waits = if !crate::env_on("TILEFEAT_CUDA_SLEEP") {
         "CUDA's default (cudaDeviceScheduleAuto)".into()
     } else {
         match cuda_runtime::blocking_sync(index) {

@@ -9,7 +9,9 @@
 //! decoders -> model stage (this thread): reorder by tile index, group misses into u8 batches,
 //!             hand rows on in order as their batches come back
 //! batches -> M model workers: upload, normalize on the device, ResNet trunk, pool, download
-//! model stage -> writer thread: CSV rows in tile order, new vectors appended to the cache
+//! model stage -> F formatting threads: groups of rows, numbered in tile order -> CSV text
+//!             (credits: at most GROUPS_IN_FLIGHT groups between the model stage and the disk)
+//! texts -> writer thread: the groups in order to the CSV, new vectors appended to the cache
 //! ```
 //!
 //! Rows leave the model stage strictly in tile order, so the CSV is streamed, never held in
@@ -837,7 +839,14 @@ pub(crate) fn pipeline(
         // 50-100 us a row: one thread would bound a GPU run near 15,000 rows/s), while one
         // thread writes the groups in order and stores new vectors in the cache.
         let format_threads = cfg.decode_threads.clamp(1, 4);
-        let (text_tx, text_rx) = bounded::<Formatted>(2 * format_threads);
+        // A group is held until every group before it is written: credits bound how many wait
+        // (a slow group must not let later ones pile up behind it).
+        let in_flight = 2 * format_threads + 2;
+        let (group_credit_tx, group_credits) = bounded::<()>(in_flight);
+        for _ in 0..in_flight {
+            group_credit_tx.send(()).expect("credit channel has room");
+        }
+        let (text_tx, text_rx) = bounded::<Formatted>(in_flight);
         for _ in 0..format_threads {
             let (row_rx, text_tx) = (row_rx.clone(), text_tx.clone());
             scope.spawn(move || format_loop(row_rx, text_tx, tiles));
@@ -845,7 +854,8 @@ pub(crate) fn pipeline(
         drop(row_rx);
         drop(text_tx);
         let output = cfg.output.clone();
-        let writer = scope.spawn(move || writer_loop(text_rx, csv, cache, &output));
+        let writer =
+            scope.spawn(move || writer_loop(text_rx, group_credit_tx, csv, cache, &output));
 
         let mut stage = ModelStage::new(
             cfg,
@@ -855,6 +865,7 @@ pub(crate) fn pipeline(
             batch,
             dim,
             row_tx,
+            group_credits,
             batch_tx,
             done_rx,
         );
@@ -905,11 +916,13 @@ fn format_loop(rows: Receiver<WriterMsg>, out: Sender<Formatted>, tiles: &[Tile]
     }
 }
 
-/// Writes the formatted groups in order (holding back those that come early), stores
-/// computed vectors in the cache, and commits the CSV once every group is written. Returns the
-/// seconds spent writing and, summed over the formatting threads, formatting.
+/// Writes the formatted groups in order (holding back those that come early), gives a credit
+/// back for each, stores computed vectors in the cache, and commits the CSV once every group
+/// is written. Returns the seconds spent writing and, summed over the formatting threads,
+/// formatting.
 fn writer_loop(
     texts: Receiver<Formatted>,
+    group_credits: Sender<()>,
     mut csv: AtomicFile,
     cache: Option<&Cache>,
     output: &Path,
@@ -948,6 +961,8 @@ fn writer_loop(
             }
             busy += t.elapsed().as_secs_f64();
             next += 1;
+            // Room for one more group (never full: each credit given back was taken).
+            let _ = group_credits.try_send(());
         }
         if groups == Some(next) {
             let t = Instant::now();
@@ -973,6 +988,8 @@ struct ModelStage<'a> {
     batch: usize,
     dim: usize,
     rows_out: Sender<WriterMsg>,
+    /// One is taken per group sent, given back once the writer has written it.
+    group_credits: Receiver<()>,
     /// Groups of rows sent to the writer so far.
     groups_sent: u64,
     batches: Sender<BatchJob>,
@@ -1006,6 +1023,7 @@ impl<'a> ModelStage<'a> {
         batch: usize,
         dim: usize,
         rows_out: Sender<WriterMsg>,
+        group_credits: Receiver<()>,
         batches: Sender<BatchJob>,
         done: Receiver<BatchDone>,
     ) -> Self {
@@ -1016,6 +1034,7 @@ impl<'a> ModelStage<'a> {
             batch,
             dim,
             rows_out,
+            group_credits,
             groups_sent: 0,
             batches,
             done,
@@ -1291,6 +1310,10 @@ impl<'a> ModelStage<'a> {
         if group.is_empty() {
             return Ok(true);
         }
+        // No credit: the writer has stopped (it failed; the run ends with its error).
+        if self.group_credits.recv().is_err() {
+            return Ok(false);
+        }
         let seq = self.groups_sent;
         self.groups_sent += 1;
         Ok(self
@@ -1304,8 +1327,8 @@ impl<'a> ModelStage<'a> {
 mod tests {
     use super::*;
 
-    /// Groups formatted on several threads finish out of order; the CSV keeps tile order,
-    /// and is committed only once every group is written.
+    /// Groups formatted on several threads finish out of order; the CSV keeps tile order, is
+    /// committed only once every group is written, and a credit comes back for each group.
     #[test]
     fn parallel_formatting_keeps_rows_in_order() {
         let tiles: Vec<Tile> = (0..203)
@@ -1336,15 +1359,21 @@ mod tests {
             let csv = AtomicFile::create(&out).unwrap();
             let (row_tx, row_rx) = bounded::<WriterMsg>(2);
             let (text_tx, text_rx) = bounded::<Formatted>(2);
+            // As the model stage does: a credit per group sent, at most 3 groups not written.
+            let (credit_tx, credits) = bounded::<()>(3);
+            for _ in 0..3 {
+                credit_tx.send(()).unwrap();
+            }
             let (write, format) = std::thread::scope(|scope| {
                 for _ in 0..3 {
                     let (row_rx, text_tx) = (row_rx.clone(), text_tx.clone());
                     scope.spawn(|| format_loop(row_rx, text_tx, &tiles));
                 }
                 drop((row_rx, text_tx));
-                let writer = scope.spawn(|| writer_loop(text_rx, csv, None, &out));
+                let writer = scope.spawn(|| writer_loop(text_rx, credit_tx, csv, None, &out));
                 let mut first = 0;
                 for (seq, n) in sizes.iter().enumerate() {
+                    credits.recv().unwrap();
                     let rows = (first..first + n).map(row).collect();
                     first += n;
                     let seq = seq as u64;
@@ -1358,6 +1387,7 @@ mod tests {
                 writer.join().unwrap().unwrap()
             });
             assert!(write >= 0.0 && format > 0.0);
+            assert_eq!(credits.len(), 3, "a credit back for each group written");
             if finish {
                 assert_eq!(std::fs::read_to_string(&out).unwrap(), want);
             } else {

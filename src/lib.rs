@@ -22,5 +22,11 @@ pub mod resize;
 pub mod tiles;
 pub mod weights;
 
+/// Whether an environment switch (`TILEFEAT_NO_HEAP_TUNING`, `TILEFEAT_CUDNN_BENCHMARK`,
+/// `TILEFEAT_CUDA_SLEEP`) is on: set, not empty and not `0`.
+pub fn env_on(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 /// The tch crate version this build uses (pinned in Cargo.toml).
 pub const TCH_VERSION: &str = "0.24.0";

@@ -68,6 +68,8 @@ fn heap_tuning_is_on_unless_the_user_says_otherwise() {
     assert!(line(&[]).contains(": on ("), "{}", line(&[]));
     assert!(line(&[("GLIBC_TUNABLES", "glibc.pthread.rseq=0")]).contains(": on ("));
     assert!(line(&[("TILEFEAT_NO_HEAP_TUNING", "1")]).contains("off (TILEFEAT_NO_HEAP_TUNING"));
+    // `=0` means off, as for the other TILEFEAT_ switches (it once turned the tuning off).
+    assert!(line(&[("TILEFEAT_NO_HEAP_TUNING", "0")]).contains(": on ("));
     assert!(line(&[("MALLOC_ARENA_MAX", "2")]).contains("off (MALLOC_*"));
 }
 
