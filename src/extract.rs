@@ -10,7 +10,7 @@
 //!             hand rows on in order as their batches come back
 //! batches -> M model workers: upload, normalize on the device, ResNet trunk, pool, download
 //! model stage -> F formatting threads: groups of rows, numbered in tile order -> CSV text
-//!             (credits: at most GROUPS_IN_FLIGHT groups between the model stage and the disk)
+//!             (credits: at most 2F + 2 groups between the model stage and the disk)
 //! texts -> writer thread: the groups in order to the CSV, new vectors appended to the cache
 //! ```
 //!
