@@ -62,6 +62,19 @@ def make_tiles(folder: Path, n: int, source: Path) -> None:
             cv2.imwrite(str(folder / f"tile_{i:05d}.png"), t)
 
 
+def link_copies(src: Path, dest: Path, copies: int) -> int:
+    """dest/K_NAME -> src/NAME for every file of src and K < copies (a slide-sized folder of
+    the same tiles; existing links are kept). Returns how many tiles dest then holds."""
+    dest.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in src.iterdir())
+    for k in range(copies):
+        for n in names:
+            link = dest / f"{k}_{n}"
+            if not link.exists():
+                os.symlink(src / n, link)
+    return copies * len(names)
+
+
 def run(cmd: list[str], env=None) -> str:
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -116,14 +129,7 @@ def main() -> None:
     results["tilefeat_end_to_end"] = n_tiles / secs
     if a.repeat > 1:
         big = a.workdir / f"tiles{a.tiles}x{a.repeat}"
-        big.mkdir(exist_ok=True)
-        names = sorted(p.name for p in tiles.iterdir())
-        for k in range(a.repeat):
-            for n in names:
-                link = big / f"{k}_{n}"
-                if not link.exists():
-                    os.symlink(tiles / n, link)
-        n_big = a.repeat * len(names)
+        n_big = link_copies(tiles, big, a.repeat)
         t = time.perf_counter()
         run([str(a.bin), "extract", str(big), "-o", str(a.workdir / "features_big.csv"), "--weights", str(weights), "--quiet", "--no-cache", *common])
         secs_big = time.perf_counter() - t

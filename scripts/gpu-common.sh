@@ -19,18 +19,13 @@ section() { printf '\n===== %s =====\n' "$*"; }
 # $W/tNAME with them linked COPIES times: `linked_tiles NAME COPIES`.
 linked_tiles() {
   python3 - "$W" "$1" "$2" <<'PY'
-import os, sys
+import sys
 from pathlib import Path
 sys.path.insert(0, "scripts")
-from benchmark import make_tiles
+from benchmark import link_copies, make_tiles
 W, name, copies = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 src = W / "bench" / "tiles4000"
 make_tiles(src, 4000, Path("demo/ihc.png"))
-(W / name).mkdir(exist_ok=True)
-for k in range(copies):
-    for f in sorted(os.listdir(src)):
-        p = W / name / f"{k}_{f}"
-        if not p.exists():
-            os.symlink(src / f, p)
+link_copies(src, W / name, copies)
 PY
 }
