@@ -6,6 +6,11 @@
 //! CUDA) and add an rpath to libtorch's lib dir so that no `LD_LIBRARY_PATH` is needed where
 //! the binary was built. The rpath is written as RUNPATH, so `LD_LIBRARY_PATH` still wins
 //! when the binary is carried to another machine or container.
+//!
+//! Where libtorch has CUDA (`libc10_cuda.so`) and the CUDA runtime's headers are found (pip's
+//! `nvidia-cuda-runtime` and `nvidia-cuda-crt`, which scripts/setup.sh installs; else
+//! `CUDA_HOME`), it also compiles `src/cuda/streams.cpp`, a shim
+//! over `c10::cuda` streams (tch has none), and sets `cfg(tilefeat_cuda_streams)`.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -23,11 +28,72 @@ fn main() {
         println!("cargo:rustc-link-search=native={lib_dir}");
         println!("cargo:rustc-link-arg=-ltorch");
     }
+    println!("cargo::rustc-check-cfg=cfg(tilefeat_cuda_streams)");
+    if os == "linux" {
+        cuda_streams_shim(&lib_dir);
+    }
     println!("cargo:rustc-env=TILEFEAT_LIBTORCH_LIB={lib_dir}");
     println!(
         "cargo:rustc-env=TILEFEAT_LIBTORCH_VERSION={}",
         libtorch_version(&lib_dir)
     );
+}
+
+/// Compile the c10::cuda stream shim, or say (as a build warning) why not.
+fn cuda_streams_shim(lib_dir: &str) {
+    use std::path::{Path, PathBuf};
+    println!("cargo:rerun-if-changed=src/cuda/streams.cpp");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    let lib = Path::new(lib_dir);
+    let Ok(c10) = std::fs::read(lib.join("libc10.so")) else {
+        println!("cargo:warning=no libc10.so in {lib_dir}: no per-worker CUDA streams");
+        return;
+    };
+    if !lib.join("libc10_cuda.so").exists() {
+        return; // a CPU-only libtorch: nothing to do
+    }
+    let torch_include = lib.join("../include");
+    // pip: site-packages/torch/lib -> site-packages/nvidia/cu13/include (cu12: cuda_runtime/include).
+    let nvidia = lib.join("../../nvidia");
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir(&nvidia)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|e| {
+            [
+                e.path().join("include"),
+                e.path().join("cuda_runtime/include"),
+            ]
+        })
+        .collect();
+    candidates.sort();
+    candidates.extend(std::env::var_os("CUDA_HOME").map(|h| Path::new(&h).join("include")));
+    candidates.push(PathBuf::from("/usr/local/cuda/include"));
+    let Some(cuda_include) = candidates
+        .into_iter()
+        .find(|d| d.join("cuda_runtime_api.h").exists() && d.join("crt/host_defines.h").exists())
+    else {
+        println!(
+            "cargo:warning=libtorch has CUDA but the CUDA runtime headers (cuda_runtime_api.h, \
+             crt/host_defines.h) were not found (pip install nvidia-cuda-crt, or set CUDA_HOME): \
+             built without per-worker CUDA streams (TILEFEAT_CUDA_STREAMS)"
+        );
+        return;
+    };
+    // The C++ ABI libtorch was built with: its mangled names say.
+    let cxx11 = c10.windows(10).any(|w| w == b"St7__cxx11");
+    cc::Build::new()
+        .cpp(true)
+        .file("src/cuda/streams.cpp")
+        .include(&torch_include)
+        .include(&cuda_include)
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", if cxx11 { "1" } else { "0" })
+        .warnings(false)
+        .compile("tilefeat_cuda_streams");
+    println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-cfg=tilefeat_cuda_streams");
 }
 
 /// The version of the libtorch in `lib_dir`: pip's `torch/version.py` or the zip's

@@ -11,9 +11,9 @@
 # (fp32, fp16, bf16 at batch 256) and warm-up; the full benchmark (tilefeat end-to-end on 4,000
 # tiles and on 48,000, its steady state, model-only, Python tutorial loop and bf16 DataLoader
 # pipeline, ratios); decoder speed per core; the pipeline's ceiling without the network, with
-# a cache; the defaults against their alternatives (cuDNN autotuning, sleeping waits) on
-# 16,000 tiles with CPU time; then scripts/gpu-longrun.sh (48,000 tiles). About 5 minutes on
-# an H200.
+# a cache; the defaults against their alternatives (cuDNN autotuning, sleeping waits, a CUDA
+# stream per model worker) on 16,000 tiles with CPU time; then scripts/gpu-longrun.sh (48,000
+# tiles, the alternatives again, alternating). About 6 minutes on an H200.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 REPORT=gpu-report.txt
@@ -41,14 +41,17 @@ im = cv2.imread("demo/ihc.png"); rng = np.random.default_rng(0); tiles = W / "mi
 for k, n in enumerate((224, 256, 300, 448, 512, 1000, 200, 333)):
     c = im[:n, :n] if n <= im.shape[0] else cv2.resize(im, (n, n), interpolation=cv2.INTER_CUBIC)
     cv2.imwrite(str(tiles / f"t{k}.png"), c); cv2.imwrite(str(tiles / f"t{k}.jpg"), c)
-def run(*a):
-    r = subprocess.run([B, "extract", str(tiles), "--weights", str(weights), "--quiet", *a], capture_output=True, text=True)
-    print(" ".join(a), "->", r.returncode, r.stderr.strip()[-300:]); return r.returncode
+def run(*a, env=None):
+    import os
+    r = subprocess.run([B, "extract", str(tiles), "--weights", str(weights), "--quiet", *a], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})})
+    print(" ".join(a), env or "", "->", r.returncode, r.stderr.strip()[-300:]); return r.returncode
 def feats(p):
     import pandas as pd
     return pd.read_csv(p, index_col=0).to_numpy(np.float32)
 for prec in ("fp32", "bf16", "fp16"):
     run("-o", str(W / f"gpu_{prec}.csv"), "--device", "cuda", "--precision", prec, "--batch-size", "8")
+run("-o", str(W / "gpu_fp32_streams.csv"), "--device", "cuda", "--batch-size", "8", env={"TILEFEAT_CUDA_STREAMS": "1"})
 run("-o", str(W / "cpu_fp32.csv"), "--device", "cpu")
 prov = (W / "gpu_fp32.provenance.yaml").read_text()
 print("provenance device:", [l for l in prov.splitlines() if l.startswith("device:")])
@@ -64,6 +67,8 @@ g32 = feats(W / "gpu_fp32.csv"); c32 = feats(W / "cpu_fp32.csv")
 cmp("tilefeat GPU fp32 vs tutorial on GPU (torch)", g32, ref)
 cmp("tilefeat CPU fp32 vs tutorial on CPU (torch)", c32, ref_cpu)
 cmp("tilefeat GPU fp32 vs tilefeat CPU fp32", g32, c32)
+cmp("tilefeat GPU fp32, a stream per worker, vs default", feats(W / "gpu_fp32_streams.csv"), g32)
+print("streams provenance:", [l for l in (W / "gpu_fp32_streams.provenance.yaml").read_text().splitlines() if l.startswith("cuda_streams:")])
 cmp("tutorial GPU vs tutorial CPU (torch)", ref, ref_cpu)
 for prec in ("bf16", "fp16"):
     cmp(f"tilefeat GPU {prec} vs GPU fp32", feats(W / f"gpu_{prec}.csv"), g32)
@@ -89,10 +94,10 @@ section "decoders: tiles/s per core, then on all cores (read, hash, decode, resi
 section "pipeline without the network, 4000 tiles, with a fresh cache (hashing and storing)"
 "$B" bench --what pipeline --tiles "$W/bench/tiles4000" --batch-size 256 --cache-dir "$W"
 
-section "the defaults, checked: cuDNN autotuning (TILEFEAT_CUDNN_BENCHMARK=1) and sleeping waits (TILEFEAT_CUDA_SLEEP=1)"
+section "the defaults, checked: cuDNN autotuning (TILEFEAT_CUDNN_BENCHMARK=1), sleeping waits (TILEFEAT_CUDA_SLEEP=1), a stream per worker (TILEFEAT_CUDA_STREAMS=1)"
 TILEFEAT_CUDNN_BENCHMARK=1 "$B" bench --device cuda --precision bf16 --batch-size 256 --batches 40 --warmup 2
 linked_tiles t16k 4
-for env in TILEFEAT_CUDA_SLEEP=0 TILEFEAT_CUDA_SLEEP=1 TILEFEAT_CUDNN_BENCHMARK=1; do
+for env in TILEFEAT_CUDA_SLEEP=0 TILEFEAT_CUDA_SLEEP=1 TILEFEAT_CUDA_STREAMS=1 TILEFEAT_CUDNN_BENCHMARK=1; do
   echo "16,000 tiles, $env:"
   time env "$env" "$B" extract "$W/t16k" -o "$W/e16k.csv" --weights random:0 --device cuda \
     --precision bf16 --batch-size 256 --no-cache --profile --quiet 2>&1

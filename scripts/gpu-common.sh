@@ -8,6 +8,7 @@ exec > >(tee "$OUT_DIR/${REPORT:?set REPORT before sourcing gpu-common.sh}") 2>&
 TORCH_LIB=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
 export LD_LIBRARY_PATH="$TORCH_LIB:${LD_LIBRARY_PATH:-}"
 export PYTHONUNBUFFERED=1
+# shellcheck disable=SC2034  # used by the scripts that source this file
 B=${TILEFEAT_BIN:-$PWD/target/release/tilefeat}
 W=/tmp/tilefeat-gpu-work
 mkdir -p "$W"

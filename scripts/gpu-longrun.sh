@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# GPU slide-sized runs, in one go (about 2 minutes on an H200): end-to-end on 16,000 and 48,000
+# GPU slide-sized runs, in one go (about 3 minutes on an H200): end-to-end on 16,000 and 48,000
 # tiles and the pipeline without the network on 48,000, where per-process start-up no longer
-# hides the steady state. Run on a GPU machine from the repo root with the release binary
+# hides the steady state; the defaults against per-worker CUDA streams and sleeping waits. Run on a GPU machine from the repo root with the release binary
 # carried along, as scripts/gpu-check.sh (which ends with this). With TILEFEAT_BIN_B set to
 # another build (say, of the previous commit), the 48,000-tile measurements alternate A, B,
 # A, B on the same machine. Prints, and writes to OUT_DIR/gpu-longrun.txt:
-#   - model-only bf16 at batch 256 (with its warm-up time);
+#   - model-only bf16 at batch 256 (with its warm-up time), on the default stream and with
+#     TILEFEAT_CUDA_STREAMS=1;
 #   - pipeline without the network on 48,000 tiles (A/B);
 #   - end-to-end bf16, batch 256, --no-cache, --profile on 48,000 tiles (A/B), then on 16,000
-#     tiles (A only).
+#     tiles (A only);
+#   - end-to-end on 48,000 tiles, alternating twice: the defaults, TILEFEAT_CUDA_STREAMS=1
+#     (does the upload hide behind the other worker's convolutions?), TILEFEAT_CUDA_SLEEP=1
+#     (the model workers stop spinning: is the host the bound?), and --threads 12 (fewer
+#     decoders: if this is as fast, the host is not the bound).
 # The tiles are the benchmark's 4,000 (256 px, half PNG, half JPEG) linked 4 and 12 times.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -26,8 +31,9 @@ linked_tiles t16k 4
 linked_tiles t48k 12
 for b in "${BINS[@]}"; do echo "binary $b: $("$b" --version)"; done
 
-section "model-only bf16, batch 256"
+section "model-only bf16, batch 256: default stream, then a stream per worker"
 "$A" bench --device cuda --precision bf16 --batch-size 256 --batches 40 --warmup 2
+TILEFEAT_CUDA_STREAMS=1 "$A" bench --device cuda --precision bf16 --batch-size 256 --batches 40 --warmup 2
 
 section "pipeline without the network, 48,000 tiles, batch 256"
 for b in "${BINS[@]}"; do
@@ -35,13 +41,26 @@ for b in "${BINS[@]}"; do
 done
 
 section "end-to-end bf16, batch 256, --no-cache, 48,000 tiles"
-e2e() {  # $1: binary, $2: folder
-  echo "$1 $(basename "$2"):"
-  time "$1" extract "$2" -o "$W/e2e.csv" --weights random:0 --device cuda --precision bf16 \
-    --batch-size 256 --no-cache --profile --quiet 2>&1
+e2e() {  # $1: binary, $2: folder, then VAR=VALUE settings and extra flags
+  local bin=$1 dir=$2 envs=() flags=()
+  shift 2
+  for a in "$@"; do case $a in TILEFEAT_*=*) envs+=("$a") ;; *) flags+=("$a") ;; esac; done
+  echo "$bin $(basename "$dir") ${envs[*]} ${flags[*]}:"
+  time env "${envs[@]}" "$bin" extract "$dir" -o "$W/e2e.csv" --weights random:0 --device cuda \
+    --precision bf16 --batch-size 256 --no-cache --profile --quiet "${flags[@]}" 2>&1
+  grep -E '^cuda_(streams|waits):' "$W/e2e.provenance.yaml" | sed 's/^/  /'
 }
 for b in "${BINS[@]}"; do e2e "$b" "$W/t48k"; done
 
 section "end-to-end bf16, batch 256, --no-cache, 16,000 tiles"
 e2e "$A" "$W/t16k"
+
+section "end-to-end, 48,000 tiles: defaults vs a stream per worker vs sleeping waits vs 12 threads"
+for round in 1 2; do
+  echo "round $round"
+  e2e "$A" "$W/t48k" TILEFEAT_CUDA_STREAMS=0
+  e2e "$A" "$W/t48k" TILEFEAT_CUDA_STREAMS=1
+  e2e "$A" "$W/t48k" TILEFEAT_CUDA_SLEEP=1
+  e2e "$A" "$W/t48k" --threads 12
+done
 echo "done"

@@ -44,6 +44,15 @@ if [ "$have_torch" != "$LIBTORCH_VERSION" ]; then
   fi
 fi
 
+# A CUDA torch ships the CUDA runtime's headers but not crt/, which they include: without it
+# the build leaves out per-worker CUDA streams (TILEFEAT_CUDA_STREAMS), with a warning.
+if "$VENV/bin/python" -c "import sys, torch; sys.exit(torch.version.cuda is None)" 2>/dev/null &&
+  ! "$VENV/bin/pip" show -q nvidia-cuda-crt >/dev/null 2>&1; then
+  echo "==> installing the CUDA runtime headers (nvidia-cuda-crt==$CUDA_VERSION.*) into $VENV"
+  "$VENV/bin/pip" install -q "nvidia-cuda-crt==$CUDA_VERSION.*" ||
+    echo "==> warning: could not install nvidia-cuda-crt: building without per-worker CUDA streams" >&2
+fi
+
 if [ "$mode" != build-only ]; then
   echo "==> installing test tools into $VENV"
   "$VENV/bin/pip" install -q -r requirements-dev.txt

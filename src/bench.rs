@@ -283,8 +283,18 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
             let m = model.shallow_clone();
             let (next, timed_start, warm_done) = (&next, &timed_start, &warm_done);
             let x = make_input();
+            let stream = match (device, &cuda) {
+                (Device::Cuda(i), Some(c)) if c.worker_streams => Some(i),
+                _ => None,
+            };
             scope.spawn(move || {
                 tch::set_num_threads(per_worker as i32);
+                // As `extract`'s model workers (TILEFEAT_CUDA_STREAMS): the same ceiling.
+                if let Some(i) = stream {
+                    if let Err(e) = crate::device::use_worker_stream(i) {
+                        panic!("TILEFEAT_CUDA_STREAMS: cannot give a worker its own stream: {e}");
+                    }
+                }
                 loop {
                     let i = next.fetch_add(1, Ordering::SeqCst);
                     if i >= total {
@@ -326,7 +336,7 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
             a.layer,
             a.size,
             a.warmup,
-            cuda.map_or(String::new(), |c| format!("; cuDNN {}", c.cudnn))
+            cuda.map_or(String::new(), |c| format!("; cuDNN {}; {}", c.cudnn, c.streams))
         )?;
     }
     Ok(())

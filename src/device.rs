@@ -91,6 +91,10 @@ pub struct CudaSetup {
     pub waits: String,
     /// How cuDNN picks its convolution algorithms.
     pub cudnn: String,
+    /// Which CUDA streams the model workers queue their work on.
+    pub streams: String,
+    /// Each model worker takes a stream of its own ([`use_worker_stream`]).
+    pub worker_streams: bool,
 }
 
 /// Prepare a CUDA device for a run (nothing for the CPU).
@@ -108,6 +112,10 @@ pub struct CudaSetup {
 ///   cost varies by more than that gap). `TILEFEAT_CUDA_SLEEP=1` makes them sleep, for hosts
 ///   with few cores per GPU where a spinning model worker could starve the decoders; a
 ///   warning says so if it cannot.
+/// - The model workers share the device's default stream, so one worker's upload and
+///   normalization queue behind the other's convolutions. `TILEFEAT_CUDA_STREAMS=1` gives each
+///   worker a stream of its own (libtorch's pool), so that they can overlap; not yet measured
+///   on a GPU, hence not the default. A warning says so if this build cannot.
 pub fn configure_cuda(device: Device) -> Option<CudaSetup> {
     let Device::Cuda(index) = device else {
         return None;
@@ -134,7 +142,107 @@ pub fn configure_cuda(device: Device) -> Option<CudaSetup> {
             }
         }
     };
-    Some(CudaSetup { waits, cudnn })
+    let want_streams = crate::env_on("TILEFEAT_CUDA_STREAMS");
+    let worker_streams = want_streams && streams::BUILT;
+    let streams = if worker_streams {
+        "one per model worker (TILEFEAT_CUDA_STREAMS)".to_string()
+    } else if want_streams {
+        eprintln!(
+            "tilefeat: warning: TILEFEAT_CUDA_STREAMS: this build has no CUDA stream support \
+             (built without the CUDA headers); the model workers share the default stream"
+        );
+        "the default stream, shared (TILEFEAT_CUDA_STREAMS: not in this build)".to_string()
+    } else {
+        "the default stream, shared by the model workers".to_string()
+    };
+    Some(CudaSetup {
+        waits,
+        cudnn,
+        streams,
+        worker_streams,
+    })
+}
+
+/// Give the calling thread a CUDA stream of its own on device `index` (from libtorch's pool):
+/// libtorch then queues this thread's work there instead of on the default stream. Waits
+/// first for all work already queued on the device (the weights' upload on the default
+/// stream, which pool streams do not wait for).
+pub fn use_worker_stream(index: usize) -> Result<(), String> {
+    Cuda::synchronize(index as i64);
+    streams::use_pool_stream(index)
+}
+
+/// The id of the calling thread's current CUDA stream on device `index` (0: the default).
+pub fn current_stream_id(index: usize) -> Result<i64, String> {
+    streams::current_stream_id(index)
+}
+
+/// The c10::cuda stream shim (`src/cuda/streams.cpp`, compiled by build.rs where libtorch
+/// has CUDA and the CUDA headers are found).
+mod streams {
+    #[cfg(tilefeat_cuda_streams)]
+    mod imp {
+        use std::ffi::{c_char, c_int, c_longlong, CStr};
+
+        extern "C" {
+            fn tilefeat_use_pool_stream(device: c_int, err: *mut c_char, len: usize) -> c_int;
+            fn tilefeat_current_stream_id(
+                device: c_int,
+                id: *mut c_longlong,
+                err: *mut c_char,
+                len: usize,
+            ) -> c_int;
+        }
+
+        pub const BUILT: bool = true;
+
+        fn message(buf: &[c_char]) -> String {
+            // SAFETY: the shim always NUL-terminates what it writes; the buffer starts zeroed.
+            unsafe { CStr::from_ptr(buf.as_ptr()) }
+                .to_string_lossy()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        }
+
+        pub fn use_pool_stream(index: usize) -> Result<(), String> {
+            let mut err = [0 as c_char; 512];
+            // SAFETY: a valid buffer of the given length; the shim catches every exception.
+            match unsafe { tilefeat_use_pool_stream(index as c_int, err.as_mut_ptr(), err.len()) } {
+                0 => Ok(()),
+                _ => Err(message(&err)),
+            }
+        }
+
+        pub fn current_stream_id(index: usize) -> Result<i64, String> {
+            let mut err = [0 as c_char; 512];
+            let mut id: c_longlong = 0;
+            // SAFETY: valid pointers; the shim catches every exception.
+            let r = unsafe {
+                tilefeat_current_stream_id(index as c_int, &mut id, err.as_mut_ptr(), err.len())
+            };
+            if r == 0 {
+                Ok(id)
+            } else {
+                Err(message(&err))
+            }
+        }
+    }
+
+    #[cfg(not(tilefeat_cuda_streams))]
+    mod imp {
+        pub const BUILT: bool = false;
+        const WHY: &str = "this build has no CUDA stream support";
+        pub fn use_pool_stream(_: usize) -> Result<(), String> {
+            Err(WHY.into())
+        }
+        pub fn current_stream_id(_: usize) -> Result<i64, String> {
+            Err(WHY.into())
+        }
+    }
+
+    pub use imp::{current_stream_id, use_pool_stream, BUILT};
 }
 
 /// The CUDA runtime libtorch loaded, reached through the dynamic linker (tch has no binding
@@ -343,5 +451,39 @@ mod tests {
             (false, Ok(())) => panic!("device flags set without a GPU"),
         }
         assert_eq!(configure_cuda(Device::Cpu), None);
+    }
+
+    /// The stream shim is built wherever libtorch has CUDA and its headers are there (the pip
+    /// wheels used here and in the containers). Without a GPU, c10's exception comes back as
+    /// an error message instead of crossing into Rust; with one, the thread gets a stream of
+    /// its own.
+    #[test]
+    fn worker_streams_are_set_or_explained() {
+        let lib = std::path::Path::new(env!("TILEFEAT_LIBTORCH_LIB"));
+        // pip's CUDA wheels plus nvidia-cuda-crt (scripts/setup.sh) hold every header needed.
+        let crt = std::fs::read_dir(lib.join("../../nvidia"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|d| d.path().join("include/crt/host_defines.h").exists());
+        if lib.join("libc10_cuda.so").exists() && crt {
+            assert!(streams::BUILT, "the shim is built where the headers are");
+        }
+        if !streams::BUILT {
+            return;
+        }
+        if Cuda::is_available() {
+            std::thread::spawn(|| {
+                assert_eq!(current_stream_id(0), Ok(0), "the default stream first");
+                use_worker_stream(0).unwrap();
+                assert_ne!(current_stream_id(0), Ok(0));
+            })
+            .join()
+            .unwrap();
+        } else {
+            let e = streams::use_pool_stream(0).expect_err("no GPU, no stream");
+            assert!(!e.is_empty() && !e.contains('\n'), "{e}");
+            assert!(streams::current_stream_id(0).is_err());
+        }
     }
 }

@@ -28,6 +28,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
+use crate::batch::PixelBuf;
 use crate::cache::{Cache, Fingerprint, Hash32, PREPROCESSING_VERSION};
 use crate::cli::{ExtractArgs, Normalize, OnError, Precision};
 use crate::device::{available_cpus, configure_cuda, device_name, parse_device};
@@ -329,16 +330,23 @@ pub(crate) fn prepare(
 /// What a model worker runs on each batch: the network ([`Runner`]), or [`NullModel`] for
 /// `bench --what pipeline`, which measures everything else.
 pub(crate) trait BatchModel: Send {
-    /// A handle for another worker (shared weights, its own buffers).
+    /// A handle for another worker (shared weights).
     fn fork(&self) -> Self
     where
         Self: Sized;
-    /// `pixels` holds `n` RGB tiles of size x size; returns `n * dim` features.
-    fn run(&self, pixels: &[u8], n: usize) -> Result<Vec<f32>>;
+    /// An empty buffer for a batch of up to `tiles` tiles (the model stage fills it).
+    fn buffer(&self, tiles: usize) -> PixelBuf;
+    /// Set up the calling thread, a model worker, before its first batch.
+    fn start_worker(&self) -> Result<()> {
+        Ok(())
+    }
+    /// `pixels` holds `n` RGB tiles of size x size; returns `n * dim` features. May pad the
+    /// buffer (it is cleared before it is filled again).
+    fn run(&self, pixels: &mut PixelBuf, n: usize) -> Result<Vec<f32>>;
 }
 
 /// A stand-in for the network that costs next to nothing: it reads every pixel once (as the
-/// staging copy does) and returns `dim` full-precision values per tile, so that the writer
+/// upload does) and returns `dim` full-precision values per tile, so that the writer
 /// formats realistic numbers. With it, `pipeline` runs at the speed of reading, hashing (with
 /// a cache), decoding, resizing, batching and writing: the most it can feed any device.
 pub(crate) struct NullModel {
@@ -351,7 +359,12 @@ impl BatchModel for NullModel {
         NullModel { ..*self }
     }
 
-    fn run(&self, pixels: &[u8], n: usize) -> Result<Vec<f32>> {
+    fn buffer(&self, tiles: usize) -> PixelBuf {
+        PixelBuf::host(tiles * self.tile_bytes)
+    }
+
+    fn run(&self, pixels: &mut PixelBuf, n: usize) -> Result<Vec<f32>> {
+        let pixels = pixels.as_slice();
         anyhow::ensure!(
             pixels.len() == n * self.tile_bytes,
             "batch of {n} tiles holds {} bytes, not {}",
@@ -382,13 +395,19 @@ struct Runner {
     size: i64,
     /// Pad partial batches to this size (one input shape: cuDNN plans are made once).
     pad_to: Option<usize>,
-    /// This worker's input buffer, reused from batch to batch (page-locked on a GPU, so the
-    /// upload is one DMA from where the pixels were copied once), and whether it is pinned.
-    staging: std::cell::RefCell<Option<(Tensor, bool)>>,
+    /// Give each model worker a CUDA stream of its own on this device
+    /// (`TILEFEAT_CUDA_STREAMS`, see `device::configure_cuda`).
+    worker_stream: Option<usize>,
 }
 
 impl Runner {
-    fn new(model: ResNetTrunk, normalize: Normalize, size: u32, pad_to: Option<usize>) -> Runner {
+    fn new(
+        model: ResNetTrunk,
+        normalize: Normalize,
+        size: u32,
+        pad_to: Option<usize>,
+        worker_stream: Option<usize>,
+    ) -> Runner {
         let (m, s): ([f32; 3], [f32; 3]) = match normalize {
             Normalize::Tutorial => ([0.5; 3], [0.5; 3]),
             Normalize::Imagenet => ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
@@ -400,54 +419,13 @@ impl Runner {
             model,
             size: size as i64,
             pad_to,
-            staging: Default::default(),
+            worker_stream,
         }
-    }
-
-    /// `rows` tiles of input on the CPU: the `n` tiles of `pixels`, then zeros. Copies the
-    /// pixels once, into this worker's staging buffer (allocated, and on a GPU pinned, when the
-    /// shape changes). Returns the buffer and whether it is pinned.
-    fn stage(&self, pixels: &[u8], n: usize, rows: usize) -> (Tensor, bool) {
-        let shape = [rows as i64, self.size, self.size, 3];
-        let mut slot = self.staging.borrow_mut();
-        if slot.as_ref().is_none_or(|(t, _)| t.size() != shape) {
-            let t = Tensor::zeros(shape, (Kind::Uint8, Device::Cpu));
-            *slot = Some(match self.model.options().device {
-                Device::Cpu => (t, false),
-                // `_pin_memory` directly: `pin_memory(device)` prints a deprecation warning.
-                // If pinning fails, pageable memory works too (slower uploads).
-                d => match t.f_internal_pin_memory(d) {
-                    Ok(pinned) => (pinned, true),
-                    Err(e) => {
-                        let first = e.to_string();
-                        let first = first.lines().next().unwrap_or_default();
-                        eprintln!(
-                            "tilefeat: warning: cannot pin host memory for uploads ({first}); \
-                             using pageable memory (slower, same results)"
-                        );
-                        (t, false)
-                    }
-                },
-            });
-        }
-        let (buf, pinned) = slot.as_ref().expect("staging buffer was just set");
-        let row_bytes = (self.size * self.size * 3) as usize;
-        assert_eq!(pixels.len(), n * row_bytes, "batch pixel buffer size");
-        assert!(buf.is_contiguous() && buf.kind() == Kind::Uint8 && n <= rows);
-        // SAFETY: `buf` is a contiguous u8 CPU tensor of `rows * row_bytes` bytes that only
-        // this worker uses, and no earlier upload still reads it: `run` waits for its features
-        // (which come after the upload on the same stream) before it returns.
-        unsafe {
-            let dst = buf.data_ptr() as *mut u8;
-            std::ptr::copy_nonoverlapping(pixels.as_ptr(), dst, pixels.len());
-            std::ptr::write_bytes(dst.add(pixels.len()), 0, (rows - n) * row_bytes);
-        }
-        (buf.shallow_clone(), *pinned)
     }
 }
 
 impl BatchModel for Runner {
-    /// A handle for another worker: shared weights, its own staging buffer.
+    /// A handle for another worker: shared weights.
     fn fork(&self) -> Runner {
         Runner {
             model: self.model.shallow_clone(),
@@ -455,16 +433,57 @@ impl BatchModel for Runner {
             std: self.std.shallow_clone(),
             size: self.size,
             pad_to: self.pad_to,
-            staging: Default::default(),
+            worker_stream: self.worker_stream,
+        }
+    }
+
+    /// A u8 tensor of a whole (padded) batch, page-locked on a GPU: the tiles are put where
+    /// the upload reads them.
+    fn buffer(&self, tiles: usize) -> PixelBuf {
+        let rows = self.pad_to.map_or(tiles, |p| p.max(tiles));
+        let (buf, why) = PixelBuf::tensor(rows, self.size as usize, self.model.options().device);
+        if let Some(why) = why {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                eprintln!(
+                    "tilefeat: warning: cannot pin host memory for uploads ({why}); \
+                     using pageable memory (slower, same results)"
+                )
+            });
+        }
+        buf
+    }
+
+    fn start_worker(&self) -> Result<()> {
+        match self.worker_stream {
+            Some(i) => crate::device::use_worker_stream(i).map_err(|e| {
+                anyhow::anyhow!(
+                    "TILEFEAT_CUDA_STREAMS: cannot give a model worker its own CUDA stream: {e}"
+                )
+            }),
+            None => Ok(()),
         }
     }
 
     /// `pixels` holds `n` RGB tiles of size x size; returns `n * D` features.
-    fn run(&self, pixels: &[u8], n: usize) -> Result<Vec<f32>> {
+    fn run(&self, pixels: &mut PixelBuf, n: usize) -> Result<Vec<f32>> {
         let _guard = tch::no_grad_guard();
         let opts = self.model.options();
+        let row_bytes = (self.size * self.size * 3) as usize;
+        anyhow::ensure!(
+            pixels.len() == n * row_bytes,
+            "batch of {n} tiles holds {} bytes, not {}",
+            pixels.len(),
+            n * row_bytes
+        );
         let rows = self.pad_to.map_or(n, |p| p.max(n));
-        let (staged, pinned) = self.stage(pixels, n, rows);
+        pixels.pad_to(rows * row_bytes);
+        let (staged, pinned) = pixels
+            .rows(rows)
+            .context("internal error: a batch buffer that is not the model's")?;
+        // From pinned memory the upload is non-blocking: it may still read the buffer when
+        // `to_device_` returns. The buffer goes back to the model stage (to be refilled) only
+        // with the features, which come after the upload on this thread's stream.
         let input = match opts.device {
             Device::Cpu => staged,
             d => staged.to_device_(d, Kind::Uint8, pinned, false),
@@ -549,7 +568,11 @@ pub fn run(
         ResNetTrunk::new(&weights.tensors, cfg.layer, cfg.pool, opts).kind(ExitKind::Weights)?;
     drop(weights.tensors);
     let pad_to = matches!(cfg.device, Device::Cuda(_)).then_some(cfg.batch_size);
-    let runner = Runner::new(model, cfg.normalize, cfg.size, pad_to);
+    let worker_stream = match (cfg.device, &cuda) {
+        (Device::Cuda(i), Some(c)) if c.worker_streams => Some(i),
+        _ => None,
+    };
+    let runner = Runner::new(model, cfg.normalize, cfg.size, pad_to, worker_stream);
 
     let cache = match &cfg.cache_dir {
         Some(d) => Some(Cache::open(d, &fingerprint)?),
@@ -656,6 +679,7 @@ pub fn run(
             damaged_records: counters.as_ref().map_or(0, |c| c.damaged_records),
         },
         cuda_waits: cuda.as_ref().map(|c| c.waits.clone()),
+        cuda_streams: cuda.as_ref().map(|c| c.streams.clone()),
         cudnn_algorithms: cuda.map(|c| c.cudnn),
         elapsed_s: round3(elapsed),
         tiles_per_s: round3(tiles.len() as f64 / elapsed.max(1e-9)),
@@ -714,7 +738,7 @@ struct OutRow {
 /// A batch for a model worker, and what comes back.
 struct BatchJob {
     id: u64,
-    pixels: Vec<u8>,
+    pixels: PixelBuf,
     n: usize,
 }
 
@@ -722,7 +746,7 @@ struct BatchDone {
     id: u64,
     features: Result<Vec<f32>>,
     /// The batch's pixel buffer, handed back for the next batch to fill.
-    pixels: Vec<u8>,
+    pixels: PixelBuf,
     secs: f64,
     /// This worker's first batch: on a GPU it also loads kernels and builds cuDNN's plans
     /// (which libtorch keeps per thread), so it is timed apart.
@@ -807,16 +831,22 @@ pub(crate) fn pipeline(
             let worker = runner.fork();
             scope.spawn(move || {
                 tch::set_num_threads(model_threads as i32);
+                // A worker that cannot start fails each batch it gets, so the run stops with
+                // the reason.
+                let started = worker.start_worker().map_err(|e| format!("{e:#}"));
                 let mut first = true;
-                for job in batch_rx.iter() {
+                for mut job in batch_rx.iter() {
                     let t = Instant::now();
                     // A panic (tch panics when libtorch fails, e.g. out of GPU memory) is
                     // this batch's error: an ended worker would leave the run waiting forever.
-                    let features = crate::error::catch_panic(|| worker.run(&job.pixels, job.n))
-                        .unwrap_or_else(|msg| {
-                            let first = msg.lines().next().unwrap_or_default();
-                            Err(anyhow::anyhow!("libtorch failed: {first}"))
-                        });
+                    let features = match &started {
+                        Err(e) => Err(anyhow::anyhow!("{e}")),
+                        Ok(()) => crate::error::catch_panic(|| worker.run(&mut job.pixels, job.n))
+                            .unwrap_or_else(|msg| {
+                                let first = msg.lines().next().unwrap_or_default();
+                                Err(anyhow::anyhow!("libtorch failed: {first}"))
+                            }),
+                    };
                     let secs = t.elapsed().as_secs_f64();
                     if done_tx
                         .send(BatchDone {
@@ -857,11 +887,12 @@ pub(crate) fn pipeline(
         let writer =
             scope.spawn(move || writer_loop(text_rx, group_credit_tx, csv, cache, &output));
 
+        let new_buffer = || runner.buffer(batch);
         let mut stage = ModelStage::new(
             cfg,
             n_model,
             tiles,
-            batch * size * size * 3,
+            &new_buffer,
             batch,
             dim,
             row_tx,
@@ -997,7 +1028,7 @@ struct ModelStage<'a> {
     /// Rows not yet handed to the writer, in tile order.
     pending: VecDeque<Row>,
     /// The batch being filled.
-    pixels: Vec<u8>,
+    pixels: PixelBuf,
     in_batch: usize,
     next_batch: u64,
     /// Finished batches' features, until their rows are written.
@@ -1007,10 +1038,11 @@ struct ModelStage<'a> {
     compute: f64,
     /// Model workers' first batches (see [`BatchDone::first`]).
     warmup: f64,
-    capacity: usize,
+    /// Makes a pixel buffer for a batch (the model's kind: on a GPU, page-locked).
+    new_buffer: &'a dyn Fn() -> PixelBuf,
     /// Pixel buffers of finished batches, reused (a GPU batch of 256 is 38 MB: allocating it
-    /// afresh each time costs page faults).
-    spare: Vec<Vec<u8>>,
+    /// afresh each time costs page faults, and pinning it costs more).
+    spare: Vec<PixelBuf>,
 }
 
 impl<'a> ModelStage<'a> {
@@ -1019,7 +1051,7 @@ impl<'a> ModelStage<'a> {
         cfg: &'a ExtractConfig,
         n_model: usize,
         tiles: &'a [Tile],
-        capacity: usize,
+        new_buffer: &'a dyn Fn() -> PixelBuf,
         batch: usize,
         dim: usize,
         rows_out: Sender<WriterMsg>,
@@ -1039,7 +1071,7 @@ impl<'a> ModelStage<'a> {
             batches,
             done,
             pending: VecDeque::new(),
-            pixels: Vec::with_capacity(capacity),
+            pixels: new_buffer(),
             in_batch: 0,
             next_batch: 0,
             results: Default::default(),
@@ -1053,7 +1085,7 @@ impl<'a> ModelStage<'a> {
             },
             compute: 0.0,
             warmup: 0.0,
-            capacity,
+            new_buffer,
             spare: Vec::new(),
         }
     }
@@ -1093,7 +1125,7 @@ impl<'a> ModelStage<'a> {
                     hit: true,
                 },
                 Prepared::Pixels(p) => {
-                    self.pixels.extend_from_slice(&p);
+                    self.pixels.push(&p);
                     self.in_batch += 1;
                     RowState::InBatch(self.next_batch, self.in_batch - 1)
                 }
@@ -1196,9 +1228,7 @@ impl<'a> ModelStage<'a> {
             id: self.next_batch,
             pixels: std::mem::replace(
                 &mut self.pixels,
-                self.spare
-                    .pop()
-                    .unwrap_or_else(|| Vec::with_capacity(self.capacity)),
+                self.spare.pop().unwrap_or_else(self.new_buffer),
             ),
             n: self.in_batch,
         };
@@ -1241,8 +1271,9 @@ impl<'a> ModelStage<'a> {
 
     fn receive(&mut self, mut d: BatchDone) -> Result<()> {
         self.outstanding -= 1;
-        d.pixels.clear();
-        self.spare.push(std::mem::take(&mut d.pixels));
+        let mut pixels = std::mem::replace(&mut d.pixels, PixelBuf::host(0));
+        pixels.clear();
+        self.spare.push(pixels);
         if d.first && !matches!(self.cfg.device, Device::Cpu) {
             self.warmup += d.secs;
         } else {
@@ -1435,6 +1466,48 @@ mod tests {
         assert_eq!(sha2, want, "a cache always gets the real hash");
     }
 
+    /// Runs `pipeline` with `model` on the demo's sampleA (batches of 2) in a thread; the
+    /// error chain, or a test failure if the run hangs. Nothing may be left under the final
+    /// name either way.
+    fn run_demo_pipeline<M: BatchModel + 'static>(model: M) -> Result<(), String> {
+        let d = tempfile::tempdir().unwrap();
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo/tiles/sampleA");
+        let tiles = find_some_tiles(&dir).unwrap().tiles;
+        assert!(tiles.len() >= 5, "three batches of two or more");
+        let out = d.path().join("f.csv");
+        let cfg = ExtractConfig::for_pipeline_bench(
+            &dir,
+            &out,
+            2,
+            2,
+            32,
+            crate::cli::Layer::Layer4,
+            Precision::Fp32,
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let target = out.clone();
+        std::thread::spawn(move || {
+            let csv = AtomicFile::create(&target).unwrap();
+            let mut progress = Progress::new(tiles.len(), true);
+            let r = pipeline(&cfg, &tiles, &model, None, csv, &mut progress, 2048);
+            let _ = tx.send(r.map(|_| ()).map_err(|e| format!("{e:#}")));
+        });
+        let result = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the run hung");
+        if result.is_err() {
+            assert!(!out.exists(), "nothing under the final name");
+        }
+        result
+    }
+
+    fn null_model() -> NullModel {
+        NullModel {
+            dim: 2048,
+            tile_bytes: 32 * 32 * 3,
+        }
+    }
+
     /// Regression: a model worker that panics (tch does when libtorch fails, e.g. out of GPU
     /// memory) fails the run with an error naming the batch. Before, the other worker kept
     /// the run waiting forever.
@@ -1453,53 +1526,56 @@ mod tests {
                     inner: self.inner.fork(),
                 }
             }
-            fn run(&self, pixels: &[u8], n: usize) -> Result<Vec<f32>> {
+            fn buffer(&self, tiles: usize) -> PixelBuf {
+                self.inner.buffer(tiles)
+            }
+            fn run(&self, pixels: &mut PixelBuf, n: usize) -> Result<Vec<f32>> {
                 if self.calls.fetch_add(1, Ordering::SeqCst) == 1 {
                     panic!("CUDA out of memory (simulated)\nException raised from ...");
                 }
                 self.inner.run(pixels, n)
             }
         }
-        let d = tempfile::tempdir().unwrap();
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo/tiles/sampleA");
-        let tiles = find_some_tiles(&dir).unwrap().tiles;
-        assert!(tiles.len() >= 5, "three batches of two or more");
-        let out = d.path().join("f.csv");
-        let cfg = ExtractConfig::for_pipeline_bench(
-            &dir,
-            &out,
-            2,
-            2,
-            32,
-            crate::cli::Layer::Layer4,
-            Precision::Fp32,
-        );
-        let (tx, rx) = std::sync::mpsc::channel();
-        let target = out.clone();
-        std::thread::spawn(move || {
-            let model = Flaky {
-                calls: Arc::new(AtomicUsize::new(0)),
-                inner: NullModel {
-                    dim: 2048,
-                    tile_bytes: 32 * 32 * 3,
-                },
-            };
-            let csv = AtomicFile::create(&target).unwrap();
-            let mut progress = Progress::new(tiles.len(), true);
-            let r = pipeline(&cfg, &tiles, &model, None, csv, &mut progress, 2048);
-            let _ = tx.send(r.map(|_| ()).map_err(|e| format!("{e:#}")));
-        });
-        let result = rx
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("the run hung after a model worker panicked");
-        let e = result.expect_err("a panicking model must fail the run");
+        let e = run_demo_pipeline(Flaky {
+            calls: Arc::new(AtomicUsize::new(0)),
+            inner: null_model(),
+        })
+        .expect_err("a panicking model must fail the run");
         assert!(
             e.contains("model failed on the batch starting at ")
                 && e.contains("libtorch failed: CUDA out of memory (simulated)")
                 && !e.contains("Exception raised"),
             "{e}"
         );
-        assert!(!out.exists(), "nothing under the final name");
+    }
+
+    /// A model worker that cannot be set up (say, no CUDA stream for it) fails the run with
+    /// the reason, naming the batch, instead of hanging or running without it.
+    #[test]
+    fn a_worker_that_cannot_start_fails_the_run() {
+        struct Unstartable(NullModel);
+        impl BatchModel for Unstartable {
+            fn fork(&self) -> Self {
+                Unstartable(self.0.fork())
+            }
+            fn buffer(&self, tiles: usize) -> PixelBuf {
+                self.0.buffer(tiles)
+            }
+            fn start_worker(&self) -> Result<()> {
+                anyhow::bail!("no stream for this worker (simulated)")
+            }
+            fn run(&self, pixels: &mut PixelBuf, n: usize) -> Result<Vec<f32>> {
+                self.0.run(pixels, n)
+            }
+        }
+        let e = run_demo_pipeline(Unstartable(null_model())).expect_err("must fail");
+        assert!(
+            e.contains("model failed on the batch starting at ")
+                && e.contains("no stream for this worker (simulated)"),
+            "{e}"
+        );
+        // The same pipeline with a model that starts runs through.
+        run_demo_pipeline(null_model()).unwrap();
     }
 
     /// The pipeline bench's stand-in: one row of `dim` values per tile, a function of the
@@ -1512,23 +1588,28 @@ mod tests {
         };
         let a: Vec<u8> = (0..12).collect();
         let b: Vec<u8> = (100..112).collect();
-        let ab = m.fork().run(&[a.clone(), b.clone()].concat(), 2).unwrap();
-        let ba = m.run(&[b, a.clone()].concat(), 2).unwrap();
+        let run = |m: &NullModel, tiles: &[&[u8]]| {
+            let mut buf = m.buffer(tiles.len());
+            tiles.iter().for_each(|t| buf.push(t));
+            m.run(&mut buf, tiles.len()).unwrap()
+        };
+        let ab = run(&m.fork(), &[&a, &b]);
+        let ba = run(&m, &[&b, &a]);
         assert_eq!(ab.len(), 100);
         assert_eq!(ab[..50], ba[50..]);
         assert_eq!(ab[50..], ba[..50]);
         assert_ne!(ab[..50], ab[50..]);
-        assert_eq!(m.run(&a, 1).unwrap(), ab[..50]);
+        assert_eq!(run(&m, &[&a]), ab[..50]);
         assert!(ab.iter().all(|v| (0.0..4.0).contains(v)));
         assert!(ab
             .iter()
             .any(|v| v.fract() != 0.0 && (v * 1024.0).fract() != 0.0));
     }
 
-    /// The staging buffer (reused per worker, padded as on a GPU) gives each tile the features
-    /// it gets alone: pixels land in the right rows, reuse and reallocation are clean.
+    /// A reused batch buffer, padded as on a GPU, gives each tile the features it gets alone:
+    /// pixels land in the right rows, reuse and padding are clean.
     #[test]
-    fn staged_padded_batches_match_single_tiles() {
+    fn padded_batches_in_a_reused_buffer_match_single_tiles() {
         use crate::cli::{Layer, Pool};
         let opts = RunOptions {
             device: Device::Cpu,
@@ -1551,12 +1632,25 @@ mod tests {
                     .collect()
             })
             .collect();
-        let single = Runner::new(model.shallow_clone(), Normalize::Tutorial, 32, None);
-        let alone: Vec<Vec<f32>> = tiles.iter().map(|t| single.run(t, 1).unwrap()).collect();
-        let padded = Runner::new(model, Normalize::Tutorial, 32, Some(5));
+        let single = Runner::new(model.shallow_clone(), Normalize::Tutorial, 32, None, None);
+        let alone: Vec<Vec<f32>> = tiles
+            .iter()
+            .map(|t| {
+                let mut b = single.buffer(1);
+                b.push(t);
+                single.run(&mut b, 1).unwrap()
+            })
+            .collect();
+        let padded = Runner::new(model, Normalize::Tutorial, 32, Some(5), None);
+        // One buffer for every batch, as the model stage reuses them: a short batch after a
+        // long one finds the old pixels beyond its tiles.
+        let mut buf = padded.buffer(3);
         for group in [&[0usize, 1, 2][..], &[3, 1], &[2, 0, 3, 1]] {
-            let pixels: Vec<u8> = group.iter().flat_map(|&i| tiles[i].clone()).collect();
-            let got = padded.run(&pixels, group.len()).unwrap();
+            buf.clear();
+            for &i in group {
+                buf.push(&tiles[i]);
+            }
+            let got = padded.run(&mut buf, group.len()).unwrap();
             assert_eq!(got.len(), group.len() * 2048);
             for (k, &i) in group.iter().enumerate() {
                 let row = &got[k * 2048..(k + 1) * 2048];

@@ -5,6 +5,7 @@
 
 pub mod alloc;
 pub mod app;
+pub mod batch;
 pub mod bench;
 pub mod cache;
 pub mod cli;
@@ -23,7 +24,7 @@ pub mod tiles;
 pub mod weights;
 
 /// Whether an environment switch (`TILEFEAT_NO_HEAP_TUNING`, `TILEFEAT_CUDNN_BENCHMARK`,
-/// `TILEFEAT_CUDA_SLEEP`) is on: set, not empty and not `0`.
+/// `TILEFEAT_CUDA_SLEEP`, `TILEFEAT_CUDA_STREAMS`) is on: set, not empty and not `0`.
 pub fn env_on(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|v| !v.is_empty() && v != "0")
 }

@@ -146,6 +146,9 @@ pub struct Provenance {
     /// On a GPU: how threads wait for it (see `device::configure_cuda`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cuda_waits: Option<String>,
+    /// On a GPU: which streams the model workers used (see `device::configure_cuda`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_streams: Option<String>,
     /// On a GPU: how cuDNN picked its algorithms (heuristics, or autotuned).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cudnn_algorithms: Option<String>,

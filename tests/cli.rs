@@ -83,7 +83,8 @@ fn extract_help_lists_exit_codes_and_tuning_variables() {
         .stdout(
             predicate::str::contains("TILEFEAT_NO_HEAP_TUNING")
                 .and(predicate::str::contains("TILEFEAT_CUDNN_BENCHMARK"))
-                .and(predicate::str::contains("TILEFEAT_CUDA_SLEEP")),
+                .and(predicate::str::contains("TILEFEAT_CUDA_SLEEP"))
+                .and(predicate::str::contains("TILEFEAT_CUDA_STREAMS")),
         );
     tilefeat()
         .args(["--help"])
