@@ -69,6 +69,13 @@ fn cuda_streams_shim(lib_dir: &str) {
     candidates.sort();
     candidates.extend(std::env::var_os("CUDA_HOME").map(|h| Path::new(&h).join("include")));
     candidates.push(PathBuf::from("/usr/local/cuda/include"));
+    for c in &candidates {
+        // A header installed later (pip install nvidia-cuda-crt) builds the shim next time.
+        println!(
+            "cargo:rerun-if-changed={}",
+            c.join("crt/host_defines.h").display()
+        );
+    }
     let Some(cuda_include) = candidates
         .into_iter()
         .find(|d| d.join("cuda_runtime_api.h").exists() && d.join("crt/host_defines.h").exists())
@@ -82,7 +89,7 @@ fn cuda_streams_shim(lib_dir: &str) {
     };
     // The C++ ABI libtorch was built with: its mangled names say.
     let cxx11 = c10.windows(10).any(|w| w == b"St7__cxx11");
-    cc::Build::new()
+    let built = cc::Build::new()
         .cpp(true)
         .file("src/cuda/streams.cpp")
         .include(&torch_include)
@@ -90,7 +97,17 @@ fn cuda_streams_shim(lib_dir: &str) {
         .flag("-std=c++17")
         .define("_GLIBCXX_USE_CXX11_ABI", if cxx11 { "1" } else { "0" })
         .warnings(false)
-        .compile("tilefeat_cuda_streams");
+        .try_compile("tilefeat_cuda_streams");
+    if let Err(e) = built {
+        let first = e.to_string();
+        let first = first.lines().next().unwrap_or_default().to_string();
+        println!(
+            "cargo:warning=cannot compile src/cuda/streams.cpp against {} ({first}): built \
+             without per-worker CUDA streams (TILEFEAT_CUDA_STREAMS)",
+            cuda_include.display()
+        );
+        return;
+    }
     println!("cargo:rustc-link-lib=dylib=c10_cuda");
     println!("cargo:rustc-link-lib=dylib=c10");
     println!("cargo:rustc-cfg=tilefeat_cuda_streams");

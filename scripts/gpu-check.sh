@@ -67,8 +67,11 @@ g32 = feats(W / "gpu_fp32.csv"); c32 = feats(W / "cpu_fp32.csv")
 cmp("tilefeat GPU fp32 vs tutorial on GPU (torch)", g32, ref)
 cmp("tilefeat CPU fp32 vs tutorial on CPU (torch)", c32, ref_cpu)
 cmp("tilefeat GPU fp32 vs tilefeat CPU fp32", g32, c32)
-cmp("tilefeat GPU fp32, a stream per worker, vs default", feats(W / "gpu_fp32_streams.csv"), g32)
-print("streams provenance:", [l for l in (W / "gpu_fp32_streams.provenance.yaml").read_text().splitlines() if l.startswith("cuda_streams:")])
+if (W / "gpu_fp32_streams.provenance.yaml").exists():
+    cmp("tilefeat GPU fp32, a stream per worker, vs default", feats(W / "gpu_fp32_streams.csv"), g32)
+    print("streams provenance:", [l for l in (W / "gpu_fp32_streams.provenance.yaml").read_text().splitlines() if l.startswith("cuda_streams:")])
+else:
+    print("TILEFEAT_CUDA_STREAMS=1 run failed (see above)")
 cmp("tutorial GPU vs tutorial CPU (torch)", ref, ref_cpu)
 for prec in ("bf16", "fp16"):
     cmp(f"tilefeat GPU {prec} vs GPU fp32", feats(W / f"gpu_{prec}.csv"), g32)

@@ -45,10 +45,12 @@ e2e() {  # $1: binary, $2: folder, then VAR=VALUE settings and extra flags
   local bin=$1 dir=$2 envs=() flags=()
   shift 2
   for a in "$@"; do case $a in TILEFEAT_*=*) envs+=("$a") ;; *) flags+=("$a") ;; esac; done
-  echo "$bin $(basename "$dir") ${envs[*]} ${flags[*]}:"
-  time env "${envs[@]}" "$bin" extract "$dir" -o "$W/e2e.csv" --weights random:0 --device cuda \
-    --precision bf16 --batch-size 256 --no-cache --profile --quiet "${flags[@]}" 2>&1
-  grep -E '^cuda_(streams|waits):' "$W/e2e.provenance.yaml" | sed 's/^/  /'
+  echo "$bin $(basename "$dir") ${envs[*]:-} ${flags[*]:-}:"
+  rm -f "$W/e2e.csv" "$W/e2e.provenance.yaml"
+  time env ${envs[@]+"${envs[@]}"} "$bin" extract "$dir" -o "$W/e2e.csv" --weights random:0 \
+    --device cuda --precision bf16 --batch-size 256 --no-cache --profile --quiet \
+    ${flags[@]+"${flags[@]}"} 2>&1
+  grep -sE '^cuda_(streams|waits):' "$W/e2e.provenance.yaml" | sed 's/^/  /'
 }
 for b in "${BINS[@]}"; do e2e "$b" "$W/t48k"; done
 

@@ -27,51 +27,55 @@ fn preprocess(a: &crate::cli::PreprocessArgs) -> Result<()> {
     crate::output::write_atomic(&a.output, &png)
 }
 
+/// The lines `extract` prints as each sample's outputs are in place: the summary (unless
+/// `--quiet`) and, with `--profile`, where the time went.
+fn report_sample(cfg: &crate::extract::ExtractConfig, summary: &crate::extract::Summary) {
+    let p = &summary.provenance;
+    if !cfg.quiet {
+        let secs = p.elapsed_s;
+        eprintln!(
+            "tilefeat: {} tiles ({} computed, {} cached, {} skipped) in {:.1} s, {:.1} tiles/s on {} ({}) -> {}",
+            p.tiles.found,
+            p.tiles.computed,
+            p.tiles.cache_hits,
+            p.tiles.skipped,
+            secs,
+            p.tiles.found as f64 / secs.max(1e-9),
+            p.device,
+            cfg.precision,
+            cfg.output.display()
+        );
+        if !p.weights.trained {
+            eprintln!(
+                "tilefeat: WARNING: {}",
+                crate::provenance::RANDOM_WEIGHTS_WARNING
+            );
+        }
+    }
+    if cfg.profile {
+        let t = &p.timings_s;
+        eprintln!(
+            "tilefeat: profile: startup {:.2} s, pipeline {:.2} s ({:.1} tiles/s) wall; summed over threads (s): read {:.2}, hash {:.2}, cache lookup {:.2}, decode {:.2}, resize {:.2}, model waiting for tiles {:.2}, model warm-up (first batches) {:.2}, model compute {:.2}, format {:.2}, write {:.2}",
+            t.startup, t.pipeline, p.tiles.found as f64 / t.pipeline.max(1e-9), t.read, t.hash, t.cache_lookup, t.decode, t.resize, t.model_waiting_for_tiles, t.model_warmup, t.model_compute, t.format, t.write
+        );
+        if let (Some(w), Some(c)) = (&p.cuda_waits, &p.cudnn_algorithms) {
+            let streams = p.cuda_streams.as_deref().unwrap_or("?");
+            eprintln!(
+                "tilefeat: profile: threads waiting for the GPU: {w}; cuDNN algorithms: {c}; model workers' CUDA streams: {streams}"
+            );
+        }
+    }
+}
+
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match cli.command {
         Command::Extract(args) => {
-            let cfg = crate::extract::ExtractConfig::from_cli_arguments(&args)?;
-            let started = std::time::Instant::now();
+            let plan = crate::extract::ExtractPlan::from_cli_arguments(&args)?;
             let command: Vec<String> = std::env::args().collect();
-            if let Some(summary) = crate::extract::run(&cfg, command, &mut out)? {
-                let p = &summary.provenance;
-                if !cfg.quiet {
-                    let secs = started.elapsed().as_secs_f64();
-                    eprintln!(
-                        "tilefeat: {} tiles ({} computed, {} cached, {} skipped) in {:.1} s, {:.1} tiles/s on {} ({}) -> {}",
-                        p.tiles.found,
-                        p.tiles.computed,
-                        p.tiles.cache_hits,
-                        p.tiles.skipped,
-                        secs,
-                        p.tiles.found as f64 / secs.max(1e-9),
-                        p.device,
-                        cfg.precision,
-                        cfg.output.display()
-                    );
-                    if !p.weights.trained {
-                        eprintln!(
-                            "tilefeat: WARNING: {}",
-                            crate::provenance::RANDOM_WEIGHTS_WARNING
-                        );
-                    }
-                }
-                if cfg.profile {
-                    let t = &p.timings_s;
-                    eprintln!(
-                        "tilefeat: profile: startup {:.2} s, pipeline {:.2} s ({:.1} tiles/s) wall; summed over threads (s): read {:.2}, hash {:.2}, cache lookup {:.2}, decode {:.2}, resize {:.2}, model waiting for tiles {:.2}, model warm-up (first batches) {:.2}, model compute {:.2}, format {:.2}, write {:.2}",
-                        t.startup, t.pipeline, p.tiles.found as f64 / t.pipeline.max(1e-9), t.read, t.hash, t.cache_lookup, t.decode, t.resize, t.model_waiting_for_tiles, t.model_warmup, t.model_compute, t.format, t.write
-                    );
-                    if let (Some(w), Some(c)) = (&p.cuda_waits, &p.cudnn_algorithms) {
-                        eprintln!(
-                            "tilefeat: profile: threads waiting for the GPU: {w}; cuDNN algorithms: {c}"
-                        );
-                    }
-                }
-            }
+            crate::extract::run(&plan, command, &mut out, &mut report_sample)?;
         }
         Command::Join(args) => crate::join::run(&args, &mut out)?,
         Command::Info => crate::device::info(&mut out)?,

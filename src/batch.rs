@@ -5,9 +5,15 @@
 //! GPU it is page-locked, so the upload is one DMA straight from where the tiles were put,
 //! with no staging copy in between. For the pipeline bench's stand-in it is plain memory.
 //! Buffers go round: filled by the model stage, read by a worker, handed back with the
-//! batch's features, cleared and filled again. Whoever holds one owns it; a worker hands it
-//! back only once its upload has finished (it waits for the features, which come after the
-//! upload on the same stream).
+//! batch's features, cleared and filled again. Whoever holds one owns it. A worker that
+//! succeeded hands it back once its upload has finished (it waited for the features, which
+//! come after the upload on the same stream); the buffer of a failed batch is dropped, never
+//! refilled (its upload may still be running; libtorch's pinned allocator frees the memory
+//! only once the copy is done).
+//!
+//! Memory: a GPU batch of 256 tiles of 224 px is 38.5 MB, which libtorch's pinned allocator
+//! rounds up to 64 MB; with two model workers at most 8 buffers exist (about 4-5 in a steady
+//! run), so up to 512 MB of page-locked host memory, kept until the process ends.
 
 use tch::{Device, Kind, Tensor};
 
@@ -132,7 +138,8 @@ impl PixelBuf {
 
     /// The first `rows` tiles as a `[rows, size, size, 3]` tensor sharing this buffer's
     /// memory, and whether it is page-locked. None for plain memory or when fewer than `rows`
-    /// tiles are filled.
+    /// tiles are filled. The view must be dropped (and any copy from it finished) before the
+    /// buffer is written again or handed on: the model worker uses it within one batch.
     pub fn rows(&self, rows: usize) -> Option<(Tensor, bool)> {
         let Storage::Tensor { tensor, pinned, .. } = &self.storage else {
             return None;

@@ -31,8 +31,8 @@ use tch::{Device, Kind, Tensor};
 use crate::batch::PixelBuf;
 use crate::cache::{Cache, Fingerprint, Hash32, PREPROCESSING_VERSION};
 use crate::cli::{ExtractArgs, Normalize, OnError, Precision};
-use crate::device::{available_cpus, configure_cuda, device_name, parse_device};
-use crate::error::{fail, ExitKind, WithKind};
+use crate::device::{available_cpus, configure_cuda, device_name, parse_device, CudaSetup};
+use crate::error::{fail, kind_of, ExitKind, WithKind};
 use crate::model::{feature_dim, to_channels_last, ResNetTrunk, RunOptions};
 use crate::output::{
     csv_header, provenance_path, push_csv_field, push_features, rejected_path, AtomicFile,
@@ -97,9 +97,18 @@ pub struct ExtractConfig {
     pub profile: bool,
 }
 
-impl ExtractConfig {
+/// A validated `extract` command: one configuration per tile folder, in the order given, alike
+/// but for the folder, the output and the sample ID.
+#[derive(Debug, Clone)]
+pub struct ExtractPlan {
+    pub samples: Vec<ExtractConfig>,
+    /// `--outdir`, created when the first sample runs.
+    pub outdir: Option<PathBuf>,
+}
+
+impl ExtractPlan {
     /// Check every flag and resolve defaults; nothing heavy happens here.
-    pub fn from_cli_arguments(a: &ExtractArgs) -> Result<ExtractConfig> {
+    pub fn from_cli_arguments(a: &ExtractArgs) -> Result<ExtractPlan> {
         let usage = |m: String| fail(ExitKind::Usage, m);
         check_batch_size(a.batch_size)?;
         check_size(a.size)?;
@@ -108,42 +117,49 @@ impl ExtractConfig {
                 "--threads and --decode-threads must be at least 1".into(),
             ));
         }
-        if !a.tile_dir.is_dir() {
-            let why = if a.tile_dir.exists() {
-                "is not a directory"
-            } else {
-                "does not exist"
-            };
-            return Err(fail(
-                ExitKind::Input,
-                format!("tile folder {} {why}", a.tile_dir.display()),
-            ));
+        let n = a.tile_dirs.len();
+        if n > 1 && a.output.is_some() {
+            return Err(usage(format!(
+                "--output names one CSV but {n} tile folders were given: use --outdir DIR \
+                 (one SAMPLE.csv per folder)"
+            )));
         }
-        if a.output.is_dir() {
+        if n > 1 && a.sample.is_some() {
+            return Err(usage(format!(
+                "--sample names one sample but {n} tile folders were given: each sample is \
+                 named after its folder"
+            )));
+        }
+        for dir in &a.tile_dirs {
+            if !dir.is_dir() {
+                let why = if dir.exists() {
+                    "is not a directory"
+                } else {
+                    "does not exist"
+                };
+                return Err(fail(
+                    ExitKind::Input,
+                    format!("tile folder {} {why}", dir.display()),
+                ));
+            }
+        }
+        if let Some(o) = a.output.as_ref().filter(|o| o.is_dir()) {
             return Err(fail(
                 ExitKind::Output,
                 format!(
-                    "--output {} is a directory; give a file name such as {}/features.csv",
-                    a.output.display(),
-                    a.output.display()
+                    "--output {} is a directory; give a file name such as {}/features.csv \
+                     (or --outdir {} for SAMPLE.csv)",
+                    o.display(),
+                    o.display(),
+                    o.display()
                 ),
             ));
         }
-        let sample = match &a.sample {
-            Some(s) => s.clone(),
-            None => {
-                let abs = std::fs::canonicalize(&a.tile_dir)
-                    .with_context(|| format!("cannot resolve tile folder {}", a.tile_dir.display()))
-                    .kind(ExitKind::Input)?;
-                abs.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "sample".into())
-            }
-        };
-        if sample.is_empty() || sample.contains(['\n', '\r', ',', '"']) {
-            return Err(usage(format!(
-                "--sample {sample:?}: must be non-empty, without commas, quotes or newlines"
-            )));
+        if let Some(d) = a.outdir.as_ref().filter(|d| d.exists() && !d.is_dir()) {
+            return Err(fail(
+                ExitKind::Output,
+                format!("--outdir {} exists and is not a directory", d.display()),
+            ));
         }
         let weights = weights::resolve(a.weights.as_deref()).kind(ExitKind::Weights)?;
         let device = parse_device(&a.device)?;
@@ -158,34 +174,78 @@ impl ExtractConfig {
                 a.decode_threads.unwrap_or(gpu_decode_threads(threads)),
             ),
         };
-        let channels_last = a.layout == "nhwc";
-        Ok(ExtractConfig {
-            tile_dir: a.tile_dir.clone(),
-            output: a.output.clone(),
-            sample,
-            weights,
-            device,
-            batch_size: a.batch_size,
-            torch_threads,
-            decode_threads,
-            precision: a.precision,
-            layer: a.layer,
-            pool: a.pool,
-            normalize: a.normalize,
-            size: a.size,
-            on_error: a.on_error,
-            cache_dir: if a.no_cache {
-                None
-            } else {
-                a.cache_dir.clone()
-            },
-            channels_last,
-            dry_run: a.dry_run,
-            quiet: a.quiet,
-            profile: a.profile,
+        let mut samples: Vec<ExtractConfig> = Vec::with_capacity(n);
+        for dir in &a.tile_dirs {
+            let sample = match &a.sample {
+                Some(s) => s.clone(),
+                None => {
+                    let abs = std::fs::canonicalize(dir)
+                        .with_context(|| format!("cannot resolve tile folder {}", dir.display()))
+                        .kind(ExitKind::Input)?;
+                    abs.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| "sample".into())
+                }
+            };
+            if sample.is_empty() || sample.contains(['\n', '\r', ',', '"']) {
+                return Err(usage(format!(
+                    "--sample {sample:?}: must be non-empty, without commas, quotes or newlines"
+                )));
+            }
+            let output = match (&a.output, &a.outdir) {
+                (Some(o), _) => o.clone(),
+                (None, Some(d)) => {
+                    if sample.contains(['/', '\0']) || sample == "." || sample == ".." {
+                        return Err(usage(format!(
+                            "--sample {sample:?} cannot name a file in --outdir"
+                        )));
+                    }
+                    d.join(format!("{sample}.csv"))
+                }
+                (None, None) => unreachable!("clap requires --output or --outdir"),
+            };
+            if let Some(other) = samples.iter().find(|c| c.sample == sample) {
+                return Err(usage(format!(
+                    "tile folders {} and {} are both sample {sample:?}: their outputs in \
+                     --outdir would collide (run them in separate commands)",
+                    other.tile_dir.display(),
+                    dir.display()
+                )));
+            }
+            samples.push(ExtractConfig {
+                tile_dir: dir.clone(),
+                output,
+                sample,
+                weights: weights.clone(),
+                device,
+                batch_size: a.batch_size,
+                torch_threads,
+                decode_threads,
+                precision: a.precision,
+                layer: a.layer,
+                pool: a.pool,
+                normalize: a.normalize,
+                size: a.size,
+                on_error: a.on_error,
+                cache_dir: if a.no_cache {
+                    None
+                } else {
+                    a.cache_dir.clone()
+                },
+                channels_last: a.layout == "nhwc",
+                dry_run: a.dry_run,
+                quiet: a.quiet,
+                profile: a.profile,
+            });
+        }
+        Ok(ExtractPlan {
+            samples,
+            outdir: a.outdir.clone(),
         })
     }
+}
 
+impl ExtractConfig {
     /// What `bench --what pipeline` runs the pipeline with (the network replaced by
     /// [`NullModel`]): two model workers as on a GPU, bad tiles skipped, no progress.
     pub(crate) fn for_pipeline_bench(
@@ -512,13 +572,145 @@ pub struct Summary {
     pub provenance: Provenance,
 }
 
-/// `tilefeat extract`.
+/// What the samples of one `extract` command share, set up once, when the first sample needs
+/// it: the weights (after the first folder is listed), then the model on its device and the
+/// cache (after the first CSV could be created).
+#[derive(Default)]
+struct Shared {
+    weights: Option<Weights>,
+    session: Option<Session>,
+}
+
+struct Session {
+    runner: Runner,
+    cuda: Option<CudaSetup>,
+    cache: Option<Cache>,
+    entries_at_open: usize,
+}
+
+impl Shared {
+    fn weights(&mut self, cfg: &ExtractConfig) -> Result<&Weights> {
+        if self.weights.is_none() {
+            if cfg.weights.is_random() && !cfg.quiet {
+                eprintln!("tilefeat: WARNING: {RANDOM_WEIGHTS_WARNING}");
+            }
+            self.weights = Some(Weights::load(&cfg.weights, cfg.layer).kind(ExitKind::Weights)?);
+        }
+        Ok(self.weights.as_ref().expect("just loaded"))
+    }
+
+    fn session(&mut self, cfg: &ExtractConfig, fingerprint: &Fingerprint) -> Result<&Session> {
+        if self.session.is_none() {
+            let cuda = configure_cuda(cfg.device);
+            let opts = RunOptions {
+                device: cfg.device,
+                precision: cfg.precision,
+                channels_last: cfg.channels_last,
+            };
+            let weights = self.weights(cfg)?;
+            let model = ResNetTrunk::new(&weights.tensors, cfg.layer, cfg.pool, opts)
+                .kind(ExitKind::Weights)?;
+            // The model holds its own (folded, converted) copies.
+            if let Some(w) = self.weights.as_mut() {
+                w.tensors.clear();
+            }
+            let pad_to = matches!(cfg.device, Device::Cuda(_)).then_some(cfg.batch_size);
+            let worker_stream = match (cfg.device, &cuda) {
+                (Device::Cuda(i), Some(c)) if c.worker_streams => Some(i),
+                _ => None,
+            };
+            let runner = Runner::new(model, cfg.normalize, cfg.size, pad_to, worker_stream);
+            let cache = match &cfg.cache_dir {
+                Some(d) => Some(Cache::open(d, fingerprint)?),
+                None => None,
+            };
+            self.session = Some(Session {
+                runner,
+                cuda,
+                entries_at_open: cache.as_ref().map_or(0, |c| c.len()),
+                cache,
+            });
+        }
+        Ok(self.session.as_ref().expect("just set up"))
+    }
+}
+
+/// `tilefeat extract`: the samples of `plan` in order, sharing one set-up (weights, model,
+/// GPU, cache). `report` gets each sample's summary once its outputs are in place.
+///
+/// With several samples, one that fails on its own input or output (exit codes 3 and 6: no
+/// tiles, a bad tile with `--on-error fail`, an unwritable CSV) is reported and the next one
+/// runs; the command then fails with the first such error's code, naming every sample that
+/// failed. Any other error (weights, device, cache, model) stops the command at once. Either
+/// way, every sample that finished has all its outputs in place and none of a failed one's.
 pub fn run(
+    plan: &ExtractPlan,
+    command: Vec<String>,
+    out: &mut dyn Write,
+    report: &mut dyn FnMut(&ExtractConfig, &Summary),
+) -> Result<()> {
+    let start = Instant::now();
+    if let Some(d) = plan.outdir.as_ref().filter(|_| !plan.samples[0].dry_run) {
+        std::fs::create_dir_all(d)
+            .with_context(|| format!("cannot create --outdir {}", d.display()))
+            .kind(ExitKind::Output)?;
+    }
+    let mut shared = Shared::default();
+    let several = plan.samples.len() > 1;
+    let mut failed: Vec<(String, anyhow::Error)> = Vec::new();
+    let mut result = Ok(());
+    for (k, cfg) in plan.samples.iter().enumerate() {
+        // The first sample's start-up includes the shared set-up.
+        let started = if k == 0 { start } else { Instant::now() };
+        match extract_sample(cfg, &mut shared, started, command.clone(), out) {
+            Ok(Some(summary)) => report(cfg, &summary),
+            Ok(None) => {}
+            Err(e) if several && matches!(kind_of(&e), ExitKind::Input | ExitKind::Output) => {
+                eprintln!("tilefeat: error: sample {}: {e:#}", cfg.sample);
+                failed.push((cfg.sample.clone(), e));
+            }
+            Err(e) => {
+                result = Err(if several {
+                    e.context(format!("sample {}", cfg.sample))
+                } else {
+                    e
+                });
+                break;
+            }
+        }
+    }
+    // Seal the cache's pack whatever happened (what was stored stays usable).
+    if let Some(cache) = shared.session.as_ref().and_then(|s| s.cache.as_ref()) {
+        let closed = cache.close();
+        if result.is_ok() {
+            closed?;
+        }
+    }
+    result?;
+    if let Some((_, first)) = failed.first() {
+        let names: Vec<&str> = failed.iter().map(|(s, _)| s.as_str()).collect();
+        return Err(fail(
+            kind_of(first),
+            format!(
+                "{} of {} samples failed ({}); the others were written",
+                failed.len(),
+                plan.samples.len(),
+                names.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// One sample: list its tiles, run the pipeline into its CSV, write its rejected list and
+/// provenance. None for a dry run (the plan is printed instead).
+fn extract_sample(
     cfg: &ExtractConfig,
+    shared: &mut Shared,
+    start: Instant,
     command: Vec<String>,
     out: &mut dyn Write,
 ) -> Result<Option<Summary>> {
-    let start = Instant::now();
     let listing = find_some_tiles(&cfg.tile_dir)?;
     for w in &listing.warnings {
         if !cfg.quiet {
@@ -526,11 +718,8 @@ pub fn run(
         }
     }
     let tiles = listing.tiles;
-    if cfg.weights.is_random() && !cfg.quiet {
-        eprintln!("tilefeat: WARNING: {RANDOM_WEIGHTS_WARNING}");
-    }
-    let weights = Weights::load(&cfg.weights, cfg.layer).kind(ExitKind::Weights)?;
-    let fingerprint = cfg.fingerprint(&weights.id);
+    let weights_id = shared.weights(cfg)?.id.clone();
+    let fingerprint = cfg.fingerprint(&weights_id);
     if cfg.dry_run {
         writeln!(
             out,
@@ -545,7 +734,7 @@ pub fn run(
             cfg.torch_threads,
             cfg.decode_threads,
             cfg.weights.describe(),
-            weights.id,
+            weights_id,
             hex::encode(&fingerprint.id()[..8]),
         )?;
         return Ok(None);
@@ -558,49 +747,25 @@ pub fn run(
         .with_context(|| format!("cannot write {}", cfg.output.display()))
         .kind(ExitKind::Output)?;
 
-    let cuda = configure_cuda(cfg.device);
-    let opts = RunOptions {
-        device: cfg.device,
-        precision: cfg.precision,
-        channels_last: cfg.channels_last,
-    };
-    let model =
-        ResNetTrunk::new(&weights.tensors, cfg.layer, cfg.pool, opts).kind(ExitKind::Weights)?;
-    drop(weights.tensors);
-    let pad_to = matches!(cfg.device, Device::Cuda(_)).then_some(cfg.batch_size);
-    let worker_stream = match (cfg.device, &cuda) {
-        (Device::Cuda(i), Some(c)) if c.worker_streams => Some(i),
-        _ => None,
-    };
-    let runner = Runner::new(model, cfg.normalize, cfg.size, pad_to, worker_stream);
-
-    let cache = match &cfg.cache_dir {
-        Some(d) => Some(Cache::open(d, &fingerprint)?),
-        None => None,
-    };
-    let entries_at_open = cache.as_ref().map_or(0, |c| c.len());
+    let session = shared.session(cfg, &fingerprint)?;
+    let cache = session.cache.as_ref();
+    let before = cache.map(|c| (c.counters(), c.damaged().len()));
 
     let mut progress = Progress::new(tiles.len(), cfg.quiet);
     let pipeline_start = Instant::now();
-    let mut state = pipeline(
-        cfg,
-        &tiles,
-        &runner,
-        cache.as_ref(),
-        csv,
-        &mut progress,
-        dim,
-    )?;
+    let mut state = pipeline(cfg, &tiles, &session.runner, cache, csv, &mut progress, dim)?;
     progress.finish();
     state.timings.startup = (pipeline_start - start).as_secs_f64();
     state.timings.pipeline = pipeline_start.elapsed().as_secs_f64();
 
-    let counters = match &cache {
-        Some(c) => Some(c.close()?),
-        None => None,
-    };
-    if let Some(c) = &cache {
-        for d in c.damaged() {
+    // This sample's share of the cache's counters and damaged records.
+    let mut stored = 0;
+    let mut damaged_records = 0;
+    if let (Some(c), Some((b, seen))) = (cache, before) {
+        let now = c.counters();
+        stored = now.stored - b.stored;
+        damaged_records = now.damaged_records - b.damaged_records;
+        for d in c.damaged().iter().skip(seen) {
             eprintln!("tilefeat: warning: damaged cache record ignored (recomputed): {d}");
         }
     }
@@ -618,6 +783,7 @@ pub fn run(
     let elapsed = start.elapsed().as_secs_f64();
     let written = state.written;
     let trained = !cfg.weights.is_random();
+    let cuda = session.cuda.as_ref();
     let provenance = Provenance {
         warning: (!trained).then(|| RANDOM_WEIGHTS_WARNING.to_string()),
         tilefeat_version: env!("CARGO_PKG_VERSION").into(),
@@ -672,15 +838,15 @@ pub fn run(
         skipped_tiles: state.skipped.clone(),
         cache: CacheInfo {
             dir: cfg.cache_dir.as_ref().map(|d| d.display().to_string()),
-            entries_at_open,
+            entries_at_open: session.entries_at_open,
             hits: state.hits,
             misses: if cache.is_some() { state.computed } else { 0 },
-            stored: counters.as_ref().map_or(0, |c| c.stored),
-            damaged_records: counters.as_ref().map_or(0, |c| c.damaged_records),
+            stored,
+            damaged_records,
         },
-        cuda_waits: cuda.as_ref().map(|c| c.waits.clone()),
-        cuda_streams: cuda.as_ref().map(|c| c.streams.clone()),
-        cudnn_algorithms: cuda.map(|c| c.cudnn),
+        cuda_waits: cuda.map(|c| c.waits.clone()),
+        cuda_streams: cuda.map(|c| c.streams.clone()),
+        cudnn_algorithms: cuda.map(|c| c.cudnn.clone()),
         elapsed_s: round3(elapsed),
         tiles_per_s: round3(tiles.len() as f64 / elapsed.max(1e-9)),
         timings_s: state.timings.rounded(),
@@ -832,8 +998,14 @@ pub(crate) fn pipeline(
             scope.spawn(move || {
                 tch::set_num_threads(model_threads as i32);
                 // A worker that cannot start fails each batch it gets, so the run stops with
-                // the reason.
-                let started = worker.start_worker().map_err(|e| format!("{e:#}"));
+                // the reason (tch panics when libtorch fails: caught the same way).
+                let started = match crate::error::catch_panic(|| worker.start_worker()) {
+                    Ok(r) => r.map_err(|e| format!("{e:#}")),
+                    Err(msg) => Err(format!(
+                        "libtorch failed: {}",
+                        msg.lines().next().unwrap_or_default()
+                    )),
+                };
                 let mut first = true;
                 for mut job in batch_rx.iter() {
                     let t = Instant::now();
@@ -1272,8 +1444,12 @@ impl<'a> ModelStage<'a> {
     fn receive(&mut self, mut d: BatchDone) -> Result<()> {
         self.outstanding -= 1;
         let mut pixels = std::mem::replace(&mut d.pixels, PixelBuf::host(0));
-        pixels.clear();
-        self.spare.push(pixels);
+        // A failed batch's upload may still be reading its buffer (nothing waited for the
+        // stream): never refill that one; libtorch frees it once the copy is done.
+        if d.features.is_ok() {
+            pixels.clear();
+            self.spare.push(pixels);
+        }
         if d.first && !matches!(self.cfg.device, Device::Cpu) {
             self.warmup += d.secs;
         } else {

@@ -575,3 +575,155 @@ fn bench_decode_needs_a_tile_folder() {
         .code(3)
         .stderr(predicate::str::contains("holds no tiles"));
 }
+
+/// `tilefeat extract DIR... --outdir OUT` with the given tile folders and flags.
+fn extract_many(dirs: &[&Path], outdir: &Path, extra: &[&str]) -> assert_cmd::Command {
+    let mut c = tilefeat();
+    c.arg("extract")
+        .args(dirs)
+        .arg("--outdir")
+        .arg(outdir)
+        .args(["--weights", "random:0", "--quiet"])
+        .args(extra);
+    c
+}
+
+/// Several tile folders in one process: each sample gets what a run of its folder alone
+/// writes (the same CSV bytes), named after the folder, and the shared cache's counters are
+/// each sample's own.
+#[test]
+fn several_samples_in_one_process_match_separate_runs() {
+    let d = tempfile::tempdir().unwrap();
+    let outdir = d.path().join("out"); // created by extract
+    let cache = d.path().join("cache");
+    let names = ["sampleA", "sampleB", "sampleC"];
+    let dirs: Vec<PathBuf> = names.iter().map(|n| demo_sample(n)).collect();
+    let dir_refs: Vec<&Path> = dirs.iter().map(|p| p.as_path()).collect();
+    let cache_arg = ["--cache-dir", cache.to_str().unwrap()];
+    extract_many(&dir_refs, &outdir, &cache_arg)
+        .assert()
+        .success();
+    for (name, dir) in names.iter().zip(&dirs) {
+        let alone = d.path().join(format!("{name}-alone.csv"));
+        extract_ok(dir, &alone, &["--no-cache"]);
+        let csv = outdir.join(format!("{name}.csv"));
+        assert_eq!(
+            std::fs::read(&csv).unwrap(),
+            std::fs::read(&alone).unwrap(),
+            "{name}"
+        );
+        let p = provenance(&csv);
+        assert_eq!(p["sample"].as_str(), Some(*name));
+        let found = std::fs::read_dir(dir).unwrap().count() as u64;
+        assert_eq!(p["tiles"]["computed"].as_u64(), Some(found), "{name}");
+        assert_eq!(p["cache"]["stored"].as_u64(), Some(found), "{name}");
+        assert!(outdir.join(format!("{name}.rejected.tsv")).is_file());
+    }
+    // Again, in the other order: everything comes from the cache, same bytes.
+    let again = d.path().join("again");
+    let reversed: Vec<&Path> = dir_refs.iter().rev().copied().collect();
+    extract_many(&reversed, &again, &cache_arg)
+        .assert()
+        .success();
+    for name in names {
+        let p = provenance(&again.join(format!("{name}.csv")));
+        assert_eq!(p["tiles"]["computed"].as_u64(), Some(0), "{name}");
+        assert_eq!(p["cache"]["stored"].as_u64(), Some(0), "{name}");
+        assert_eq!(
+            std::fs::read(again.join(format!("{name}.csv"))).unwrap(),
+            std::fs::read(outdir.join(format!("{name}.csv"))).unwrap()
+        );
+    }
+}
+
+/// What cannot name one output per folder is refused before anything runs.
+#[test]
+fn several_samples_need_distinct_names_and_an_outdir() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (demo_sample("sampleA"), demo_sample("sampleB"));
+    let out = d.path().join("x.csv");
+    tilefeat()
+        .arg("extract")
+        .args([&a, &b])
+        .arg("-o")
+        .arg(&out)
+        .args(["--weights", "random:0"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--outdir"));
+    extract_many(&[&a, &b], d.path(), &["--sample", "x"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--sample"));
+    tilefeat()
+        .args(["extract", a.to_str().unwrap(), "--weights", "random:0"])
+        .assert()
+        .code(2);
+    // Two folders with the same name would write the same SAMPLE.csv.
+    let (one, two) = (d.path().join("1").join("s"), d.path().join("2").join("s"));
+    copy_dir(&demo_sample("sampleC"), &one);
+    copy_dir(&demo_sample("sampleC"), &two);
+    let outdir = d.path().join("out");
+    extract_many(&[&one, &two], &outdir, &[])
+        .assert()
+        .code(2)
+        .stderr(
+            predicate::str::contains(one.to_str().unwrap())
+                .and(predicate::str::contains(two.to_str().unwrap())),
+        );
+    let file = d.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    extract_many(&[&a], &file, &[])
+        .assert()
+        .code(6)
+        .stderr(predicate::str::contains("is not a directory"));
+    assert!(!outdir.exists() && !out.exists());
+}
+
+/// One sample's bad input does not cost the others: they are written, the failed ones are
+/// named, nothing of theirs is left, and the exit code is the failure's (3).
+#[test]
+fn a_failing_sample_does_not_stop_the_others() {
+    let d = tempfile::tempdir().unwrap();
+    let bad = d.path().join("bad");
+    copy_dir(&demo_sample("sampleC"), &bad);
+    std::fs::write(
+        bad.join("tile_999_broken.png"),
+        b"\x89PNG\r\n\x1a\n garbage",
+    )
+    .unwrap();
+    let empty = d.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let good = demo_sample("sampleB");
+    let outdir = d.path().join("out");
+    extract_many(&[&bad, &good, &empty], &outdir, &[])
+        .assert()
+        .code(3)
+        .stderr(
+            predicate::str::contains("sample bad: ")
+                .and(predicate::str::contains("tile_999_broken.png"))
+                .and(predicate::str::contains("sample empty: "))
+                .and(predicate::str::contains(
+                    "2 of 3 samples failed (bad, empty); the others were written",
+                )),
+        );
+    let alone = d.path().join("alone.csv");
+    extract_ok(&good, &alone, &[]);
+    assert_eq!(
+        std::fs::read(outdir.join("sampleB.csv")).unwrap(),
+        std::fs::read(&alone).unwrap()
+    );
+    let mut left: Vec<String> = std::fs::read_dir(&outdir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "sampleB.csv",
+            "sampleB.provenance.yaml",
+            "sampleB.rejected.tsv"
+        ]
+    );
+}
