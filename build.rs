@@ -69,12 +69,10 @@ fn cuda_streams_shim(lib_dir: &str) {
     candidates.sort();
     candidates.extend(std::env::var_os("CUDA_HOME").map(|h| Path::new(&h).join("include")));
     candidates.push(PathBuf::from("/usr/local/cuda/include"));
-    for c in &candidates {
-        // A header installed later (pip install nvidia-cuda-crt) builds the shim next time.
-        println!(
-            "cargo:rerun-if-changed={}",
-            c.join("crt/host_defines.h").display()
-        );
+    for c in candidates.iter().filter(|c| c.is_dir()) {
+        // Headers installed later (pip install nvidia-cuda-crt) build the shim next time.
+        // Only folders that exist: Cargo takes a missing path as changed, every build.
+        println!("cargo:rerun-if-changed={}", c.display());
     }
     let Some(cuda_include) = candidates
         .into_iter()

@@ -10,6 +10,7 @@
 #   - pipeline without the network on 48,000 tiles (A/B);
 #   - end-to-end bf16, batch 256, --no-cache, --profile on 48,000 tiles (A/B), then on 16,000
 #     tiles (A only);
+#   - 8 samples of 500 tiles: 8 processes vs one `extract --outdir` process;
 #   - end-to-end on 48,000 tiles, alternating twice: the defaults, TILEFEAT_CUDA_STREAMS=1
 #     (does the upload hide behind the other worker's convolutions?), TILEFEAT_CUDA_SLEEP=1
 #     (the model workers stop spinning: is the host the bound?), and --threads 12 (fewer
@@ -56,6 +57,23 @@ for b in "${BINS[@]}"; do e2e "$b" "$W/t48k"; done
 
 section "end-to-end bf16, batch 256, --no-cache, 16,000 tiles"
 e2e "$A" "$W/t16k"
+
+section "several samples: the 4,000 tiles as 8 folders of 500, a process each vs one process (--outdir)"
+mkdir -p "$W/many"
+i=0
+for f in "$W"/bench/tiles4000/*; do
+  mkdir -p "$W/many/s$((i % 8))"
+  ln -sf "$f" "$W/many/s$((i % 8))/"
+  i=$((i + 1))
+done
+rm -rf "$W/many-out1" "$W/many-out2"
+mkdir -p "$W/many-out1"
+GPU_ARGS=(--weights random:0 --device cuda --precision bf16 --batch-size 256 --no-cache --quiet)
+echo "8 processes:"
+time for d in "$W"/many/s*; do "$A" extract "$d" -o "$W/many-out1/$(basename "$d").csv" "${GPU_ARGS[@]}"; done
+echo "one process:"
+time "$A" extract "$W"/many/s* --outdir "$W/many-out2" "${GPU_ARGS[@]}"
+find "$W/many-out2" -name "*.csv" | wc -l
 
 section "end-to-end, 48,000 tiles: defaults vs a stream per worker vs sleeping waits vs 12 threads"
 for round in 1 2; do

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::cli::{Layer, Normalize, Pool, Precision};
-use crate::error::{ExitKind, WithKind};
+use crate::error::{fail, ExitKind, WithKind};
 
 /// Bumped whenever decoding or resizing changes in a way that changes pixels.
 pub const PREPROCESSING_VERSION: u32 = 1;
@@ -297,7 +297,9 @@ fn init_dir(dir: &Path) -> Result<()> {
     let marker = dir.join("tilefeat-cache.yaml");
     if !marker.exists() {
         let text = "# tilefeat feature cache; see ARCHITECTURE.md. Safe to share between processes and nodes.\nformat: 1\n";
-        crate::output::write_atomic(&marker, text.as_bytes()).kind(ExitKind::Cache)?;
+        // Not `.kind()`: write_atomic's errors are already Output, and this is the cache's.
+        crate::output::write_atomic(&marker, text.as_bytes())
+            .map_err(|e| fail(ExitKind::Cache, format!("{e:#}")))?;
     }
     Ok(())
 }
@@ -417,7 +419,8 @@ impl Cache {
             .join("fingerprints")
             .join(format!("{}.yaml", self.fp_record.id));
         let yaml = serde_yaml::to_string(&self.fp_record)?;
-        crate::output::write_atomic(&path, yaml.as_bytes()).kind(ExitKind::Cache)
+        crate::output::write_atomic(&path, yaml.as_bytes())
+            .map_err(|e| fail(ExitKind::Cache, format!("{e:#}")))
     }
 
     /// Number of entries visible for this fingerprint.
@@ -469,6 +472,15 @@ impl Cache {
     pub fn flush(&self) -> Result<()> {
         if let Some(w) = self.writer.lock().unwrap().as_mut() {
             w.flush(false)?;
+        }
+        Ok(())
+    }
+
+    /// Write buffered records and their index entries, and fsync both: what was stored so
+    /// far survives a crash (the pack stays open for more).
+    pub fn sync(&self) -> Result<()> {
+        if let Some(w) = self.writer.lock().unwrap().as_mut() {
+            w.flush(true)?;
         }
         Ok(())
     }

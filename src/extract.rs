@@ -161,20 +161,8 @@ impl ExtractPlan {
                 format!("--outdir {} exists and is not a directory", d.display()),
             ));
         }
-        let weights = weights::resolve(a.weights.as_deref()).kind(ExitKind::Weights)?;
-        let device = parse_device(&a.device)?;
-        let cpus = available_cpus();
-        let threads = a.threads.unwrap_or(cpus);
-        let (torch_threads, decode_threads) = match device {
-            // On the CPU the model is the bottleneck; one decoder per 8 threads keeps it fed.
-            Device::Cpu => (threads, a.decode_threads.unwrap_or((threads / 8).max(1))),
-            // On a GPU the CPU's job is decoding; libtorch needs little.
-            _ => (
-                threads.clamp(1, 4),
-                a.decode_threads.unwrap_or(gpu_decode_threads(threads)),
-            ),
-        };
-        let mut samples: Vec<ExtractConfig> = Vec::with_capacity(n);
+        // Names and outputs first: usage errors before the weights and the device are looked at.
+        let mut named: Vec<(PathBuf, String, PathBuf)> = Vec::with_capacity(n);
         for dir in &a.tile_dirs {
             let sample = match &a.sample {
                 Some(s) => s.clone(),
@@ -182,9 +170,17 @@ impl ExtractPlan {
                     let abs = std::fs::canonicalize(dir)
                         .with_context(|| format!("cannot resolve tile folder {}", dir.display()))
                         .kind(ExitKind::Input)?;
-                    abs.file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_else(|| "sample".into())
+                    let name = abs.file_name().unwrap_or_default();
+                    match name.to_str() {
+                        Some("") => "sample".into(),
+                        Some(s) => s.to_string(),
+                        None => {
+                            return Err(usage(format!(
+                                "tile folder {}: its name is not valid UTF-8; give --sample",
+                                dir.display()
+                            )))
+                        }
+                    }
                 }
             };
             if sample.is_empty() || sample.contains(['\n', '\r', ',', '"']) {
@@ -204,16 +200,33 @@ impl ExtractPlan {
                 }
                 (None, None) => unreachable!("clap requires --output or --outdir"),
             };
-            if let Some(other) = samples.iter().find(|c| c.sample == sample) {
+            if let Some((other, _, _)) = named.iter().find(|(_, s, _)| *s == sample) {
                 return Err(usage(format!(
                     "tile folders {} and {} are both sample {sample:?}: their outputs in \
                      --outdir would collide (run them in separate commands)",
-                    other.tile_dir.display(),
+                    other.display(),
                     dir.display()
                 )));
             }
-            samples.push(ExtractConfig {
-                tile_dir: dir.clone(),
+            named.push((dir.clone(), sample, output));
+        }
+        let weights = weights::resolve(a.weights.as_deref()).kind(ExitKind::Weights)?;
+        let device = parse_device(&a.device)?;
+        let cpus = available_cpus();
+        let threads = a.threads.unwrap_or(cpus);
+        let (torch_threads, decode_threads) = match device {
+            // On the CPU the model is the bottleneck; one decoder per 8 threads keeps it fed.
+            Device::Cpu => (threads, a.decode_threads.unwrap_or((threads / 8).max(1))),
+            // On a GPU the CPU's job is decoding; libtorch needs little.
+            _ => (
+                threads.clamp(1, 4),
+                a.decode_threads.unwrap_or(gpu_decode_threads(threads)),
+            ),
+        };
+        let samples = named
+            .into_iter()
+            .map(|(tile_dir, sample, output)| ExtractConfig {
+                tile_dir,
                 output,
                 sample,
                 weights: weights.clone(),
@@ -236,8 +249,8 @@ impl ExtractPlan {
                 dry_run: a.dry_run,
                 quiet: a.quiet,
                 profile: a.profile,
-            });
-        }
+            })
+            .collect();
         Ok(ExtractPlan {
             samples,
             outdir: a.outdir.clone(),
@@ -610,10 +623,6 @@ impl Shared {
             let weights = self.weights(cfg)?;
             let model = ResNetTrunk::new(&weights.tensors, cfg.layer, cfg.pool, opts)
                 .kind(ExitKind::Weights)?;
-            // The model holds its own (folded, converted) copies.
-            if let Some(w) = self.weights.as_mut() {
-                w.tensors.clear();
-            }
             let pad_to = matches!(cfg.device, Device::Cuda(_)).then_some(cfg.batch_size);
             let worker_stream = match (cfg.device, &cuda) {
                 (Device::Cuda(i), Some(c)) if c.worker_streams => Some(i),
@@ -630,8 +639,26 @@ impl Shared {
                 entries_at_open: cache.as_ref().map_or(0, |c| c.len()),
                 cache,
             });
+            // The model holds its own (folded, converted) copies.
+            if let Some(w) = self.weights.as_mut() {
+                w.tensors.clear();
+            }
         }
         Ok(self.session.as_ref().expect("just set up"))
+    }
+}
+
+/// Why a sample failed.
+enum Failure {
+    /// Its own input, output or run; whether the next sample may run depends on the kind.
+    Sample(anyhow::Error),
+    /// Setting up what every sample shares (weights, device, model, cache): nothing can run.
+    Shared(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Failure {
+        Failure::Sample(e)
     }
 }
 
@@ -665,11 +692,13 @@ pub fn run(
         match extract_sample(cfg, &mut shared, started, command.clone(), out) {
             Ok(Some(summary)) => report(cfg, &summary),
             Ok(None) => {}
-            Err(e) if several && matches!(kind_of(&e), ExitKind::Input | ExitKind::Output) => {
+            Err(Failure::Sample(e))
+                if several && matches!(kind_of(&e), ExitKind::Input | ExitKind::Output) =>
+            {
                 eprintln!("tilefeat: error: sample {}: {e:#}", cfg.sample);
                 failed.push((cfg.sample.clone(), e));
             }
-            Err(e) => {
+            Err(Failure::Sample(e) | Failure::Shared(e)) => {
                 result = Err(if several {
                     e.context(format!("sample {}", cfg.sample))
                 } else {
@@ -679,11 +708,16 @@ pub fn run(
             }
         }
     }
-    // Seal the cache's pack whatever happened (what was stored stays usable).
+    // Seal the cache's pack (what was stored stays usable), unless the cache itself failed:
+    // then its writer is in an unknown state and the pack stays unsealed (gc treats it as a
+    // dead process's).
+    let cache_failed = matches!(&result, Err(e) if kind_of(e) == ExitKind::Cache);
     if let Some(cache) = shared.session.as_ref().and_then(|s| s.cache.as_ref()) {
-        let closed = cache.close();
-        if result.is_ok() {
-            closed?;
+        if !cache_failed {
+            let closed = cache.close();
+            if result.is_ok() {
+                closed?;
+            }
         }
     }
     result?;
@@ -692,10 +726,15 @@ pub fn run(
         return Err(fail(
             kind_of(first),
             format!(
-                "{} of {} samples failed ({}); the others were written",
+                "{} of {} samples failed ({}){}",
                 failed.len(),
                 plan.samples.len(),
-                names.join(", ")
+                names.join(", "),
+                if plan.samples[0].dry_run {
+                    ""
+                } else {
+                    "; the others were written"
+                }
             ),
         ));
     }
@@ -710,7 +749,7 @@ fn extract_sample(
     start: Instant,
     command: Vec<String>,
     out: &mut dyn Write,
-) -> Result<Option<Summary>> {
+) -> Result<Option<Summary>, Failure> {
     let listing = find_some_tiles(&cfg.tile_dir)?;
     for w in &listing.warnings {
         if !cfg.quiet {
@@ -718,7 +757,7 @@ fn extract_sample(
         }
     }
     let tiles = listing.tiles;
-    let weights_id = shared.weights(cfg)?.id.clone();
+    let weights_id = shared.weights(cfg).map_err(Failure::Shared)?.id.clone();
     let fingerprint = cfg.fingerprint(&weights_id);
     if cfg.dry_run {
         writeln!(
@@ -736,7 +775,8 @@ fn extract_sample(
             cfg.weights.describe(),
             weights_id,
             hex::encode(&fingerprint.id()[..8]),
-        )?;
+        )
+        .map_err(anyhow::Error::from)?;
         return Ok(None);
     }
     // Fail early, before any compute, if the outputs cannot be written.
@@ -747,7 +787,7 @@ fn extract_sample(
         .with_context(|| format!("cannot write {}", cfg.output.display()))
         .kind(ExitKind::Output)?;
 
-    let session = shared.session(cfg, &fingerprint)?;
+    let session = shared.session(cfg, &fingerprint).map_err(Failure::Shared)?;
     let cache = session.cache.as_ref();
     let before = cache.map(|c| (c.counters(), c.damaged().len()));
 
@@ -757,7 +797,45 @@ fn extract_sample(
     progress.finish();
     state.timings.startup = (pipeline_start - start).as_secs_f64();
     state.timings.pipeline = pipeline_start.elapsed().as_secs_f64();
+    // The CSV is in place: if what must go beside it cannot be written, take it back.
+    finish_sample(
+        cfg,
+        session,
+        state,
+        tiles.len(),
+        before,
+        &fingerprint,
+        start,
+        command,
+        dim,
+    )
+    .inspect_err(|_| {
+        let _ = std::fs::remove_file(&cfg.output);
+        let _ = std::fs::remove_file(rejected_path(&cfg.output));
+    })
+    .map(Some)
+    .map_err(Failure::Sample)
+}
 
+/// A sample's side files once its CSV is committed: the cache synced, the rejected list and
+/// the provenance written.
+#[allow(clippy::too_many_arguments)]
+fn finish_sample(
+    cfg: &ExtractConfig,
+    session: &Session,
+    state: PipelineState,
+    found: usize,
+    before: Option<(crate::cache::CacheCounters, usize)>,
+    fingerprint: &Fingerprint,
+    start: Instant,
+    command: Vec<String>,
+    dim: usize,
+) -> Result<Summary> {
+    let cache = session.cache.as_ref();
+    // What this sample stored is on disk before its provenance says so.
+    if let Some(c) = cache {
+        c.sync()?;
+    }
     // This sample's share of the cache's counters and damaged records.
     let mut stored = 0;
     let mut damaged_records = 0;
@@ -782,6 +860,7 @@ fn extract_sample(
 
     let elapsed = start.elapsed().as_secs_f64();
     let written = state.written;
+    let tiles_found = found;
     let trained = !cfg.weights.is_random();
     let cuda = session.cuda.as_ref();
     let provenance = Provenance {
@@ -829,7 +908,7 @@ fn extract_sample(
             fields: fingerprint.clone(),
         },
         tiles: Counts {
-            found: tiles.len(),
+            found: tiles_found,
             written,
             skipped: state.skipped.len(),
             computed: state.computed,
@@ -848,7 +927,7 @@ fn extract_sample(
         cuda_streams: cuda.map(|c| c.streams.clone()),
         cudnn_algorithms: cuda.map(|c| c.cudnn.clone()),
         elapsed_s: round3(elapsed),
-        tiles_per_s: round3(tiles.len() as f64 / elapsed.max(1e-9)),
+        tiles_per_s: round3(tiles_found as f64 / elapsed.max(1e-9)),
         timings_s: state.timings.rounded(),
     };
     crate::output::write_atomic(
@@ -856,7 +935,7 @@ fn extract_sample(
         provenance.to_yaml()?.as_bytes(),
     )?;
     // The CSV was committed by the writer; all three files are now in place.
-    Ok(Some(Summary { provenance }))
+    Ok(Summary { provenance })
 }
 
 fn round3(x: f64) -> f64 {
@@ -1076,7 +1155,16 @@ pub(crate) fn pipeline(
         drop(stage);
         let write_result = writer.join().expect("writer thread panicked");
         let (mut state, (write_secs, format_secs)) = match (result, write_result) {
-            (Err(e), _) => return Err(e),
+            // A cache failure in the writer matters more than what the model stage met after
+            // it (say, a bad tile): it must stop the command, not just this sample.
+            (Err(e), Err(w)) => {
+                return Err(if kind_of(&w) == ExitKind::Output {
+                    e
+                } else {
+                    w
+                })
+            }
+            (Err(e), Ok(_)) => return Err(e),
             (Ok(_), Err(e)) => return Err(e),
             (Ok(s), Ok(w)) => (s, w),
         };

@@ -67,24 +67,27 @@ impl AtomicFile {
     /// Flush, fsync and rename over the target.
     pub fn commit(mut self) -> Result<()> {
         let w = self.writer.take().expect("commit twice");
-        let file = w
+        let result = w
             .into_inner()
             .map_err(|e| e.into_error())
+            .and_then(|file| file.sync_all())
             .with_context(|| format!("cannot write {}", self.target.display()))
-            .kind(ExitKind::Output)?;
-        file.sync_all()
-            .with_context(|| format!("cannot write {}", self.target.display()))
-            .kind(ExitKind::Output)?;
-        std::fs::rename(&self.tmp, &self.target)
-            .with_context(|| {
-                format!(
-                    "cannot move {} to {}",
-                    self.tmp.display(),
-                    self.target.display()
-                )
+            .and_then(|()| {
+                std::fs::rename(&self.tmp, &self.target).with_context(|| {
+                    format!(
+                        "cannot move {} to {}",
+                        self.tmp.display(),
+                        self.target.display()
+                    )
+                })
             })
-            .kind(ExitKind::Output)?;
-        Ok(())
+            .kind(ExitKind::Output);
+        if result.is_err() {
+            // Regression: a failed rename (say, a folder where the file should go) left the
+            // temporary file behind.
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        result
     }
 }
 

@@ -727,3 +727,76 @@ fn a_failing_sample_does_not_stop_the_others() {
         ]
     );
 }
+
+/// A sample whose output cannot be written (exit 6) does not stop the others either; a dry
+/// run creates no --outdir.
+#[test]
+fn an_unwritable_sample_output_does_not_stop_the_others() {
+    let d = tempfile::tempdir().unwrap();
+    let outdir = d.path().join("out");
+    let (a, b) = (demo_sample("sampleA"), demo_sample("sampleB"));
+    extract_many(&[&a, &b], &outdir, &["--dry-run"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("sampleB.csv"));
+    assert!(!outdir.exists(), "a dry run writes nothing");
+    // A folder where sampleA.csv should go: its CSV cannot be put in place.
+    std::fs::create_dir_all(outdir.join("sampleA.csv")).unwrap();
+    extract_many(&[&a, &b], &outdir, &[])
+        .assert()
+        .code(6)
+        .stderr(
+            predicate::str::contains("sample sampleA: ").and(predicate::str::contains(
+                "1 of 2 samples failed (sampleA); the others were written",
+            )),
+        );
+    assert!(outdir.join("sampleA.csv").is_dir());
+    assert!(!outdir.join("sampleA.provenance.yaml").exists());
+    assert!(outdir.join("sampleB.provenance.yaml").is_file());
+}
+
+/// What every sample shares failing (here the cache) stops the command at once: no sample
+/// runs without it, none is written.
+#[test]
+fn a_shared_setup_failure_stops_every_sample() {
+    let d = tempfile::tempdir().unwrap();
+    let outdir = d.path().join("out");
+    let not_a_dir = d.path().join("cache-file");
+    std::fs::write(&not_a_dir, "x").unwrap();
+    let (a, b) = (demo_sample("sampleA"), demo_sample("sampleB"));
+    extract_many(
+        &[&a, &b],
+        &outdir,
+        &["--cache-dir", not_a_dir.to_str().unwrap()],
+    )
+    .assert()
+    .code(7)
+    .stderr(
+        predicate::str::contains("sample sampleA: ").and(predicate::str::contains("sampleB").not()),
+    );
+    assert_eq!(
+        std::fs::read_dir(&outdir).unwrap().count(),
+        0,
+        "nothing written"
+    );
+}
+
+/// Regression: the CSV is committed by the pipeline's writer; when the provenance beside it
+/// could not be written, the CSV stayed under its final name without it.
+#[test]
+fn no_csv_is_left_without_its_provenance() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("x.csv");
+    std::fs::create_dir(d.path().join("x.provenance.yaml")).unwrap();
+    extract_cmd(&demo_sample("sampleC"), &out)
+        .arg("--quiet")
+        .assert()
+        .code(6)
+        .stderr(predicate::str::contains("x.provenance.yaml"));
+    assert!(!out.exists(), "the CSV was taken back");
+    assert!(!d.path().join("x.rejected.tsv").exists());
+    assert!(
+        files_containing(d.path(), "tmp").is_empty(),
+        "no temporary file left behind"
+    );
+}
