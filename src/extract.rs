@@ -730,7 +730,7 @@ pub fn run(
                 failed.len(),
                 plan.samples.len(),
                 names.join(", "),
-                if plan.samples[0].dry_run {
+                if plan.samples[0].dry_run || failed.len() == plan.samples.len() {
                     ""
                 } else {
                     "; the others were written"

@@ -707,6 +707,20 @@ fn a_failing_sample_does_not_stop_the_others() {
                     "2 of 3 samples failed (bad, empty); the others were written",
                 )),
         );
+    // When none is written, the message does not say the others were.
+    let empty2 = d.path().join("empty2");
+    std::fs::create_dir(&empty2).unwrap();
+    let none = extract_many(&[&empty, &empty2], &d.path().join("none"), &[])
+        .assert()
+        .code(3)
+        .get_output()
+        .stderr
+        .clone();
+    let none = String::from_utf8(none).unwrap();
+    assert!(
+        none.contains("2 of 2 samples failed (empty, empty2)") && !none.contains("others"),
+        "{none}"
+    );
     let alone = d.path().join("alone.csv");
     extract_ok(&good, &alone, &[]);
     assert_eq!(
