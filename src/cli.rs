@@ -152,14 +152,14 @@ pub struct ExtractArgs {
     pub output: Option<PathBuf>,
 
     /// Output folder (created if missing): `SAMPLE.csv`, with its provenance and rejected-tile
-    /// list, for each tile folder, SAMPLE being the folder's name (or --sample).
+    /// list, for each tile folder, SAMPLE being its --sample or the folder's name.
     #[arg(long, value_name = "DIR")]
     pub outdir: Option<PathBuf>,
 
-    /// Sample ID recorded in the provenance [default: the tile folder's name]. Only with one
-    /// tile folder.
+    /// Sample ID recorded in the provenance (and with --outdir, the output's name) [default:
+    /// the tile folder's name]. With several tile folders: once per folder, in their order.
     #[arg(long, value_name = "ID")]
-    pub sample: Option<String>,
+    pub sample: Vec<String>,
 
     /// Weights: a torchvision `.pth` state dict or a `.safetensors` file; `random:SEED` for
     /// demos and benchmarks (NOT trained features). Default: the torchvision cache

@@ -124,10 +124,11 @@ impl ExtractPlan {
                  (one SAMPLE.csv per folder)"
             )));
         }
-        if n > 1 && a.sample.is_some() {
+        if !a.sample.is_empty() && a.sample.len() != n {
             return Err(usage(format!(
-                "--sample names one sample but {n} tile folders were given: each sample is \
-                 named after its folder"
+                "--sample given {} times for {n} tile folders: give it once per folder, in \
+                 their order, or not at all (samples are then named after their folders)",
+                a.sample.len()
             )));
         }
         for dir in &a.tile_dirs {
@@ -163,8 +164,8 @@ impl ExtractPlan {
         }
         // Names and outputs first: usage errors before the weights and the device are looked at.
         let mut named: Vec<(PathBuf, String, PathBuf)> = Vec::with_capacity(n);
-        for dir in &a.tile_dirs {
-            let sample = match &a.sample {
+        for (k, dir) in a.tile_dirs.iter().enumerate() {
+            let sample = match a.sample.get(k) {
                 Some(s) => s.clone(),
                 None => {
                     let abs = std::fs::canonicalize(dir)
@@ -203,7 +204,7 @@ impl ExtractPlan {
             if let Some((other, _, _)) = named.iter().find(|(_, s, _)| *s == sample) {
                 return Err(usage(format!(
                     "tile folders {} and {} are both sample {sample:?}: their outputs in \
-                     --outdir would collide (run them in separate commands)",
+                     --outdir would collide (give each folder its own --sample)",
                     other.display(),
                     dir.display()
                 )));

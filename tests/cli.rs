@@ -654,7 +654,13 @@ fn several_samples_need_distinct_names_and_an_outdir() {
     extract_many(&[&a, &b], d.path(), &["--sample", "x"])
         .assert()
         .code(2)
-        .stderr(predicate::str::contains("--sample"));
+        .stderr(predicate::str::contains(
+            "--sample given 1 times for 2 tile folders",
+        ));
+    extract_many(&[&a, &b], d.path(), &["--sample", "x", "--sample", "x"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("both sample \"x\""));
     tilefeat()
         .args(["extract", a.to_str().unwrap(), "--weights", "random:0"])
         .assert()
@@ -813,4 +819,24 @@ fn no_csv_is_left_without_its_provenance() {
         files_containing(d.path(), "tmp").is_empty(),
         "no temporary file left behind"
     );
+}
+
+/// `--sample` once per folder names the samples (and their files), whatever the folders are
+/// called: what a workflow with a samplesheet needs.
+#[test]
+fn several_samples_named_by_sample_flags() {
+    let d = tempfile::tempdir().unwrap();
+    let outdir = d.path().join("out");
+    let (a, b) = (demo_sample("sampleA"), demo_sample("sampleB"));
+    extract_many(&[&a, &b], &outdir, &["--sample", "P-1", "--sample", "Q.2"])
+        .assert()
+        .success();
+    for (name, dir) in [("P-1", &a), ("Q.2", &b)] {
+        let csv = outdir.join(format!("{name}.csv"));
+        assert_eq!(provenance(&csv)["sample"].as_str(), Some(name));
+        let alone = d.path().join(format!("{name}-alone.csv"));
+        extract_ok(dir, &alone, &[]);
+        assert_eq!(std::fs::read(&csv).unwrap(), std::fs::read(&alone).unwrap());
+    }
+    assert!(!outdir.join("sampleA.csv").exists());
 }

@@ -406,3 +406,35 @@ def test_slurm_run_matches_local(slurm_cluster, tiles, local_run, references, tm
     assert (tmp_path / "results" / "cohort.csv").read_text() == (
         local_run / "results" / "cohort.csv"
     ).read_text()
+
+
+@needs_binary
+def test_batched_jobs_match_plain_extract(tiles, references, tmp_path):
+    """extract.samples_per_job: 2 -> two jobs (s1+s2, then s3), each one `tilefeat extract
+    DIR... --outdir` process; the same rows as plain per-sample runs."""
+    config = write_config(tmp_path / "config.yaml", tiles, extract={"samples_per_job": 2})
+    snakemake(tmp_path, "--configfile", config, "--cores", "2", timeout=240)
+    for sample in SAMPLES:
+        for suffix in ["csv", "provenance.yaml", "rejected.tsv"]:
+            assert (tmp_path / "results" / "features" / f"{sample}.{suffix}").is_file()
+    check_cohort(tmp_path / "results" / "cohort.csv", references)
+    logs = tmp_path / "logs" / "extract"
+    assert sorted(p.name for p in logs.iterdir()) == ["batch0.log", "batch1.log"]
+    assert (logs / "batch0.log").read_text().startswith("tilefeat extract s1 s2: host=")
+    assert (logs / "batch1.log").read_text().startswith("tilefeat extract s3: host=")
+
+    # Sample IDs from a samplesheet, unlike their folders' names, name the outputs: the job
+    # passes one --sample per folder, in the same order.
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text(f"sample,tiles\nA,{tiles / 's2'}\nB,{tiles / 's1'}\nC,{tiles / 's3'}\n")
+    config = write_config(
+        tmp_path / "sheet.yaml", tiles, tiles_root=None, samples=str(sheet), outdir="out2",
+        extract={"samples_per_job": 2},
+    )  # fmt: skip
+    proc = snakemake(tmp_path, "--configfile", config, "-n", "-p", "--cores", "2")
+    extracts = [c for c in shell_commands(proc.stdout, str(BINARY)) if " extract " in c]
+    assert len(extracts) == 2, proc.stdout
+    expected = f"extract {tiles / 's2'} {tiles / 's1'} --outdir out2/features --sample A --sample B "
+    assert any(expected in c for c in extracts), extracts
+    used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", " ".join(extracts)))
+    assert used <= cli_long_flags("ExtractArgs"), used - cli_long_flags("ExtractArgs")

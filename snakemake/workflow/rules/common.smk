@@ -142,6 +142,13 @@ def extract_resources():
     return resources
 
 
+def extract_batches():
+    """Sample IDs in groups of extract.samples_per_job, in sample order (one job each)."""
+    names = sorted(SAMPLES)
+    size = EXTRACT["samples_per_job"]
+    return [names[i : i + size] for i in range(0, len(names), size)]
+
+
 def sample_csvs(wildcards=None):
     return expand(f"{OUTDIR}/features/{{sample}}.csv", sample=SAMPLES)
 

@@ -1,29 +1,67 @@
-rule extract:
-    """One sample's tile folder -> per-tile feature CSV (+ provenance, rejected tiles)."""
-    input:
-        tiles=lambda wc: SAMPLES[wc.sample],
-        weights=weights_input,
-    output:
-        csv=f"{OUTDIR}/features/{{sample}}.csv",
-        provenance=f"{OUTDIR}/features/{{sample}}.provenance.yaml",
-        rejected=f"{OUTDIR}/features/{{sample}}.rejected.tsv",
-    log:
-        "logs/extract/{sample}.log",
-    benchmark:
-        "benchmarks/extract/{sample}.tsv"
-    wildcard_constraints:
-        sample=r"[A-Za-z0-9][A-Za-z0-9._-]*",
-    threads: EXTRACT["threads"]
-    resources:
-        **extract_resources(),
-    params:
-        tilefeat=TILEFEAT,
-        options=extract_options(),
-    shell:
-        # The first log line says where the job ran: the Slurm job and the GPUs it was given.
-        'echo "tilefeat extract {wildcards.sample}: host=$(hostname)'
-        " SLURM_JOB_ID=${{SLURM_JOB_ID:-none}}"
-        ' CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-unset}}" > {log:q}; '
-        "{params.tilefeat:q} extract {input.tiles:q} --output {output.csv:q}"
-        " --sample {wildcards.sample:q} --threads {threads} {params.options}"
-        " >> {log:q} 2>&1"
+if EXTRACT["samples_per_job"] == 1:
+
+    rule extract:
+        """One sample's tile folder -> per-tile feature CSV (+ provenance, rejected tiles)."""
+        input:
+            tiles=lambda wc: SAMPLES[wc.sample],
+            weights=weights_input,
+        output:
+            csv=f"{OUTDIR}/features/{{sample}}.csv",
+            provenance=f"{OUTDIR}/features/{{sample}}.provenance.yaml",
+            rejected=f"{OUTDIR}/features/{{sample}}.rejected.tsv",
+        log:
+            "logs/extract/{sample}.log",
+        benchmark:
+            "benchmarks/extract/{sample}.tsv"
+        wildcard_constraints:
+            sample=r"[A-Za-z0-9][A-Za-z0-9._-]*",
+        threads: EXTRACT["threads"]
+        resources:
+            **extract_resources(),
+        params:
+            tilefeat=TILEFEAT,
+            options=extract_options(),
+        shell:
+            # The first log line says where the job ran: the Slurm job and the GPUs it was given.
+            'echo "tilefeat extract {wildcards.sample}: host=$(hostname)'
+            " SLURM_JOB_ID=${{SLURM_JOB_ID:-none}}"
+            ' CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-unset}}" > {log:q}; '
+            "{params.tilefeat:q} extract {input.tiles:q} --output {output.csv:q}"
+            " --sample {wildcards.sample:q} --threads {threads} {params.options}"
+            " >> {log:q} 2>&1"
+
+else:
+    # Several samples per job (extract.samples_per_job): one `tilefeat extract` process per
+    # batch sets the weights, the model and the GPU up once for all of its samples.
+    for batch, names in enumerate(extract_batches()):
+
+        rule:
+            name:
+                f"extract_batch{batch}"
+            input:
+                tiles=[SAMPLES[s] for s in names],
+                weights=weights_input,
+            output:
+                csv=[f"{OUTDIR}/features/{s}.csv" for s in names],
+                provenance=[f"{OUTDIR}/features/{s}.provenance.yaml" for s in names],
+                rejected=[f"{OUTDIR}/features/{s}.rejected.tsv" for s in names],
+            log:
+                f"logs/extract/batch{batch}.log",
+            benchmark:
+                f"benchmarks/extract/batch{batch}.tsv"
+            threads: EXTRACT["threads"]
+            resources:
+                **extract_resources(),
+            params:
+                tilefeat=TILEFEAT,
+                options=extract_options(),
+                samples=" ".join(names),
+                sample_flags=shlex.join(a for s in names for a in ("--sample", s)),
+                outdir=f"{OUTDIR}/features",
+            shell:
+                'echo "tilefeat extract {params.samples}: host=$(hostname)'
+                " SLURM_JOB_ID=${{SLURM_JOB_ID:-none}}"
+                ' CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-unset}}" > {log:q}; '
+                "{params.tilefeat:q} extract {input.tiles:q} --outdir {params.outdir:q}"
+                " {params.sample_flags} --threads {threads} {params.options}"
+                " >> {log:q} 2>&1"
