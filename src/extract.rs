@@ -126,8 +126,8 @@ impl ExtractPlan {
         }
         if !a.sample.is_empty() && a.sample.len() != n {
             return Err(usage(format!(
-                "--sample given {} times for {n} tile folders: give it once per folder, in \
-                 their order, or not at all (samples are then named after their folders)",
+                "{} --sample for {n} tile folders: give it once per folder, in their \
+                 order, or not at all (samples are then named after their folders)",
                 a.sample.len()
             )));
         }

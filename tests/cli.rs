@@ -654,9 +654,7 @@ fn several_samples_need_distinct_names_and_an_outdir() {
     extract_many(&[&a, &b], d.path(), &["--sample", "x"])
         .assert()
         .code(2)
-        .stderr(predicate::str::contains(
-            "--sample given 1 times for 2 tile folders",
-        ));
+        .stderr(predicate::str::contains("1 --sample for 2 tile folders"));
     extract_many(&[&a, &b], d.path(), &["--sample", "x", "--sample", "x"])
         .assert()
         .code(2)
@@ -677,6 +675,12 @@ fn several_samples_need_distinct_names_and_an_outdir() {
             predicate::str::contains(one.to_str().unwrap())
                 .and(predicate::str::contains(two.to_str().unwrap())),
         );
+    // ... unless each gets its own name.
+    let named = d.path().join("named");
+    extract_many(&[&one, &two], &named, &["--sample", "s1", "--sample", "s2"])
+        .assert()
+        .success();
+    assert!(named.join("s1.csv").is_file() && named.join("s2.csv").is_file());
     let file = d.path().join("file");
     std::fs::write(&file, "x").unwrap();
     extract_many(&[&a], &file, &[])

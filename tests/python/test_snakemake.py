@@ -276,6 +276,14 @@ def test_usable_as_module(tmp_path, tiles):
     for rule, n in [("tilefeat_extract", 3), ("tilefeat_join", 1), ("tilefeat_versions", 1)]:
         assert re.search(rf"\n{rule}\s+{n}\b", proc.stdout), proc.stdout
     assert "results/tilefeat/cohort.csv" in proc.stdout
+    # Batched, the batch rules come in under the same prefix.
+    write_config(tmp_path / "tf.json", tiles, outdir="results/tilefeat", extract={"samples_per_job": 2})
+    (tmp_path / "config" / "config.yaml").write_text(
+        "tilefeat: " + (tmp_path / "tf.json").read_text().replace("\n", " ") + "\n"
+    )
+    proc = run([tool("snakemake"), "-n", "--cores", "2"], cwd=tmp_path)
+    for rule in ("tilefeat_extract_batch0", "tilefeat_extract_batch1"):
+        assert re.search(rf"\n{rule}\s+1\b", proc.stdout), proc.stdout
     proc = run([tool("snakefmt"), "--check", "--diff", tmp_path / "Snakefile"], check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -436,5 +444,7 @@ def test_batched_jobs_match_plain_extract(tiles, references, tmp_path):
     assert len(extracts) == 2, proc.stdout
     expected = f"extract {tiles / 's2'} {tiles / 's1'} --outdir out2/features --sample A --sample B "
     assert any(expected in c for c in extracts), extracts
+    # Slurm --time: the per-sample runtime (10 min here) for each sample of the job.
+    assert "runtime=20" in proc.stdout and "runtime=10" in proc.stdout, proc.stdout
     used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", " ".join(extracts)))
     assert used <= cli_long_flags("ExtractArgs"), used - cli_long_flags("ExtractArgs")

@@ -133,8 +133,9 @@ def weights_input(wildcards):
     return []
 
 
-def extract_resources():
-    resources = {"mem_mb": EXTRACT["mem_mb"], "runtime": EXTRACT["runtime"]}
+def extract_resources(samples=1):
+    """Slurm resources of an extract job running `samples` samples one after the other."""
+    resources = {"mem_mb": EXTRACT["mem_mb"], "runtime": EXTRACT["runtime"] * samples}
     if EXTRACT["gres"]:
         resources["gres"] = EXTRACT["gres"]
     elif EXTRACT["gpus"] > 0:

@@ -51,7 +51,7 @@ else:
                 f"benchmarks/extract/batch{batch}.tsv"
             threads: EXTRACT["threads"]
             resources:
-                **extract_resources(),
+                **extract_resources(len(names)),
             params:
                 tilefeat=TILEFEAT,
                 options=extract_options(),
