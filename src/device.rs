@@ -398,6 +398,15 @@ pub fn info(out: &mut dyn std::io::Write) -> Result<()> {
     if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
         writeln!(out, "CUDA_VISIBLE_DEVICES: {v}")?;
     }
+    writeln!(
+        out,
+        "stream per model worker (TILEFEAT_CUDA_STREAMS): {}",
+        if streams::BUILT {
+            "built in"
+        } else {
+            "not in this build (no CUDA headers at build time)"
+        }
+    )?;
     writeln!(out, "cpus available: {}", available_cpus())?;
     writeln!(out, "libtorch intra-op threads: {}", tch::get_num_threads())?;
     writeln!(out, "mkldnn (oneDNN): {}", tch::utils::has_mkldnn())?;

@@ -21,6 +21,9 @@ fn version_and_info() {
         .stdout(predicate::str::contains("libtorch 2.11.0"))
         .stdout(predicate::str::contains("cuda available:"))
         .stdout(predicate::str::contains(
+            "stream per model worker (TILEFEAT_CUDA_STREAMS): ",
+        ))
+        .stdout(predicate::str::contains(
             "jpeg decoding: libjpeg-turbo, SIMD ",
         ))
         .get_output()
