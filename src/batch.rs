@@ -62,7 +62,7 @@ impl PixelBuf {
             d => match t.f_internal_pin_memory(d) {
                 Ok(p) => (p, true, None),
                 Err(e) => {
-                    let first = e.to_string().lines().next().unwrap_or_default().to_string();
+                    let first = crate::error::first_line(&e.to_string()).to_string();
                     (t, false, Some(first))
                 }
             },

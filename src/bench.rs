@@ -19,7 +19,7 @@ use crate::device::{available_cpus, configure_cuda, device_name, parse_device};
 use crate::error::{fail, ExitKind, WithKind};
 use crate::extract::{check_batch_size, check_size, gpu_decode_threads, model_workers};
 use crate::model::{to_channels_last, ResNetTrunk, RunOptions};
-use crate::output::{csv_header, AtomicFile};
+use crate::output::features_csv;
 use crate::progress::Progress;
 use crate::weights::random_state_dict;
 
@@ -83,11 +83,7 @@ fn pipeline(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         a.precision,
     );
     let dim = crate::model::feature_dim(a.layer);
-    let mut csv = AtomicFile::create(&csv_path)?;
-    csv.writer()
-        .write_all(csv_header(&["tile"], dim).as_bytes())
-        .with_context(|| format!("cannot write {}", csv_path.display()))
-        .kind(ExitKind::Output)?;
+    let csv = features_csv(&csv_path, dim)?;
     // A fresh cache, so that every tile is hashed, missed and stored, as on a first run.
     let cache_dir = match &a.cache_dir {
         Some(parent) => Some(scratch_dir(parent).kind(ExitKind::Cache)?),
@@ -283,10 +279,7 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
             let m = model.shallow_clone();
             let (next, timed_start, warm_done) = (&next, &timed_start, &warm_done);
             let x = make_input();
-            let stream = match (device, &cuda) {
-                (Device::Cuda(i), Some(c)) if c.worker_streams => Some(i),
-                _ => None,
-            };
+            let stream = cuda.as_ref().and_then(|c| c.worker_stream);
             scope.spawn(move || {
                 tch::set_num_threads(per_worker as i32);
                 // As `extract`'s model workers (TILEFEAT_CUDA_STREAMS): the same ceiling.

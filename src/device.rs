@@ -93,8 +93,9 @@ pub struct CudaSetup {
     pub cudnn: String,
     /// Which CUDA streams the model workers queue their work on.
     pub streams: String,
-    /// Each model worker takes a stream of its own ([`use_worker_stream`]).
-    pub worker_streams: bool,
+    /// The device on which each model worker takes a stream of its own
+    /// ([`use_worker_stream`]); None: they share the default stream.
+    pub worker_stream: Option<usize>,
 }
 
 /// Prepare a CUDA device for a run (nothing for the CPU).
@@ -143,8 +144,8 @@ pub fn configure_cuda(device: Device) -> Option<CudaSetup> {
         }
     };
     let want_streams = crate::env_on("TILEFEAT_CUDA_STREAMS");
-    let worker_streams = want_streams && streams::BUILT;
-    let streams = if worker_streams {
+    let worker_stream = (want_streams && streams::BUILT).then_some(index);
+    let streams = if worker_stream.is_some() {
         "one per model worker (TILEFEAT_CUDA_STREAMS)".to_string()
     } else if want_streams {
         eprintln!(
@@ -159,7 +160,7 @@ pub fn configure_cuda(device: Device) -> Option<CudaSetup> {
         waits,
         cudnn,
         streams,
-        worker_streams,
+        worker_stream,
     })
 }
 
@@ -198,12 +199,8 @@ mod streams {
 
         fn message(buf: &[c_char]) -> String {
             // SAFETY: the shim always NUL-terminates what it writes; the buffer starts zeroed.
-            unsafe { CStr::from_ptr(buf.as_ptr()) }
-                .to_string_lossy()
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .to_string()
+            let text = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
+            crate::error::first_line(&text).to_string()
         }
 
         pub fn use_pool_stream(index: usize) -> Result<(), String> {

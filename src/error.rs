@@ -14,6 +14,12 @@ thread_local! {
     pub static PANIC_IS_CAUGHT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// The first line of a message: libtorch's errors (and the panics tch makes of them) go on
+/// with a C++ backtrace that nobody wants in a one-line report.
+pub fn first_line(msg: &str) -> &str {
+    msg.lines().next().unwrap_or_default()
+}
+
 /// Run `f`; a panic inside it (libjpeg errors unwind as panics; tch panics when libtorch
 /// fails, e.g. out of GPU memory) comes back as its message instead of taking the thread
 /// down.

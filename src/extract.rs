@@ -32,10 +32,10 @@ use crate::batch::PixelBuf;
 use crate::cache::{Cache, Fingerprint, Hash32, PREPROCESSING_VERSION};
 use crate::cli::{ExtractArgs, Normalize, OnError, Precision};
 use crate::device::{available_cpus, configure_cuda, device_name, parse_device, CudaSetup};
-use crate::error::{fail, kind_of, ExitKind, WithKind};
+use crate::error::{fail, first_line, kind_of, ExitKind, WithKind};
 use crate::model::{feature_dim, to_channels_last, ResNetTrunk, RunOptions};
 use crate::output::{
-    csv_header, provenance_path, push_csv_field, push_features, rejected_path, AtomicFile,
+    features_csv, provenance_path, push_csv_field, push_features, rejected_path, AtomicFile,
 };
 use crate::progress::Progress;
 use crate::provenance::{
@@ -625,10 +625,7 @@ impl Shared {
             let model = ResNetTrunk::new(&weights.tensors, cfg.layer, cfg.pool, opts)
                 .kind(ExitKind::Weights)?;
             let pad_to = matches!(cfg.device, Device::Cuda(_)).then_some(cfg.batch_size);
-            let worker_stream = match (cfg.device, &cuda) {
-                (Device::Cuda(i), Some(c)) if c.worker_streams => Some(i),
-                _ => None,
-            };
+            let worker_stream = cuda.as_ref().and_then(|c| c.worker_stream);
             let runner = Runner::new(model, cfg.normalize, cfg.size, pad_to, worker_stream);
             let cache = match &cfg.cache_dir {
                 Some(d) => Some(Cache::open(d, fingerprint)?),
@@ -781,16 +778,12 @@ fn extract_sample(
         return Ok(None);
     }
     // Fail early, before any compute, if the outputs cannot be written.
-    let mut csv = AtomicFile::create(&cfg.output)?;
     let dim = feature_dim(cfg.layer);
-    csv.writer()
-        .write_all(csv_header(&["tile"], dim).as_bytes())
-        .with_context(|| format!("cannot write {}", cfg.output.display()))
-        .kind(ExitKind::Output)?;
+    let csv = features_csv(&cfg.output, dim)?;
 
     let session = shared.session(cfg, &fingerprint).map_err(Failure::Shared)?;
     let cache = session.cache.as_ref();
-    let before = cache.map(|c| (c.counters(), c.damaged().len()));
+    let before = cache.map(|c| c.counters());
 
     let mut progress = Progress::new(tiles.len(), cfg.quiet);
     let pipeline_start = Instant::now();
@@ -826,7 +819,7 @@ fn finish_sample(
     session: &Session,
     state: PipelineState,
     found: usize,
-    before: Option<(crate::cache::CacheCounters, usize)>,
+    before: Option<crate::cache::CacheCounters>,
     fingerprint: &Fingerprint,
     start: Instant,
     command: Vec<String>,
@@ -840,11 +833,11 @@ fn finish_sample(
     // This sample's share of the cache's counters and damaged records.
     let mut stored = 0;
     let mut damaged_records = 0;
-    if let (Some(c), Some((b, seen))) = (cache, before) {
+    if let (Some(c), Some(b)) = (cache, before) {
         let now = c.counters();
         stored = now.stored - b.stored;
         damaged_records = now.damaged_records - b.damaged_records;
-        for d in c.damaged().iter().skip(seen) {
+        for d in c.damaged().iter().skip(b.damaged_records as usize) {
             eprintln!("tilefeat: warning: damaged cache record ignored (recomputed): {d}");
         }
     }
@@ -861,7 +854,6 @@ fn finish_sample(
 
     let elapsed = start.elapsed().as_secs_f64();
     let written = state.written;
-    let tiles_found = found;
     let trained = !cfg.weights.is_random();
     let cuda = session.cuda.as_ref();
     let provenance = Provenance {
@@ -909,7 +901,7 @@ fn finish_sample(
             fields: fingerprint.clone(),
         },
         tiles: Counts {
-            found: tiles_found,
+            found,
             written,
             skipped: state.skipped.len(),
             computed: state.computed,
@@ -928,7 +920,7 @@ fn finish_sample(
         cuda_streams: cuda.map(|c| c.streams.clone()),
         cudnn_algorithms: cuda.map(|c| c.cudnn.clone()),
         elapsed_s: round3(elapsed),
-        tiles_per_s: round3(tiles_found as f64 / elapsed.max(1e-9)),
+        tiles_per_s: round3(found as f64 / elapsed.max(1e-9)),
         timings_s: state.timings.rounded(),
     };
     crate::output::write_atomic(
@@ -1059,7 +1051,7 @@ pub(crate) fn pipeline(
                         prepare(&tiles[idx], size, cache, false, &mut t)
                     })
                     .unwrap_or_else(|msg| {
-                        let first = msg.lines().next().unwrap_or_default();
+                        let first = first_line(&msg);
                         ([0; 32], Prepared::Bad(format!("internal error: {first}")))
                     });
                     if item_tx.send((Item { idx, sha, prepared }, t)).is_err() {
@@ -1081,10 +1073,7 @@ pub(crate) fn pipeline(
                 // the reason (tch panics when libtorch fails: caught the same way).
                 let started = match crate::error::catch_panic(|| worker.start_worker()) {
                     Ok(r) => r.map_err(|e| format!("{e:#}")),
-                    Err(msg) => Err(format!(
-                        "libtorch failed: {}",
-                        msg.lines().next().unwrap_or_default()
-                    )),
+                    Err(msg) => Err(format!("libtorch failed: {}", first_line(&msg))),
                 };
                 let mut first = true;
                 for mut job in batch_rx.iter() {
@@ -1095,8 +1084,7 @@ pub(crate) fn pipeline(
                         Err(e) => Err(anyhow::anyhow!("{e}")),
                         Ok(()) => crate::error::catch_panic(|| worker.run(&mut job.pixels, job.n))
                             .unwrap_or_else(|msg| {
-                                let first = msg.lines().next().unwrap_or_default();
-                                Err(anyhow::anyhow!("libtorch failed: {first}"))
+                                Err(anyhow::anyhow!("libtorch failed: {}", first_line(&msg)))
                             }),
                     };
                     let secs = t.elapsed().as_secs_f64();

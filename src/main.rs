@@ -16,7 +16,7 @@ fn main() {
             .map(String::as_str)
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("unknown panic");
-        let first = msg.lines().next().unwrap_or(msg);
+        let first = tilefeat::error::first_line(msg);
         eprintln!("tilefeat: error: internal failure: {first}");
     }));
     let cli = tilefeat::cli::Cli::parse();

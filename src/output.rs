@@ -163,6 +163,17 @@ pub fn push_csv_field(line: &mut String, field: &str) {
     }
 }
 
+/// A per-tile feature CSV for `extract`, not yet under its final name, with its header
+/// (`tile,0,...,dim-1`) written: fails before any compute when the output cannot be written.
+pub fn features_csv(path: &Path, dim: usize) -> Result<AtomicFile> {
+    let mut csv = AtomicFile::create(path)?;
+    csv.writer()
+        .write_all(csv_header(&["tile"], dim).as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+        .kind(ExitKind::Output)?;
+    Ok(csv)
+}
+
 /// The header `first,0,1,...,dim-1` (possibly with more leading columns).
 pub fn csv_header(leading: &[&str], dim: usize) -> String {
     let mut line = leading.join(",");
