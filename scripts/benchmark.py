@@ -10,7 +10,10 @@ Prints tiles/s for
 and their ratios; with --cache also a cached rerun, SHA-256 speed and a 1M-entry cache open.
 On a GPU a few thousand tiles take a second or two, about what one process spends starting
 (CUDA context, weights, the first batches): --repeat R also runs end-to-end on the tiles linked
-R times, a slide-sized run, and reports its steady state (the extra tiles over the extra time).
+R times, a slide-sized run, and reports its marginal rate (the extra tiles over the extra
+time) and its steady state once warm (from its provenance: computed tiles per second from the
+moment every model worker had finished its first batch to the last batch back, the figure to
+hold against model-only, which excludes its warm-up batches too).
 
     .venv/bin/python scripts/benchmark.py                       # CPU, here
     .venv/bin/python scripts/benchmark.py --device cuda --precision bf16 --batch-size 256 \
@@ -91,6 +94,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--python-tiles", type=int, default=None, help="tiles for the Python baselines")
     ap.add_argument("--python-workers", type=int, default=None, help="DataLoader workers")
+    ap.add_argument("--dataloader-tiles", type=int, default=None,
+                    help="tiles for the DataLoader pipeline (default: --python-tiles); with --repeat, up to "
+                    "--tiles x --repeat, taken from the linked folder, so it can run on tilefeat's slide-sized run's tiles")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/tilefeat-bench"))
     ap.add_argument("--bin", type=Path, default=ROOT / "target" / "release" / "tilefeat")
     ap.add_argument("--source", type=Path, default=ROOT.parent / "shared" / "data" / "ihc.png")
@@ -137,6 +143,10 @@ def main() -> None:
         results["tilefeat_end_to_end_repeat"] = n_big / secs_big
         # Start-up costs both runs the same: what is left is what each further tile costs.
         results["tilefeat_steady_state"] = (n_big - n_tiles) / max(secs_big - secs, 1e-9)
+        prov_big = (a.workdir / "features_big.provenance.yaml").read_text()
+        warm = [l.split(": ", 1)[1] for l in prov_big.splitlines() if l.startswith("steady_tiles_per_s: ")]
+        if warm:
+            results["tilefeat_once_warm"] = float(warm[0])
     prov = (a.workdir / "features.provenance.yaml").read_text()
     # The indented lines of the provenance's `timings_s:` block (no YAML module needed on the
     # GPU machine).
@@ -169,6 +179,18 @@ def main() -> None:
         py_tiles.mkdir()
         for p in sorted(tiles.iterdir())[:n_py]:
             os.symlink(p, py_tiles / p.name)
+        n_dl = a.dataloader_tiles or n_py
+        dl_tiles = py_tiles
+        if n_dl != n_py:
+            src = big if (a.repeat > 1 and n_dl > n_tiles) else tiles
+            dl_tiles = a.workdir / f"dltiles{n_dl}"
+            if dl_tiles.exists():
+                shutil.rmtree(dl_tiles)
+            dl_tiles.mkdir()
+            picked = sorted(p for p in src.rglob("*") if p.is_file())[:n_dl]
+            for k, p in enumerate(picked):
+                os.symlink(p.resolve(), dl_tiles / f"{k:06d}_{p.name}")
+            n_dl = len(picked)
         model = load_model(weights, a.device)
         t = time.perf_counter()
         tutorial_loop(py_tiles, weights, device=a.device, model=model)
@@ -178,10 +200,11 @@ def main() -> None:
         py_prec = "bf16" if gpu else "fp32"
         workers = a.python_workers or (min(8, threads) if gpu else threads)
         t = time.perf_counter()
-        dataloader_pipeline(py_tiles, weights, device=a.device, batch=a.batch_size, workers=workers, precision=py_prec, model=load_model(weights, a.device))
-        results["python_dataloader"] = n_py / (time.perf_counter() - t)
+        dataloader_pipeline(dl_tiles, weights, device=a.device, batch=a.batch_size, workers=workers, precision=py_prec, model=load_model(weights, a.device))
+        results["python_dataloader"] = n_dl / (time.perf_counter() - t)
         results["python_dataloader_precision"] = py_prec
         results["python_tiles"] = n_py
+        results["python_dataloader_tiles"] = n_dl
 
     if a.cache:
         cache = a.workdir / "cache"
@@ -209,7 +232,10 @@ def main() -> None:
     if "repeat" in results:
         rep, st = results["tilefeat_end_to_end_repeat"], results["tilefeat_steady_state"]
         print(f"  tilefeat end-to-end x{a.repeat:<4}    {rep:9.2f} tiles/s   ({rep / mo:.2f}x model-only; the tiles linked {a.repeat} times, {a.repeat * n_tiles} tiles)")
-        print(f"  tilefeat steady state       {st:9.2f} tiles/s   ({st / mo:.2f}x model-only; the extra tiles over the extra time)")
+        print(f"  tilefeat marginal rate      {st:9.2f} tiles/s   ({st / mo:.2f}x model-only; x{a.repeat} against x1: the extra tiles over the extra time)")
+        if "tilefeat_once_warm" in results:
+            w = results["tilefeat_once_warm"]
+            print(f"  tilefeat x{a.repeat} once warm      {w:9.2f} tiles/s   ({w / mo:.2f}x model-only; from the last worker's first batch to the last batch, as model-only excludes its warm-up)")
     print(f"  tilefeat model-only         {mo:9.2f} tiles/s")
     dpc = results["decode_tiles_per_s_per_core"]
     if "all" in dpc:
@@ -219,12 +245,13 @@ def main() -> None:
     pn = results["pipeline_without_network"]
     print(f"  pipeline without the network {pn:8.0f} tiles/s   (all cores but one decoding; the most this host can feed a device: {pn / mo:.2f}x model-only)")
     if "python_tutorial_loop" in results:
-        n = results["python_tiles"]
+        n, n_dl = results["python_tiles"], results["python_dataloader_tiles"]
         tl, dl = results["python_tutorial_loop"], results["python_dataloader"]
         print(f"  python tutorial loop        {tl:9.2f} tiles/s   (fp32, batch 1, {n} tiles)  -> tilefeat {e2e / tl:.1f}x")
-        print(f"  python DataLoader pipeline  {dl:9.2f} tiles/s   ({results['python_dataloader_precision']}, batch {a.batch_size}, {n} tiles)  -> tilefeat {e2e / dl:.1f}x")
+        print(f"  python DataLoader pipeline  {dl:9.2f} tiles/s   ({results['python_dataloader_precision']}, batch {a.batch_size}, {n_dl} tiles)  -> tilefeat {e2e / dl:.1f}x")
         if "repeat" in results:
-            print(f"  tilefeat end-to-end x{a.repeat} against them: {rep / tl:.1f}x the tutorial loop, {rep / dl:.1f}x the DataLoader")
+            same = " (the same tiles)" if n_dl == a.repeat * n_tiles else ""
+            print(f"  tilefeat end-to-end x{a.repeat} against them: {rep / tl:.1f}x the tutorial loop, {rep / dl:.1f}x the DataLoader{same}")
     print(f"  tilefeat time per stage (s, summed over threads): {results['tilefeat_profile'].replace(chr(10), ', ')}")
     if a.cache:
         print(f"  cache: first run {results['cache_first_run_s']:.1f} s, unchanged rerun {results['cache_second_run_s']:.2f} s -> {results['cache_speedup']:.0f}x")

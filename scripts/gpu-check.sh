@@ -8,12 +8,12 @@
 # Prints, and writes to OUT_DIR/gpu-report.txt (and gpu-longrun.txt): GPU and libtorch info;
 # proof that `--device cuda` runs on the GPU; GPU features vs the tutorial pipeline on the GPU
 # and vs tilefeat on the CPU; bf16/fp16 precision effects against fp32; model-only throughput
-# (fp32, fp16, bf16 at batch 256) and warm-up; the full benchmark (tilefeat end-to-end on 4,000
-# tiles and on 48,000, its steady state, model-only, Python tutorial loop and bf16 DataLoader
-# pipeline, ratios); decoder speed per core; the pipeline's ceiling without the network, with
-# a cache; the defaults against their alternatives (cuDNN autotuning, sleeping waits, a CUDA
-# stream per model worker) on 16,000 tiles with CPU time; then scripts/gpu-longrun.sh (48,000
-# tiles, the alternatives again, alternating). About 6 minutes on an H200.
+# (fp32, fp16, bf16 at batch 256) and warm-up; process start-up; the full benchmark (tilefeat
+# end-to-end on 4,000 tiles and on 48,000, its steady state, start-up split, model-only,
+# Python tutorial loop and bf16 DataLoader pipeline, ratios); decoder speed per core; the
+# pipeline's ceiling without the network, with a cache; then scripts/gpu-longrun.sh (48,000
+# tiles: the defaults against their alternatives, alternating; several samples in one
+# process). About 5 minutes on an H200.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 REPORT=gpu-report.txt
@@ -51,7 +51,7 @@ def feats(p):
     return pd.read_csv(p, index_col=0).to_numpy(np.float32)
 for prec in ("fp32", "bf16", "fp16"):
     run("-o", str(W / f"gpu_{prec}.csv"), "--device", "cuda", "--precision", prec, "--batch-size", "8")
-run("-o", str(W / "gpu_fp32_streams.csv"), "--device", "cuda", "--batch-size", "8", env={"TILEFEAT_CUDA_STREAMS": "1"})
+run("-o", str(W / "gpu_fp32_shared.csv"), "--device", "cuda", "--batch-size", "8", env={"TILEFEAT_CUDA_STREAMS": "0"})
 run("-o", str(W / "cpu_fp32.csv"), "--device", "cpu")
 prov = (W / "gpu_fp32.provenance.yaml").read_text()
 print("provenance device:", [l for l in prov.splitlines() if l.startswith("device:")])
@@ -67,11 +67,12 @@ g32 = feats(W / "gpu_fp32.csv"); c32 = feats(W / "cpu_fp32.csv")
 cmp("tilefeat GPU fp32 vs tutorial on GPU (torch)", g32, ref)
 cmp("tilefeat CPU fp32 vs tutorial on CPU (torch)", c32, ref_cpu)
 cmp("tilefeat GPU fp32 vs tilefeat CPU fp32", g32, c32)
-if (W / "gpu_fp32_streams.provenance.yaml").exists():
-    cmp("tilefeat GPU fp32, a stream per worker, vs default", feats(W / "gpu_fp32_streams.csv"), g32)
-    print("streams provenance:", [l for l in (W / "gpu_fp32_streams.provenance.yaml").read_text().splitlines() if l.startswith("cuda_streams:")])
+for name in ("gpu_fp32", "gpu_fp32_shared"):
+    print(name, "provenance:", [l for l in (W / f"{name}.provenance.yaml").read_text().splitlines() if l.startswith("cuda_streams:")])
+if (W / "gpu_fp32_shared.provenance.yaml").exists():
+    cmp("tilefeat GPU fp32, shared default stream, vs default", feats(W / "gpu_fp32_shared.csv"), g32)
 else:
-    print("TILEFEAT_CUDA_STREAMS=1 run failed (see above)")
+    print("TILEFEAT_CUDA_STREAMS=0 run failed (see above)")
 cmp("tutorial GPU vs tutorial CPU (torch)", ref, ref_cpu)
 for prec in ("bf16", "fp16"):
     cmp(f"tilefeat GPU {prec} vs GPU fp32", feats(W / f"gpu_{prec}.csv"), g32)
@@ -83,28 +84,20 @@ for pl in "fp32 nhwc" "fp16 nhwc" "bf16 nhwc" "bf16 nchw"; do
   "$B" bench --device cuda --precision "$prec" --layout "$layout" --batch-size 256 --batches 40 --warmup 2
 done
 
-section "benchmark: 4000 tiles (and linked 12 times), bf16, batch 256"
-python3 scripts/benchmark.py --device cuda --precision bf16 --batch-size 256 --tiles 4000 --repeat 12 \
-  --python-tiles 2000 --workdir "$W/bench" --bin "$B" --json "$OUT_DIR/benchmark-gpu.json"
+section "process start-up: libtorch loaded (--version), then CUDA initialised (info)"
+time "$B" --version >/dev/null
+time "$B" info >/dev/null
 
-section "benchmark: 4000 tiles, fp32, batch 256 (tilefeat only)"
-python3 scripts/benchmark.py --device cuda --precision fp32 --batch-size 256 --tiles 4000 \
-  --workdir "$W/bench" --bin "$B" --skip-python
+section "benchmark: 4000 tiles (and linked 12 times), bf16, batch 256; the DataLoader on the 48,000"
+python3 scripts/benchmark.py --device cuda --precision bf16 --batch-size 256 --tiles 4000 --repeat 12 \
+  --python-tiles 2000 --dataloader-tiles 48000 --workdir "$W/bench" --bin "$B" --json "$OUT_DIR/benchmark-gpu.json"
+grep -E '^(  )?(startup|setup_|pipeline|model_|workers_|batches_|steady)' "$W/bench/features_big.provenance.yaml" | sed 's/^ */  x12 run: /'
 
 section "decoders: tiles/s per core, then on all cores (read, hash, decode, resize; no model)"
 "$B" bench --what decode --tiles "$W/bench/tiles4000" --threads "$(nproc)"
 
 section "pipeline without the network, 4000 tiles, with a fresh cache (hashing and storing)"
 "$B" bench --what pipeline --tiles "$W/bench/tiles4000" --batch-size 256 --cache-dir "$W"
-
-section "the defaults, checked: cuDNN autotuning (TILEFEAT_CUDNN_BENCHMARK=1), sleeping waits (TILEFEAT_CUDA_SLEEP=1), a stream per worker (TILEFEAT_CUDA_STREAMS=1)"
-TILEFEAT_CUDNN_BENCHMARK=1 "$B" bench --device cuda --precision bf16 --batch-size 256 --batches 40 --warmup 2
-linked_tiles t16k 4
-for env in TILEFEAT_CUDA_SLEEP=0 TILEFEAT_CUDA_SLEEP=1 TILEFEAT_CUDA_STREAMS=1 TILEFEAT_CUDNN_BENCHMARK=1; do
-  echo "16,000 tiles, $env:"
-  time env "$env" "$B" extract "$W/t16k" -o "$W/e16k.csv" --weights random:0 --device cuda \
-    --precision bf16 --batch-size 256 --no-cache --profile --quiet 2>&1
-done
 
 section "slide-sized runs (scripts/gpu-longrun.sh)"
 scripts/gpu-longrun.sh "$OUT_DIR"

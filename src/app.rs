@@ -55,9 +55,14 @@ fn report_sample(cfg: &crate::extract::ExtractConfig, summary: &crate::extract::
     if cfg.profile {
         let t = &p.timings_s;
         eprintln!(
-            "tilefeat: profile: startup {:.2} s, pipeline {:.2} s ({:.1} tiles/s) wall; summed over threads (s): read {:.2}, hash {:.2}, cache lookup {:.2}, decode {:.2}, resize {:.2}, model waiting for tiles {:.2}, model warm-up (first batches) {:.2}, model compute {:.2}, format {:.2}, write {:.2}",
-            t.startup, t.pipeline, p.tiles.found as f64 / t.pipeline.max(1e-9), t.read, t.hash, t.cache_lookup, t.decode, t.resize, t.model_waiting_for_tiles, t.model_warmup, t.model_compute, t.format, t.write
+            "tilefeat: profile: startup {:.2} s (weights {:.2}, device and model {:.2}, cache {:.2}), pipeline {:.2} s ({:.1} tiles/s) wall; summed over threads (s): read {:.2}, hash {:.2}, cache lookup {:.2}, decode {:.2}, resize {:.2}, model stage waiting for tiles {:.2}, batches waiting for a model worker {:.2}, model workers waiting for a batch {:.2}, model warm-up (first batches) {:.2}, model compute {:.2}, format {:.2}, write {:.2}",
+            t.startup, t.setup_weights, t.setup_model, t.setup_cache, t.pipeline, p.tiles.found as f64 / t.pipeline.max(1e-9), t.read, t.hash, t.cache_lookup, t.decode, t.resize, t.model_waiting_for_tiles, t.batches_waiting_for_workers, t.workers_waiting_for_batches, t.model_warmup, t.model_compute, t.format, t.write
         );
+        if let Some(r) = p.steady_tiles_per_s {
+            eprintln!(
+                "tilefeat: profile: steady state once the model workers were warm: {r:.1} tiles/s computed"
+            );
+        }
         if let (Some(w), Some(c)) = (&p.cuda_waits, &p.cudnn_algorithms) {
             let streams = p.cuda_streams.as_deref().unwrap_or("?");
             eprintln!(

@@ -282,10 +282,13 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
             let stream = cuda.as_ref().and_then(|c| c.worker_stream);
             scope.spawn(move || {
                 tch::set_num_threads(per_worker as i32);
-                // As `extract`'s model workers (TILEFEAT_CUDA_STREAMS): the same ceiling.
+                // A stream each, as `extract`'s model workers: the same ceiling.
                 if let Some(i) = stream {
                     if let Err(e) = crate::device::use_worker_stream(i) {
-                        panic!("TILEFEAT_CUDA_STREAMS: cannot give a worker its own stream: {e}");
+                        panic!(
+                            "cannot give a model worker its own CUDA stream: {e} \
+                             (TILEFEAT_CUDA_STREAMS=0 makes the workers share the default stream)"
+                        );
                     }
                 }
                 loop {

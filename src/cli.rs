@@ -129,8 +129,8 @@ pub enum OnError {
 TILEFEAT_NO_HEAP_TUNING=1 keeps glibc's heap defaults (less memory, slower on a CPU); \
 TILEFEAT_CUDNN_BENCHMARK=1 autotunes cuDNN's algorithms on each model worker's first batch \
 (default: cuDNN's heuristics); TILEFEAT_CUDA_SLEEP=1 makes threads sleep while they wait for \
-the GPU (default: CUDA's own choice, which spins while CPUs are free); TILEFEAT_CUDA_STREAMS=1 \
-gives each GPU model worker a CUDA stream of its own (default: they share the default stream)."
+the GPU (default: CUDA's own choice, which spins while CPUs are free); TILEFEAT_CUDA_STREAMS=0 \
+makes the GPU model workers share the device's default stream (default: a stream each)."
 )]
 pub struct ExtractArgs {
     /// Folder holding one sample's tiles (searched recursively). Several folders (with

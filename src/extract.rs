@@ -469,8 +469,8 @@ struct Runner {
     size: i64,
     /// Pad partial batches to this size (one input shape: cuDNN plans are made once).
     pad_to: Option<usize>,
-    /// Give each model worker a CUDA stream of its own on this device
-    /// (`TILEFEAT_CUDA_STREAMS`, see `device::configure_cuda`).
+    /// Give each model worker a CUDA stream of its own on this device (the default; see
+    /// `device::configure_cuda`).
     worker_stream: Option<usize>,
 }
 
@@ -532,7 +532,8 @@ impl BatchModel for Runner {
         match self.worker_stream {
             Some(i) => crate::device::use_worker_stream(i).map_err(|e| {
                 anyhow::anyhow!(
-                    "TILEFEAT_CUDA_STREAMS: cannot give a model worker its own CUDA stream: {e}"
+                    "cannot give a model worker its own CUDA stream: {e} \
+                     (TILEFEAT_CUDA_STREAMS=0 makes the workers share the default stream)"
                 )
             }),
             None => Ok(()),
@@ -593,6 +594,15 @@ pub struct Summary {
 struct Shared {
     weights: Option<Weights>,
     session: Option<Session>,
+    /// Seconds the set-up took (`setup_*` of [`Timings`]), until a sample reports them.
+    setup: SetupTimes,
+}
+
+#[derive(Default)]
+struct SetupTimes {
+    weights: f64,
+    model: f64,
+    cache: f64,
 }
 
 struct Session {
@@ -608,13 +618,17 @@ impl Shared {
             if cfg.weights.is_random() && !cfg.quiet {
                 eprintln!("tilefeat: WARNING: {RANDOM_WEIGHTS_WARNING}");
             }
+            let t = Instant::now();
             self.weights = Some(Weights::load(&cfg.weights, cfg.layer).kind(ExitKind::Weights)?);
+            self.setup.weights = t.elapsed().as_secs_f64();
         }
         Ok(self.weights.as_ref().expect("just loaded"))
     }
 
     fn session(&mut self, cfg: &ExtractConfig, fingerprint: &Fingerprint) -> Result<&Session> {
         if self.session.is_none() {
+            self.weights(cfg)?;
+            let t = Instant::now();
             let cuda = configure_cuda(cfg.device);
             let opts = RunOptions {
                 device: cfg.device,
@@ -627,10 +641,13 @@ impl Shared {
             let pad_to = matches!(cfg.device, Device::Cuda(_)).then_some(cfg.batch_size);
             let worker_stream = cuda.as_ref().and_then(|c| c.worker_stream);
             let runner = Runner::new(model, cfg.normalize, cfg.size, pad_to, worker_stream);
+            let t_cache = Instant::now();
+            self.setup.model = (t_cache - t).as_secs_f64();
             let cache = match &cfg.cache_dir {
                 Some(d) => Some(Cache::open(d, fingerprint)?),
                 None => None,
             };
+            self.setup.cache = t_cache.elapsed().as_secs_f64();
             self.session = Some(Session {
                 runner,
                 cuda,
@@ -781,7 +798,9 @@ fn extract_sample(
     let dim = feature_dim(cfg.layer);
     let csv = features_csv(&cfg.output, dim)?;
 
-    let session = shared.session(cfg, &fingerprint).map_err(Failure::Shared)?;
+    shared.session(cfg, &fingerprint).map_err(Failure::Shared)?;
+    let setup = std::mem::take(&mut shared.setup);
+    let session = shared.session.as_ref().expect("set up above");
     let cache = session.cache.as_ref();
     let before = cache.map(|c| c.counters());
 
@@ -790,6 +809,11 @@ fn extract_sample(
     let mut state = pipeline(cfg, &tiles, &session.runner, cache, csv, &mut progress, dim)?;
     progress.finish();
     state.timings.startup = (pipeline_start - start).as_secs_f64();
+    (
+        state.timings.setup_weights,
+        state.timings.setup_model,
+        state.timings.setup_cache,
+    ) = (setup.weights, setup.model, setup.cache);
     state.timings.pipeline = pipeline_start.elapsed().as_secs_f64();
     // The CSV is in place: if what must go beside it cannot be written, take it back.
     finish_sample(
@@ -921,6 +945,7 @@ fn finish_sample(
         cudnn_algorithms: cuda.map(|c| c.cudnn.clone()),
         elapsed_s: round3(elapsed),
         tiles_per_s: round3(found as f64 / elapsed.max(1e-9)),
+        steady_tiles_per_s: state.steady_tiles_per_s.map(round3),
         timings_s: state.timings.rounded(),
     };
     crate::output::write_atomic(
@@ -942,6 +967,8 @@ pub(crate) struct PipelineState {
     pub hits: usize,
     pub skipped: Vec<Skipped>,
     pub timings: Timings,
+    /// See `Provenance::steady_tiles_per_s`.
+    pub steady_tiles_per_s: Option<f64>,
 }
 
 /// Messages to the formatting threads: groups of finished rows, numbered in tile order, then
@@ -986,6 +1013,8 @@ struct BatchDone {
     /// The batch's pixel buffer, handed back for the next batch to fill.
     pixels: PixelBuf,
     secs: f64,
+    /// How long the worker waited for this batch.
+    idle: f64,
     /// This worker's first batch: on a GPU it also loads kernels and builds cuDNN's plans
     /// (which libtorch keeps per thread), so it is timed apart.
     first: bool,
@@ -1076,7 +1105,10 @@ pub(crate) fn pipeline(
                     Err(msg) => Err(format!("libtorch failed: {}", first_line(&msg))),
                 };
                 let mut first = true;
-                for mut job in batch_rx.iter() {
+                loop {
+                    let t = Instant::now();
+                    let Ok(mut job) = batch_rx.recv() else { return };
+                    let idle = t.elapsed().as_secs_f64();
                     let t = Instant::now();
                     // A panic (tch panics when libtorch fails, e.g. out of GPU memory) is
                     // this batch's error: an ended worker would leave the run waiting forever.
@@ -1094,6 +1126,7 @@ pub(crate) fn pipeline(
                             features,
                             pixels: job.pixels,
                             secs,
+                            idle,
                             first: std::mem::replace(&mut first, false),
                         })
                         .is_err()
@@ -1287,6 +1320,17 @@ struct ModelStage<'a> {
     compute: f64,
     /// Model workers' first batches (see [`BatchDone::first`]).
     warmup: f64,
+    /// Model workers waiting for batches, summed.
+    workers_idle: f64,
+    /// Waiting in `dispatch` for a worker to take the queued batch.
+    dispatch_blocked: f64,
+    /// Workers whose first batch came back; when the last of them did.
+    warm_workers: usize,
+    warm_at: Option<Instant>,
+    /// Batches and tiles back since `warm_at`, and when the last came.
+    steady_batches: usize,
+    steady_tiles: usize,
+    last_back: Option<Instant>,
     /// Makes a pixel buffer for a batch (the model's kind: on a GPU, page-locked).
     new_buffer: &'a dyn Fn() -> PixelBuf,
     /// Pixel buffers of finished batches, reused (a GPU batch of 256 is 38 MB: allocating it
@@ -1331,9 +1375,17 @@ impl<'a> ModelStage<'a> {
                 hits: 0,
                 skipped: Vec::new(),
                 timings: Timings::default(),
+                steady_tiles_per_s: None,
             },
             compute: 0.0,
             warmup: 0.0,
+            workers_idle: 0.0,
+            dispatch_blocked: 0.0,
+            warm_workers: 0,
+            warm_at: None,
+            steady_batches: 0,
+            steady_tiles: 0,
+            last_back: None,
             new_buffer,
             spare: Vec::new(),
         }
@@ -1454,6 +1506,7 @@ impl<'a> ModelStage<'a> {
                 hits: 0,
                 skipped: Vec::new(),
                 timings: Timings::default(),
+                steady_tiles_per_s: None,
             },
         );
         st.timings = Timings {
@@ -1465,7 +1518,15 @@ impl<'a> ModelStage<'a> {
             model_waiting_for_tiles: waiting,
             model_warmup: self.warmup,
             model_compute: self.compute,
+            workers_waiting_for_batches: self.workers_idle,
+            batches_waiting_for_workers: self.dispatch_blocked,
             ..Timings::default()
+        };
+        st.steady_tiles_per_s = match (self.warm_at, self.last_back) {
+            (Some(a), Some(b)) if self.steady_batches >= 4 * self.n_model && b > a => {
+                Some(self.steady_tiles as f64 / (b - a).as_secs_f64())
+            }
+            _ => None,
         };
         st
     }
@@ -1496,7 +1557,10 @@ impl<'a> ModelStage<'a> {
                     let mut sel = crossbeam_channel::Select::new();
                     sel.send(&self.batches);
                     let r = sel.recv(&self.done);
-                    if sel.ready() == r {
+                    let t = Instant::now();
+                    let ready = sel.ready();
+                    self.dispatch_blocked += t.elapsed().as_secs_f64();
+                    if ready == r {
                         match self.done.try_recv() {
                             Ok(d) => self.receive(d)?,
                             Err(crossbeam_channel::TryRecvError::Disconnected) => {
@@ -1520,6 +1584,7 @@ impl<'a> ModelStage<'a> {
 
     fn receive(&mut self, mut d: BatchDone) -> Result<()> {
         self.outstanding -= 1;
+        self.workers_idle += d.idle;
         let mut pixels = std::mem::replace(&mut d.pixels, PixelBuf::host(0));
         // A failed batch's upload may still be reading its buffer (nothing waited for the
         // stream): never refill that one; libtorch frees it once the copy is done.
@@ -1531,6 +1596,17 @@ impl<'a> ModelStage<'a> {
             self.warmup += d.secs;
         } else {
             self.compute += d.secs;
+        }
+        let now = Instant::now();
+        if d.first {
+            self.warm_workers += 1;
+            if self.warm_workers == self.n_model {
+                self.warm_at = Some(now);
+            }
+        } else if self.warm_at.is_some() {
+            self.steady_batches += 1;
+            self.steady_tiles += d.features.as_ref().map_or(0, |f| f.len() / self.dim.max(1));
+            self.last_back = Some(now);
         }
         let feats = d.features.with_context(|| {
             let first = self.pending.iter().find_map(|r| match r.state {

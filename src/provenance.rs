@@ -69,11 +69,22 @@ pub struct CacheInfo {
 /// Seconds spent per stage, summed over the threads doing it; `startup` and `pipeline` are
 /// wall-clock: listing the tiles, loading the weights, building the model (on a GPU: creating
 /// the CUDA context) and opening the cache; then everything from the first tile read to the
-/// last row written, the model workers' first batches (`model_warmup`) included.
+/// last row written, the model workers' first batches (`model_warmup`) included. Of
+/// `startup`, `setup_weights`, `setup_model` and `setup_cache` are the shared set-up's parts
+/// (the first sample of a command pays them; later samples show 0).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Timings {
     #[serde(default)]
     pub startup: f64,
+    /// Reading and checking the weights (or generating `random:SEED`).
+    #[serde(default)]
+    pub setup_weights: f64,
+    /// The device (on a GPU: CUDA context, cuDNN set-up) and the model built on it.
+    #[serde(default)]
+    pub setup_model: f64,
+    /// Opening the cache (reading its index).
+    #[serde(default)]
+    pub setup_cache: f64,
     #[serde(default)]
     pub pipeline: f64,
     pub read: f64,
@@ -82,6 +93,13 @@ pub struct Timings {
     pub decode: f64,
     pub resize: f64,
     pub model_waiting_for_tiles: f64,
+    /// Model workers waiting for a batch, summed over them: the batches came too slowly.
+    #[serde(default)]
+    pub workers_waiting_for_batches: f64,
+    /// The model stage waiting to hand over a full batch (every worker busy, one queued): the
+    /// device is the bound.
+    #[serde(default)]
+    pub batches_waiting_for_workers: f64,
     /// Each model worker's first batch, summed, on a GPU (0 on the CPU): it also loads kernels
     /// and builds cuDNN's plans (autotuning them with `TILEFEAT_CUDNN_BENCHMARK=1`).
     #[serde(default)]
@@ -100,6 +118,9 @@ impl Timings {
         let r = |x: f64| (x * 1000.0).round() / 1000.0;
         Timings {
             startup: r(self.startup),
+            setup_weights: r(self.setup_weights),
+            setup_model: r(self.setup_model),
+            setup_cache: r(self.setup_cache),
             pipeline: r(self.pipeline),
             read: r(self.read),
             hash: r(self.hash),
@@ -107,6 +128,8 @@ impl Timings {
             decode: r(self.decode),
             resize: r(self.resize),
             model_waiting_for_tiles: r(self.model_waiting_for_tiles),
+            workers_waiting_for_batches: r(self.workers_waiting_for_batches),
+            batches_waiting_for_workers: r(self.batches_waiting_for_workers),
             model_warmup: r(self.model_warmup),
             model_compute: r(self.model_compute),
             format: r(self.format),
@@ -154,6 +177,12 @@ pub struct Provenance {
     pub cudnn_algorithms: Option<String>,
     pub elapsed_s: f64,
     pub tiles_per_s: f64,
+    /// Computed tiles per second once warm: from the moment every model worker had finished
+    /// its first batch (on a GPU: kernels loaded, cuDNN plans made) to the last batch back.
+    /// Comparable with `tilefeat bench` (model-only, warm-up excluded); absent when fewer than
+    /// 4 batches per worker came after the first ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steady_tiles_per_s: Option<f64>,
     pub timings_s: Timings,
 }
 

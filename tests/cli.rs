@@ -430,6 +430,7 @@ fn profile_reports_wall_times_and_stage_times() {
         .unwrap_or_else(|| panic!("no profile line in:\n{stderr}"));
     for part in [
         "startup",
+        "device and model",
         "pipeline",
         "tiles/s",
         "decode",
@@ -453,12 +454,57 @@ fn profile_reports_wall_times_and_stage_times() {
     assert!(startup > 0.0 && pipeline > 0.0, "{t:?}");
     // Both are parts of the run's wall time (rounded to ms each).
     assert!(startup + pipeline <= elapsed + 0.002, "{t:?} vs {elapsed}");
+    // The shared set-up's parts are parts of the start-up.
+    let setup: Vec<f64> = ["setup_weights", "setup_model", "setup_cache"]
+        .iter()
+        .map(|k| t[*k].as_f64().unwrap_or_else(|| panic!("no {k} in {t:?}")))
+        .collect();
+    assert!(setup[0] > 0.0 && setup[1] > 0.0, "{t:?}");
+    assert!(setup.iter().sum::<f64>() <= startup + 0.003, "{t:?}");
     // On the CPU a worker's first batch is ordinary compute, not a GPU warm-up (regression:
     // a run of one batch per worker once reported all its compute as warm-up).
     assert!(t["model_compute"].as_f64().unwrap() > 0.0);
     assert_eq!(t["model_warmup"].as_f64(), Some(0.0), "{t:?}");
     assert!(t["format"].as_f64().unwrap() >= 0.0, "{t:?}");
     assert!(prov.get("cuda_waits").is_none() && prov.get("cudnn_algorithms").is_none());
+}
+
+/// Once every model worker has finished its first batch, the computed tiles per second up to
+/// the last batch are the run's steady state: reported when enough batches came after the
+/// first ones, left out when too few did (one batch: nothing to measure).
+#[test]
+fn steady_state_is_reported_when_there_are_batches_to_measure() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("f.csv");
+    // One worker, six batches of one tile: the first warms up, five follow.
+    let o = extract_cmd(&demo_sample("sampleA"), &out)
+        .args(["--threads", "1", "--batch-size", "1"])
+        .args(["--profile", "--quiet", "--no-cache"])
+        .assert()
+        .success();
+    let stderr = String::from_utf8_lossy(&o.get_output().stderr).into_owned();
+    let prov = provenance(&out);
+    let steady = prov["steady_tiles_per_s"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no steady_tiles_per_s in {prov:?}"));
+    assert!(steady > 0.0, "{steady}");
+    assert!(
+        stderr.contains("steady state once the model workers were warm"),
+        "{stderr}"
+    );
+    // Which side waited is in the timings, on the CPU as on a GPU.
+    let t = &prov["timings_s"];
+    for k in ["workers_waiting_for_batches", "batches_waiting_for_workers"] {
+        assert!(t[k].as_f64().is_some_and(|v| v >= 0.0), "{k} in {t:?}");
+    }
+    // One batch for the whole sample: no steady state to speak of.
+    let out1 = d.path().join("one.csv");
+    extract_cmd(&demo_sample("sampleA"), &out1)
+        .args(["--threads", "1", "--batch-size", "8"])
+        .args(["--quiet", "--no-cache"])
+        .assert()
+        .success();
+    assert!(provenance(&out1).get("steady_tiles_per_s").is_none());
 }
 
 /// sampleA's six tiles, and one that is not an image.
