@@ -125,7 +125,8 @@ pub enum OnError {
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Tuning (environment; the GPU settings are recorded in the provenance): \
+    after_help = "Tuning (environment switches: 0, false, no or off turn one off, any other value \
+on; the GPU settings are recorded in the provenance): \
 TILEFEAT_NO_HEAP_TUNING=1 keeps glibc's heap defaults (less memory, slower on a CPU); \
 TILEFEAT_CUDNN_BENCHMARK=1 autotunes cuDNN's algorithms on each model worker's first batch \
 (default: cuDNN's heuristics); TILEFEAT_CUDA_SLEEP=1 makes threads sleep while they wait for \

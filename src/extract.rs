@@ -607,6 +607,8 @@ struct SetupTimes {
 
 struct Session {
     runner: Runner,
+    /// Started with the model, shared by the samples (see [`ModelWorkers`]).
+    workers: ModelWorkers,
     cuda: Option<CudaSetup>,
     cache: Option<Cache>,
     entries_at_open: usize,
@@ -648,7 +650,9 @@ impl Shared {
                 None => None,
             };
             self.setup.cache = t_cache.elapsed().as_secs_f64();
+            let workers = ModelWorkers::start(&runner, cfg.device, cfg.torch_threads);
             self.session = Some(Session {
+                workers,
                 runner,
                 cuda,
                 entries_at_open: cache.as_ref().map_or(0, |c| c.len()),
@@ -765,6 +769,9 @@ fn extract_sample(
     command: Vec<String>,
     out: &mut dyn Write,
 ) -> Result<Option<Summary>, Failure> {
+    // This sample's start-up reports the shared set-up it paid for itself (not what an earlier
+    // sample that then failed paid).
+    shared.setup = SetupTimes::default();
     let listing = find_some_tiles(&cfg.tile_dir)?;
     for w in &listing.warnings {
         if !cfg.quiet {
@@ -806,7 +813,16 @@ fn extract_sample(
 
     let mut progress = Progress::new(tiles.len(), cfg.quiet);
     let pipeline_start = Instant::now();
-    let mut state = pipeline(cfg, &tiles, &session.runner, cache, csv, &mut progress, dim)?;
+    let mut state = pipeline_on(
+        cfg,
+        &tiles,
+        &session.runner,
+        &session.workers,
+        cache,
+        csv,
+        &mut progress,
+        dim,
+    )?;
     progress.finish();
     state.timings.startup = (pipeline_start - start).as_secs_f64();
     (
@@ -1015,6 +1031,9 @@ struct BatchDone {
     secs: f64,
     /// How long the worker waited for this batch.
     idle: f64,
+    /// The worker's first batch of this sample (its first ever, or its first after an
+    /// earlier sample of the command).
+    first_in_sample: bool,
     /// This worker's first batch: on a GPU it also loads kernels and builds cuDNN's plans
     /// (which libtorch keeps per thread), so it is timed apart.
     first: bool,
@@ -1031,10 +1050,129 @@ pub fn model_workers(device: Device, torch_threads: usize) -> (usize, usize) {
     }
 }
 
-pub(crate) fn pipeline(
+/// The model worker threads. They outlive a sample: `extract DIR... --outdir` starts them
+/// once, with the model, and each sample hands them its batches ([`Assignment`]), so on a
+/// GPU only the first sample's first batches pay the warm-up (kernels loaded, cuDNN plans
+/// made, which libtorch keeps per thread; later samples' new threads took 0.13-0.15 s each
+/// on an H200). Results go back on the sample's own channel, so samples never mix: a sample
+/// that stops early drops its channels, and a worker still busy with one of its batches
+/// finds no one to reply to and moves on to the next sample. Dropping `ModelWorkers` stops
+/// and joins the threads.
+pub(crate) struct ModelWorkers {
+    control: Vec<Sender<Assignment>>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// One sample's work for a model worker: batches to take, and where the results go.
+struct Assignment {
+    jobs: Receiver<BatchJob>,
+    done: Sender<BatchDone>,
+}
+
+impl ModelWorkers {
+    /// Start the workers for `device` (see [`model_workers`]), each with its own handle on
+    /// `model`'s (shared) weights.
+    pub(crate) fn start<M: BatchModel + 'static>(
+        model: &M,
+        device: Device,
+        torch_threads: usize,
+    ) -> ModelWorkers {
+        let (n_model, model_threads) = model_workers(device, torch_threads);
+        let mut control = Vec::new();
+        let mut handles = Vec::new();
+        for _ in 0..n_model {
+            let (tx, rx) = crossbeam_channel::unbounded::<Assignment>();
+            let worker = model.fork();
+            handles.push(std::thread::spawn(move || {
+                worker_loop(worker, model_threads, rx)
+            }));
+            control.push(tx);
+        }
+        ModelWorkers { control, handles }
+    }
+
+    fn len(&self) -> usize {
+        self.control.len()
+    }
+}
+
+impl Drop for ModelWorkers {
+    fn drop(&mut self) {
+        self.control.clear();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A model worker: set up once, then each sample's batches until that sample's queue closes.
+fn worker_loop<M: BatchModel>(worker: M, threads: usize, control: Receiver<Assignment>) {
+    tch::set_num_threads(threads as i32);
+    // A worker that cannot start fails each batch it gets, so the run stops with the reason
+    // (tch panics when libtorch fails: caught the same way).
+    let started = match crate::error::catch_panic(|| worker.start_worker()) {
+        Ok(r) => r.map_err(|e| format!("{e:#}")),
+        Err(msg) => Err(format!("libtorch failed: {}", first_line(&msg))),
+    };
+    let mut first = true;
+    for sample in control.iter() {
+        let mut first_in_sample = true;
+        loop {
+            let t = Instant::now();
+            let Ok(mut job) = sample.jobs.recv() else {
+                break;
+            };
+            let idle = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            // A panic (tch panics when libtorch fails, e.g. out of GPU memory) is this
+            // batch's error: a dead worker would leave the run waiting forever.
+            let features = match &started {
+                Err(e) => Err(anyhow::anyhow!("{e}")),
+                Ok(()) => crate::error::catch_panic(|| worker.run(&mut job.pixels, job.n))
+                    .unwrap_or_else(|msg| {
+                        Err(anyhow::anyhow!("libtorch failed: {}", first_line(&msg)))
+                    }),
+            };
+            let secs = t.elapsed().as_secs_f64();
+            let was_first = std::mem::replace(&mut first, false);
+            let done = BatchDone {
+                id: job.id,
+                features,
+                pixels: job.pixels,
+                secs,
+                idle,
+                first: was_first,
+                first_in_sample: std::mem::replace(&mut first_in_sample, false),
+            };
+            if sample.done.send(done).is_err() {
+                break; // that sample has stopped: on to the next
+            }
+        }
+    }
+}
+
+/// [`pipeline_on`] with model workers of its own (started for this run, stopped after it).
+pub(crate) fn pipeline<M: BatchModel + 'static>(
+    cfg: &ExtractConfig,
+    tiles: &[Tile],
+    runner: &M,
+    cache: Option<&Cache>,
+    csv: AtomicFile,
+    progress: &mut Progress,
+    dim: usize,
+) -> Result<PipelineState> {
+    let workers = ModelWorkers::start(runner, cfg.device, cfg.torch_threads);
+    pipeline_on(cfg, tiles, runner, &workers, cache, csv, progress, dim)
+}
+
+/// One sample's run through `workers` (which outlive it: see [`ModelWorkers`]); `runner`
+/// makes the batch buffers.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pipeline_on(
     cfg: &ExtractConfig,
     tiles: &[Tile],
     runner: &impl BatchModel,
+    workers: &ModelWorkers,
     cache: Option<&Cache>,
     csv: AtomicFile,
     progress: &mut Progress,
@@ -1042,7 +1180,7 @@ pub(crate) fn pipeline(
 ) -> Result<PipelineState> {
     let size = cfg.size as usize;
     let batch = cfg.batch_size;
-    let (n_model, model_threads) = model_workers(cfg.device, cfg.torch_threads);
+    let n_model = workers.len();
     let window = (2 * n_model * batch + 2 * batch)
         .max(4 * cfg.decode_threads)
         .max(16);
@@ -1091,52 +1229,18 @@ pub(crate) fn pipeline(
         }
         drop(job_rx);
         drop(item_tx);
-        // Model workers, each with its own handle on the (shared) weights.
-        for _ in 0..n_model {
-            let batch_rx = batch_rx.clone();
-            let done_tx = done_tx.clone();
-            let worker = runner.fork();
-            scope.spawn(move || {
-                tch::set_num_threads(model_threads as i32);
-                // A worker that cannot start fails each batch it gets, so the run stops with
-                // the reason (tch panics when libtorch fails: caught the same way).
-                let started = match crate::error::catch_panic(|| worker.start_worker()) {
-                    Ok(r) => r.map_err(|e| format!("{e:#}")),
-                    Err(msg) => Err(format!("libtorch failed: {}", first_line(&msg))),
-                };
-                let mut first = true;
-                loop {
-                    let t = Instant::now();
-                    let Ok(mut job) = batch_rx.recv() else { return };
-                    let idle = t.elapsed().as_secs_f64();
-                    let t = Instant::now();
-                    // A panic (tch panics when libtorch fails, e.g. out of GPU memory) is
-                    // this batch's error: an ended worker would leave the run waiting forever.
-                    let features = match &started {
-                        Err(e) => Err(anyhow::anyhow!("{e}")),
-                        Ok(()) => crate::error::catch_panic(|| worker.run(&mut job.pixels, job.n))
-                            .unwrap_or_else(|msg| {
-                                Err(anyhow::anyhow!("libtorch failed: {}", first_line(&msg)))
-                            }),
-                    };
-                    let secs = t.elapsed().as_secs_f64();
-                    if done_tx
-                        .send(BatchDone {
-                            id: job.id,
-                            features,
-                            pixels: job.pixels,
-                            secs,
-                            idle,
-                            first: std::mem::replace(&mut first, false),
-                        })
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            });
+        // This sample's batches go to the model workers, whose results come back here.
+        for w in &workers.control {
+            let assignment = Assignment {
+                jobs: batch_rx.clone(),
+                done: done_tx.clone(),
+            };
+            if w.send(assignment).is_err() {
+                return Err(anyhow::anyhow!("model workers stopped unexpectedly"));
+            }
         }
-        drop(batch_rx);
+        // Kept to throw away what is still queued if this sample stops early (below).
+        let queued = batch_rx;
         drop(done_tx);
         // Writer: CSV text is made on a few threads, a group of rows each (2,048 floats take
         // 50-100 us a row: one thread would bound a GPU run near 15,000 rows/s), while one
@@ -1175,6 +1279,12 @@ pub(crate) fn pipeline(
         );
         let result = stage.run(item_rx, credit_tx, progress);
         drop(stage);
+        // A sample that stopped early: its queued batch is not computed (the workers, which
+        // outlive this sample, would otherwise run it for no one), and its buffer is freed.
+        for stale in queued.try_iter() {
+            drop(stale);
+        }
+        drop(queued);
         let write_result = writer.join().expect("writer thread panicked");
         let (mut state, (write_secs, format_secs)) = match (result, write_result) {
             // A cache failure in the writer matters more than what the model stage met after
@@ -1324,7 +1434,7 @@ struct ModelStage<'a> {
     workers_idle: f64,
     /// Waiting in `dispatch` for a worker to take the queued batch.
     dispatch_blocked: f64,
-    /// Workers whose first batch came back; when the last of them did.
+    /// Workers whose first batch of this sample came back; when the last of them did.
     warm_workers: usize,
     warm_at: Option<Instant>,
     /// Batches and tiles back since `warm_at`, and when the last came.
@@ -1597,8 +1707,11 @@ impl<'a> ModelStage<'a> {
         } else {
             self.compute += d.secs;
         }
+        // The steady state starts once every worker has had its first batch of this sample
+        // back: in the first sample of a command that is its warm-up (kernels, cuDNN plans),
+        // in later ones the pipeline filling up again.
         let now = Instant::now();
-        if d.first {
+        if d.first_in_sample {
             self.warm_workers += 1;
             if self.warm_workers == self.n_model {
                 self.warm_at = Some(now);
@@ -1876,6 +1989,128 @@ mod tests {
                 && !e.contains("Exception raised"),
             "{e}"
         );
+    }
+
+    /// The model workers of one command serve its samples one after the other: each worker is
+    /// set up once, and a sample that fails on a batch leaves nothing behind for the next one,
+    /// whose rows are those of a run on fresh workers.
+    #[test]
+    fn model_workers_serve_several_samples_without_mixing_them() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        struct Counting {
+            starts: Arc<AtomicUsize>,
+            calls: Arc<AtomicUsize>,
+            fail_call: usize,
+            inner: NullModel,
+        }
+        impl BatchModel for Counting {
+            fn fork(&self) -> Self {
+                Counting {
+                    starts: self.starts.clone(),
+                    calls: self.calls.clone(),
+                    fail_call: self.fail_call,
+                    inner: self.inner.fork(),
+                }
+            }
+            fn buffer(&self, tiles: usize) -> PixelBuf {
+                self.inner.buffer(tiles)
+            }
+            fn start_worker(&self) -> Result<()> {
+                self.starts.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+            fn run(&self, pixels: &mut PixelBuf, n: usize) -> Result<Vec<f32>> {
+                let call = self.calls.fetch_add(1, Ordering::SeqCst);
+                if call == self.fail_call {
+                    anyhow::bail!("simulated failure");
+                }
+                if call == self.fail_call + 1 {
+                    // Still busy with the failed sample's batch when the next one starts.
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                }
+                self.inner.run(pixels, n)
+            }
+        }
+        let d = tempfile::tempdir().unwrap();
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo/tiles/sampleA");
+        let tiles = find_some_tiles(&dir).unwrap().tiles;
+        let model = Counting {
+            starts: Arc::new(AtomicUsize::new(0)),
+            calls: Arc::new(AtomicUsize::new(0)),
+            // Sample 1 takes calls 0-2 (three batches of two); sample 2 fails on its second.
+            fail_call: 4,
+            inner: null_model(),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = d.path().to_path_buf();
+        let starts = model.starts.clone();
+        std::thread::spawn(move || {
+            let workers = ModelWorkers::start(&model, Device::Cpu, 2);
+            let mut results = Vec::new();
+            for k in 0..3 {
+                let path = out.join(format!("s{k}.csv"));
+                let cfg = ExtractConfig::for_pipeline_bench(
+                    &dir,
+                    &path,
+                    2,
+                    2,
+                    32,
+                    crate::cli::Layer::Layer4,
+                    Precision::Fp32,
+                );
+                let csv = AtomicFile::create(&path).unwrap();
+                let mut progress = Progress::new(tiles.len(), true);
+                let r = pipeline_on(
+                    &cfg,
+                    &tiles,
+                    &model,
+                    &workers,
+                    None,
+                    csv,
+                    &mut progress,
+                    2048,
+                );
+                results.push(
+                    r.map(|_| std::fs::read(&path).unwrap())
+                        .map_err(|e| format!("{e:#}")),
+                );
+            }
+            // A run of its own, on fresh workers.
+            let path = out.join("fresh.csv");
+            let cfg = ExtractConfig::for_pipeline_bench(
+                &dir,
+                &path,
+                2,
+                2,
+                32,
+                crate::cli::Layer::Layer4,
+                Precision::Fp32,
+            );
+            let csv = AtomicFile::create(&path).unwrap();
+            let mut progress = Progress::new(tiles.len(), true);
+            pipeline(&cfg, &tiles, &null_model(), None, csv, &mut progress, 2048).unwrap();
+            results.push(Ok(std::fs::read(&path).unwrap()));
+            drop(workers);
+            let _ = tx.send(results);
+        });
+        let results = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the runs hung");
+        let fresh = results[3].as_ref().unwrap();
+        assert_eq!(results[0].as_ref().unwrap(), fresh);
+        let e = results[1].as_ref().expect_err("the second sample fails");
+        assert!(e.contains("simulated failure"), "{e}");
+        assert!(
+            !d.path().join("s1.csv").exists(),
+            "nothing under its final name"
+        );
+        assert_eq!(
+            results[2].as_ref().unwrap(),
+            fresh,
+            "the third is not mixed up"
+        );
+        assert_eq!(starts.load(Ordering::SeqCst), 2, "each worker set up once");
     }
 
     /// A model worker that cannot be set up (say, no CUDA stream for it) fails the run with

@@ -24,16 +24,21 @@ pub mod tiles;
 pub mod weights;
 
 /// Whether an environment switch that is off by default (`TILEFEAT_NO_HEAP_TUNING`,
-/// `TILEFEAT_CUDNN_BENCHMARK`, `TILEFEAT_CUDA_SLEEP`) is on: set, not empty and not `0`.
+/// `TILEFEAT_CUDNN_BENCHMARK`, `TILEFEAT_CUDA_SLEEP`) is on (see [`switch_value`]).
 pub fn env_on(name: &str) -> bool {
     env_switch(name, false)
 }
 
-/// An environment switch: `0` turns it off, any other non-empty value on; unset or empty
-/// leaves `default` (`TILEFEAT_CUDA_STREAMS` is on by default).
+/// An environment switch (`TILEFEAT_CUDA_STREAMS` is on by default): see [`switch_value`].
 pub fn env_switch(name: &str, default: bool) -> bool {
-    match std::env::var_os(name) {
-        Some(v) if !v.is_empty() => v != "0",
+    switch_value(std::env::var_os(name).as_deref(), default)
+}
+
+/// A switch's value: `0`, `false`, `no` or `off` (any case) turn it off, any other non-empty
+/// value on; unset or empty leaves `default`.
+pub fn switch_value(value: Option<&std::ffi::OsStr>, default: bool) -> bool {
+    match value.map(|v| v.to_string_lossy().trim().to_ascii_lowercase()) {
+        Some(v) if !v.is_empty() => !matches!(v.as_str(), "0" | "false" | "no" | "off"),
         _ => default,
     }
 }
@@ -45,11 +50,11 @@ pub const TCH_VERSION: &str = "0.24.0";
 mod tests {
     use super::*;
 
-    /// `0` is off and anything else on, whatever the default; unset or empty keeps it (the
-    /// streams switch is on by default, the others off).
+    /// `0` (and false/no/off) is off and anything else on, whatever the default; unset or
+    /// empty keeps it (the streams switch is on by default, the others off).
     #[test]
     fn switches_read_zero_as_off_and_keep_their_default_when_unset() {
-        let name = "TILEFEAT_TEST_SWITCH_ONLY_IN_THIS_TEST";
+        use std::ffi::OsStr;
         for (value, default, expected) in [
             (None, true, true),
             (None, false, false),
@@ -57,16 +62,14 @@ mod tests {
             (Some(""), false, false),
             (Some("0"), true, false),
             (Some("0"), false, false),
+            (Some("false"), true, false),
+            (Some("OFF"), true, false),
+            (Some(" no "), true, false),
             (Some("1"), false, true),
             (Some("yes"), true, true),
         ] {
-            match value {
-                Some(v) => std::env::set_var(name, v),
-                None => std::env::remove_var(name),
-            }
-            assert_eq!(env_switch(name, default), expected, "{value:?}, {default}");
+            let got = switch_value(value.map(OsStr::new), default);
+            assert_eq!(got, expected, "{value:?}, {default}");
         }
-        std::env::remove_var(name);
-        assert!(!env_on(name));
     }
 }

@@ -177,10 +177,11 @@ pub struct Provenance {
     pub cudnn_algorithms: Option<String>,
     pub elapsed_s: f64,
     pub tiles_per_s: f64,
-    /// Computed tiles per second once warm: from the moment every model worker had finished
-    /// its first batch (on a GPU: kernels loaded, cuDNN plans made) to the last batch back.
-    /// Comparable with `tilefeat bench` (model-only, warm-up excluded); absent when fewer than
-    /// 4 batches per worker came after the first ones.
+    /// Computed tiles per second once warm: from the moment every model worker had its first
+    /// batch of this sample back (in a command's first sample, its warm-up: on a GPU, kernels
+    /// loaded and cuDNN plans made; in later ones, the pipeline filling up again) to the last
+    /// batch back. Comparable with `tilefeat bench` (model-only, warm-up excluded); absent
+    /// when fewer than 4 batches per worker came after the first ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steady_tiles_per_s: Option<f64>,
     pub timings_s: Timings,

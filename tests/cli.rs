@@ -73,6 +73,7 @@ fn heap_tuning_is_on_unless_the_user_says_otherwise() {
     assert!(line(&[("TILEFEAT_NO_HEAP_TUNING", "1")]).contains("off (TILEFEAT_NO_HEAP_TUNING"));
     // `=0` means off, as for the other TILEFEAT_ switches (it once turned the tuning off).
     assert!(line(&[("TILEFEAT_NO_HEAP_TUNING", "0")]).contains(": on ("));
+    assert!(line(&[("TILEFEAT_NO_HEAP_TUNING", "false")]).contains(": on ("));
     assert!(line(&[("MALLOC_ARENA_MAX", "2")]).contains("off (MALLOC_*"));
 }
 
