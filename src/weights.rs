@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use tch::{Kind, Tensor};
 
 use crate::cli::Layer;
@@ -128,8 +129,15 @@ impl Weights {
             WeightsSource::File(path) => {
                 let bytes = std::fs::read(path)
                     .with_context(|| format!("cannot read weights file {}", path.display()))?;
-                let id = hex::encode(Sha256::digest(&bytes));
-                let tensors = read_state_dict(&bytes)
+                // The file's hash (its identity in the cache key) on another core while it
+                // is parsed: each takes about as long for ResNet50's 100 MB.
+                let (id, tensors) = std::thread::scope(|s| {
+                    let hash = s.spawn(|| hex::encode(Sha256::digest(&bytes)));
+                    let tensors = read_state_dict(&bytes);
+                    (hash.join(), tensors)
+                });
+                let id = id.unwrap_or_else(|p| std::panic::resume_unwind(p));
+                let tensors = tensors
                     .with_context(|| format!("cannot read weights file {}", path.display()))?;
                 let tensors = check_state_dict(tensors, layer)
                     .with_context(|| format!("weights file {} is not usable", path.display()))?;
@@ -397,11 +405,14 @@ fn build_tensor(r: &TensorRef, storage: &[u8]) -> Result<Tensor> {
         .contiguous())
 }
 
-fn collect_tensors(
+/// Build the state dict's tensors from `top` (the unpickled dict), with `storage` giving each
+/// storage's bytes: borrowed from the file's bytes where they lie there as they are (no copy
+/// before the tensor's own).
+fn collect_tensors<'a>(
     top: &Value,
-    mut storage: impl FnMut(&str) -> Result<Vec<u8>>,
+    mut storage: impl FnMut(&str) -> Result<Cow<'a, [u8]>>,
 ) -> Result<HashMap<String, Tensor>> {
-    let mut cache: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut cache: HashMap<String, Cow<'a, [u8]>> = HashMap::new();
     let mut out = HashMap::new();
     for (k, v) in state_dict_entries(top)? {
         let name = k
@@ -442,11 +453,23 @@ fn read_zip_pth(bytes: &[u8]) -> Result<HashMap<String, Tensor>> {
     zip.by_name(&pkl)?.read_to_end(&mut data)?;
     let top = pickle::parse(&data, &mut 0).context("cannot parse data.pkl")?;
     collect_tensors(&top, |key| {
-        let mut buf = Vec::new();
-        zip.by_name(&format!("{prefix}data/{key}"))
-            .with_context(|| format!("storage {key} missing from the archive"))?
-            .read_to_end(&mut buf)?;
-        Ok(buf)
+        let mut f = zip
+            .by_name(&format!("{prefix}data/{key}"))
+            .with_context(|| format!("storage {key} missing from the archive"))?;
+        // torch.save stores its entries uncompressed: use them where they lie, once their
+        // CRC-32 matches (else read them through the zip reader, which reports the damage).
+        if f.compression() == zip::CompressionMethod::Stored && !f.encrypted() {
+            let start = f.data_start() as usize;
+            let len = f.size() as usize;
+            if let Some(data) = bytes.get(start..start.saturating_add(len)) {
+                if f.compressed_size() == f.size() && crc32fast::hash(data) == f.crc32() {
+                    return Ok(Cow::Borrowed(data));
+                }
+            }
+        }
+        let mut buf = Vec::with_capacity((f.size() as usize).min(bytes.len()));
+        f.read_to_end(&mut buf)?;
+        Ok(Cow::Owned(buf))
     })
 }
 
@@ -478,24 +501,25 @@ fn read_legacy_pth(bytes: &[u8]) -> Result<HashMap<String, Tensor>> {
             elem_of.insert(r.key, r.elem);
         }
     }
-    let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut storages: HashMap<String, &[u8]> = HashMap::new();
     for key in keys {
         let n = bytes
-            .get(pos..pos + 8)
+            .get(pos..pos.saturating_add(8))
             .context("legacy checkpoint truncated in storage header")?;
         let numel = u64::from_le_bytes(n.try_into()?) as usize;
         pos += 8;
         let elem = *elem_of.get(&key).unwrap_or(&4);
-        let len = numel * elem;
-        let data = bytes
-            .get(pos..pos + len)
+        let data = numel
+            .checked_mul(elem)
+            .and_then(|len| bytes.get(pos..pos.checked_add(len)?))
             .with_context(|| format!("legacy checkpoint truncated in storage {key}"))?;
-        storages.insert(key, data.to_vec());
-        pos += len;
+        pos += data.len();
+        storages.insert(key, data);
     }
     collect_tensors(&top, |key| {
         storages
             .remove(key)
+            .map(Cow::Borrowed)
             .with_context(|| format!("storage {key} missing from the checkpoint"))
     })
 }

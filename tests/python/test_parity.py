@@ -53,6 +53,32 @@ def test_weights_formats_give_identical_csv(tilefeat, tmp_path, mixed_tiles, wei
     assert filecmp.cmp(outs[0], outs[2], shallow=False)
 
 
+def test_damaged_weights_are_refused(tilefeat, tmp_path, mixed_tiles, weights):
+    """tilefeat reads torch.save's uncompressed zip entries where they lie in the file, after
+    checking their CRC-32: a flipped byte in a tensor's data, or a legacy file cut short,
+    is refused (exit 4, naming the file) instead of giving other numbers."""
+    import struct
+    import zipfile
+
+    data = bytearray(weights["zip"].read_bytes())
+    with zipfile.ZipFile(weights["zip"]) as z:
+        entry = max(z.infolist(), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", data[entry.header_offset + 26:entry.header_offset + 30])
+    start = entry.header_offset + 30 + name_len + extra_len
+    data[start + entry.file_size // 2] ^= 0xFF
+    flipped = tmp_path / "flipped.pth"
+    flipped.write_bytes(bytes(data))
+    legacy = weights["legacy"].read_bytes()
+    cut = tmp_path / "cut_legacy.pth"
+    cut.write_bytes(legacy[: len(legacy) // 2])
+    for bad in (flipped, cut):
+        out = tmp_path / f"{bad.stem}.csv"
+        r = tilefeat("extract", mixed_tiles, "-o", out, "--weights", bad, "--quiet", check=False)
+        assert r.returncode == 4, r.stderr
+        assert bad.name in r.stderr, r.stderr
+        assert not out.exists()
+
+
 def test_wrong_batchnorm_would_be_caught(mixed_tiles, weights, reference):
     """The weights' BatchNorm statistics matter: ignoring them moves features far beyond the
     tolerance, so the parity test above can see a BatchNorm bug."""
