@@ -1917,15 +1917,7 @@ mod tests {
         let tiles = find_some_tiles(&dir).unwrap().tiles;
         assert!(tiles.len() >= 5, "three batches of two or more");
         let out = d.path().join("f.csv");
-        let cfg = ExtractConfig::for_pipeline_bench(
-            &dir,
-            &out,
-            2,
-            2,
-            32,
-            crate::cli::Layer::Layer4,
-            Precision::Fp32,
-        );
+        let cfg = demo_cfg(&dir, &out);
         let (tx, rx) = std::sync::mpsc::channel();
         let target = out.clone();
         std::thread::spawn(move || {
@@ -1941,6 +1933,19 @@ mod tests {
             assert!(!out.exists(), "nothing under the final name");
         }
         result
+    }
+
+    /// The demo pipeline's settings: batches of 2, 2 decode threads, 32 px, writing `out`.
+    fn demo_cfg(dir: &Path, out: &Path) -> ExtractConfig {
+        ExtractConfig::for_pipeline_bench(
+            dir,
+            out,
+            2,
+            2,
+            32,
+            crate::cli::Layer::Layer4,
+            Precision::Fp32,
+        )
     }
 
     fn null_model() -> NullModel {
@@ -2050,15 +2055,7 @@ mod tests {
             let mut results = Vec::new();
             for k in 0..3 {
                 let path = out.join(format!("s{k}.csv"));
-                let cfg = ExtractConfig::for_pipeline_bench(
-                    &dir,
-                    &path,
-                    2,
-                    2,
-                    32,
-                    crate::cli::Layer::Layer4,
-                    Precision::Fp32,
-                );
+                let cfg = demo_cfg(&dir, &path);
                 let csv = AtomicFile::create(&path).unwrap();
                 let mut progress = Progress::new(tiles.len(), true);
                 let r = pipeline_on(
@@ -2078,15 +2075,7 @@ mod tests {
             }
             // A run of its own, on fresh workers.
             let path = out.join("fresh.csv");
-            let cfg = ExtractConfig::for_pipeline_bench(
-                &dir,
-                &path,
-                2,
-                2,
-                32,
-                crate::cli::Layer::Layer4,
-                Precision::Fp32,
-            );
+            let cfg = demo_cfg(&dir, &path);
             let csv = AtomicFile::create(&path).unwrap();
             let mut progress = Progress::new(tiles.len(), true);
             pipeline(&cfg, &tiles, &null_model(), None, csv, &mut progress, 2048).unwrap();
