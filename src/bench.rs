@@ -285,10 +285,7 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
                 // A stream each, as `extract`'s model workers: the same ceiling.
                 if let Some(i) = stream {
                     if let Err(e) = crate::device::use_worker_stream(i) {
-                        panic!(
-                            "cannot give a model worker its own CUDA stream: {e} \
-                             (TILEFEAT_CUDA_STREAMS=0 makes the workers share the default stream)"
-                        );
+                        panic!("{e}");
                     }
                 }
                 loop {

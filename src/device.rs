@@ -175,10 +175,15 @@ pub fn configure_cuda(device: Device) -> Option<CudaSetup> {
 /// Give the calling thread a CUDA stream of its own on device `index` (from libtorch's pool):
 /// libtorch then queues this thread's work there instead of on the default stream. Waits
 /// first for all work already queued on the device (the weights' upload on the default
-/// stream, which pool streams do not wait for).
+/// stream, which pool streams do not wait for). The error says why, and how to do without.
 pub fn use_worker_stream(index: usize) -> Result<(), String> {
     Cuda::synchronize(index as i64);
-    streams::use_pool_stream(index)
+    streams::use_pool_stream(index).map_err(|e| {
+        format!(
+            "cannot give a model worker its own CUDA stream: {e} \
+             (TILEFEAT_CUDA_STREAMS=0 makes the workers share the default stream)"
+        )
+    })
 }
 
 /// The id of the calling thread's current CUDA stream on device `index` (0: the default).

@@ -530,12 +530,7 @@ impl BatchModel for Runner {
 
     fn start_worker(&self) -> Result<()> {
         match self.worker_stream {
-            Some(i) => crate::device::use_worker_stream(i).map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot give a model worker its own CUDA stream: {e} \
-                     (TILEFEAT_CUDA_STREAMS=0 makes the workers share the default stream)"
-                )
-            }),
+            Some(i) => crate::device::use_worker_stream(i).map_err(anyhow::Error::msg),
             None => Ok(()),
         }
     }
@@ -629,7 +624,7 @@ impl Shared {
 
     fn session(&mut self, cfg: &ExtractConfig, fingerprint: &Fingerprint) -> Result<&Session> {
         if self.session.is_none() {
-            self.weights(cfg)?;
+            let weights = self.weights(cfg)?;
             let t = Instant::now();
             let cuda = configure_cuda(cfg.device);
             let opts = RunOptions {
@@ -637,7 +632,6 @@ impl Shared {
                 precision: cfg.precision,
                 channels_last: cfg.channels_last,
             };
-            let weights = self.weights(cfg)?;
             let model = ResNetTrunk::new(&weights.tensors, cfg.layer, cfg.pool, opts)
                 .kind(ExitKind::Weights)?;
             let pad_to = matches!(cfg.device, Device::Cuda(_)).then_some(cfg.batch_size);
@@ -1281,9 +1275,7 @@ pub(crate) fn pipeline_on(
         drop(stage);
         // A sample that stopped early: its queued batch is not computed (the workers, which
         // outlive this sample, would otherwise run it for no one), and its buffer is freed.
-        for stale in queued.try_iter() {
-            drop(stale);
-        }
+        queued.try_iter().for_each(drop);
         drop(queued);
         let write_result = writer.join().expect("writer thread panicked");
         let (mut state, (write_secs, format_secs)) = match (result, write_result) {

@@ -631,7 +631,7 @@ pub fn random_state_dict(seed: u64, layer: Layer) -> HashMap<String, Tensor> {
     // Largest first, taken in turn by the threads: they finish together.
     shapes.sort_by_key(|(_, shape)| std::cmp::Reverse(shape.iter().product::<i64>()));
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    let threads = crate::device::available_cpus().min(8);
     let mut values: Vec<(usize, Vec<f32>)> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
