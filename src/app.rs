@@ -15,10 +15,10 @@ fn preprocess(a: &crate::cli::PreprocessArgs) -> Result<()> {
             format!("cannot read {}: {e}", a.image.display()),
         )
     })?;
-    let img = crate::decode::decode_rgb(&bytes)
+    let img = crate::pixels::decode::decode_rgb(&bytes)
         .map_err(|e| fail(ExitKind::Input, format!("tile {}: {e}", a.image.display())))?;
     let s = a.size as usize;
-    let out = crate::resize::resize_linear(&img, s, s);
+    let out = crate::pixels::resize::resize_linear(&img, s, s);
     let buf = image::RgbImage::from_raw(s as u32, s as u32, out.data).expect("buffer matches size");
     let mut png = Vec::new();
     image::DynamicImage::ImageRgb8(buf)
@@ -29,7 +29,7 @@ fn preprocess(a: &crate::cli::PreprocessArgs) -> Result<()> {
 
 /// The lines `extract` prints as each sample's outputs are in place: the summary (unless
 /// `--quiet`) and, with `--profile`, where the time went.
-fn report_sample(cfg: &crate::extract::ExtractConfig, summary: &crate::extract::Summary) {
+fn report_sample(cfg: &crate::pipeline::ExtractConfig, summary: &crate::pipeline::Summary) {
     let p = &summary.provenance;
     if !cfg.quiet {
         let secs = p.elapsed_s;
@@ -48,7 +48,7 @@ fn report_sample(cfg: &crate::extract::ExtractConfig, summary: &crate::extract::
         if !p.weights.trained {
             eprintln!(
                 "tilefeat: WARNING: {}",
-                crate::provenance::RANDOM_WEIGHTS_WARNING
+                crate::output::provenance::RANDOM_WEIGHTS_WARNING
             );
         }
     }
@@ -78,9 +78,9 @@ pub fn run(cli: Cli) -> Result<()> {
     let mut out = stdout.lock();
     match cli.command {
         Command::Extract(args) => {
-            let plan = crate::extract::ExtractPlan::from_cli_arguments(&args)?;
+            let plan = crate::pipeline::ExtractPlan::from_cli_arguments(&args)?;
             let command: Vec<String> = std::env::args().collect();
-            crate::extract::run(&plan, command, &mut out, &mut report_sample)?;
+            crate::pipeline::run(&plan, command, &mut out, &mut report_sample)?;
         }
         Command::Join(args) => crate::join::run(&args, &mut out)?,
         Command::Info => crate::device::info(&mut out)?,
@@ -104,10 +104,10 @@ pub fn run(cli: Cli) -> Result<()> {
         },
         Command::Weights { command } => match command {
             WeightsCommand::Where => {
-                let dir = crate::weights::torch_hub_checkpoints();
+                let dir = crate::encoder::weights::torch_hub_checkpoints();
                 match dir {
                     Some(d) => {
-                        let p = d.join(crate::weights::TORCHVISION_FILE);
+                        let p = d.join(crate::encoder::weights::TORCHVISION_FILE);
                         writeln!(
                             out,
                             "{} ({})",
@@ -122,8 +122,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
             }
             WeightsCommand::Verify { file } => {
-                let src = crate::weights::WeightsSource::File(file.clone());
-                let w = crate::weights::Weights::load(&src, crate::cli::Layer::Layer4)
+                let src = crate::encoder::weights::WeightsSource::File(file.clone());
+                let w = crate::encoder::weights::Weights::load(&src, crate::cli::Layer::Layer4)
                     .kind(ExitKind::Weights)?;
                 writeln!(
                     out,
@@ -133,17 +133,21 @@ pub fn run(cli: Cli) -> Result<()> {
                     w.id
                 )?;
                 if file.file_name().and_then(|n| n.to_str())
-                    == Some(crate::weights::TORCHVISION_FILE)
-                    && !w.id.starts_with(crate::weights::TORCHVISION_SHA256_PREFIX)
+                    == Some(crate::encoder::weights::TORCHVISION_FILE)
+                    && !w
+                        .id
+                        .starts_with(crate::encoder::weights::TORCHVISION_SHA256_PREFIX)
                 {
                     return Err(fail(ExitKind::Weights, format!(
                         "{} is named like torchvision's file but its SHA-256 does not start with {}",
                         file.display(),
-                        crate::weights::TORCHVISION_SHA256_PREFIX
+                        crate::encoder::weights::TORCHVISION_SHA256_PREFIX
                     )));
                 }
             }
-            WeightsCommand::Fetch { dest } => crate::weights::fetch(dest.as_deref(), &mut out)?,
+            WeightsCommand::Fetch { dest } => {
+                crate::encoder::weights::fetch(dest.as_deref(), &mut out)?
+            }
         },
     }
     out.flush()?;

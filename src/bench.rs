@@ -1,6 +1,6 @@
 //! `tilefeat bench`: the ceilings `extract` is measured against. `--what model`: the ResNet
 //! trunk alone on random input, with the same batch, precision, layout, device and
-//! model-worker arrangement as `extract` (see `extract::model_workers`), each batch ending
+//! model-worker arrangement as `extract` (see `pipeline::model_workers`), each batch ending
 //! with its features on the CPU. `--what decode`: read, hash, decode and resize per core.
 //! `--what pipeline`: `extract`'s own pipeline with a stand-in for the network, the most the
 //! CPU side can feed a device. Also SHA-256 speed and opening a large cache.
@@ -16,12 +16,13 @@ use tch::{Device, Kind, Tensor};
 
 use crate::cli::{BenchArgs, BenchWhat, Pool};
 use crate::device::{available_cpus, configure_cuda, device_name, parse_device};
+use crate::encoder::resnet::{to_channels_last, ResNetTrunk, RunOptions};
+use crate::encoder::weights::random_state_dict;
 use crate::error::{fail, ExitKind, WithKind};
-use crate::extract::{check_batch_size, check_size, gpu_decode_threads, model_workers};
-use crate::model::{to_channels_last, ResNetTrunk, RunOptions};
-use crate::output::features_csv;
+use crate::input::{Tile, TileSource};
+use crate::output::create_features;
+use crate::pipeline::{check_batch_size, check_size, gpu_decode_threads, model_workers};
 use crate::progress::Progress;
-use crate::weights::random_state_dict;
 
 pub fn run(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     match a.what {
@@ -35,17 +36,18 @@ pub fn run(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
 
 /// The tiles of `--tiles DIR` for the decode and pipeline benches, read once so that the
 /// timed passes read from the page cache, as on a warm node.
-fn bench_tiles(a: &BenchArgs, what: &str) -> Result<(PathBuf, Vec<crate::tiles::Tile>)> {
+fn bench_tiles(a: &BenchArgs, what: &str) -> Result<(PathBuf, Box<dyn TileSource>, Vec<Tile>)> {
     let dir = a
         .tiles
         .clone()
         .ok_or_else(|| fail(ExitKind::Usage, format!("--what {what} needs --tiles DIR")))?;
     check_size(a.size)?;
-    let tiles = crate::tiles::find_some_tiles(&dir)?.tiles;
+    let source = crate::input::open(&dir);
+    let tiles = crate::input::list_some_tiles(&*source, &dir)?.tiles;
     for t in &tiles {
-        let _ = std::fs::read(&t.path);
+        let _ = source.read(t);
     }
-    Ok((dir, tiles))
+    Ok((dir, source, tiles))
 }
 
 /// `extract`'s pipeline with [`NullModel`] in place of the network: reading, decoding,
@@ -56,8 +58,9 @@ fn bench_tiles(a: &BenchArgs, what: &str) -> Result<(PathBuf, Vec<crate::tiles::
 /// TMPDIR and the cache to a fresh folder under --cache-dir; both are removed afterwards, on
 /// errors too.
 fn pipeline(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
-    use crate::extract::{pipeline, ExtractConfig, NullModel};
-    let (dir, tiles) = bench_tiles(a, "pipeline")?;
+    use crate::encoder::NullModel;
+    use crate::pipeline::{run::pipeline, ExtractConfig};
+    let (dir, source, tiles) = bench_tiles(a, "pipeline")?;
     check_batch_size(a.batch_size)?;
     if a.decode_threads == Some(0) {
         return Err(fail(ExitKind::Usage, "--decode-threads must be at least 1"));
@@ -82,8 +85,8 @@ fn pipeline(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         a.layer,
         a.precision,
     );
-    let dim = crate::model::feature_dim(a.layer);
-    let csv = features_csv(&csv_path, dim)?;
+    let dim = crate::encoder::resnet::feature_dim(a.layer);
+    let csv = create_features(&csv_path, dim)?;
     // A fresh cache, so that every tile is hashed, missed and stored, as on a first run.
     let cache_dir = match &a.cache_dir {
         Some(parent) => Some(scratch_dir(parent).kind(ExitKind::Cache)?),
@@ -104,6 +107,7 @@ fn pipeline(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     let t = Instant::now();
     let st = pipeline(
         &cfg,
+        &*source,
         &tiles,
         &model,
         cache.as_ref(),
@@ -340,10 +344,10 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
 /// figure that bounds end-to-end throughput on a GPU: the model needs
 /// `model images/s / tiles/s per core` such cores to stay busy.
 fn decode(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
-    use crate::extract::{prepare, Prepared, WorkerTimes};
-    let (dir, tiles) = bench_tiles(a, "decode")?;
+    use crate::pipeline::decoders::{prepare, Prepared, WorkerTimes};
+    let (dir, source, tiles) = bench_tiles(a, "decode")?;
     let size = a.size as usize;
-    let format_of = |t: &crate::tiles::Tile| -> String {
+    let format_of = |t: &Tile| -> String {
         let ext = t
             .path
             .extension()
@@ -360,7 +364,7 @@ fn decode(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     let mut good = Vec::with_capacity(tiles.len());
     for t in &tiles {
         let mut times = WorkerTimes::default();
-        let (_, prepared) = prepare(t, size, None, true, &mut times);
+        let (_, prepared) = prepare(&*source, t, size, None, true, &mut times);
         if let Prepared::Bad(_) = prepared {
             continue;
         }
@@ -405,14 +409,21 @@ fn decode(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     let t0 = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..threads {
-            let (next, tiles) = (&next, &tiles);
+            let (next, tiles, source) = (&next, &tiles, &*source);
             scope.spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= total {
                     return;
                 }
                 let mut times = WorkerTimes::default();
-                let _ = prepare(&tiles[i % tiles.len()], size, None, true, &mut times);
+                let _ = prepare(
+                    &*source,
+                    &tiles[i % tiles.len()],
+                    size,
+                    None,
+                    true,
+                    &mut times,
+                );
             });
         }
     });
@@ -426,7 +437,12 @@ fn decode(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-fn row(out: &mut dyn Write, name: &str, n: usize, t: &crate::extract::WorkerTimes) -> Result<()> {
+fn row(
+    out: &mut dyn Write,
+    name: &str,
+    n: usize,
+    t: &crate::pipeline::decoders::WorkerTimes,
+) -> Result<()> {
     let ms = |s: f64| 1e3 * s / n.max(1) as f64;
     let total = t.read + t.hash + t.decode + t.resize;
     writeln!(

@@ -424,7 +424,7 @@ pub fn info(out: &mut dyn std::io::Write) -> Result<()> {
     writeln!(
         out,
         "jpeg decoding: libjpeg-turbo, SIMD {}",
-        if crate::decode::jpeg_simd() {
+        if crate::pixels::decode::jpeg_simd() {
             "on"
         } else {
             "off (built without nasm: about 2x slower, same pixels)"

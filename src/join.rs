@@ -18,8 +18,8 @@ use serde::Serialize;
 
 use crate::cli::{Aggregate, JoinArgs};
 use crate::error::{fail, ExitKind, WithKind};
+use crate::output::provenance::{FingerprintInfo, Provenance, RANDOM_WEIGHTS_WARNING};
 use crate::output::{csv_header, provenance_path, push_csv_field, push_features, AtomicFile};
-use crate::provenance::{FingerprintInfo, Provenance, RANDOM_WEIGHTS_WARNING};
 
 struct Input {
     csv: PathBuf,

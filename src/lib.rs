@@ -3,25 +3,26 @@
 //! The library behind the `tilefeat` binary; see ARCHITECTURE.md for the codemap and the
 //! invariants each module keeps.
 
-pub mod alloc;
+// The command line, and the errors and exit codes every command shares.
 pub mod app;
-pub mod batch;
-pub mod bench;
-pub mod cache;
 pub mod cli;
-pub mod decode;
-pub mod device;
 pub mod error;
-pub mod extract;
-pub mod join;
-pub mod model;
+
+// The stages of `extract`'s data flow, in order: tiles in, pixels, the encoder, the
+// pipeline that drives them, the content-hash cache beside it, the outputs.
+pub mod cache;
+pub mod encoder;
+pub mod input;
 pub mod output;
-pub mod pickle;
+pub mod pipeline;
+pub mod pixels;
+
+// The other commands, and what every command may use.
+pub mod alloc;
+pub mod bench;
+pub mod device;
+pub mod join;
 pub mod progress;
-pub mod provenance;
-pub mod resize;
-pub mod tiles;
-pub mod weights;
 
 /// Whether an environment switch that is off by default (`TILEFEAT_NO_HEAP_TUNING`,
 /// `TILEFEAT_CUDNN_BENCHMARK`, `TILEFEAT_CUDA_SLEEP`) is on (see [`switch_value`]).

@@ -1,4 +1,4 @@
-//! Finding a sample's tiles: a recursive, sorted, deterministic walk of the tile folder.
+//! Tiles from a folder: a recursive, sorted, deterministic walk, and plain file reads.
 //!
 //! Keeps regular files named `*.png`, `*.jpg`, `*.jpeg`, `*.tif`, `*.tiff` (any case); skips
 //! hidden files and hidden folders (a leading `.`), and everything else. Symbolic links are
@@ -10,45 +10,30 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
+use super::{is_tile_name, Listing, Tile, TileSource};
 use crate::error::{fail, ExitKind};
 
-/// One tile: where it is, and its name in the output.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tile {
-    pub path: PathBuf,
-    /// Path relative to the tile folder, `/`-separated.
-    pub rel: String,
+/// A tile folder.
+pub struct Folder {
+    dir: PathBuf,
 }
 
-const EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "tif", "tiff"];
-
-fn is_tile_name(name: &str) -> bool {
-    !name.starts_with('.')
-        && name
-            .rsplit_once('.')
-            .is_some_and(|(_, ext)| EXTENSIONS.iter().any(|e| ext.eq_ignore_ascii_case(e)))
-}
-
-/// Result of a walk: the tiles, and warnings about what was passed over.
-#[derive(Debug, Default)]
-pub struct Listing {
-    pub tiles: Vec<Tile>,
-    pub warnings: Vec<String>,
-}
-
-/// Walk `dir` for tiles; a folder without any is an input error (exit 3).
-pub fn find_some_tiles(dir: &Path) -> Result<Listing> {
-    let listing = find_tiles(dir)?;
-    if listing.tiles.is_empty() {
-        return Err(fail(
-            ExitKind::Input,
-            format!(
-                "tile folder {} holds no tiles (*.png, *.jpg, *.jpeg, *.tif, *.tiff)",
-                dir.display()
-            ),
-        ));
+impl Folder {
+    pub fn new(dir: &Path) -> Folder {
+        Folder {
+            dir: dir.to_path_buf(),
+        }
     }
-    Ok(listing)
+}
+
+impl TileSource for Folder {
+    fn list(&self) -> Result<Listing> {
+        find_tiles(&self.dir)
+    }
+
+    fn read(&self, tile: &Tile) -> std::io::Result<Vec<u8>> {
+        std::fs::read(&tile.path)
+    }
 }
 
 /// Walk `dir` for tiles.
@@ -136,16 +121,6 @@ pub fn find_tiles(dir: &Path) -> Result<Listing> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names() {
-        for ok in ["a.png", "b.JPG", "c.jpeg", "d.TIF", "e.tiff", "x.y.Png"] {
-            assert!(is_tile_name(ok), "{ok}");
-        }
-        for no in [".a.png", "a.gif", "png", "a.png.txt", "a.svs"] {
-            assert!(!is_tile_name(no), "{no}");
-        }
-    }
 
     #[test]
     fn walk_sorts_skips_hidden_and_survives_loops() {

@@ -12,7 +12,7 @@ use std::io::Cursor;
 
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 
-use crate::resize::Image;
+use super::resize::Image;
 
 /// Decode encoded tile bytes into an 8-bit RGB [`Image`].
 pub fn decode_rgb(bytes: &[u8]) -> Result<Image, String> {

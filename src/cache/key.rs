@@ -1,0 +1,48 @@
+//! What a cached vector is keyed by: the tile's SHA-256 and the [`Fingerprint`] of
+//! everything else that changes the numbers.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::cli::{Layer, Normalize, Pool, Precision};
+
+/// Bumped whenever decoding or resizing changes in a way that changes pixels.
+pub const PREPROCESSING_VERSION: u32 = 1;
+
+pub type Hash32 = [u8; 32];
+
+/// Everything besides the tile bytes that changes the numbers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    pub weights_sha256: String,
+    pub layer: Layer,
+    pub pool: Pool,
+    pub normalize: Normalize,
+    pub size: u32,
+    pub precision: Precision,
+    pub preprocessing_version: u32,
+}
+
+impl Fingerprint {
+    /// Stable id: SHA-256 of the canonical YAML of the struct.
+    pub fn id(&self) -> Hash32 {
+        let yaml = serde_yaml::to_string(self).expect("fingerprint serializes");
+        Sha256::digest(yaml.as_bytes()).into()
+    }
+}
+
+/// The key of one cached vector.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct CacheKey {
+    pub tile_sha256: Hash32,
+    pub fingerprint: Hash32,
+}
+
+/// What `fingerprints/<id>.yaml` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FingerprintRecord {
+    pub id: String,
+    pub fingerprint: Fingerprint,
+    pub last_used: String,
+    pub last_used_unix: u64,
+}

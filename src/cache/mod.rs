@@ -1,0 +1,344 @@
+//! The content-hash feature cache: append-only pack files, one writer per pack, no locks.
+//!
+//! A cached vector is keyed by [`CacheKey`]: the SHA-256 of the tile's bytes and the
+//! [`Fingerprint`] of everything that changes the numbers (weights SHA-256, layer, pooling,
+//! normalization, size, precision, preprocessing version). Renaming or moving a tile keeps
+//! its key; changing any fingerprint field misses.
+//!
+//! Layout of a cache directory:
+//! - `packs/<host>-<pid>-<random>.pack`: records `magic | fp | tile | dim | f32 x dim | crc32`,
+//!   appended by exactly one process, whose name the file carries.
+//! - `packs/<same>.idx`: one fixed-size entry per record (`fp | tile | offset | len | crc32`),
+//!   appended after the record itself has been written, so an index entry never points at
+//!   bytes that were not written first.
+//! - `packs/<same>.sealed`: written when the writer closed cleanly. `gc` only rewrites sealed
+//!   packs and packs whose writer is provably gone.
+//! - `fingerprints/<fp>.yaml`: what each fingerprint means, and when it was last used.
+//!
+//! Opening reads every `.idx` (80 bytes per entry, sequentially) and keeps, for the run's
+//! fingerprint only, a hash map from tile hash to record location. Every record read is
+//! checked (magic, key, length, CRC) before it is served; a damaged one is reported and
+//! treated as a miss, so the tile is recomputed. Writers never modify bytes already written,
+//! processes on several nodes may share the directory over NFS/Lustre/GPFS, and a `kill -9`
+//! at any moment loses at most the unflushed tail.
+
+mod key;
+mod maintain;
+mod pack;
+
+pub use key::{CacheKey, Fingerprint, FingerprintRecord, Hash32, PREPROCESSING_VERSION};
+pub use maintain::{gc, parse_date, stats, verify, GcOptions};
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::error::{fail, ExitKind, WithKind};
+
+use pack::*;
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Loc {
+    /// Pack number (24 bits) and record length (40 bits would be overkill: records are
+    /// < 16 MiB), packed so that a map entry is 32 bytes.
+    pub(crate) pack_len: u64,
+    pub(crate) offset: u64,
+}
+
+impl Loc {
+    pub(crate) fn new(pack: u32, offset: u64, len: u32) -> Loc {
+        Loc {
+            pack_len: ((pack as u64) << 32) | len as u64,
+            offset,
+        }
+    }
+    pub(crate) fn pack(&self) -> usize {
+        (self.pack_len >> 32) as usize
+    }
+    pub(crate) fn len(&self) -> usize {
+        (self.pack_len & 0xffff_ffff) as usize
+    }
+}
+
+/// In-memory key: the first 128 bits of the tile hash. The full hash is in every record and
+/// is checked on read, so a (2^-128) prefix collision is caught, never served.
+pub(crate) fn short_key(tile: &Hash32) -> u128 {
+    u128::from_le_bytes(tile[..16].try_into().expect("16 bytes"))
+}
+
+/// Counters a run reports.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct CacheCounters {
+    pub damaged_records: u64,
+    pub torn_index_bytes: u64,
+    pub stored: u64,
+}
+
+/// A cache opened for one fingerprint: lookups from many threads, writes from one.
+pub struct Cache {
+    pub(crate) dir: PathBuf,
+    pub(crate) fp: Hash32,
+    pub(crate) fp_record: FingerprintRecord,
+    pub(crate) files: Vec<File>,
+    pub(crate) pack_names: Vec<String>,
+    pub(crate) index: HashMap<u128, Loc>,
+    pub(crate) writer: Mutex<Option<PackWriter>>,
+    pub(crate) damaged: Mutex<Vec<String>>,
+    pub(crate) torn_index_bytes: u64,
+    pub(crate) stored: std::sync::atomic::AtomicU64,
+}
+
+impl Cache {
+    /// Open (creating if needed) the cache at `dir` for `fingerprint`.
+    pub fn open(dir: &Path, fingerprint: &Fingerprint) -> Result<Cache> {
+        init_dir(dir)?;
+        let fp = fingerprint.id();
+        let mut files = Vec::new();
+        let mut pack_names = Vec::new();
+        let mut index = HashMap::new();
+        let mut torn = 0u64;
+        let packs = list_packs(dir).kind(ExitKind::Cache)?;
+        // Reserve up front for the entries present (up to 2^20; other fingerprints count too,
+        // so no more than that): no rehash, and no transient double table, while loading a
+        // million entries.
+        let upper: u64 = packs
+            .iter()
+            .map(|p| std::fs::metadata(&p.idx).map_or(0, |m| m.len()) / IDX_ENTRY as u64)
+            .sum();
+        index.reserve(upper.min(1 << 20) as usize);
+        for p in packs {
+            // A pack removed by a concurrent gc between listing and opening: skip it.
+            let Ok(file) = File::open(&p.pack) else {
+                continue;
+            };
+            let n = files.len() as u32;
+            files.push(file);
+            pack_names.push(p.stem);
+            // Entries read before an I/O error are still valid and point at pack `n`.
+            if let Ok(t) = scan_idx(&p.idx, |e| {
+                if e.fp == fp {
+                    index.insert(short_key(&e.tile), Loc::new(n, e.offset, e.len));
+                }
+            }) {
+                torn += t as u64;
+            }
+        }
+        let now = unix_now();
+        let fp_record = FingerprintRecord {
+            id: hex::encode(fp),
+            fingerprint: fingerprint.clone(),
+            last_used: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            last_used_unix: now,
+        };
+        let cache = Cache {
+            dir: dir.to_path_buf(),
+            fp,
+            fp_record,
+            files,
+            pack_names,
+            index,
+            writer: Mutex::new(None),
+            damaged: Mutex::new(Vec::new()),
+            torn_index_bytes: torn,
+            stored: Default::default(),
+        };
+        cache.touch_fingerprint()?;
+        Ok(cache)
+    }
+
+    fn touch_fingerprint(&self) -> Result<()> {
+        let path = self
+            .dir
+            .join("fingerprints")
+            .join(format!("{}.yaml", self.fp_record.id));
+        let yaml = serde_yaml::to_string(&self.fp_record)?;
+        crate::output::write_atomic(&path, yaml.as_bytes())
+            .map_err(|e| fail(ExitKind::Cache, format!("{e:#}")))
+    }
+
+    /// Number of entries visible for this fingerprint.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// The stored vector for a tile hash, checked; `None` on a miss or a damaged record.
+    pub fn get(&self, tile: &Hash32) -> Option<Vec<f32>> {
+        let loc = *self.index.get(&short_key(tile))?;
+        let mut buf = vec![0u8; loc.len()];
+        let file = &self.files[loc.pack()];
+        let result = file
+            .read_exact_at(&mut buf, loc.offset)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| decode_record(&buf, Some((&self.fp, tile))));
+        match result {
+            Ok((_, _, v)) => Some(v),
+            Err(e) => {
+                self.damaged.lock().unwrap().push(format!(
+                    "pack {} offset {}: {e:#}",
+                    self.pack_names[loc.pack()],
+                    loc.offset
+                ));
+                None
+            }
+        }
+    }
+
+    /// Append a computed vector (buffered until [`Cache::flush`]).
+    pub fn put(&self, tile: &Hash32, features: &[f32]) -> Result<()> {
+        let mut w = self.writer.lock().unwrap();
+        if w.is_none() {
+            *w = Some(PackWriter::create(&self.dir)?);
+        }
+        let w = w.as_mut().unwrap();
+        if w.put(&self.fp, tile, features)? {
+            self.stored
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Write buffered records, then their index entries.
+    pub fn flush(&self) -> Result<()> {
+        if let Some(w) = self.writer.lock().unwrap().as_mut() {
+            w.flush(false)?;
+        }
+        Ok(())
+    }
+
+    /// Write buffered records and their index entries, and fsync both: what was stored so
+    /// far survives a crash (the pack stays open for more).
+    pub fn sync(&self) -> Result<()> {
+        if let Some(w) = self.writer.lock().unwrap().as_mut() {
+            w.flush(true)?;
+        }
+        Ok(())
+    }
+
+    /// Flush, fsync and seal this process's pack.
+    pub fn close(&self) -> Result<CacheCounters> {
+        if let Some(w) = self.writer.lock().unwrap().take() {
+            w.seal()?;
+        }
+        Ok(self.counters())
+    }
+
+    pub fn counters(&self) -> CacheCounters {
+        CacheCounters {
+            damaged_records: self.damaged.lock().unwrap().len() as u64,
+            torn_index_bytes: self.torn_index_bytes,
+            stored: self.stored.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Descriptions of damaged records met so far.
+    pub fn damaged(&self) -> Vec<String> {
+        self.damaged.lock().unwrap().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cli::{Layer, Normalize, Pool, Precision};
+
+    fn fp(size: u32) -> Fingerprint {
+        Fingerprint {
+            weights_sha256: "random:0".into(),
+            layer: Layer::Layer4,
+            pool: Pool::Max,
+            normalize: Normalize::Tutorial,
+            size,
+            precision: Precision::Fp32,
+            preprocessing_version: PREPROCESSING_VERSION,
+        }
+    }
+
+    #[test]
+    fn fingerprint_fields_change_the_id() {
+        assert_eq!(fp(224).id(), fp(224).id());
+        assert_ne!(fp(224).id(), fp(256).id());
+        let mut f = fp(224);
+        f.pool = Pool::Avg;
+        assert_ne!(f.id(), fp(224).id());
+    }
+
+    #[test]
+    fn put_flush_reopen_get() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Cache::open(d.path(), &fp(224)).unwrap();
+        let t = [7u8; 32];
+        c.put(&t, &[1.0, 2.5, -3.0]).unwrap();
+        c.flush().unwrap();
+        // Visible to a second opener while the first is still open.
+        let c2 = Cache::open(d.path(), &fp(224)).unwrap();
+        assert_eq!(c2.get(&t), Some(vec![1.0, 2.5, -3.0]));
+        assert_eq!(Cache::open(d.path(), &fp(256)).unwrap().get(&t), None);
+        c.close().unwrap();
+        let mut out = Vec::new();
+        verify(d.path(), &mut out).unwrap();
+    }
+
+    #[test]
+    fn bit_flip_is_never_served_and_verify_reports_it() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Cache::open(d.path(), &fp(224)).unwrap();
+        let t = [9u8; 32];
+        c.put(&t, &[0.5; 16]).unwrap();
+        c.close().unwrap();
+        let pack = list_packs(d.path()).unwrap()[0].pack.clone();
+        let mut bytes = std::fs::read(&pack).unwrap();
+        let n = bytes.len();
+        bytes[n - 10] ^= 0x40;
+        std::fs::write(&pack, bytes).unwrap();
+        let c = Cache::open(d.path(), &fp(224)).unwrap();
+        assert_eq!(c.get(&t), None);
+        assert_eq!(c.counters().damaged_records, 1);
+        let mut out = Vec::new();
+        assert!(verify(d.path(), &mut out).is_err());
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("checksum mismatch"));
+    }
+
+    #[test]
+    fn gc_compacts_and_drops_unwanted() {
+        let d = tempfile::tempdir().unwrap();
+        for (size, tile) in [(224, 1u8), (224, 2), (256, 3)] {
+            let c = Cache::open(d.path(), &fp(size)).unwrap();
+            c.put(&[tile; 32], &[tile as f32]).unwrap();
+            c.close().unwrap();
+        }
+        assert_eq!(list_packs(d.path()).unwrap().len(), 3);
+        let keep = hex::encode(fp(224).id())[..10].to_string();
+        let opts = GcOptions {
+            keep: vec![keep],
+            unused_since: None,
+            stale: Duration::from_secs(3600),
+        };
+        gc(d.path(), &opts, &mut Vec::new()).unwrap();
+        assert_eq!(list_packs(d.path()).unwrap().len(), 1);
+        let c = Cache::open(d.path(), &fp(224)).unwrap();
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.get(&[2; 32]), Some(vec![2.0]));
+        assert!(Cache::open(d.path(), &fp(256)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(parse_date("1970-01-02").unwrap(), 86400);
+        assert_eq!(parse_date("2026-11-26").unwrap(), 1795651200);
+        assert!(parse_date("2026-13-01").is_err());
+    }
+}

@@ -1,0 +1,38 @@
+//! Encoders: what turns a batch of preprocessed tiles into one feature vector per tile.
+//!
+//! The pipeline sees an encoder only through the [`Encoder`] trait: it asks it for a batch
+//! buffer ([`PixelBuf`]), fills the buffer with u8 RGB tiles, and gets `n * dim` floats back.
+//! One implementation is the native ResNet50 trunk ([`resnet`], built from torchvision
+//! state dicts read by [`weights`], normalized and run by [`native`]); the other is
+//! [`null::NullModel`], a stand-in that costs nothing, for measuring the rest of the pipeline.
+//! Nothing here knows about tiles, files, caches or outputs.
+
+pub mod batch;
+pub mod native;
+pub mod null;
+pub mod resnet;
+pub mod weights;
+
+use anyhow::Result;
+
+pub(crate) use batch::PixelBuf;
+pub(crate) use native::NativeResNet;
+pub(crate) use null::NullModel;
+
+/// What a model worker runs on each batch: the native ResNet50 ([`NativeResNet`]), or
+/// [`NullModel`] for `bench --what pipeline`, which measures everything else.
+pub(crate) trait Encoder: Send {
+    /// A handle for another worker (shared weights).
+    fn fork(&self) -> Self
+    where
+        Self: Sized;
+    /// An empty buffer for a batch of up to `tiles` tiles (the model stage fills it).
+    fn buffer(&self, tiles: usize) -> PixelBuf;
+    /// Set up the calling thread, a model worker, before its first batch.
+    fn start_worker(&self) -> Result<()> {
+        Ok(())
+    }
+    /// `pixels` holds `n` RGB tiles of size x size; returns `n * dim` features. May pad the
+    /// buffer (it is cleared before it is filled again).
+    fn run(&self, pixels: &mut PixelBuf, n: usize) -> Result<Vec<f32>>;
+}

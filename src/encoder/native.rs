@@ -1,0 +1,197 @@
+//! The native ResNet50 as an [`Encoder`]: u8 NHWC batches in, pooled features out.
+//!
+//! On the model worker's device: upload (from page-locked memory on a GPU), ToTensor and
+//! Normalize in f32 as torchvision does, channels-last and precision cast, the trunk, pooling,
+//! download. On a GPU, partial batches are padded to one shape (cuDNN plans are made once).
+
+use anyhow::{Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use super::resnet::{to_channels_last, ResNetTrunk};
+use super::{Encoder, PixelBuf};
+use crate::cli::Normalize;
+
+/// Turns u8 NHWC batches into pooled features on the configured device.
+pub(crate) struct NativeResNet {
+    model: ResNetTrunk,
+    mean: Tensor,
+    std: Tensor,
+    size: i64,
+    /// Pad partial batches to this size (one input shape: cuDNN plans are made once).
+    pad_to: Option<usize>,
+    /// Give each model worker a CUDA stream of its own on this device (the default; see
+    /// `device::configure_cuda`).
+    worker_stream: Option<usize>,
+}
+
+impl NativeResNet {
+    pub(crate) fn new(
+        model: ResNetTrunk,
+        normalize: Normalize,
+        size: u32,
+        pad_to: Option<usize>,
+        worker_stream: Option<usize>,
+    ) -> NativeResNet {
+        let (m, s): ([f32; 3], [f32; 3]) = match normalize {
+            Normalize::Tutorial => ([0.5; 3], [0.5; 3]),
+            Normalize::Imagenet => ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        };
+        let dev = model.options().device;
+        NativeResNet {
+            mean: Tensor::from_slice(&m).view([1, 3, 1, 1]).to_device(dev),
+            std: Tensor::from_slice(&s).view([1, 3, 1, 1]).to_device(dev),
+            model,
+            size: size as i64,
+            pad_to,
+            worker_stream,
+        }
+    }
+}
+
+impl Encoder for NativeResNet {
+    /// A handle for another worker: shared weights.
+    fn fork(&self) -> NativeResNet {
+        NativeResNet {
+            model: self.model.shallow_clone(),
+            mean: self.mean.shallow_clone(),
+            std: self.std.shallow_clone(),
+            size: self.size,
+            pad_to: self.pad_to,
+            worker_stream: self.worker_stream,
+        }
+    }
+
+    /// A u8 tensor of a whole (padded) batch, page-locked on a GPU: the tiles are put where
+    /// the upload reads them.
+    fn buffer(&self, tiles: usize) -> PixelBuf {
+        let rows = self.pad_to.map_or(tiles, |p| p.max(tiles));
+        let (buf, why) = PixelBuf::tensor(rows, self.size as usize, self.model.options().device);
+        if let Some(why) = why {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| {
+                eprintln!(
+                    "tilefeat: warning: cannot pin host memory for uploads ({why}); \
+                     using pageable memory (slower, same results)"
+                )
+            });
+        }
+        buf
+    }
+
+    fn start_worker(&self) -> Result<()> {
+        match self.worker_stream {
+            Some(i) => crate::device::use_worker_stream(i).map_err(anyhow::Error::msg),
+            None => Ok(()),
+        }
+    }
+
+    /// `pixels` holds `n` RGB tiles of size x size; returns `n * D` features.
+    fn run(&self, pixels: &mut PixelBuf, n: usize) -> Result<Vec<f32>> {
+        let _guard = tch::no_grad_guard();
+        let opts = self.model.options();
+        let row_bytes = (self.size * self.size * 3) as usize;
+        anyhow::ensure!(
+            pixels.len() == n * row_bytes,
+            "batch of {n} tiles holds {} bytes, not {}",
+            pixels.len(),
+            n * row_bytes
+        );
+        let rows = self.pad_to.map_or(n, |p| p.max(n));
+        pixels.pad_to(rows * row_bytes);
+        let (staged, pinned) = pixels
+            .rows(rows)
+            .context("internal error: a batch buffer that is not the model's")?;
+        // From pinned memory the upload is non-blocking: it may still read the buffer when
+        // `to_device_` returns. The buffer goes back to the model stage (to be refilled) only
+        // with the features, which come after the upload on this thread's stream.
+        let input = match opts.device {
+            Device::Cpu => staged,
+            d => staged.to_device_(d, Kind::Uint8, pinned, false),
+        };
+        // ToTensor (x / 255) and Normalize ((x - mean) / std) in f32, as torchvision does.
+        let x = input.permute([0, 3, 1, 2]).to_kind(Kind::Float);
+        let x = ((x / 255.0) - &self.mean) / &self.std;
+        let x = if opts.channels_last {
+            to_channels_last(&x)
+        } else {
+            x.contiguous()
+        };
+        let x = x.to_kind(opts.kind());
+        let out = self
+            .model
+            .forward(&x)
+            .narrow(0, 0, n as i64)
+            .to_device(Device::Cpu);
+        let flat = out.contiguous().view([-1]);
+        Vec::<f32>::try_from(&flat).context("cannot read features back from the model")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Precision;
+    use crate::encoder::resnet::RunOptions;
+    use crate::encoder::weights;
+
+    /// A reused batch buffer, padded as on a GPU, gives each tile the features it gets alone:
+    /// pixels land in the right rows, reuse and padding are clean.
+    #[test]
+    fn padded_batches_in_a_reused_buffer_match_single_tiles() {
+        use crate::cli::{Layer, Pool};
+        let opts = RunOptions {
+            device: Device::Cpu,
+            precision: Precision::Fp32,
+            channels_last: true,
+        };
+        let model = ResNetTrunk::new(
+            &weights::random_state_dict(1, Layer::Layer4),
+            Layer::Layer4,
+            Pool::Max,
+            opts,
+        )
+        .unwrap();
+        let size = 32usize;
+        let tile_bytes = size * size * 3;
+        let tiles: Vec<Vec<u8>> = (0..4u32)
+            .map(|t| {
+                (0..tile_bytes as u32)
+                    .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(t * 977) >> 13) as u8)
+                    .collect()
+            })
+            .collect();
+        let single = NativeResNet::new(model.shallow_clone(), Normalize::Tutorial, 32, None, None);
+        let alone: Vec<Vec<f32>> = tiles
+            .iter()
+            .map(|t| {
+                let mut b = single.buffer(1);
+                b.push(t);
+                single.run(&mut b, 1).unwrap()
+            })
+            .collect();
+        let padded = NativeResNet::new(model, Normalize::Tutorial, 32, Some(5), None);
+        // One buffer for every batch, as the model stage reuses them: a short batch after a
+        // long one finds the old pixels beyond its tiles.
+        let mut buf = padded.buffer(3);
+        for group in [&[0usize, 1, 2][..], &[3, 1], &[2, 0, 3, 1]] {
+            buf.clear();
+            for &i in group {
+                buf.push(&tiles[i]);
+            }
+            let got = padded.run(&mut buf, group.len()).unwrap();
+            assert_eq!(got.len(), group.len() * 2048);
+            for (k, &i) in group.iter().enumerate() {
+                let row = &got[k * 2048..(k + 1) * 2048];
+                let scale = alone[i].iter().fold(0f32, |m, v| m.max(v.abs()));
+                let err = row
+                    .iter()
+                    .zip(&alone[i])
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    err <= 1e-5 * scale,
+                    "tile {i} in {group:?}: {err} vs {scale}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! `extract`'s flags, checked once into an [`ExtractPlan`]: one [`ExtractConfig`] per tile
+//! source, alike but for the source, the output and the sample ID. Usage errors come before
+//! the weights and the device are looked at; nothing heavy happens here.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use tch::Device;
+
+use crate::cache::{Fingerprint, PREPROCESSING_VERSION};
+use crate::cli::{ExtractArgs, Normalize, OnError, Precision};
+use crate::device::{available_cpus, parse_device};
+use crate::encoder::weights::{self, WeightsSource};
+use crate::error::{fail, ExitKind, WithKind};
+
+/// `--batch-size`: 1 to 4096 (`extract` and `bench`).
+pub(crate) fn check_batch_size(n: usize) -> Result<()> {
+    if n == 0 || n > 4096 {
+        return Err(fail(
+            ExitKind::Usage,
+            format!("--batch-size {n}: must be between 1 and 4096"),
+        ));
+    }
+    Ok(())
+}
+
+/// `--size`: 16 to 4096 pixels (`extract` and `bench`).
+pub(crate) fn check_size(n: u32) -> Result<()> {
+    if !(16..=4096).contains(&n) {
+        return Err(fail(
+            ExitKind::Usage,
+            format!("--size {n}: must be between 16 and 4096 pixels"),
+        ));
+    }
+    Ok(())
+}
+
+/// Decode threads on a GPU when not given: all `threads` but one (the CPU's job is decoding).
+pub(crate) fn gpu_decode_threads(threads: usize) -> usize {
+    threads.saturating_sub(1).max(1)
+}
+
+/// A validated `extract` configuration.
+#[derive(Debug, Clone)]
+pub struct ExtractConfig {
+    pub tile_dir: PathBuf,
+    pub output: PathBuf,
+    pub sample: String,
+    pub weights: WeightsSource,
+    pub device: Device,
+    pub batch_size: usize,
+    pub torch_threads: usize,
+    pub decode_threads: usize,
+    pub precision: Precision,
+    pub layer: crate::cli::Layer,
+    pub pool: crate::cli::Pool,
+    pub normalize: Normalize,
+    pub size: u32,
+    pub on_error: OnError,
+    pub cache_dir: Option<PathBuf>,
+    pub channels_last: bool,
+    pub dry_run: bool,
+    pub quiet: bool,
+    pub profile: bool,
+}
+
+/// A validated `extract` command: one configuration per tile folder, in the order given, alike
+/// but for the folder, the output and the sample ID.
+#[derive(Debug, Clone)]
+pub struct ExtractPlan {
+    pub samples: Vec<ExtractConfig>,
+    /// `--outdir`, created when the first sample runs.
+    pub outdir: Option<PathBuf>,
+}
+
+impl ExtractPlan {
+    /// Check every flag and resolve defaults; nothing heavy happens here.
+    pub fn from_cli_arguments(a: &ExtractArgs) -> Result<ExtractPlan> {
+        let usage = |m: String| fail(ExitKind::Usage, m);
+        check_batch_size(a.batch_size)?;
+        check_size(a.size)?;
+        if a.threads == Some(0) || a.decode_threads == Some(0) {
+            return Err(usage(
+                "--threads and --decode-threads must be at least 1".into(),
+            ));
+        }
+        let n = a.tile_dirs.len();
+        if n > 1 && a.output.is_some() {
+            return Err(usage(format!(
+                "--output names one CSV but {n} tile folders were given: use --outdir DIR \
+                 (one SAMPLE.csv per folder)"
+            )));
+        }
+        if !a.sample.is_empty() && a.sample.len() != n {
+            return Err(usage(format!(
+                "{} --sample for {n} tile folders: give it once per folder, in their \
+                 order, or not at all (samples are then named after their folders)",
+                a.sample.len()
+            )));
+        }
+        for dir in &a.tile_dirs {
+            if !dir.is_dir() {
+                let why = if dir.exists() {
+                    "is not a directory"
+                } else {
+                    "does not exist"
+                };
+                return Err(fail(
+                    ExitKind::Input,
+                    format!("tile folder {} {why}", dir.display()),
+                ));
+            }
+        }
+        if let Some(o) = a.output.as_ref().filter(|o| o.is_dir()) {
+            return Err(fail(
+                ExitKind::Output,
+                format!(
+                    "--output {} is a directory; give a file name such as {}/features.csv \
+                     (or --outdir {} for SAMPLE.csv)",
+                    o.display(),
+                    o.display(),
+                    o.display()
+                ),
+            ));
+        }
+        if let Some(d) = a.outdir.as_ref().filter(|d| d.exists() && !d.is_dir()) {
+            return Err(fail(
+                ExitKind::Output,
+                format!("--outdir {} exists and is not a directory", d.display()),
+            ));
+        }
+        // Names and outputs first: usage errors before the weights and the device are looked at.
+        let mut named: Vec<(PathBuf, String, PathBuf)> = Vec::with_capacity(n);
+        for (k, dir) in a.tile_dirs.iter().enumerate() {
+            let sample = match a.sample.get(k) {
+                Some(s) => s.clone(),
+                None => {
+                    let abs = std::fs::canonicalize(dir)
+                        .with_context(|| format!("cannot resolve tile folder {}", dir.display()))
+                        .kind(ExitKind::Input)?;
+                    let name = abs.file_name().unwrap_or_default();
+                    match name.to_str() {
+                        Some("") => "sample".into(),
+                        Some(s) => s.to_string(),
+                        None => {
+                            return Err(usage(format!(
+                                "tile folder {}: its name is not valid UTF-8; give --sample",
+                                dir.display()
+                            )))
+                        }
+                    }
+                }
+            };
+            if sample.is_empty() || sample.contains(['\n', '\r', ',', '"']) {
+                return Err(usage(format!(
+                    "--sample {sample:?}: must be non-empty, without commas, quotes or newlines"
+                )));
+            }
+            let output = match (&a.output, &a.outdir) {
+                (Some(o), _) => o.clone(),
+                (None, Some(d)) => {
+                    if sample.contains(['/', '\0']) || sample == "." || sample == ".." {
+                        return Err(usage(format!(
+                            "--sample {sample:?} cannot name a file in --outdir"
+                        )));
+                    }
+                    d.join(format!("{sample}.csv"))
+                }
+                (None, None) => unreachable!("clap requires --output or --outdir"),
+            };
+            if let Some((other, _, _)) = named.iter().find(|(_, s, _)| *s == sample) {
+                return Err(usage(format!(
+                    "tile folders {} and {} are both sample {sample:?}: their outputs in \
+                     --outdir would collide (give each folder its own --sample)",
+                    other.display(),
+                    dir.display()
+                )));
+            }
+            named.push((dir.clone(), sample, output));
+        }
+        let weights = weights::resolve(a.weights.as_deref()).kind(ExitKind::Weights)?;
+        let device = parse_device(&a.device)?;
+        let cpus = available_cpus();
+        let threads = a.threads.unwrap_or(cpus);
+        let (torch_threads, decode_threads) = match device {
+            // On the CPU the model is the bottleneck; one decoder per 8 threads keeps it fed.
+            Device::Cpu => (threads, a.decode_threads.unwrap_or((threads / 8).max(1))),
+            // On a GPU the CPU's job is decoding; libtorch needs little.
+            _ => (
+                threads.clamp(1, 4),
+                a.decode_threads.unwrap_or(gpu_decode_threads(threads)),
+            ),
+        };
+        let samples = named
+            .into_iter()
+            .map(|(tile_dir, sample, output)| ExtractConfig {
+                tile_dir,
+                output,
+                sample,
+                weights: weights.clone(),
+                device,
+                batch_size: a.batch_size,
+                torch_threads,
+                decode_threads,
+                precision: a.precision,
+                layer: a.layer,
+                pool: a.pool,
+                normalize: a.normalize,
+                size: a.size,
+                on_error: a.on_error,
+                cache_dir: if a.no_cache {
+                    None
+                } else {
+                    a.cache_dir.clone()
+                },
+                channels_last: a.layout == "nhwc",
+                dry_run: a.dry_run,
+                quiet: a.quiet,
+                profile: a.profile,
+            })
+            .collect();
+        Ok(ExtractPlan {
+            samples,
+            outdir: a.outdir.clone(),
+        })
+    }
+}
+
+impl ExtractConfig {
+    /// What `bench --what pipeline` runs the pipeline with (the network replaced by
+    /// `NullModel`): two model workers as on a GPU, bad tiles skipped, no progress.
+    pub(crate) fn for_pipeline_bench(
+        tile_dir: &Path,
+        output: &Path,
+        batch_size: usize,
+        decode_threads: usize,
+        size: u32,
+        layer: crate::cli::Layer,
+        precision: Precision,
+    ) -> ExtractConfig {
+        ExtractConfig {
+            tile_dir: tile_dir.to_path_buf(),
+            output: output.to_path_buf(),
+            sample: "bench".into(),
+            weights: WeightsSource::Random(0),
+            device: Device::Cpu,
+            batch_size,
+            // `model_workers` gives one worker per torch thread on the CPU: two, as on a GPU.
+            torch_threads: 2,
+            decode_threads,
+            precision,
+            layer,
+            pool: crate::cli::Pool::Max,
+            normalize: Normalize::Tutorial,
+            size,
+            on_error: OnError::Skip,
+            cache_dir: None,
+            channels_last: false,
+            dry_run: false,
+            quiet: true,
+            profile: false,
+        }
+    }
+
+    pub(crate) fn fingerprint(&self, weights_id: &str) -> Fingerprint {
+        Fingerprint {
+            weights_sha256: weights_id.to_string(),
+            layer: self.layer,
+            pool: self.pool,
+            normalize: self.normalize,
+            size: self.size,
+            precision: self.precision,
+            preprocessing_version: PREPROCESSING_VERSION,
+        }
+    }
+}
