@@ -418,6 +418,36 @@ pub fn info(out: &mut dyn std::io::Write) -> Result<()> {
         }
     )?;
     writeln!(out, "cpus available: {}", available_cpus())?;
+    let cpu = crate::cpu::CpuInfo::detect();
+    writeln!(
+        out,
+        "cpu: {} ({})",
+        if cpu.model.is_empty() {
+            "unknown"
+        } else {
+            &cpu.model
+        },
+        if cpu.instruction_sets.is_empty() {
+            "none of avx2, avx512f, avx512_bf16, avx512_fp16, amx".to_string()
+        } else {
+            cpu.instruction_sets.join(" ")
+        }
+    )?;
+    for p in [
+        crate::cli::Precision::Fp32,
+        crate::cli::Precision::Bf16,
+        crate::cli::Precision::Fp16,
+    ] {
+        writeln!(
+            out,
+            "cpu {p}: {}",
+            if cpu.native(p) {
+                "native"
+            } else {
+                "emulated (slower than fp32 here: use fp32 on this CPU)"
+            }
+        )?;
+    }
     writeln!(out, "libtorch intra-op threads: {}", tch::get_num_threads())?;
     writeln!(out, "mkldnn (oneDNN): {}", tch::utils::has_mkldnn())?;
     writeln!(out, "openmp: {}", tch::utils::has_openmp())?;

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::cli::{Aggregate, JoinArgs};
 use crate::error::{fail, ExitKind, WithKind};
@@ -79,6 +80,46 @@ fn input_paths(a: &JoinArgs) -> Result<Vec<PathBuf>> {
         ));
     }
     Ok(paths)
+}
+
+/// Whether `record` starts with a quoted field that is not closed yet (a tile name with a
+/// newline in it, which `extract` writes quoted, continues on the next line).
+fn first_field_open(record: &str) -> bool {
+    let Some(rest) = record.strip_prefix('"') else {
+        return false;
+    };
+    // Inside the quotes a quote is doubled; the first single one closes the field.
+    let mut quotes = rest.bytes().peekable();
+    while let Some(b) = quotes.next() {
+        if b == b'"' {
+            if quotes.peek() == Some(&b'"') {
+                quotes.next();
+            } else {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Read one CSV record (one line, or more where a quoted tile name holds newlines) into
+/// `record`, hashing what was read; returns the bytes read (0 at the end).
+fn read_record(
+    r: &mut impl BufRead,
+    record: &mut String,
+    sha: &mut Sha256,
+) -> std::io::Result<usize> {
+    record.clear();
+    let mut n = r.read_line(record)?;
+    while n > 0 && record.ends_with('\n') && first_field_open(record) {
+        let more = r.read_line(record)?;
+        if more == 0 {
+            break;
+        }
+        n += more;
+    }
+    sha.update(record.as_bytes());
+    Ok(n)
 }
 
 /// Split one CSV line into its first field (unquoted) and the rest (starting at the comma).
@@ -186,8 +227,9 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
         let f =
             File::open(&inp.csv).map_err(|e| input_err(&inp.csv, format!("cannot open: {e}")))?;
         let mut r = BufReader::with_capacity(1 << 20, f);
-        line.clear();
-        r.read_line(&mut line).map_err(|e| input_err(&inp.csv, e))?;
+        let mut sha = Sha256::new();
+        let mut bytes =
+            read_record(&mut r, &mut line, &mut sha).map_err(|e| input_err(&inp.csv, e))?;
         if line != expected_header {
             return Err(input_err(
                 &inp.csv,
@@ -203,11 +245,11 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
         let mut max = vec![f32::NEG_INFINITY; dim];
         let mut rows = 0usize;
         loop {
-            line.clear();
-            let n = r.read_line(&mut line).map_err(|e| input_err(&inp.csv, e))?;
+            let n = read_record(&mut r, &mut line, &mut sha).map_err(|e| input_err(&inp.csv, e))?;
             if n == 0 {
                 break;
             }
+            bytes += n;
             let row = rows + 2;
             if !line.ends_with('\n') {
                 return Err(input_err(
@@ -268,6 +310,20 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
                     inp.prov.tiles.written
                 ),
             ));
+        }
+        // The provenance of the run that wrote these bytes, not of another run on the same
+        // output (older provenance files have no hash: their pairing is not checked).
+        let sha = hex::encode(sha.finalize());
+        if let Some(want) = &inp.prov.output_sha256 {
+            if *want != sha || inp.prov.output_bytes.is_some_and(|b| b != bytes as u64) {
+                return Err(input_err(
+                    &inp.csv,
+                    format!(
+                        "its SHA-256 is {sha} but its provenance records {want}: the CSV and the \
+                         provenance beside it come from different runs (or the CSV was edited)"
+                    ),
+                ));
+            }
         }
         if a.aggregate != Aggregate::None {
             if rows == 0 {
@@ -338,5 +394,26 @@ mod tests {
             Some(("a,\"b\".png".into(), ",1"))
         );
         assert_eq!(split_first_field("\"open,1"), None);
+    }
+
+    /// Regression: a tile name with a newline (quoted by `extract`) made `join` report
+    /// "line 2 is malformed".
+    #[test]
+    fn records_may_span_lines_inside_quotes() {
+        let text = "\"a\nb.png\",1\n\"c\"\"\n\"\"d.png\",2\nplain.png,3\n";
+        let mut r = std::io::Cursor::new(text.as_bytes());
+        let (mut rec, mut sha) = (String::new(), Sha256::new());
+        let mut got = Vec::new();
+        while read_record(&mut r, &mut rec, &mut sha).unwrap() > 0 {
+            got.push(split_first_field(rec.trim_end()).unwrap().0);
+        }
+        assert_eq!(got, ["a\nb.png", "c\"\n\"d.png", "plain.png"]);
+        assert_eq!(
+            hex::encode(sha.finalize()),
+            hex::encode(Sha256::digest(text.as_bytes())),
+            "every byte hashed once"
+        );
+        assert!(first_field_open("\"a\n") && !first_field_open("\"a\",1\n"));
+        assert!(first_field_open("\"a\"\"\n") && !first_field_open("a\n"));
     }
 }

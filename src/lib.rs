@@ -20,7 +20,9 @@ pub mod pixels;
 // The other commands, and what every command may use.
 pub mod alloc;
 pub mod bench;
+pub mod cpu;
 pub mod device;
+pub mod host;
 pub mod join;
 pub mod progress;
 

@@ -12,6 +12,7 @@ use crate::error::{ExitKind, WithKind};
 
 use super::key::*;
 use super::pack::*;
+use crate::host::hostname;
 
 /// Whether a pack's writer is gone: sealed, or unsealed from a dead local process, or
 /// unsealed from another host and untouched for `stale`.
@@ -23,7 +24,7 @@ pub(crate) fn writer_gone(p: &PackInfo, stale: Duration) -> bool {
     let (_rand, pid, host) = (parts.next(), parts.next(), parts.next());
     if host == Some(hostname().as_str()) {
         if let Some(pid) = pid.and_then(|s| s.parse::<u32>().ok()) {
-            return !Path::new(&format!("/proc/{pid}")).exists();
+            return !crate::host::process_alive(pid);
         }
     }
     std::fs::metadata(&p.pack)

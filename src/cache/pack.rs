@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{fail, ExitKind, WithKind};
 
 use super::key::Hash32;
+use crate::host::hostname;
 
 pub(crate) const PACK_MAGIC: &[u8; 16] = b"TILEFEAT-PACK-01";
 pub(crate) const IDX_MAGIC: &[u8; 16] = b"TILEFEAT-IDX--01";
@@ -32,29 +33,6 @@ pub(crate) fn unix_now() -> u64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-pub(crate) fn hostname() -> String {
-    let h = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "host".into());
-    let h: String = h
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if h.is_empty() {
-        "host".into()
-    } else {
-        h
-    }
 }
 
 pub(crate) fn random_hex() -> String {

@@ -3,14 +3,16 @@
 //! Keeps regular files named `*.png`, `*.jpg`, `*.jpeg`, `*.tif`, `*.tiff` (any case); skips
 //! hidden files and hidden folders (a leading `.`), and everything else. Symbolic links are
 //! followed, and a link that loops back to one of its ancestors is skipped with a warning
-//! rather than walked forever. Tiles are identified by their path relative to the folder,
+//! rather than walked forever. A broken link (missing target, or a loop) named like a tile,
+//! and a tile whose name is not UTF-8, are bad tiles (`--on-error` decides); other broken
+//! links are ignored like any other file that is not a tile. Tiles are identified by their path relative to the folder,
 //! with `/` separators, and sorted by it: the output's row order.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use super::{is_tile_name, Listing, Tile, TileSource};
+use super::{escape_non_utf8, is_tile_name_bytes, Listing, Tile, TileSource};
 use crate::error::{fail, ExitKind};
 
 /// A tile folder.
@@ -69,6 +71,20 @@ pub fn find_tiles(dir: &Path) -> Result<Listing> {
                 continue;
             }
             Err(e) => {
+                // A link to nothing (or to itself): a bad tile if named like one, else
+                // ignored like any other file that is not a tile.
+                if let Some(p) = e.path().filter(|p| is_symlink(p) && e.depth() > 0) {
+                    if let Some(tile) = tile_at(dir, p) {
+                        listing.tiles.push(Tile {
+                            problem: Some(format!(
+                                "broken symbolic link ({})",
+                                e.io_error().map(|i| i.to_string()).unwrap_or_default()
+                            )),
+                            ..tile
+                        });
+                    }
+                    continue;
+                }
                 let p = e
                     .path()
                     .map(|p| p.display().to_string())
@@ -87,35 +103,37 @@ pub fn find_tiles(dir: &Path) -> Result<Listing> {
         if !entry.file_type().is_file() {
             continue;
         }
-        let Some(name) = entry.file_name().to_str() else {
-            listing.warnings.push(format!(
-                "skipped {}: file name is not valid UTF-8",
-                entry.path().display()
-            ));
-            continue;
-        };
-        if !is_tile_name(name) {
-            continue;
+        if let Some(tile) = tile_at(dir, entry.path()) {
+            listing.tiles.push(tile);
         }
-        let rel_path = entry.path().strip_prefix(dir).unwrap_or(entry.path());
-        let parts: Option<Vec<&str>> = rel_path
-            .components()
-            .map(|c| c.as_os_str().to_str())
-            .collect();
-        let Some(parts) = parts else {
-            listing.warnings.push(format!(
-                "skipped {}: path is not valid UTF-8",
-                entry.path().display()
-            ));
-            continue;
-        };
-        listing.tiles.push(Tile {
-            path: entry.path().to_path_buf(),
-            rel: parts.join("/"),
-        });
     }
     listing.tiles.sort_by(|a, b| a.rel.cmp(&b.rel));
     Ok(listing)
+}
+
+fn is_symlink(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+/// The tile at `path` (under `dir`), if its name is a tile's; a name that is not UTF-8 makes
+/// it a bad tile, named with its bytes escaped.
+fn tile_at(dir: &Path, path: &Path) -> Option<Tile> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = path.file_name()?.as_bytes();
+    if !is_tile_name_bytes(name) {
+        return None;
+    }
+    let rel_path = path.strip_prefix(dir).unwrap_or(path);
+    let parts: Vec<&[u8]> = rel_path
+        .components()
+        .map(|c| c.as_os_str().as_bytes())
+        .collect();
+    let rel = parts.join(&b'/');
+    let mut tile = Tile::new(path.to_path_buf(), escape_non_utf8(&rel));
+    if std::str::from_utf8(&rel).is_err() {
+        tile.problem = Some("its path is not valid UTF-8".into());
+    }
+    Some(tile)
 }
 
 #[cfg(test)]

@@ -18,8 +18,35 @@ use crate::error::{fail, ExitKind};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tile {
     pub path: PathBuf,
-    /// Path relative to the tile source, `/`-separated.
+    /// Path relative to the tile source, `/`-separated (bytes that are not UTF-8 written as
+    /// `\xNN`).
     pub rel: String,
+    /// Why this tile is bad before it is even read (a name that is not UTF-8, a broken
+    /// symbolic link): it is rejected like an undecodable one (`--on-error`).
+    pub problem: Option<String>,
+}
+
+impl Tile {
+    pub fn new(path: PathBuf, rel: String) -> Tile {
+        Tile {
+            path,
+            rel,
+            problem: None,
+        }
+    }
+}
+
+/// `bytes` as text: valid UTF-8 as it is, every other byte as `\xNN` (so that two names
+/// that differ stay different).
+pub fn escape_non_utf8(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
 }
 
 /// File name extensions of tiles (any case).
@@ -34,6 +61,11 @@ pub fn is_tile_name(name: &str) -> bool {
 pub fn has_tile_extension(name: &str) -> bool {
     name.rsplit_once('.')
         .is_some_and(|(_, ext)| EXTENSIONS.iter().any(|e| ext.eq_ignore_ascii_case(e)))
+}
+
+/// [`is_tile_name`] for a name that may not be UTF-8 (the extension is ASCII).
+pub fn is_tile_name_bytes(name: &[u8]) -> bool {
+    is_tile_name(&String::from_utf8_lossy(name))
 }
 
 /// Result of listing a source: the tiles, sorted by name, and warnings about what was passed
@@ -85,5 +117,13 @@ mod tests {
         for no in [".a.png", "a.gif", "png", "a.png.txt", "a.svs"] {
             assert!(!is_tile_name(no), "{no}");
         }
+        assert!(is_tile_name_bytes(b"t\xff\xfe.PNG"));
+        assert!(!is_tile_name_bytes(b".\xff.png"));
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_are_escaped_and_stay_distinct() {
+        assert_eq!(escape_non_utf8(b"a\xffb\xc3\xa9.png"), "a\\xffb\u{e9}.png");
+        assert_ne!(escape_non_utf8(b"\xfe.png"), escape_non_utf8(b"\xff.png"));
     }
 }

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use super::{AtomicFile, FeatureRow, FeatureWriter, RowEncoder};
+use sha2::{Digest, Sha256};
+
+use super::{AtomicFile, Committed, FeatureRow, FeatureWriter, RowEncoder};
 use crate::error::{ExitKind, WithKind};
 
 /// Append a CSV field, quoted only if it needs to be (RFC 4180).
@@ -25,21 +27,23 @@ pub fn push_csv_field(line: &mut String, field: &str) {
 pub struct CsvWriter {
     path: PathBuf,
     file: AtomicFile,
+    /// Of every byte written, for the provenance.
+    sha: Sha256,
+    bytes: u64,
 }
 
 impl CsvWriter {
     /// The CSV at `path`, not yet under its final name, with its header written: fails
     /// before any compute when the output cannot be written.
     pub fn create(path: &Path, dim: usize) -> Result<CsvWriter> {
-        let mut file = AtomicFile::create(path)?;
-        file.writer()
-            .write_all(csv_header(&["tile"], dim).as_bytes())
-            .with_context(|| format!("cannot write {}", path.display()))
-            .kind(ExitKind::Output)?;
-        Ok(CsvWriter {
+        let mut csv = CsvWriter {
             path: path.to_path_buf(),
-            file,
-        })
+            file: AtomicFile::create(path)?,
+            sha: Sha256::new(),
+            bytes: 0,
+        };
+        csv.append(csv_header(&["tile"], dim).as_bytes())?;
+        Ok(csv)
     }
 }
 
@@ -64,6 +68,8 @@ impl FeatureWriter for CsvWriter {
     }
 
     fn append(&mut self, encoded: &[u8]) -> Result<()> {
+        self.sha.update(encoded);
+        self.bytes += encoded.len() as u64;
         self.file
             .writer()
             .write_all(encoded)
@@ -71,8 +77,15 @@ impl FeatureWriter for CsvWriter {
             .kind(ExitKind::Output)
     }
 
-    fn commit(self: Box<Self>) -> Result<()> {
-        self.file.commit()
+    fn commit(self: Box<Self>) -> Result<Committed> {
+        let CsvWriter {
+            file, sha, bytes, ..
+        } = *self;
+        file.commit()?;
+        Ok(Committed {
+            sha256: hex::encode(sha.finalize()),
+            bytes,
+        })
     }
 }
 

@@ -9,6 +9,7 @@
 
 pub mod atomic;
 pub mod csv;
+pub mod lock;
 pub mod provenance;
 
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use anyhow::Result;
 
 pub use atomic::{write_atomic, AtomicFile};
 pub use csv::{csv_header, push_csv_field, push_features, CsvWriter};
+pub use lock::OutputLock;
 
 /// One row of the feature file: a tile's name and its vector.
 pub struct FeatureRow<'a> {
@@ -37,7 +39,15 @@ pub trait FeatureWriter: Send {
     /// Append a group's encoded rows.
     fn append(&mut self, encoded: &[u8]) -> Result<()>;
     /// Finish the file and move it under its final name.
-    fn commit(self: Box<Self>) -> Result<()>;
+    fn commit(self: Box<Self>) -> Result<Committed>;
+}
+
+/// A feature file in place: its SHA-256 (recorded in the provenance, checked by `join`) and
+/// size.
+#[derive(Debug, Clone, Default)]
+pub struct Committed {
+    pub sha256: String,
+    pub bytes: u64,
 }
 
 /// The feature file at `path` for rows of `dim` values, ready for its rows.

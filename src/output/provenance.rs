@@ -158,7 +158,16 @@ pub struct Provenance {
     pub sample: String,
     pub tile_dir: String,
     pub output: String,
+    /// SHA-256 and size of the feature file as written: `join` checks them, so a feature
+    /// file and a provenance of two different runs are never taken as a pair.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_bytes: Option<u64>,
     pub device: String,
+    /// On the CPU: its model and the instruction sets that decide bf16/fp16 speed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<crate::cpu::CpuInfo>,
     pub feature_dim: usize,
     pub settings: Settings,
     pub weights: WeightsInfo,

@@ -57,6 +57,9 @@ pub(crate) fn prepare(
     hash: bool,
     t: &mut WorkerTimes,
 ) -> (Hash32, Prepared) {
+    if let Some(problem) = &tile.problem {
+        return ([0; 32], Prepared::Bad(problem.clone()));
+    }
     let clock = Instant::now();
     let bytes = match source.read(tile) {
         Ok(b) => b,
@@ -129,10 +132,7 @@ mod tests {
         let path = d.path().join("t.png");
         let img = image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8, y as u8, 7]));
         img.save(&path).unwrap();
-        let tile = Tile {
-            path: path.clone(),
-            rel: "t.png".into(),
-        };
+        let tile = Tile::new(path.clone(), "t.png".into());
         let want: Hash32 = Sha256::digest(std::fs::read(&path).unwrap()).into();
         let mut t = WorkerTimes::default();
         let (sha0, p0) = prepare(&Folder::new(d.path()), &tile, 32, None, false, &mut t);

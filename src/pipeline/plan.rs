@@ -111,6 +111,17 @@ impl ExtractPlan {
                 ));
             }
         }
+        // A tile's name as the output would overwrite that tile (or be read as one next time).
+        if let Some(o) = a.output.as_ref().filter(|o| {
+            o.file_name()
+                .is_some_and(|n| crate::input::has_tile_extension(&n.to_string_lossy()))
+        }) {
+            return Err(usage(format!(
+                "--output {}: an image name, not a feature file (it could be one of the tiles, \
+                 and would be taken for a tile next time); give a name such as features.csv",
+                o.display()
+            )));
+        }
         if let Some(o) = a.output.as_ref().filter(|o| o.is_dir()) {
             return Err(fail(
                 ExitKind::Output,

@@ -16,10 +16,11 @@ use crate::encoder::Encoder;
 use crate::error::{kind_of, ExitKind};
 use crate::input::{Tile, TileSource};
 use crate::output::provenance::{Skipped, Timings};
-use crate::output::FeatureWriter;
+use crate::output::{Committed, FeatureWriter};
 use crate::progress::Progress;
 
 /// What the pipeline hands back.
+#[derive(Default)]
 pub(crate) struct PipelineState {
     pub written: usize,
     pub computed: usize,
@@ -28,6 +29,8 @@ pub(crate) struct PipelineState {
     pub timings: Timings,
     /// See `Provenance::steady_tiles_per_s`.
     pub steady_tiles_per_s: Option<f64>,
+    /// The feature file, once in place.
+    pub committed: Committed,
 }
 
 /// [`pipeline_on`] with model workers of its own (started for this run, stopped after it).
@@ -153,7 +156,7 @@ pub(crate) fn pipeline_on(
         queued.try_iter().for_each(drop);
         drop(queued);
         let write_result = writer.join().expect("writer thread panicked");
-        let (mut state, (write_secs, format_secs)) = match (result, write_result) {
+        let (mut state, written) = match (result, write_result) {
             // A cache failure in the writer matters more than what the model stage met after
             // it (say, a bad tile): it must stop the command, not just this sample.
             (Err(e), Err(w)) => {
@@ -167,8 +170,9 @@ pub(crate) fn pipeline_on(
             (Ok(_), Err(e)) => return Err(e),
             (Ok(s), Ok(w)) => (s, w),
         };
-        state.timings.write = write_secs;
-        state.timings.format = format_secs;
+        state.timings.write = written.write;
+        state.timings.format = written.format;
+        state.committed = written.committed.unwrap_or_default();
         Ok(state)
     })
 }

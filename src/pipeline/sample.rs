@@ -12,13 +12,14 @@ use super::run::{pipeline_on, PipelineState};
 use super::shared::{Session, SetupTimes, Shared};
 use super::{ExtractConfig, Failure};
 use crate::cache::{CacheCounters, Fingerprint};
+use crate::cpu::CpuInfo;
 use crate::device::device_name;
 use crate::encoder::resnet::feature_dim;
 use crate::input;
 use crate::output::provenance::{
     CacheInfo, Counts, FingerprintInfo, Provenance, Settings, WeightsInfo, RANDOM_WEIGHTS_WARNING,
 };
-use crate::output::{create_features, provenance_path, rejected_path};
+use crate::output::{create_features, provenance_path, rejected_path, OutputLock};
 use crate::progress::Progress;
 
 /// Summary of a finished run.
@@ -68,7 +69,9 @@ pub(crate) fn extract_sample(
         .map_err(anyhow::Error::from)?;
         return Ok(None);
     }
-    // Fail early, before any compute, if the outputs cannot be written.
+    // Fail early, before any compute, if the outputs cannot be written; one run at a time
+    // per output, until its provenance is written.
+    let _lock = OutputLock::acquire(&cfg.output)?;
     let dim = feature_dim(cfg.layer);
     let file = create_features(&cfg.output, dim)?;
 
@@ -180,6 +183,9 @@ fn finish_sample(
             .display()
             .to_string(),
         output: cfg.output.display().to_string(),
+        output_sha256: Some(state.committed.sha256.clone()),
+        output_bytes: Some(state.committed.bytes),
+        cpu: (cfg.device == tch::Device::Cpu).then(CpuInfo::detect),
         device: device_name(cfg.device),
         feature_dim: dim,
         settings: Settings {

@@ -63,6 +63,11 @@ impl Shared {
         fingerprint: &Fingerprint,
     ) -> Result<&Session> {
         if self.session.is_none() {
+            if cfg.device == Device::Cpu && !cfg.quiet {
+                if let Some(w) = crate::cpu::CpuInfo::detect().emulation_warning(cfg.precision) {
+                    eprintln!("tilefeat: warning: {w}");
+                }
+            }
             let weights = self.weights(cfg)?;
             let t = Instant::now();
             let cuda = configure_cuda(cfg.device);

@@ -104,14 +104,7 @@ impl<'a> ModelStage<'a> {
             next_batch: 0,
             results: Default::default(),
             outstanding: 0,
-            st: PipelineState {
-                written: 0,
-                computed: 0,
-                hits: 0,
-                skipped: Vec::new(),
-                timings: Timings::default(),
-                steady_tiles_per_s: None,
-            },
+            st: PipelineState::default(),
             clock: StageClock::new(n_model, !matches!(cfg.device, Device::Cpu)),
             new_buffer,
             spare: Vec::new(),
@@ -225,17 +218,7 @@ impl<'a> ModelStage<'a> {
     }
 
     fn take_state(&mut self, wt: WorkerTimes, waiting: f64) -> PipelineState {
-        let mut st = std::mem::replace(
-            &mut self.st,
-            PipelineState {
-                written: 0,
-                computed: 0,
-                hits: 0,
-                skipped: Vec::new(),
-                timings: Timings::default(),
-                steady_tiles_per_s: None,
-            },
-        );
+        let mut st = std::mem::take(&mut self.st);
         st.timings = Timings {
             read: wt.read,
             hash: wt.hash,

@@ -12,7 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::cache::{Cache, Hash32};
 use crate::input::Tile;
-use crate::output::{FeatureRow, FeatureWriter, RowEncoder};
+use crate::output::{Committed, FeatureRow, FeatureWriter, RowEncoder};
 
 /// Messages to the formatting threads: groups of finished rows, numbered in tile order, then
 /// `Finish` with the number of groups. A channel closed without `Finish` means the run
@@ -83,6 +83,14 @@ pub(crate) fn format_loop(
     }
 }
 
+/// What the writer did: seconds writing and (summed over the formatting threads) encoding,
+/// and the file it committed (None when the run failed before its last row).
+pub(crate) struct Written {
+    pub write: f64,
+    pub format: f64,
+    pub committed: Option<Committed>,
+}
+
 /// Writes the formatted groups in order (holding back those that come early), gives a credit
 /// back for each, stores computed vectors in the cache, and commits the feature file once
 /// every group is written. Returns the seconds spent writing and, summed over the formatting
@@ -93,7 +101,7 @@ pub(crate) fn writer_loop(
     mut file: Box<dyn FeatureWriter>,
     cache: Option<&Cache>,
     output: &Path,
-) -> Result<(f64, f64)> {
+) -> Result<Written> {
     let (mut busy, mut format) = (0.0, 0.0);
     let mut early: BTreeMap<u64, (Vec<u8>, Vec<OutRow>)> = BTreeMap::new();
     let mut next = 0u64;
@@ -130,8 +138,12 @@ pub(crate) fn writer_loop(
         }
         if groups == Some(next) {
             let t = Instant::now();
-            file.commit()?;
-            return Ok((busy + t.elapsed().as_secs_f64(), format));
+            let committed = file.commit()?;
+            return Ok(Written {
+                write: busy + t.elapsed().as_secs_f64(),
+                format,
+                committed: Some(committed),
+            });
         }
     }
     // The run failed (no `Finish`): drop the temporary file (the cache keeps what was computed).
@@ -140,7 +152,11 @@ pub(crate) fn writer_loop(
         "internal error: rows of {} went missing before the writer",
         output.display()
     );
-    Ok((busy, format))
+    Ok(Written {
+        write: busy,
+        format,
+        committed: None,
+    })
 }
 
 #[cfg(test)]
@@ -157,9 +173,11 @@ mod tests {
     #[test]
     fn parallel_formatting_keeps_rows_in_order() {
         let tiles: Vec<Tile> = (0..203)
-            .map(|i| Tile {
-                path: PathBuf::from(format!("/t/{i}.png")),
-                rel: format!("dir,{i}/t{i}.png"),
+            .map(|i| {
+                Tile::new(
+                    PathBuf::from(format!("/t/{i}.png")),
+                    format!("dir,{i}/t{i}.png"),
+                )
             })
             .collect();
         let row = |i: usize| OutRow {
@@ -190,7 +208,7 @@ mod tests {
             for _ in 0..3 {
                 credit_tx.send(()).unwrap();
             }
-            let (write, format) = std::thread::scope(|scope| {
+            let written = std::thread::scope(|scope| {
                 for _ in 0..3 {
                     let (row_rx, text_tx) = (row_rx.clone(), text_tx.clone());
                     scope.spawn(|| format_loop(row_rx, text_tx, &tiles, &CsvRows));
@@ -212,7 +230,14 @@ mod tests {
                 drop(row_tx);
                 writer.join().unwrap().unwrap()
             });
-            assert!(write >= 0.0 && format > 0.0);
+            assert!(written.write >= 0.0 && written.format > 0.0);
+            assert_eq!(written.committed.is_some(), finish);
+            if let Some(c) = &written.committed {
+                use sha2::{Digest, Sha256};
+                let bytes = std::fs::read(&out).unwrap();
+                assert_eq!(c.sha256, hex::encode(Sha256::digest(&bytes)));
+                assert_eq!(c.bytes, bytes.len() as u64);
+            }
             assert_eq!(credits.len(), 3, "a credit back for each group written");
             if finish {
                 let header = crate::output::csv_header(&["tile"], 7);

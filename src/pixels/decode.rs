@@ -5,14 +5,42 @@
 //! gray expanded to three equal channels, palettes expanded, 16-bit PNG reduced to its high byte
 //! (libpng's strip-16, as OpenCV configures it) and 16-bit TIFF scaled by 1/257 with rounding
 //! (OpenCV's TIFF decoder), JPEG EXIF orientation applied. The format is sniffed from the bytes,
-//! not trusted from the file name. Failures come back as a one-line reason for the caller to
-//! attach to the tile's path.
+//! not trusted from the file name. CMYK and YCCK JPEGs become RGB with OpenCV's own formula
+//! (`icvCvt_CMYK2BGR_8u_C4C3R`: `k - ((255 - c) * k >> 8)`, for Adobe's inverted CMYK).
+//! Failures come back as a one-line reason for the caller to attach to the tile's path.
+//!
+//! Hostile files are bad tiles, never an abort or a huge allocation: a declared size over
+//! [`MAX_PIXELS`] (or [`MAX_SIDE`] on a side) is refused from the header, before anything is
+//! allocated; a PNG that declares more pixel data than its compressed bytes could ever hold
+//! (deflate expands at most 1032:1) is refused as a bomb; a JPEG whose data ends before its
+//! last scan line (libjpeg only warns, "premature end", and pads with gray) is refused.
 
 use std::io::Cursor;
 
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
 
 use super::resize::Image;
+
+/// The largest tile decoded: 2^28 pixels (16,384 x 16,384; 768 MB as RGB). OpenCV's `imread`
+/// refuses more than 2^30; tiles are a few hundred pixels a side, and each decode thread may
+/// hold one image at a time, so tilefeat is stricter.
+pub const MAX_PIXELS: u64 = 1 << 28;
+/// The longest side decoded (OpenCV's `CV_IO_MAX_IMAGE_WIDTH`/`HEIGHT`).
+pub const MAX_SIDE: u64 = 1 << 20;
+
+/// Refuse a declared size before anything is allocated for it.
+fn check_declared_size(format: &str, w: u64, h: u64) -> Result<(), String> {
+    if w == 0 || h == 0 {
+        return Err(format!("{format} declares a size of {w} x {h} pixels"));
+    }
+    if w > MAX_SIDE || h > MAX_SIDE || w * h > MAX_PIXELS {
+        return Err(format!(
+            "{format} declares {w} x {h} pixels, more than tilefeat decodes ({MAX_PIXELS} pixels, \
+             {MAX_SIDE} a side): not a tile (or a decompression bomb)"
+        ));
+    }
+    Ok(())
+}
 
 /// Decode encoded tile bytes into an 8-bit RGB [`Image`].
 pub fn decode_rgb(bytes: &[u8]) -> Result<Image, String> {
@@ -34,6 +62,20 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<Image, String> {
     let decoder = reader
         .into_decoder()
         .map_err(|e| format!("cannot decode {format:?}: {e}"))?;
+    let (w, h) = decoder.dimensions();
+    check_declared_size(&format!("{format:?}"), w as u64, h as u64)?;
+    if format == ImageFormat::Png {
+        // Deflate expands at most 1032:1, so no real PNG holds more than that many bytes of
+        // pixel data (plus a filter byte a row) per byte of file.
+        let declared = decoder.total_bytes().saturating_add(h as u64);
+        if declared > 1032 * bytes.len() as u64 + 4096 {
+            return Err(format!(
+                "PNG declares {w} x {h} pixels ({declared} bytes) but is only {} bytes long: \
+                 truncated, or a decompression bomb",
+                bytes.len()
+            ));
+        }
+    }
     let img = DynamicImage::from_decoder(decoder)
         .map_err(|e| format!("cannot decode {format:?}: {e}"))?;
     to_rgb8(img, format)
@@ -51,6 +93,64 @@ pub fn jpeg_simd() -> bool {
     unsafe { jsimd_can_idct_islow() != 0 }
 }
 
+/// libjpeg's fatal errors unwind (as mozjpeg's own error manager does) with the message,
+/// to be caught by [`crate::error::catch_panic`] and reported against the tile.
+extern "C-unwind" fn jpeg_error_exit(cinfo: &mut mozjpeg_sys::jpeg_common_struct) {
+    std::panic::resume_unwind(Box::new(jpeg_message(cinfo)));
+}
+
+/// Warnings libjpeg would print and go on from: those that mean the data ended before the
+/// last scan line ("premature end", after which libjpeg pads the image with gray) unwind as
+/// errors; the others (extraneous bytes, say) are ignored, as `cv2.imread` goes on too.
+extern "C-unwind" fn jpeg_emit_message(cinfo: &mut mozjpeg_sys::jpeg_common_struct, level: i32) {
+    // SAFETY: libjpeg calls this with its own, initialised error manager.
+    let code = unsafe { cinfo.err.as_ref() }.map_or(0, |e| e.msg_code);
+    if level < 0 && (code == mozjpeg_sys::JWRN_JPEG_EOF || code == mozjpeg_sys::JWRN_HIT_MARKER) {
+        std::panic::resume_unwind(Box::new(format!(
+            "JPEG data ends before the last scan line ({})",
+            jpeg_message(cinfo)
+        )));
+    }
+}
+
+/// libjpeg's text for its current message.
+fn jpeg_message(cinfo: &mut mozjpeg_sys::jpeg_common_struct) -> String {
+    let mut buffer = [0u8; 200]; // JMSG_LENGTH
+                                 // SAFETY: `format_message` writes at most JMSG_LENGTH bytes, NUL-terminated.
+    let format = unsafe { cinfo.err.as_ref() }.and_then(|e| e.format_message);
+    if let Some(format) = format {
+        unsafe {
+            let f: unsafe extern "C-unwind" fn(&mut mozjpeg_sys::jpeg_common_struct, *mut u8) =
+                std::mem::transmute(format);
+            f(cinfo, buffer.as_mut_ptr());
+        }
+    }
+    let end = buffer.iter().position(|&c| c == 0).unwrap_or(buffer.len());
+    String::from_utf8_lossy(&buffer[..end]).into_owned()
+}
+
+/// An error manager that unwinds on errors and on "premature end" warnings.
+fn jpeg_error_mgr() -> mozjpeg::decompress::DecompressBuilder<'static> {
+    // SAFETY: `jpeg_std_error` initialises every field of the zeroed struct.
+    let mut err: mozjpeg_sys::jpeg_error_mgr = unsafe { std::mem::zeroed() };
+    unsafe { mozjpeg_sys::jpeg_std_error(&mut err) };
+    err.error_exit = Some(jpeg_error_exit);
+    err.emit_message = Some(jpeg_emit_message);
+    mozjpeg::Decompress::builder().with_err(err)
+}
+
+/// OpenCV's CMYK to RGB (`icvCvt_CMYK2BGR_8u_C4C3R`, for Adobe's inverted CMYK, which is what
+/// libjpeg hands back for CMYK and YCCK files): each channel `k - ((255 - c) * k >> 8)`.
+fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
+    cmyk.chunks_exact(4)
+        .flat_map(|p| {
+            let k = p[3] as i32;
+            let f = |c: u8| (k - (((255 - c as i32) * k) >> 8)) as u8;
+            [f(p[0]), f(p[1]), f(p[2])]
+        })
+        .collect()
+}
+
 /// JPEG through libjpeg-turbo's own decoder (mozjpeg is a libjpeg-turbo fork), configured as
 /// OpenCV configures it (ISLOW IDCT, fancy upsampling), so pixels match `cv2.imread` exactly;
 /// pure-Rust decoders differ by up to 4 levels in a quarter of the pixels.
@@ -64,20 +164,34 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Image, String> {
         .into_decoder()
         .ok()
         .and_then(|mut d| d.orientation().ok());
-    // libjpeg's errors unwind as panics, caught here and reported against the tile.
-    let result = crate::error::catch_panic(|| -> std::io::Result<(usize, usize, Vec<u8>)> {
-        let mut d = mozjpeg::Decompress::new_mem(bytes)?;
+    // libjpeg's errors (and "premature end" warnings) unwind as panics, caught here and
+    // reported against the tile.
+    let result = crate::error::catch_panic(|| -> Result<(usize, usize, Vec<u8>), String> {
+        let io = |e: std::io::Error| format!("cannot decode JPEG: {e}");
+        let mut d = jpeg_error_mgr().from_mem(bytes).map_err(io)?;
+        let (w, h) = d.size();
+        check_declared_size("JPEG", w as u64, h as u64)?;
         d.dct_method(mozjpeg::DctMethod::IntegerSlow);
         d.do_fancy_upsampling(true);
-        let mut s = d.rgb()?;
-        let (w, h) = (s.width(), s.height());
-        let data: Vec<u8> = s.read_scanlines()?;
-        s.finish()?;
+        let cmyk = matches!(
+            d.color_space(),
+            mozjpeg::ColorSpace::JCS_CMYK | mozjpeg::ColorSpace::JCS_YCCK
+        );
+        let data = if cmyk {
+            let mut s = d.to_colorspace(mozjpeg::ColorSpace::JCS_CMYK).map_err(io)?;
+            let data: Vec<u8> = s.read_scanlines().map_err(io)?;
+            s.finish().map_err(io)?;
+            cmyk_to_rgb(&data)
+        } else {
+            let mut s = d.rgb().map_err(io)?;
+            let data: Vec<u8> = s.read_scanlines().map_err(io)?;
+            s.finish().map_err(io)?;
+            data
+        };
         Ok((w, h, data))
     });
     let (w, h, data) = match result {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => return Err(format!("cannot decode JPEG: {e}")),
+        Ok(r) => r?,
         Err(msg) => return Err(format!("cannot decode JPEG: {msg}")),
     };
     if w == 0 || h == 0 || data.len() != w * h * 3 {
@@ -193,5 +307,78 @@ mod tests {
         let rgb = image::RgbImage::from_raw(8, 8, vec![7; 192]).unwrap();
         let png = encode_png(DynamicImage::ImageRgb8(rgb));
         assert!(decode_rgb(&png[..png.len() / 2]).is_err());
+    }
+
+    fn encode_jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, 99]));
+        let mut out = Vec::new();
+        DynamicImage::ImageRgb8(img)
+            .write_to(&mut Cursor::new(&mut out), ImageFormat::Jpeg)
+            .unwrap();
+        out
+    }
+
+    /// Sets a PNG's IHDR size (and its CRC).
+    fn forge_png_size(mut png: Vec<u8>, w: u32, h: u32) -> Vec<u8> {
+        assert_eq!(&png[12..16], b"IHDR");
+        png[16..20].copy_from_slice(&w.to_be_bytes());
+        png[20..24].copy_from_slice(&h.to_be_bytes());
+        let crc = crc32fast::hash(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        png
+    }
+
+    /// Sets a JPEG's SOF size.
+    fn forge_jpeg_size(mut jpg: Vec<u8>, w: u16, h: u16) -> Vec<u8> {
+        let sof = jpg
+            .windows(2)
+            .position(|m| m[0] == 0xFF && (0xC0..=0xC2).contains(&m[1]))
+            .unwrap();
+        jpg[sof + 5..sof + 7].copy_from_slice(&h.to_be_bytes());
+        jpg[sof + 7..sof + 9].copy_from_slice(&w.to_be_bytes());
+        jpg
+    }
+
+    /// Regression: a 100000 x 100000 PNG header aborted the process trying to allocate 30 GB.
+    #[test]
+    fn png_header_bomb_is_a_bad_tile() {
+        let rgb = image::RgbImage::from_raw(2, 2, vec![7; 12]).unwrap();
+        let bomb = forge_png_size(encode_png(DynamicImage::ImageRgb8(rgb)), 100_000, 100_000);
+        assert!(bomb.len() < 1000);
+        let e = decode_rgb(&bomb).unwrap_err();
+        assert!(
+            e.contains("100000 x 100000") && e.contains("more than"),
+            "{e}"
+        );
+        // Within the size limit, but far more pixels than the bytes can hold.
+        let rgb = image::RgbImage::from_raw(2, 2, vec![7; 12]).unwrap();
+        let bomb = forge_png_size(encode_png(DynamicImage::ImageRgb8(rgb)), 12_000, 12_000);
+        let e = decode_rgb(&bomb).unwrap_err();
+        assert!(e.contains("decompression bomb"), "{e}");
+    }
+
+    /// Regression: a JPEG whose SOF claims 65500 x 65500 decoded for 50 s at 13 GB into gray
+    /// padding; half a JPEG with an end marker appended was accepted.
+    #[test]
+    fn forged_and_cut_jpegs_are_bad_tiles() {
+        let jpg = encode_jpeg(64, 64);
+        let e = decode_rgb(&forge_jpeg_size(jpg.clone(), 65500, 65500)).unwrap_err();
+        assert!(e.contains("65500 x 65500"), "{e}");
+        // A larger size than the data holds, within the limit: the data ends early.
+        let e = decode_rgb(&forge_jpeg_size(jpg.clone(), 64, 640)).unwrap_err();
+        assert!(e.contains("ends before the last scan line"), "{e}");
+        let mut half = jpg[..jpg.len() / 2].to_vec();
+        half.extend_from_slice(&[0xFF, 0xD9]);
+        let e = decode_rgb(&half).unwrap_err();
+        assert!(e.contains("ends before the last scan line"), "{e}");
+        assert_eq!(decode_rgb(&jpg).unwrap().data.len(), 64 * 64 * 3);
+    }
+
+    /// OpenCV's formula: `k - ((255 - c) * k >> 8)` per channel (Adobe's inverted CMYK).
+    #[test]
+    fn cmyk_is_converted_as_opencv_does() {
+        assert_eq!(cmyk_to_rgb(&[255, 0, 128, 255]), vec![255, 1, 129]);
+        assert_eq!(cmyk_to_rgb(&[10, 20, 30, 0]), vec![0, 0, 0]);
+        assert_eq!(cmyk_to_rgb(&[0, 255, 200, 100]), vec![1, 100, 79]);
     }
 }

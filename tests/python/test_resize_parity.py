@@ -3,6 +3,8 @@ resize (cv2.resize INTER_LINEAR, area for exact 2x), BGR->RGB."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -36,7 +38,9 @@ def test_resized_pixels_equal_opencv(tilefeat, tmp_path, n, fmt, size):
     assert diff.max() == 0, f"{(diff > 0).mean():.2%} pixels differ, max {diff.max()}"
 
 
-@pytest.mark.parametrize("kind", ["gray", "rgba", "16bit", "tif", "jpg444", "jpg420_q50", "progressive"])
+@pytest.mark.parametrize(
+    "kind", ["gray", "rgba", "16bit", "tif", "jpg444", "jpg420_q50", "progressive", "cmyk", "cmyk_golden"]
+)
 def test_pixel_formats_equal_opencv(tilefeat, tmp_path, kind):
     im = source_image()[:300, :260]
     p = tmp_path / "x.png"
@@ -60,6 +64,16 @@ def test_pixel_formats_equal_opencv(tilefeat, tmp_path, kind):
     elif kind == "progressive":
         p = tmp_path / "x.jpg"
         cv2.imwrite(str(p), im, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    elif kind == "cmyk":
+        # Adobe CMYK JPEG (inverted values), as PIL and Photoshop write it; cv2 reads it as
+        # 3-channel BGR with its own CMYK formula, and so must tilefeat.
+        from PIL import Image
+
+        p = tmp_path / "x.jpg"
+        Image.fromarray(cv2.cvtColor(im, cv2.COLOR_BGR2RGB)).convert("CMYK").save(p, quality=85)
+        assert Image.open(p).mode == "CMYK"
+    elif kind == "cmyk_golden":
+        p = Path(__file__).resolve().parents[1] / "golden" / "cmyk.jpg"
     ours = tilefeat_pixels(tilefeat, p, 224, tmp_path)
     ref = reference_pixels(p, 224)
     diff = np.abs(ours.astype(int) - ref.astype(int))

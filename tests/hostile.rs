@@ -1,0 +1,300 @@
+//! Regression tests for the defects a hostile new user found: every bad input gets a clear
+//! error naming the file (or is recorded with `--on-error skip`), the process never aborts,
+//! and nothing is left half-written or overwritten.
+
+mod common;
+
+use common::*;
+use predicates::prelude::*;
+use std::path::Path;
+
+/// Three good tiles to put the bad ones among.
+fn good_tiles(dir: &Path) {
+    make_tiles(dir, 3, 64);
+}
+
+/// No temporary or lock file left beside `out`.
+#[track_caller]
+fn nothing_left_beside(out: &Path) {
+    let dir = out.parent().unwrap();
+    let left: Vec<String> = files_containing(dir, "tilefeat-");
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// PNG and JPEG header bombs (declared 100000 x 100000 and 65500 x 65500 pixels in a few
+/// hundred bytes) and half a JPEG with an end marker are bad tiles: named, recorded with
+/// `--on-error skip`, never an abort (the PNG used to abort with exit 134 trying to allocate
+/// 30 GB, the JPEG to decode for 50 s at 13 GB into gray padding).
+#[test]
+fn image_bombs_and_cut_jpegs_are_bad_tiles() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("s");
+    good_tiles(&tiles);
+    let png = std::fs::read(tiles.join("tile_000.png")).unwrap();
+    let mut bomb = png[..33].to_vec(); // signature + IHDR
+    bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let crc = crc32fast::hash(&bomb[12..29]);
+    bomb[29..33].copy_from_slice(&crc.to_be_bytes());
+    bomb.extend_from_slice(&png[33..]);
+    std::fs::write(tiles.join("bomb.png"), &bomb).unwrap();
+    let mut jpg = Vec::new();
+    image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
+        64,
+        64,
+        image::Rgb([9, 99, 199]),
+    ))
+    .write_to(
+        &mut std::io::Cursor::new(&mut jpg),
+        image::ImageFormat::Jpeg,
+    )
+    .unwrap();
+    let sof = jpg.windows(2).position(|m| m == [0xFF, 0xC0]).unwrap();
+    let mut forged = jpg.clone();
+    forged[sof + 5..sof + 9].copy_from_slice(&[0xFF, 0xDC, 0xFF, 0xDC]); // 65500 x 65500
+    std::fs::write(tiles.join("forged.jpg"), &forged).unwrap();
+    let mut half = jpg[..jpg.len() / 2].to_vec();
+    half.extend_from_slice(&[0xFF, 0xD9]);
+    std::fs::write(tiles.join("half.jpg"), &half).unwrap();
+
+    let out = d.path().join("x.csv");
+    extract_cmd(&tiles, &out)
+        .timeout(std::time::Duration::from_secs(60))
+        .assert()
+        .code(3)
+        .stderr(
+            predicate::str::contains("bomb.png").and(predicate::str::contains("100000 x 100000")),
+        );
+    assert!(!out.exists());
+    nothing_left_beside(&out);
+    extract_cmd(&tiles, &out)
+        .args(["--on-error", "skip"])
+        .timeout(std::time::Duration::from_secs(60))
+        .assert()
+        .success();
+    let rejected = read(&out.with_extension("rejected.tsv"));
+    assert!(
+        rejected.contains("bomb.png\tPng declares 100000 x 100000"),
+        "{rejected}"
+    );
+    assert!(
+        rejected.contains("forged.jpg\tJPEG declares 65500 x 65500"),
+        "{rejected}"
+    );
+    assert!(
+        rejected.contains("half.jpg\t") && rejected.contains("ends before the last scan line"),
+        "{rejected}"
+    );
+    assert_eq!(read(&out).lines().count(), 1 + 3);
+    assert_eq!(prov_u64(&out, &["tiles", "skipped"]), 3);
+}
+
+/// Two runs on one `--output`: the second is refused while the first holds the output, so a
+/// CSV is never paired with another run's provenance; and `join` checks the pairing through
+/// the CSV's SHA-256 in the provenance.
+#[test]
+fn one_writer_per_output_and_join_checks_the_pair() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("s");
+    make_tiles(&tiles, 40, 64);
+    let out = d.path().join("x.csv");
+    let mut first = std::process::Command::new(assert_cmd::cargo::cargo_bin("tilefeat"))
+        .args([
+            "extract",
+            tiles.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .args(["--weights", "random:0", "--quiet", "--threads", "1"])
+        .spawn()
+        .unwrap();
+    let lock = d.path().join(".x.csv.tilefeat-lock");
+    let t = std::time::Instant::now();
+    while !lock.exists() {
+        assert!(
+            t.elapsed().as_secs() < 60,
+            "the first run never took its lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    extract_cmd(&tiles, &out)
+        .args(["--pool", "avg"])
+        .assert()
+        .code(6)
+        .stderr(predicate::str::contains(
+            "being written by another tilefeat run",
+        ));
+    assert!(first.wait().unwrap().success());
+    assert!(!lock.exists(), "the lock goes with its run");
+    let prov = provenance(&out);
+    let sha = prov["output_sha256"].as_str().unwrap().to_string();
+    use sha2::Digest;
+    assert_eq!(
+        sha,
+        hex::encode(sha2::Sha256::digest(std::fs::read(&out).unwrap()))
+    );
+    assert_eq!(
+        prov["output_bytes"].as_u64(),
+        Some(std::fs::metadata(&out).unwrap().len())
+    );
+
+    // A CSV of one run beside the provenance of another (as two unsynchronised runs, or a
+    // copy, could leave them): join refuses it.
+    let kept = d.path().join("max.csv");
+    std::fs::copy(&out, &kept).unwrap();
+    extract_ok(&tiles, &out, &["--pool", "avg"]);
+    std::fs::copy(&kept, &out).unwrap();
+    tilefeat()
+        .args(["join", out.to_str().unwrap(), "-o"])
+        .arg(d.path().join("cohort.csv"))
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("x.csv").and(predicate::str::contains("different runs")));
+    assert!(!d.path().join("cohort.csv").exists());
+}
+
+/// Broken symbolic links: one named like a tile is a bad tile (named; recorded with skip),
+/// others are ignored. They used to stop the run with exit 3 even with `--on-error skip`.
+#[test]
+fn broken_links_named_like_tiles_are_bad_tiles_and_others_ignored() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("s");
+    good_tiles(&tiles);
+    std::os::unix::fs::symlink(d.path().join("missing"), tiles.join("notes.txt")).unwrap();
+    let out = d.path().join("x.csv");
+    extract_ok(&tiles, &out, &[]);
+    assert_eq!(read(&out).lines().count(), 1 + 3);
+    std::os::unix::fs::symlink(d.path().join("missing.png"), tiles.join("gone.png")).unwrap();
+    std::os::unix::fs::symlink(tiles.join("loop.png"), tiles.join("loop.png")).unwrap();
+    extract_cmd(&tiles, &out).assert().code(3).stderr(
+        predicate::str::contains("gone.png").and(predicate::str::contains("broken symbolic link")),
+    );
+    extract_cmd(&tiles, &out)
+        .args(["--on-error", "skip"])
+        .assert()
+        .success();
+    let rejected = read(&out.with_extension("rejected.tsv"));
+    assert!(
+        rejected.contains("gone.png\tbroken symbolic link"),
+        "{rejected}"
+    );
+    assert!(
+        rejected.contains("loop.png\tbroken symbolic link"),
+        "{rejected}"
+    );
+    assert_eq!(prov_u64(&out, &["tiles", "found"]), 5);
+    assert_eq!(prov_u64(&out, &["tiles", "skipped"]), 2);
+}
+
+/// A tile whose name is not UTF-8 is a bad tile (it used to vanish: in no output, not
+/// counted, exit 0); with skip it is recorded with its bytes escaped.
+#[test]
+fn tiles_with_names_that_are_not_utf8_are_bad_tiles() {
+    use std::os::unix::ffi::OsStrExt;
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("s");
+    good_tiles(&tiles);
+    let name = std::ffi::OsStr::from_bytes(b"t\xff\xfe.png");
+    std::fs::copy(tiles.join("tile_000.png"), tiles.join(name)).unwrap();
+    let out = d.path().join("x.csv");
+    extract_cmd(&tiles, &out)
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("not valid UTF-8"));
+    assert!(!out.exists());
+    extract_cmd(&tiles, &out)
+        .args(["--on-error", "skip", "--quiet"])
+        .assert()
+        .success()
+        .stderr("");
+    let rejected = read(&out.with_extension("rejected.tsv"));
+    assert!(
+        rejected.contains("t\\xff\\xfe.png\tits path is not valid UTF-8"),
+        "{rejected}"
+    );
+    assert_eq!(prov_u64(&out, &["tiles", "found"]), 4);
+    assert_eq!(prov_u64(&out, &["tiles", "skipped"]), 1);
+    assert_eq!(
+        provenance(&out)["skipped_tiles"][0]["tile"].as_str(),
+        Some("t\\xff\\xfe.png")
+    );
+}
+
+/// `join` reads every CSV `extract` writes: a tile name with a newline is quoted over two
+/// lines (join used to say "line 2 is malformed").
+#[test]
+fn join_reads_tile_names_with_newlines() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("s");
+    good_tiles(&tiles);
+    std::fs::rename(tiles.join("tile_001.png"), tiles.join("a\nb, \"c\".png")).unwrap();
+    let out = d.path().join("x.csv");
+    extract_ok(&tiles, &out, &[]);
+    let cohort = d.path().join("cohort.csv");
+    tilefeat()
+        .args([
+            "join",
+            out.to_str().unwrap(),
+            "--quiet",
+            "-o",
+            cohort.to_str().unwrap(),
+        ])
+        .assert()
+        .success();
+    let mut r = csv::Reader::from_path(&cohort).unwrap();
+    let names: Vec<String> = r.records().map(|x| x.unwrap()[1].to_string()).collect();
+    assert_eq!(names, ["a\nb, \"c\".png", "tile_000.png", "tile_002.png"]);
+    let mean = d.path().join("mean.csv");
+    tilefeat()
+        .args([
+            "join",
+            out.to_str().unwrap(),
+            "--quiet",
+            "--aggregate",
+            "mean",
+            "-o",
+        ])
+        .arg(&mean)
+        .assert()
+        .success();
+    assert!(read(&mean).lines().nth(1).unwrap().starts_with("s,3,"));
+}
+
+/// `--output` naming a tile (or anything with a tile extension) is refused before anything
+/// is read or written: it used to overwrite the tile with the CSV.
+#[test]
+fn an_output_named_like_a_tile_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("s");
+    good_tiles(&tiles);
+    let tile = tiles.join("tile_000.png");
+    let before = std::fs::read(&tile).unwrap();
+    for out in [tile.clone(), d.path().join("features.JPG")] {
+        extract_cmd(&tiles, &out)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(
+                "an image name, not a feature file",
+            ));
+    }
+    assert_eq!(
+        std::fs::read(&tile).unwrap(),
+        before,
+        "the tile is untouched"
+    );
+    assert!(!d.path().join("features.JPG").exists());
+}
+
+/// A CMYK JPEG (Adobe, inverted, as Photoshop and PIL write it) is read as `cv2.imread`
+/// reads it (pixel parity with OpenCV: tests/python/test_resize_parity.py); it used to be
+/// rejected ("Unsupported color conversion request").
+#[test]
+fn cmyk_jpegs_are_read() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("s");
+    std::fs::create_dir_all(&tiles).unwrap();
+    std::fs::copy(repo().join("tests/golden/cmyk.jpg"), tiles.join("cmyk.jpg")).unwrap();
+    let out = d.path().join("x.csv");
+    extract_ok(&tiles, &out, &[]);
+    assert_eq!(read(&out).lines().count(), 2);
+}
