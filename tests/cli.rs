@@ -894,3 +894,29 @@ fn several_samples_named_by_sample_flags() {
     }
     assert!(!outdir.join("sampleA.csv").exists());
 }
+
+/// `info` names the CPU and says, per precision, whether it is native; `extract` warns once
+/// when bf16 is emulated on the CPU (7-10x slower than fp32 on AVX2-only CPUs) and not when it
+/// is native; the provenance records the CPU.
+#[test]
+fn emulated_cpu_precisions_are_named_and_warned_about() {
+    let info = tilefeat().arg("info").output().unwrap();
+    let info = String::from_utf8(info.stdout).unwrap();
+    assert!(info.contains("\ncpu: "), "{info}");
+    assert!(info.contains("cpu fp32: native"), "{info}");
+    let bf16_native = info.contains("cpu bf16: native");
+    assert!(bf16_native || info.contains("cpu bf16: emulated"), "{info}");
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("x.csv");
+    let o = extract_cmd(&demo_sample("sampleC"), &out)
+        .args(["--precision", "bf16", "--size", "32", "--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let err = String::from_utf8(o.stderr).unwrap();
+    let warned = err.matches("libtorch emulates bf16").count();
+    assert_eq!(warned, if bf16_native { 0 } else { 1 }, "{err}");
+    let cpu = &provenance(&out)["cpu"];
+    assert!(cpu["model"].as_str().is_some(), "{cpu:?}");
+    assert!(cpu["instruction_sets"].as_sequence().is_some(), "{cpu:?}");
+}
