@@ -14,6 +14,13 @@
 # pipeline's ceiling without the network, with a cache; then scripts/gpu-longrun.sh (48,000
 # tiles: the defaults against their alternatives, alternating; several samples in one
 # process). About 5 minutes on an H200.
+#
+# The parity section asserts, and the script exits 1 at the end (after printing everything)
+# when an assertion failed: every GPU run succeeds, `--device auto` picks CUDA, GPU fp32 agrees
+# with the tutorial on the GPU and with tilefeat on the CPU within the README's tolerance
+# (max relative error 5e-3, cosine 0.99999), a worker stream of its own gives the same bytes
+# as the shared default stream, and bf16/fp16 stay within the README's precision figures
+# (2.5e-2 / 0.9999 and 5e-3 / 0.99999).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 REPORT=gpu-report.txt
@@ -26,7 +33,7 @@ nproc
 python3 -c 'import torch, torchvision, cv2; print("torch", torch.__version__, "torchvision", torchvision.__version__, "cv2", cv2.__version__)'
 "$B" info
 
-section "extract --device cuda on mixed real tiles (parity)"
+section "extract --device cuda on mixed real tiles (parity; asserted)"
 python3 - "$B" "$W" <<'PY'
 import subprocess, sys, time
 from pathlib import Path
@@ -41,11 +48,18 @@ im = cv2.imread("demo/ihc.png"); rng = np.random.default_rng(0); tiles = W / "mi
 for k, n in enumerate((224, 256, 300, 448, 512, 1000, 200, 333)):
     c = im[:n, :n] if n <= im.shape[0] else cv2.resize(im, (n, n), interpolation=cv2.INTER_CUBIC)
     cv2.imwrite(str(tiles / f"t{k}.png"), c); cv2.imwrite(str(tiles / f"t{k}.jpg"), c)
+failures = []
+def check(ok, what):
+    print(("ok    " if ok else "FAILED ") + what)
+    if not ok:
+        failures.append(what)
 def run(*a, env=None):
     import os
     r = subprocess.run([B, "extract", str(tiles), "--weights", str(weights), "--quiet", *a], capture_output=True, text=True,
                        env={**os.environ, **(env or {})})
-    print(" ".join(a), env or "", "->", r.returncode, r.stderr.strip()[-300:]); return r.returncode
+    print(" ".join(a), env or "", "->", r.returncode, r.stderr.strip()[-300:])
+    check(r.returncode == 0, f"extract {' '.join(a)} {env or ''} exits 0")
+    return r.returncode
 def feats(p):
     import pandas as pd
     return pd.read_csv(p, index_col=0).to_numpy(np.float32)
@@ -53,30 +67,44 @@ for prec in ("fp32", "bf16", "fp16"):
     run("-o", str(W / f"gpu_{prec}.csv"), "--device", "cuda", "--precision", prec, "--batch-size", "8")
 run("-o", str(W / "gpu_fp32_shared.csv"), "--device", "cuda", "--batch-size", "8", env={"TILEFEAT_CUDA_STREAMS": "0"})
 run("-o", str(W / "cpu_fp32.csv"), "--device", "cpu")
-prov = (W / "gpu_fp32.provenance.yaml").read_text()
-print("provenance device:", [l for l in prov.splitlines() if l.startswith("device:")])
+run("-o", str(W / "auto.csv"), "--device", "auto", "--batch-size", "8")
+for name in ("gpu_fp32", "auto"):
+    p = W / f"{name}.provenance.yaml"
+    dev = [l for l in p.read_text().splitlines() if l.startswith("device:")] if p.exists() else []
+    print(name, "provenance device:", dev)
+    check(bool(dev) and "cuda" in dev[0], f"{name}: the provenance names a CUDA device")
 _, ref = batched_all(tiles, weights, device="cuda")
 ref = ref[("layer4", "max")]
 _, ref_cpu = batched_all(tiles, weights, device="cpu")
 ref_cpu = ref_cpu[("layer4", "max")]
-def cmp(name, a, b):
+def cmp(name, a, b, max_rel=None, min_cos=None):
     rel = (np.abs(a - b).max(1) / np.abs(b).max(1)).max()
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     print(f"{name:45s} max rel err {rel:.2e}   min cosine {cos.min():.6f}")
+    if max_rel is not None:
+        check(rel <= max_rel and cos.min() >= min_cos, f"{name}: within {max_rel:g} / {min_cos}")
 g32 = feats(W / "gpu_fp32.csv"); c32 = feats(W / "cpu_fp32.csv")
-cmp("tilefeat GPU fp32 vs tutorial on GPU (torch)", g32, ref)
-cmp("tilefeat CPU fp32 vs tutorial on CPU (torch)", c32, ref_cpu)
-cmp("tilefeat GPU fp32 vs tilefeat CPU fp32", g32, c32)
+check(np.array_equal(feats(W / "auto.csv"), g32), "--device auto gives the GPU's features")
+cmp("tilefeat GPU fp32 vs tutorial on GPU (torch)", g32, ref, 5e-3, 0.99999)
+cmp("tilefeat CPU fp32 vs tutorial on CPU (torch)", c32, ref_cpu, 1e-4, 0.9999999)
+cmp("tilefeat GPU fp32 vs tilefeat CPU fp32", g32, c32, 5e-3, 0.99999)
 for name in ("gpu_fp32", "gpu_fp32_shared"):
     print(name, "provenance:", [l for l in (W / f"{name}.provenance.yaml").read_text().splitlines() if l.startswith("cuda_streams:")])
 if (W / "gpu_fp32_shared.provenance.yaml").exists():
-    cmp("tilefeat GPU fp32, shared default stream, vs default", feats(W / "gpu_fp32_shared.csv"), g32)
+    shared = feats(W / "gpu_fp32_shared.csv")
+    cmp("tilefeat GPU fp32, shared default stream, vs default", shared, g32)
+    check(np.array_equal(shared, g32), "a stream per worker gives the shared stream's features exactly")
 else:
-    print("TILEFEAT_CUDA_STREAMS=0 run failed (see above)")
+    check(False, "TILEFEAT_CUDA_STREAMS=0 run (see above)")
 cmp("tutorial GPU vs tutorial CPU (torch)", ref, ref_cpu)
-for prec in ("bf16", "fp16"):
-    cmp(f"tilefeat GPU {prec} vs GPU fp32", feats(W / f"gpu_{prec}.csv"), g32)
+for prec, tol, cos in (("bf16", 2.5e-2, 0.9999), ("fp16", 5e-3, 0.99999)):
+    cmp(f"tilefeat GPU {prec} vs GPU fp32", feats(W / f"gpu_{prec}.csv"), g32, tol, cos)
+if failures:
+    print(f"PARITY CHECKS FAILED: {len(failures)}: " + "; ".join(failures))
+    sys.exit(1)
+print("parity checks: all passed")
 PY
+parity=$?
 
 section "model-only throughput (batch 256), with the warm-up batches' time"
 for pl in "fp32 nhwc" "fp16 nhwc" "bf16 nhwc" "bf16 nchw"; do
@@ -101,4 +129,8 @@ section "pipeline without the network, 4000 tiles, with a fresh cache (hashing a
 
 section "slide-sized runs (scripts/gpu-longrun.sh)"
 scripts/gpu-longrun.sh "$OUT_DIR"
-echo "done"
+if [ "$parity" -ne 0 ]; then
+  echo "GPU CHECKS FAILED (parity section, above)"
+  exit 1
+fi
+echo "done: every asserted GPU check passed"

@@ -309,7 +309,9 @@ pub enum WeightsCommand {
         file: PathBuf,
     },
     /// Download torchvision's resnet50-0676ba61.pth into the torchvision cache (needs network;
-    /// run on a login node) and verify its SHA-256.
+    /// run on a login node) and verify its SHA-256. From a site mirror: TILEFEAT_WEIGHTS_URL
+    /// (any URL curl or wget reads, file:// too) and TILEFEAT_WEIGHTS_SHA256 (the mirror
+    /// file's SHA-256, or its first hex digits; default torchvision's 0676ba61).
     Fetch {
         /// Destination directory [default: $TORCH_HOME/hub/checkpoints].
         #[arg(long, value_name = "DIR")]

@@ -75,4 +75,22 @@ mod tests {
             assert_eq!(got, expected, "{value:?}, {default}");
         }
     }
+
+    /// `TCH_VERSION` (what `info` and every provenance report) is the one `versions.env` pins,
+    /// which Cargo.toml's `tch = "=..."` must match too (tests/python/test_versions.py).
+    #[test]
+    fn tch_version_is_the_pinned_one() {
+        let env = include_str!("../versions.env");
+        let pinned = env
+            .lines()
+            .find_map(|l| l.strip_prefix("TCH_VERSION="))
+            .expect("versions.env pins TCH_VERSION")
+            .trim_matches('"');
+        assert_eq!(TCH_VERSION, pinned);
+        let cargo = include_str!("../Cargo.toml");
+        assert!(
+            cargo.contains(&format!("tch = \"={pinned}\"")),
+            "Cargo.toml pins tch {pinned}"
+        );
+    }
 }

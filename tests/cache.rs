@@ -1,10 +1,9 @@
 //! Black-box tests of the content-hash cache: hits and misses, fingerprints, damage,
-//! `kill -9` resume and concurrent writers.
+//! concurrent writers (`kill -9` resume and live writers: `cache_live.rs`).
 
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -178,83 +177,6 @@ fn damaged_packs_are_reported_never_served_and_recomputed() {
     }
 }
 
-/// `kill -9` at several points, then the same command again: the final CSV equals an
-/// uninterrupted run's, byte for byte, nothing flushed is recomputed, and verify is clean.
-#[test]
-fn kill_9_then_resume_gives_identical_csv() {
-    let d = tempfile::tempdir().unwrap();
-    let tiles = d.path().join("tiles");
-    make_tiles(&tiles, 40, 96);
-    let reference = d.path().join("reference.csv");
-    extract_ok(&tiles, &reference, &["--batch-size", "4"]);
-    let cache = d.path().join("cache");
-    let out = d.path().join("out.csv");
-    // Deterministic "random" kill points, from early start-up to mid-run.
-    let delays_ms = [300u64, 1700, 2600, 3400];
-    let mut stored_before = 0;
-    for ms in delays_ms {
-        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("tilefeat"))
-            .args([
-                "extract",
-                tiles.to_str().unwrap(),
-                "-o",
-                out.to_str().unwrap(),
-            ])
-            .args(["--weights", "random:0", "--quiet", "--batch-size", "4"])
-            .args(["--cache-dir", cache.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(ms));
-        let _ = child.kill(); // SIGKILL
-        let _ = child.wait();
-        if out.exists() {
-            assert_same(&out, &reference, "a CSV, if any, is complete");
-        }
-        if out.exists() {
-            std::fs::remove_file(&out).unwrap();
-        }
-        // Everything stored so far is intact and visible.
-        let stats = tilefeat()
-            .args(["cache", "stats", "--cache-dir", cache.to_str().unwrap()])
-            .output()
-            .unwrap();
-        if cache.join("tilefeat-cache.yaml").exists() {
-            let s = String::from_utf8_lossy(&stats.stdout).to_string();
-            let n: u64 = s
-                .lines()
-                .find_map(|l| l.strip_prefix("entries: "))
-                .and_then(|l| l.split(' ').next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
-            assert!(
-                n >= stored_before,
-                "entries never disappear: {n} < {stored_before}"
-            );
-            stored_before = n;
-        }
-    }
-    extract_ok(
-        &tiles,
-        &out,
-        &["--batch-size", "4", "--cache-dir", cache.to_str().unwrap()],
-    );
-    assert_same(&out, &reference, "resumed CSV equals an uninterrupted run");
-    let hits = prov_u64(&out, &["cache", "hits"]);
-    let computed = prov_u64(&out, &["tiles", "computed"]);
-    assert_eq!(hits + computed, 40);
-    assert!(
-        hits >= stored_before.min(40),
-        "nothing stored before the kills is recomputed: {hits} < {stored_before}"
-    );
-    cache_cmd("verify", &cache).assert().success();
-    assert!(
-        files_containing(d.path(), ".tilefeat-tmp.").is_empty(),
-        "stale temp files removed"
-    );
-}
-
 /// Four processes extracting overlapping tile sets into one cache at once.
 #[test]
 fn concurrent_writers_share_one_cache() {
@@ -381,4 +303,12 @@ fn one_miss_before_many_hits_does_not_hang() {
         .success();
     assert_eq!(prov_u64(&out, &["cache", "hits"]), 149);
     assert_eq!(prov_u64(&out, &["tiles", "computed"]), 1);
+    // And the rows are the right ones, in the right order.
+    let reference = d.path().join("reference.csv");
+    extract_ok(&all, &reference, &["--no-cache"]);
+    assert_same(
+        &out,
+        &reference,
+        "149 hits and a miss equal a run without the cache",
+    );
 }

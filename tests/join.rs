@@ -162,3 +162,125 @@ fn join_list(list: &Path, out: &Path, aggregate: &str) {
         .assert()
         .success();
 }
+
+/// The values of a per-sample CSV as `join` reads them (f32), row by row.
+fn values(csv: &Path) -> Vec<Vec<f32>> {
+    read(csv)
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').skip(1).map(|v| v.parse().unwrap()).collect())
+        .collect()
+}
+
+/// `--aggregate mean|max`: every feature of every sample (means summed in f64 over the f32
+/// values, as documented), and the random-weights warning on stderr and in the provenance.
+#[test]
+fn aggregates_hold_for_every_feature_of_every_sample() {
+    let d = tempfile::tempdir().unwrap();
+    let csvs = extract_samples(d.path());
+    for how in ["mean", "max"] {
+        let out = d.path().join(format!("{how}.csv"));
+        let mut cmd = tilefeat();
+        cmd.arg("join");
+        cmd.args(&csvs);
+        cmd.args(["-o", out.to_str().unwrap(), "--aggregate", how])
+            .assert()
+            .success()
+            .stderr(predicate::str::contains("WARNING: RANDOM WEIGHTS"));
+        assert!(
+            read(&out.with_extension("provenance.yaml")).starts_with("# WARNING: RANDOM WEIGHTS")
+        );
+        let text = read(&out);
+        let rows: Vec<&str> = text.lines().skip(1).collect();
+        assert_eq!(rows.len(), 3);
+        for (row, csv) in rows.iter().zip(&csvs) {
+            let v = values(csv);
+            let got: Vec<f32> = row.split(',').skip(2).map(|x| x.parse().unwrap()).collect();
+            assert_eq!(got.len(), 2048);
+            assert_eq!(row.split(',').nth(1).unwrap(), v.len().to_string());
+            for (k, g) in got.iter().enumerate() {
+                let want = match how {
+                    "mean" => (v.iter().map(|r| r[k] as f64).sum::<f64>() / v.len() as f64) as f32,
+                    _ => v.iter().map(|r| r[k]).fold(f32::NEG_INFINITY, f32::max),
+                };
+                assert_eq!(
+                    g.to_bits(),
+                    want.to_bits(),
+                    "{how}, {}, feature {k}",
+                    csv.display()
+                );
+            }
+        }
+    }
+}
+
+/// A header whose width disagrees with its provenance's feature dimension is refused.
+#[test]
+fn a_header_that_disagrees_with_its_provenance_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let csvs = extract_samples(d.path());
+    let text = read(&csvs[1]);
+    let (header, rest) = text.split_once('\n').unwrap();
+    let short = header.rsplit_once(',').unwrap().0; // tile,0..2046
+    std::fs::write(&csvs[1], format!("{short}\n{rest}")).unwrap();
+    tilefeat()
+        .arg("join")
+        .args(&csvs)
+        .args(["-o", d.path().join("c.csv").to_str().unwrap()])
+        .assert()
+        .code(3)
+        .stderr(
+            predicate::str::contains("sampleB.csv").and(predicate::str::contains("2048 features")),
+        );
+}
+
+/// Peak memory of `join` over 40 inputs is that over one: inputs are streamed, one at a time.
+#[test]
+fn join_memory_does_not_grow_with_the_inputs() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("tiles");
+    make_tiles(&tiles, 200, 40);
+    let one = d.path().join("s0.csv");
+    extract_ok(&tiles, &one, &["--size", "32", "--sample", "s0"]);
+    let prov = read(&one.with_extension("provenance.yaml"));
+    let mut inputs = vec![one.clone()];
+    for k in 1..40 {
+        let p = d.path().join(format!("s{k}.csv"));
+        std::fs::copy(&one, &p).unwrap();
+        let renamed = prov.replace("\nsample: s0\n", &format!("\nsample: s{k}\n"));
+        assert_ne!(renamed, prov);
+        std::fs::write(p.with_extension("provenance.yaml"), renamed).unwrap();
+        inputs.push(p);
+    }
+    let csv_mb = std::fs::metadata(&one).unwrap().len() as f64 / 1e6;
+    let peak_kb = |inputs: &[PathBuf], how: &str| -> i64 {
+        let out = d.path().join(format!("cohort-{how}-{}.csv", inputs.len()));
+        #[allow(clippy::zombie_processes)] // reaped by wait4 below, which also gives its rusage
+        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("tilefeat"))
+            .arg("join")
+            .args(inputs)
+            .args(["-o", out.to_str().unwrap(), "--quiet", "--aggregate", how])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut status = 0;
+        // SAFETY: plain wait4 on our own child, with a zeroed rusage to fill.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+        assert_eq!(pid, child.id() as i32);
+        assert_eq!(status, 0, "join failed");
+        usage.ru_maxrss // KiB on Linux
+    };
+    for how in ["none", "mean"] {
+        let (small, large) = (peak_kb(&inputs[..1], how), peak_kb(&inputs, how));
+        // Holding the inputs would add 39 x the CSV (tens of MB); allow 8 MB of noise.
+        assert!(
+            large - small < 8 * 1024,
+            "{how}: peak RSS {large} KiB over 40 inputs of {csv_mb:.1} MB vs {small} KiB over one"
+        );
+        assert!(
+            39.0 * csv_mb > 40.0,
+            "the inputs are large enough to show ({csv_mb:.1} MB each)"
+        );
+    }
+}

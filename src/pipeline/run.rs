@@ -330,12 +330,17 @@ mod tests {
             }
         }
         let d = tempfile::tempdir().unwrap();
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo/tiles/sampleA");
-        let tiles = list_some_tiles(&Folder::new(&dir), &dir).unwrap().tiles;
+        let demo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo/tiles");
+        // Three samples of different tiles (6, 5 and 4): a row from one sample's late batch
+        // showing up in the next would not be that sample's own.
+        let dirs: Vec<PathBuf> = ["sampleA", "sampleB", "sampleC"]
+            .iter()
+            .map(|s| demo.join(s))
+            .collect();
         let model = Counting {
             starts: Arc::new(AtomicUsize::new(0)),
             calls: Arc::new(AtomicUsize::new(0)),
-            // Sample 1 takes calls 0-2 (three batches of two); sample 2 fails on its second.
+            // Sample A takes calls 0-2 (three batches of two); sample B fails on its second.
             fail_call: 4,
             inner: null_model(),
         };
@@ -343,55 +348,60 @@ mod tests {
         let out = d.path().to_path_buf();
         let starts = model.starts.clone();
         std::thread::spawn(move || {
+            let run = |dir: &Path, path: &Path, workers: Option<&ModelWorkers>| {
+                let tiles = list_some_tiles(&Folder::new(dir), dir).unwrap().tiles;
+                let cfg = demo_cfg(dir, path);
+                let csv = Box::new(CsvWriter::create(path, 2048).unwrap());
+                let mut progress = Progress::new(tiles.len(), true);
+                let source = Folder::new(dir);
+                let r = match workers {
+                    Some(w) => pipeline_on(
+                        &cfg,
+                        &source,
+                        &tiles,
+                        &model,
+                        w,
+                        None,
+                        csv,
+                        &mut progress,
+                        2048,
+                    ),
+                    // A run of its own, on fresh workers.
+                    None => pipeline(
+                        &cfg,
+                        &source,
+                        &tiles,
+                        &null_model(),
+                        None,
+                        csv,
+                        &mut progress,
+                        2048,
+                    ),
+                };
+                r.map(|_| std::fs::read(path).unwrap())
+                    .map_err(|e| format!("{e:#}"))
+            };
             let workers = ModelWorkers::start(&model, Device::Cpu, 2);
             let mut results = Vec::new();
-            for k in 0..3 {
-                let path = out.join(format!("s{k}.csv"));
-                let cfg = demo_cfg(&dir, &path);
-                let csv = Box::new(CsvWriter::create(&path, 2048).unwrap());
-                let mut progress = Progress::new(tiles.len(), true);
-                let r = pipeline_on(
-                    &cfg,
-                    &Folder::new(&dir),
-                    &tiles,
-                    &model,
-                    &workers,
-                    None,
-                    csv,
-                    &mut progress,
-                    2048,
-                );
-                results.push(
-                    r.map(|_| std::fs::read(&path).unwrap())
-                        .map_err(|e| format!("{e:#}")),
-                );
+            for (k, dir) in dirs.iter().enumerate() {
+                results.push(run(dir, &out.join(format!("s{k}.csv")), Some(&workers)));
             }
-            // A run of its own, on fresh workers.
-            let path = out.join("fresh.csv");
-            let cfg = demo_cfg(&dir, &path);
-            let csv = Box::new(CsvWriter::create(&path, 2048).unwrap());
-            let mut progress = Progress::new(tiles.len(), true);
-            let source = Folder::new(&dir);
-            pipeline(
-                &cfg,
-                &source,
-                &tiles,
-                &null_model(),
-                None,
-                csv,
-                &mut progress,
-                2048,
-            )
-            .unwrap();
-            results.push(Ok(std::fs::read(&path).unwrap()));
             drop(workers);
+            for (k, dir) in dirs.iter().enumerate() {
+                results.push(run(dir, &out.join(format!("fresh{k}.csv")), None));
+            }
             let _ = tx.send(results);
         });
         let results = rx
             .recv_timeout(std::time::Duration::from_secs(60))
             .expect("the runs hung");
-        let fresh = results[3].as_ref().unwrap();
-        assert_eq!(results[0].as_ref().unwrap(), fresh);
+        let fresh: Vec<&Vec<u8>> = results[3..].iter().map(|r| r.as_ref().unwrap()).collect();
+        assert_ne!(fresh[0], fresh[2], "the samples' rows differ");
+        assert_eq!(
+            results[0].as_ref().unwrap(),
+            fresh[0],
+            "sample A is its own"
+        );
         let e = results[1].as_ref().expect_err("the second sample fails");
         assert!(e.contains("simulated failure"), "{e}");
         assert!(
@@ -400,8 +410,8 @@ mod tests {
         );
         assert_eq!(
             results[2].as_ref().unwrap(),
-            fresh,
-            "the third is not mixed up"
+            fresh[2],
+            "the third sample gets its own rows, none of the failed one's"
         );
         assert_eq!(starts.load(Ordering::SeqCst), 2, "each worker set up once");
     }
@@ -433,5 +443,68 @@ mod tests {
         );
         // The same pipeline with a model that starts runs through.
         run_demo_pipeline(null_model()).unwrap();
+    }
+
+    /// A decode worker that panics on a tile (a decoder bug) makes that tile bad, named with
+    /// the panic's first line, and the run goes on: with `--on-error skip` the other rows are
+    /// written, with `fail` the run stops naming the tile; it never hangs.
+    #[test]
+    fn a_panicking_decode_worker_makes_its_tile_bad() {
+        struct Panicky(Folder);
+        impl TileSource for Panicky {
+            fn list(&self) -> Result<crate::input::Listing> {
+                self.0.list()
+            }
+            fn read(&self, tile: &Tile) -> std::io::Result<Vec<u8>> {
+                if tile.rel.ends_with("tile_100_100.jpg") {
+                    panic!("decoder bug (simulated)\nsecond line");
+                }
+                self.0.read(tile)
+            }
+        }
+        let d = tempfile::tempdir().unwrap();
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo/tiles/sampleA");
+        let source = Panicky(Folder::new(&dir));
+        let tiles = list_some_tiles(&source, &dir).unwrap().tiles;
+        assert!(tiles.iter().any(|t| t.rel == "tile_100_100.jpg"));
+        for skip in [true, false] {
+            let out = d.path().join(format!("{skip}.csv"));
+            let mut cfg = demo_cfg(&dir, &out);
+            if !skip {
+                cfg.on_error = crate::cli::OnError::Fail;
+            }
+            let csv = Box::new(CsvWriter::create(&out, 2048).unwrap());
+            let mut progress = Progress::new(tiles.len(), true);
+            let r = crate::error::catch_panic(|| {
+                pipeline(
+                    &cfg,
+                    &source,
+                    &tiles,
+                    &null_model(),
+                    None,
+                    csv,
+                    &mut progress,
+                    2048,
+                )
+            })
+            .expect("the panic is caught in the worker");
+            if skip {
+                let st = r.unwrap();
+                assert_eq!(st.written, tiles.len() - 1);
+                assert_eq!(st.skipped.len(), 1);
+                assert_eq!(st.skipped[0].tile, "tile_100_100.jpg");
+                assert_eq!(
+                    st.skipped[0].reason,
+                    "internal error: decoder bug (simulated)"
+                );
+            } else {
+                let e = format!("{:#}", r.err().unwrap());
+                assert!(
+                    e.contains("tile_100_100.jpg") && e.contains("decoder bug"),
+                    "{e}"
+                );
+                assert!(!out.exists());
+            }
+        }
     }
 }

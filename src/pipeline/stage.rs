@@ -204,8 +204,14 @@ impl<'a> ModelStage<'a> {
         if self.in_batch > 0 {
             self.dispatch()?;
         }
+        // The last batches: each one's rows go to the writer (and the cache) as soon as it is
+        // back, not when the last is (a kill then loses only the batches still computing).
         while self.outstanding > 0 {
             self.wait_one()?;
+            if !self.flush_ready()? {
+                return Ok(self.take_state(wt, waiting));
+            }
+            progress.update(self.st.written + self.st.skipped.len(), self.st.hits);
         }
         if !self.flush_ready()? {
             return Ok(self.take_state(wt, waiting));

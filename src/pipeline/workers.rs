@@ -72,13 +72,14 @@ impl ModelWorkers {
         torch_threads: usize,
     ) -> ModelWorkers {
         let (n_model, model_threads) = model_workers(device, torch_threads);
+        let slow = SlowWorker::from_env();
         let mut control = Vec::new();
         let mut handles = Vec::new();
         for _ in 0..n_model {
             let (tx, rx) = crossbeam_channel::unbounded::<Assignment>();
             let worker = model.fork();
             handles.push(std::thread::spawn(move || {
-                worker_loop(worker, model_threads, rx)
+                worker_loop(worker, model_threads, rx, slow)
             }));
             control.push(tx);
         }
@@ -99,8 +100,50 @@ impl Drop for ModelWorkers {
     }
 }
 
+/// For the black-box tests of what a crash or a slow device does (kill -9 resume, `cache gc`
+/// beside a live writer, progress lines): `TILEFEAT_TEST_BATCH_DELAY_MS` makes every model
+/// worker sleep that long before each batch, and `TILEFEAT_TEST_STALL_AFTER_BATCHES=N` makes
+/// each worker stop for good after N batches (the process then holds its cache pack open
+/// until it is killed). Not for users: both only slow a run down.
+#[derive(Debug, Clone, Copy, Default)]
+struct SlowWorker {
+    delay_ms: u64,
+    stall_after: Option<u64>,
+}
+
+impl SlowWorker {
+    fn from_env() -> SlowWorker {
+        let num = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        SlowWorker {
+            delay_ms: num("TILEFEAT_TEST_BATCH_DELAY_MS").unwrap_or(0),
+            stall_after: num("TILEFEAT_TEST_STALL_AFTER_BATCHES"),
+        }
+    }
+
+    /// Before batch number `done` (counted from 0) of this worker.
+    fn before_batch(&self, done: u64) {
+        if self.stall_after.is_some_and(|n| done >= n) {
+            loop {
+                std::thread::park();
+            }
+        }
+        if self.delay_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(self.delay_ms));
+        }
+    }
+}
+
 /// A model worker: set up once, then each sample's batches until that sample's queue closes.
-fn worker_loop<M: Encoder>(worker: M, threads: usize, control: Receiver<Assignment>) {
+fn worker_loop<M: Encoder>(
+    worker: M,
+    threads: usize,
+    control: Receiver<Assignment>,
+    slow: SlowWorker,
+) {
     tch::set_num_threads(threads as i32);
     // A worker that cannot start fails each batch it gets, so the run stops with the reason
     // (tch panics when libtorch fails: caught the same way).
@@ -109,6 +152,7 @@ fn worker_loop<M: Encoder>(worker: M, threads: usize, control: Receiver<Assignme
         Err(msg) => Err(format!("libtorch failed: {}", first_line(&msg))),
     };
     let mut first = true;
+    let mut batches = 0u64;
     for sample in control.iter() {
         let mut first_in_sample = true;
         loop {
@@ -117,6 +161,8 @@ fn worker_loop<M: Encoder>(worker: M, threads: usize, control: Receiver<Assignme
                 break;
             };
             let idle = t.elapsed().as_secs_f64();
+            slow.before_batch(batches);
+            batches += 1;
             let t = Instant::now();
             // A panic (tch panics when libtorch fails, e.g. out of GPU memory) is this
             // batch's error: a dead worker would leave the run waiting forever.

@@ -162,6 +162,11 @@ impl Weights {
 /// one), check its SHA-256 prefix as torch.hub does and its contents, then move it in place.
 pub fn fetch(dest: Option<&Path>, out: &mut dyn std::io::Write) -> Result<()> {
     use crate::error::{fail, ExitKind, WithKind};
+    // A site mirror (or a test's file:// URL) of the same file, and its SHA-256.
+    let url = std::env::var("TILEFEAT_WEIGHTS_URL").unwrap_or_else(|_| TORCHVISION_URL.into());
+    let want = std::env::var("TILEFEAT_WEIGHTS_SHA256")
+        .map(|s| s.trim().to_ascii_lowercase())
+        .unwrap_or_else(|_| TORCHVISION_SHA256_PREFIX.into());
     let dir = match dest {
         Some(d) => d.to_path_buf(),
         None => torch_hub_checkpoints().ok_or_else(|| {
@@ -179,17 +184,17 @@ pub fn fetch(dest: Option<&Path>, out: &mut dyn std::io::Write) -> Result<()> {
         ".{TORCHVISION_FILE}.partial.{}",
         std::process::id()
     ));
-    writeln!(out, "downloading {TORCHVISION_URL} -> {}", target.display())?;
+    writeln!(out, "downloading {url} -> {}", target.display())?;
     let status = std::process::Command::new("curl")
         .args(["-fL", "--retry", "3", "-o"])
         .arg(&partial)
-        .arg(TORCHVISION_URL)
+        .arg(&url)
         .status()
         .or_else(|_| {
             std::process::Command::new("wget")
                 .args(["-q", "-O"])
                 .arg(&partial)
-                .arg(TORCHVISION_URL)
+                .arg(&url)
                 .status()
         });
     let ok = matches!(&status, Ok(s) if s.success());
@@ -198,7 +203,8 @@ pub fn fetch(dest: Option<&Path>, out: &mut dyn std::io::Write) -> Result<()> {
         return Err(fail(
             ExitKind::Weights,
             format!(
-                "download of {TORCHVISION_URL} failed ({}); compute nodes are often offline: run                  this on a login node, or copy the file to {}",
+                "download of {url} failed ({}); compute nodes are often offline: run \
+                 this on a login node, or copy the file to {}",
                 match status {
                     Ok(s) => format!("exit status {s}"),
                     Err(e) => format!("neither curl nor wget could run: {e}"),
@@ -208,11 +214,11 @@ pub fn fetch(dest: Option<&Path>, out: &mut dyn std::io::Write) -> Result<()> {
         ));
     }
     let sha = sha256_file(&partial)?;
-    if !sha.starts_with(TORCHVISION_SHA256_PREFIX) {
+    if !sha.starts_with(&want) {
         let _ = std::fs::remove_file(&partial);
         return Err(fail(
             ExitKind::Weights,
-            format!("downloaded file has SHA-256 {sha}, expected it to start with {TORCHVISION_SHA256_PREFIX}; not installed"),
+            format!("downloaded file has SHA-256 {sha}, expected it to start with {want}; not installed"),
         ));
     }
     if let Err(e) = Weights::load(&WeightsSource::File(partial.clone()), Layer::Layer4) {
