@@ -14,4 +14,13 @@ cargo clippy --release --locked --all-targets -- -D warnings
 echo "==> cargo test"
 cargo test --release --locked
 echo "==> pytest"
-.venv/bin/python -m pytest tests/python -q -ra
+# A skip is a failure unless tests/python/allowed_skips.txt allows its reason (an opt-out
+# variable, a GPU): scripts/check-skips.py reads pytest's -ra summary, teed (still shown here).
+pytest_log=$(mktemp)
+trap 'rm -f "$pytest_log"' EXIT
+pytest_status=0
+.venv/bin/python -m pytest tests/python -q -ra | tee "$pytest_log" || pytest_status=$?
+skips_status=0
+.venv/bin/python scripts/check-skips.py --allow tests/python/allowed_skips.txt "$pytest_log" || skips_status=$?
+[ "$pytest_status" -eq 0 ] || exit "$pytest_status"
+exit "$skips_status"

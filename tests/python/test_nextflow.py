@@ -7,8 +7,10 @@
 * The modules' `script:` and `stub:` blocks are rendered the way Nextflow would (a small
   evaluator for the Groovy expressions they use) and run with bash against the real tilefeat
   binary (TILEFEAT_BIN, default target/release/tilefeat): `extract --dry-run` for each way the
-  module can be called, a real extract of two tiny samples and a real join of their outputs.
-  The module and the CLI therefore cannot drift apart.
+  module can be called, a real extract of two tiny samples and a real join of their outputs
+  (and the test profile's demo samples), each compared value for value with plain
+  `tilefeat extract` / `tilefeat join` runs of the same samples. The module and the CLI
+  therefore cannot drift apart. A missing binary or demo/tiles/ fails these tests (no skip).
 
 nf-test (nextflow/**/tests/*.nf.test) and real Nextflow runs need the Nextflow runtime and are
 not run here.
@@ -35,10 +37,20 @@ EXTRACT_NF = NF / "modules" / "local" / "tilefeat" / "extract" / "main.nf"
 JOIN_NF = NF / "modules" / "local" / "tilefeat" / "join" / "main.nf"
 TILEFEAT_BIN = Path(os.environ.get("TILEFEAT_BIN", REPO / "target" / "release" / "tilefeat"))
 
-needs_binary = pytest.mark.skipif(
-    not TILEFEAT_BIN.is_file(),
-    reason=f"tilefeat binary not built: {TILEFEAT_BIN} does not exist (cargo build --release, or set TILEFEAT_BIN)",
-)
+
+@pytest.fixture(scope="session")
+def built_binary():
+    """The binary must be there (CI builds it first): missing, the tests fail, never skip."""
+    if not TILEFEAT_BIN.is_file():
+        pytest.fail(
+            f"tilefeat binary not built: {TILEFEAT_BIN} does not exist "
+            "(scripts/setup.sh --no-demo, or set TILEFEAT_BIN)",
+            pytrace=False,
+        )
+    return TILEFEAT_BIN
+
+
+needs_binary = pytest.mark.usefixtures("built_binary")
 
 
 def _load_rules():
@@ -152,7 +164,11 @@ def test_check_metaschema_rejects_a_broken_schema(tmp_path):
     schema["$defs"]["extraction_options"]["properties"]["batch_size"]["type"] = "int"  # not a JSON Schema type
     broken = tmp_path / "nextflow_schema.json"
     broken.write_text(json.dumps(schema))
-    assert _check_jsonschema("--check-metaschema", str(broken)).returncode != 0
+    result = _check_jsonschema("--check-metaschema", str(broken))
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Schema validation errors were encountered." in output, output
+    assert "extraction_options.properties.batch_size.type: 'int' is not" in output, output
 
 
 def _samplesheet_as_json(csv_path, out):
@@ -182,9 +198,13 @@ def test_test_samplesheet_validates(tmp_path):
         assert resolved == REPO / "demo" / "tiles" / row["sample"], resolved
 
 
-def test_test_samplesheet_tiles_exist():
+def _require_demo_tiles():
     if not (REPO / "demo" / "tiles").is_dir():
-        pytest.skip("demo/tiles/ not in this checkout yet")
+        pytest.fail("demo/tiles/ is missing: it is tracked in git (git checkout -- demo/tiles)", pytrace=False)
+
+
+def test_test_samplesheet_tiles_exist():
+    _require_demo_tiles()
     with open(NF / "assets" / "test_samplesheet.csv", newline="") as handle:
         for row in csv.DictReader(handle):
             folder = ((NF / "assets") / row["tiles"]).resolve()
@@ -193,21 +213,25 @@ def test_test_samplesheet_tiles_exist():
 
 
 @pytest.mark.parametrize(
-    "content",
+    "content, message",
     [
-        "sample,tiles\nsample A,demo/tiles/a\n",  # space in the ID
-        "sample,tiles\n-a,demo/tiles/a\n",  # ID starting with '-'
-        "sample,tiles\nsampleA,\n",  # no tile folder
-        "sample,tiles,extra\nsampleA,demo/tiles/a,x\n",  # unknown column
-        "sample,tiles\n",  # no sample at all
-        "id,tiles\nsampleA,demo/tiles/a\n",  # wrong header
+        ("sample,tiles\nsample A,demo/tiles/a\n", "$[0].sample: 'sample A' does not match"),  # space in the ID
+        ("sample,tiles\n-a,demo/tiles/a\n", "$[0].sample: '-a' does not match"),  # ID starting with '-'
+        ("sample,tiles\nsampleA,\n", "$[0].tiles: '' does not match"),  # no tile folder
+        ("sample,tiles,extra\nsampleA,demo/tiles/a,x\n", "('extra' was unexpected)"),  # unknown column
+        ("sample,tiles\n", "$: [] should be non-empty"),  # no sample at all
+        ("id,tiles\nsampleA,demo/tiles/a\n", "$[0]: 'sample' is a required property"),  # wrong header
     ],
+    ids=["space-in-id", "leading-dash", "no-tiles", "unknown-column", "no-sample", "wrong-header"],
 )
-def test_bad_samplesheets_are_rejected(tmp_path, content):
+def test_bad_samplesheets_are_rejected(tmp_path, content, message):
     sheet = tmp_path / "bad.csv"
     sheet.write_text(content)
     _, result = _validate_samplesheet(sheet, tmp_path)
-    assert result.returncode != 0, f"accepted:\n{content}"
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, f"exit {result.returncode} for:\n{content}\n{output}"
+    assert "Schema validation errors were encountered." in output, output
+    assert message in output, output
 
 
 def _config_param_defaults():
@@ -251,27 +275,34 @@ def test_schema_and_config_agree():
 
 
 @pytest.mark.parametrize(
-    "overrides, valid",
+    "overrides, error",
     [
-        ({}, True),
-        ({"weights": "random:0", "cache_dir": "/shared/cache", "precision": "bf16", "aggregate": "mean"}, True),
-        ({"weights": "/data/resnet50-0676ba61.pth"}, True),
-        ({"weights": "random:x"}, False),
-        ({"precision": "fp8"}, False),
-        ({"layer": "layer2"}, False),
-        ({"aggregate": "median"}, False),
-        ({"batch_size": 0}, False),
-        ({"cache_dir": "relative/cache"}, False),
-        ({"cohort_id": "my cohort"}, False),
+        # error: None when the values are valid, else what check-jsonschema must say
+        ({}, None),
+        ({"weights": "random:0", "cache_dir": "/shared/cache", "precision": "bf16", "aggregate": "mean"}, None),
+        ({"weights": "/data/resnet50-0676ba61.pth"}, None),
+        ({"weights": "random:x"}, "$.weights: 'random:x' does not match"),
+        ({"precision": "fp8"}, "$.precision: 'fp8' is not one of"),
+        ({"layer": "layer2"}, "$.layer: 'layer2' is not one of"),
+        ({"aggregate": "median"}, "$.aggregate: 'median' is not one of"),
+        ({"batch_size": 0}, "$.batch_size: 0 is less than the minimum of 1"),
+        ({"cache_dir": "relative/cache"}, "$.cache_dir: 'relative/cache' does not match '^/'"),
+        ({"cohort_id": "my cohort"}, "$.cohort_id: 'my cohort' does not match"),
     ],
 )
-def test_parameter_schema_checks_values(tmp_path, overrides, valid):
+def test_parameter_schema_checks_values(tmp_path, overrides, error):
     params = {name: value for name, value in _config_param_defaults().items() if value is not None}
     params.update(overrides)
     document = tmp_path / "params.json"
     document.write_text(json.dumps(params))
     result = _check_jsonschema("--schemafile", str(NF / "nextflow_schema.json"), str(document))
-    assert (result.returncode == 0) == valid, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    if error is None:
+        assert result.returncode == 0, output
+    else:
+        assert result.returncode == 1, output
+        assert "Schema validation errors were encountered." in output, output
+        assert error in output, output
 
 
 def test_container_and_manifest_versions_match_versions_env():
@@ -665,8 +696,12 @@ def test_extract_script_asks_cuda_only_with_accelerator(tmp_path, tiles, bin_dir
     _stage(work, "sampleA", tiles / "sampleA")
     result = _run_task(script, work, bin_dir)
     # clap must accept the command line; on a machine without a GPU the answer is exit 5
-    # (device unavailable), never 2 (usage error)
-    assert result.returncode in (0, 5), f"{script}\n{result.stdout}\n{result.stderr}"
+    # (device unavailable, saying so), never 2 (usage error) or a crash
+    if result.returncode == 5:
+        assert "tilefeat: error: --device cuda: CUDA is not available" in result.stderr, result.stderr
+    else:
+        assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+        assert "dry run: sample sampleA" in result.stdout and "; device cuda:" in result.stdout, result.stdout
 
 
 @needs_binary
@@ -721,7 +756,7 @@ def test_versions_eval_prints_the_version(tmp_path, bin_dir):
 def _extract_and_join(tmp_path, bin_dir, samples, params, aggregates):
     """The module scripts for real, in Nextflow-like task folders: extract every sample on CPU
     (tile folder staged as a symlink), then join their outputs staged under inputs/.
-    Returns {aggregate: rows of the cohort CSV}."""
+    Returns ({sample: {output glob: path}}, {aggregate: rows of the cohort CSV})."""
     args, _ = _modules_config_args("TILEFEAT_EXTRACT", params)
     outputs = {}
     for sample, folder in samples.items():
@@ -766,14 +801,78 @@ def _extract_and_join(tmp_path, bin_dir, samples, params, aggregates):
         assert found["*.csv"].name == f"{ctx['meta']['id']}.csv"
         with open(found["*.csv"], newline="") as handle:
             cohorts[aggregate] = list(csv.reader(handle))
-    return cohorts
+    return outputs, cohorts
+
+
+def _read_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.reader(handle))
+
+
+def _plain_runs(tmp_path, samples, flags, aggregates):
+    """What the README's plain commands give for the same samples: `tilefeat extract DIR
+    --output S.csv --sample S FLAGS` per sample, then `tilefeat join S.csv... --aggregate A`
+    (samples in sorted order, as main.nf joins them). Returns ({sample: rows of its CSV},
+    {aggregate: rows of the cohort CSV})."""
+    out = tmp_path / "plain"
+    out.mkdir()
+    per_sample = {}
+    for sample in sorted(samples):
+        csv_path = out / f"{sample}.csv"
+        result = subprocess.run(
+            [str(TILEFEAT_BIN), "extract", str(samples[sample]), "--output", str(csv_path), "--sample", sample,
+             "--device", "cpu", "--no-cache", "--quiet", *flags],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        per_sample[sample] = _read_rows(csv_path)
+    cohorts = {}
+    for aggregate in aggregates:
+        cohort = out / f"cohort-{aggregate}.csv"
+        result = subprocess.run(
+            [str(TILEFEAT_BIN), "join", *(str(out / f"{s}.csv") for s in sorted(samples)),
+             "--output", str(cohort), "--aggregate", aggregate, "--quiet"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        cohorts[aggregate] = _read_rows(cohort)
+    return per_sample, cohorts
+
+
+def _check_against_plain_runs(outputs, cohorts, plain_samples, plain_cohorts):
+    """The module scripts must give what the plain commands give, value for value: each
+    sample's CSV, and each cohort CSV (with aggregate none, exactly the samples' rows behind a
+    sample column; with mean, the mean of those rows)."""
+    assert sorted(outputs) == sorted(plain_samples)
+    for sample, found in outputs.items():
+        rows = _read_rows(found["*.csv"])
+        assert rows[0] == plain_samples[sample][0], (sample, rows[0][:4], plain_samples[sample][0][:4])
+        assert rows == plain_samples[sample], f"{sample}: the module's CSV differs from plain `tilefeat extract`"
+    for aggregate, rows in cohorts.items():
+        assert rows == plain_cohorts[aggregate], f"aggregate {aggregate}: the module's cohort differs from plain `tilefeat join`"
+        if aggregate == "none":
+            expected = [["sample", *plain_samples[min(plain_samples)][0]]]
+            for sample in sorted(plain_samples):
+                expected += [[sample, *row] for row in plain_samples[sample][1:]]
+            assert rows == expected, "aggregate none: cohort rows are not the samples' rows"
+        elif aggregate == "mean":
+            import numpy as np
+
+            assert rows[0][:2] == ["sample", "n_tiles"], rows[0][:4]
+            assert rows[0][2:] == plain_samples[min(plain_samples)][0][1:], "feature columns differ"
+            assert [row[0] for row in rows[1:]] == sorted(plain_samples)
+            for row in rows[1:]:
+                tiles = np.array([r[1:] for r in plain_samples[row[0]][1:]], dtype=np.float64)
+                assert int(row[1]) == len(tiles), (row[0], row[1], len(tiles))
+                mean = np.array(row[2:], dtype=np.float64)
+                assert np.allclose(mean, tiles.mean(axis=0), rtol=1e-5, atol=1e-6), f"{row[0]}: not the mean of its tiles"
 
 
 @needs_binary
 def test_extract_then_join_end_to_end(tmp_path, tiles, bin_dir):
     params = _default_params(weights="random:0", batch_size=2)
     samples = {name: tiles / name for name in ("sampleA", "sampleB")}
-    cohorts = _extract_and_join(tmp_path, bin_dir, samples, params, ("mean", "none"))
+    outputs, cohorts = _extract_and_join(tmp_path, bin_dir, samples, params, ("mean", "none"))
     for aggregate, expected_rows in (("mean", 2), ("none", 4)):  # 2 samples of 2 tiles
         rows = cohorts[aggregate]
         assert rows[0][0] == "sample"
@@ -781,6 +880,10 @@ def test_extract_then_join_end_to_end(tmp_path, tiles, bin_dir):
         assert [row[0] for row in rows[1:]] == sorted(row[0] for row in rows[1:])
         assert {row[0] for row in rows[1:]} == {"sampleA", "sampleB"}
         assert len({len(row) for row in rows}) == 1
+    # The same values as the plain CLI with the same options, written out here by hand (the
+    # pipeline's other defaults must be the CLI's), the same threads as the task (cpus = 2).
+    plain = _plain_runs(tmp_path, samples, ["--weights", "random:0", "--batch-size", "2", "--threads", "2"], ("mean", "none"))
+    _check_against_plain_runs(outputs, cohorts, *plain)
 
 
 def _test_profile_params():
@@ -798,19 +901,20 @@ def _test_profile_params():
 def test_test_profile_end_to_end(tmp_path, bin_dir):
     """What `nextflow run nextflow/ -profile test` runs, minus Nextflow: the test samplesheet's
     demo tiles through the module scripts with the test profile's parameters."""
-    if not (REPO / "demo" / "tiles").is_dir():
-        pytest.skip("demo/tiles/ not in this checkout yet")
+    _require_demo_tiles()
     params = _test_profile_params()
     assert params["weights"] == "random:0"
     with open(NF / "assets" / "test_samplesheet.csv", newline="") as handle:
         samples = {row["sample"]: ((NF / "assets") / row["tiles"]).resolve() for row in csv.DictReader(handle)}
-    cohorts = _extract_and_join(tmp_path, bin_dir, samples, params, (params["aggregate"],))
+    outputs, cohorts = _extract_and_join(tmp_path, bin_dir, samples, params, (params["aggregate"],))
     rows = cohorts[params["aggregate"]]
     if params["aggregate"] == "none":
         tiles = sum(1 for folder in samples.values() for p in folder.rglob("*") if p.is_file())
         assert len(rows) == 1 + tiles
     else:
         assert [row[0] for row in rows[1:]] == sorted(samples)
+    flags = ["--weights", params["weights"], "--batch-size", str(params["batch_size"]), "--threads", "2"]
+    _check_against_plain_runs(outputs, cohorts, *_plain_runs(tmp_path, samples, flags, (params["aggregate"],)))
 
 
 @pytest.mark.parametrize("module_path", [EXTRACT_NF, JOIN_NF], ids=["extract", "join"])

@@ -6,8 +6,13 @@ single-node Slurm cluster (scripts/slurm/start.sh; started here if it is not up 
 root, stopped again afterwards), and both results are checked against plain
 `tilefeat extract` runs of each sample.
 
-Environment: TILEFEAT_BIN (default target/release/tilefeat); TILEFEAT_TEST_SLURM=0 skips
-the Slurm test.
+A missing binary or test image, or no Slurm cluster when not root, fails the tests: nothing
+that CI must run is skipped (scripts/test.sh fails on any skip not in
+tests/python/allowed_skips.txt).
+
+Environment: TILEFEAT_BIN (default target/release/tilefeat); TILEFEAT_TEST_IMAGE (default
+../shared/data/ihc.png, else demo/ihc.png); TILEFEAT_TEST_SLURM=0 skips the Slurm test (an
+explicit opt-out, reported as "opt-out: TILEFEAT_TEST_SLURM=0").
 """
 
 from __future__ import annotations
@@ -26,13 +31,32 @@ REPO = Path(__file__).resolve().parents[2]
 SMK = REPO / "snakemake"
 SNAKEFILE = SMK / "workflow" / "Snakefile"
 BINARY = Path(os.environ.get("TILEFEAT_BIN", REPO / "target" / "release" / "tilefeat"))
-IHC = Path(os.environ.get("TILEFEAT_TEST_IMAGE", REPO.parent / "shared" / "data" / "ihc.png"))
+# The shared copy of the IHC image when present, else the repository's copy (conftest.py's
+# source_image() looks in the same places).
+SHARED_IHC = REPO.parent / "shared" / "data" / "ihc.png"
+IHC = Path(
+    os.environ.get("TILEFEAT_TEST_IMAGE")
+    or (SHARED_IHC if SHARED_IHC.is_file() else REPO / "demo" / "ihc.png")
+)
 SAMPLES = {"s1": 4, "s2": 3, "s3": 5}  # sample -> number of tiles
 THREADS = 1  # per extract job, in the workflow and in the reference runs alike
 
-needs_binary = pytest.mark.skipif(
-    not BINARY.is_file(), reason=f"{BINARY} not built yet (cargo build --release)"
-)
+
+def require_binary():
+    """The binary must be there (CI builds it first): missing, the tests fail, never skip."""
+    if not BINARY.is_file():
+        pytest.fail(
+            f"{BINARY} not built (scripts/setup.sh --no-demo, or set TILEFEAT_BIN)", pytrace=False
+        )
+
+
+@pytest.fixture(scope="session")
+def built_binary():
+    require_binary()
+    return BINARY
+
+
+needs_binary = pytest.mark.usefixtures("built_binary")
 
 
 def tool(name: str) -> str:
@@ -102,12 +126,10 @@ def write_config(path: Path, root: Path, **overrides) -> Path:
 def make_tiles(root: Path) -> Path:
     """Small PNG/JPEG crops of the IHC image: one folder per sample."""
     import cv2
-    import numpy as np
 
     image = cv2.imread(str(IHC), cv2.IMREAD_COLOR)
-    if image is None:
-        rng = np.random.default_rng(0)
-        image = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    if image is None:  # never random pixels instead: the tests are about real tiles
+        pytest.fail(f"cannot read the test image {IHC} (TILEFEAT_TEST_IMAGE)", pytrace=False)
     h, w = image.shape[:2]
     for s, (sample, n) in enumerate(SAMPLES.items()):
         folder = root / sample
@@ -241,19 +263,28 @@ def test_samplesheet_and_config_errors(tmp_path, tiles):
     proc = snakemake(tmp_path, "--configfile", config, "-n")
     assert re.search(r"extract\s+2\b", proc.stdout), proc.stdout
 
-    # both sample sources, a duplicate sample, a bad sample ID, a bad option: refused
+    # both sample sources, a duplicate sample, a bad sample ID, a bad option: refused, each
+    # with its own message (not any failure: a crash or a missing tool must not pass)
     bad = [
-        {"samples": str(sheet)},
-        {"tiles_root": None, "samples": str(tmp_path / "dup.csv")},
-        {"tiles_root": None, "samples": str(tmp_path / "badid.csv")},
-        {"extract": {"precision": "fp64"}},
-    ]
+        ({"samples": str(sheet)}, ["ValueError", "config: set exactly one of `samples`"]),
+        ({"tiles_root": None, "samples": str(tmp_path / "dup.csv")},
+         ["ValueError", f"{tmp_path / 'dup.csv'}: sample 's1' appears twice"]),
+        ({"tiles_root": None, "samples": str(tmp_path / "badid.csv")},
+         ["Error validating config file.", "ValidationError: 'bad id' does not match",
+          "schema['properties']['sample']"]),
+        ({"extract": {"precision": "fp64"}},
+         ["Error validating config file.", "ValidationError: 'fp64' is not one of",
+          "instance['extract']['precision']"]),
+    ]  # fmt: skip
     (tmp_path / "dup.csv").write_text(f"sample,tiles\ns1,{tiles}/s1\ns1,{tiles}/s2\n")
     (tmp_path / "badid.csv").write_text(f"sample,tiles\nbad id,{tiles}/s1\n")
-    for i, overrides in enumerate(bad):
+    for i, (overrides, messages) in enumerate(bad):
         config = write_config(tmp_path / f"bad{i}.yaml", tiles, **overrides)
         proc = snakemake(tmp_path, "--configfile", config, "-n", check=False)
-        assert proc.returncode != 0, f"accepted {overrides}:\n{proc.stdout}"
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1, f"exit {proc.returncode} for {overrides}:\n{out}"
+        for message in messages:
+            assert message in out, f"{overrides}: {message!r} not in:\n{out}"
 
 
 def test_usable_as_module(tmp_path, tiles):
@@ -341,8 +372,7 @@ def extract_log_header(workdir: Path, sample: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def local_run(tiles, tmp_path_factory) -> Path:
-    if not BINARY.is_file():
-        pytest.skip(f"{BINARY} not built yet (cargo build --release)")
+    require_binary()
     workdir = tmp_path_factory.mktemp("local")
     config = write_config(workdir / "config.yaml", tiles)
     snakemake(
@@ -374,12 +404,16 @@ def slurm_up() -> bool:
 def slurm_cluster():
     """A running Slurm cluster: the one already up, or scripts/slurm/start.sh (root only)."""
     if os.environ.get("TILEFEAT_TEST_SLURM") == "0":
-        pytest.skip("TILEFEAT_TEST_SLURM=0")
+        pytest.skip("opt-out: TILEFEAT_TEST_SLURM=0 (the Slurm run is not tested)")
     if slurm_up():
         yield
         return
     if os.geteuid() != 0:
-        pytest.skip("no Slurm cluster up and not root: run scripts/slurm/start.sh as root")
+        pytest.fail(
+            "no Slurm cluster up and not root: run scripts/slurm/start.sh as root, "
+            "or opt out with TILEFEAT_TEST_SLURM=0",
+            pytrace=False,
+        )
     run([REPO / "scripts" / "slurm" / "start.sh"], timeout=240)
     assert slurm_up(), "scripts/slurm/start.sh returned but sinfo shows no usable node"
     try:

@@ -14,7 +14,8 @@ disagreements it finds, so a test can also feed it a perturbed versions.env and 
   them): <tag> is TILEFEAT_VERSION-cudaCUDA_VERSION, ...-cpu, or ...-cudaCUDA_VERSION-sif,
   and a -sif tag is pulled with oras:// (and oras:// only pulls -sif tags). Templates such
   as `{version}-cuda{cuda}` are not literal versions and are skipped;
-* the torch installed in .venv (torch/version.py), when there is one.
+* the torch installed in .venv (torch/version.py): scripts/setup.sh installs it, so no torch
+  in .venv is a problem too, not a pass.
 """
 
 import re
@@ -191,8 +192,8 @@ def check_uris(v: dict[str, str], uris: list[tuple[str, str, str]] | None = None
 
 def check_venv_torch(v: dict[str, str]) -> list[str]:
     found = sorted(REPO.glob(".venv/lib/python3*/site-packages/torch/version.py"))
-    if not found:
-        return []
+    if not found:  # nothing to compare is a failure, not agreement
+        return [".venv: no torch/version.py (scripts/setup.sh installs torch there)"]
     text = found[0].read_text()
     version = re.search(r"^__version__\s*=\s*'([^']+)'", text, re.M).group(1)
     cuda = re.search(r"^cuda(?:: [^=]+)?\s*=\s*'?([^'\n]+)'?", text, re.M).group(1)
