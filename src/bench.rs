@@ -42,8 +42,8 @@ fn bench_tiles(a: &BenchArgs, what: &str) -> Result<(PathBuf, Box<dyn TileSource
         .clone()
         .ok_or_else(|| fail(ExitKind::Usage, format!("--what {what} needs --tiles DIR")))?;
     check_size(a.size)?;
-    let source = crate::input::open(&dir);
-    let tiles = crate::input::list_some_tiles(&*source, &dir)?.tiles;
+    let mut source = crate::input::open(&dir)?;
+    let tiles = crate::input::list_some_tiles(&mut *source, &dir)?.tiles;
     for t in &tiles {
         let _ = source.read(t);
     }

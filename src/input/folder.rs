@@ -29,7 +29,7 @@ impl Folder {
 }
 
 impl TileSource for Folder {
-    fn list(&self) -> Result<Listing> {
+    fn list(&mut self) -> Result<Listing> {
         find_tiles(&self.dir)
     }
 

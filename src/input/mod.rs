@@ -1,12 +1,17 @@
 //! Where a sample's tiles come from: a source lists them once, in the output's row order,
 //! and the decode workers read each tile's bytes from it, in any order, from any thread.
 //!
-//! Today's source is a folder ([`folder::Folder`]). A tile is named by its path relative to
-//! the source, `/`-separated: that name is the `tile` column of every output, and the row
-//! order is its byte order. Only the bytes matter to the numbers (the cache keys by content),
-//! so the same tiles from any source give the same features.
+//! A source is a folder ([`folder::Folder`]), a zip archive ([`zip::Zip`]) or a tar archive,
+//! plain or gzip-compressed ([`tar::Tar`]); archives are read in place, never unpacked. A
+//! tile is named by its path relative to the source, `/`-separated (for an archive, its
+//! member path): that name is the `tile` column of every output, and the row order is its
+//! byte order. Only the bytes matter to the numbers (the cache keys by content), so the same
+//! tiles from any source give the same features, and a slide computed as a folder is a cache
+//! hit as a zip.
 
 pub mod folder;
+pub mod tar;
+pub mod zip;
 
 use std::path::{Path, PathBuf};
 
@@ -78,31 +83,109 @@ pub struct Listing {
 
 /// A sample's tiles.
 pub trait TileSource: Sync {
-    /// Every tile, sorted by name.
-    fn list(&self) -> Result<Listing>;
+    /// Every tile, sorted by name (called once, before any read).
+    fn list(&mut self) -> Result<Listing>;
     /// One tile's bytes (called from the decode workers).
     fn read(&self, tile: &Tile) -> std::io::Result<Vec<u8>>;
 }
 
-/// The source a `TILE_DIR` argument names.
-pub fn open(path: &Path) -> Box<dyn TileSource> {
-    Box::new(folder::Folder::new(path))
+/// A member larger than this is not a tile (a zip bomb's declared size, say): a bad tile.
+pub const MAX_MEMBER_BYTES: u64 = 256 << 20;
+
+/// The archive kinds read in place, by file name suffix (any case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveKind {
+    Zip,
+    Tar,
+    TarGz,
+}
+
+/// Suffixes of the archive kinds, longest first.
+const ARCHIVE_SUFFIXES: [(&str, ArchiveKind); 4] = [
+    (".tar.gz", ArchiveKind::TarGz),
+    (".tgz", ArchiveKind::TarGz),
+    (".tar", ArchiveKind::Tar),
+    (".zip", ArchiveKind::Zip),
+];
+
+/// The kind of archive `path` names, and its name without the archive suffix (the default
+/// sample ID), if its name ends in an archive suffix.
+pub fn archive_kind(path: &Path) -> Option<(ArchiveKind, String)> {
+    let name = path.file_name()?.to_str()?;
+    let lower = name.to_ascii_lowercase();
+    ARCHIVE_SUFFIXES
+        .iter()
+        .find(|(suffix, _)| lower.ends_with(suffix) && lower.len() > suffix.len())
+        .map(|(suffix, kind)| (*kind, name[..name.len() - suffix.len()].to_string()))
+}
+
+/// The source a `TILE_DIR` argument names: a folder, or an archive by its suffix.
+pub fn open(path: &Path) -> Result<Box<dyn TileSource>> {
+    match archive_kind(path) {
+        Some((ArchiveKind::Zip, _)) if path.is_file() => Ok(Box::new(zip::Zip::open(path)?)),
+        Some((ArchiveKind::Tar, _)) if path.is_file() => Ok(Box::new(tar::Tar::open(path, false)?)),
+        Some((ArchiveKind::TarGz, _)) if path.is_file() => {
+            Ok(Box::new(tar::Tar::open(path, true)?))
+        }
+        _ => Ok(Box::new(folder::Folder::new(path))),
+    }
 }
 
 /// List `source` (named `path` in messages); a source without tiles is an input error
 /// (exit 3).
-pub fn list_some_tiles(source: &dyn TileSource, path: &Path) -> Result<Listing> {
+pub fn list_some_tiles(source: &mut dyn TileSource, path: &Path) -> Result<Listing> {
     let listing = source.list()?;
     if listing.tiles.is_empty() {
         return Err(fail(
             ExitKind::Input,
             format!(
-                "tile folder {} holds no tiles (*.png, *.jpg, *.jpeg, *.tif, *.tiff)",
+                "{} {} holds no tiles (*.png, *.jpg, *.jpeg, *.tif, *.tiff)",
+                if archive_kind(path).is_some() && path.is_file() {
+                    "archive"
+                } else {
+                    "tile folder"
+                },
                 path.display()
             ),
         ));
     }
     Ok(listing)
+}
+
+/// The tile an archive member is, if it is one: `name` is the member path as stored.
+/// Folders, hidden members (any part starting with `.`) and names that are not a tile's are
+/// none; a member that is not a regular file (a link), or whose name is not UTF-8, is a bad
+/// tile. A member path that is absolute or climbs out with `..` makes the whole archive
+/// suspect: an error (its reason returned).
+pub fn member_tile(archive: &Path, name: &[u8], regular: bool) -> Result<Option<Tile>, String> {
+    let shown = escape_non_utf8(name);
+    if name.starts_with(b"/") || name.split(|&b| b == b'/' || b == b'\\').any(|p| p == b"..") {
+        return Err(format!(
+            "member {shown} has an unsafe path (absolute, or with ..): refusing the archive"
+        ));
+    }
+    let parts: Vec<&[u8]> = name
+        .split(|&b| b == b'/')
+        .filter(|p| !p.is_empty() && *p != b".")
+        .collect();
+    let Some(last) = parts.last() else {
+        return Ok(None);
+    };
+    if name.ends_with(b"/") || parts.iter().any(|p| p.starts_with(b".")) {
+        return Ok(None);
+    }
+    if !is_tile_name_bytes(last) {
+        return Ok(None);
+    }
+    let rel_bytes = parts.join(&b'/');
+    let rel = escape_non_utf8(&rel_bytes);
+    let mut tile = Tile::new(archive.join(&rel), rel);
+    if std::str::from_utf8(&rel_bytes).is_err() {
+        tile.problem = Some("its path is not valid UTF-8".into());
+    } else if !regular {
+        tile.problem = Some("not a regular file in the archive (a link?)".into());
+    }
+    Ok(Some(tile))
 }
 
 #[cfg(test)]
@@ -119,6 +202,49 @@ mod tests {
         }
         assert!(is_tile_name_bytes(b"t\xff\xfe.PNG"));
         assert!(!is_tile_name_bytes(b".\xff.png"));
+    }
+
+    #[test]
+    fn archive_members_and_kinds() {
+        let a = Path::new("/x/s.zip");
+        let t = member_tile(a, b"./sub/t.PNG", true).unwrap().unwrap();
+        assert_eq!((t.rel.as_str(), t.problem.is_none()), ("sub/t.PNG", true));
+        assert_eq!(t.path, PathBuf::from("/x/s.zip/sub/t.PNG"));
+        for none in [
+            &b"sub/"[..],
+            b".hidden/t.png",
+            b"sub/.t.png",
+            b"notes.txt",
+            b"",
+        ] {
+            assert!(member_tile(a, none, true).unwrap().is_none(), "{none:?}");
+        }
+        for unsafe_ in [
+            &b"/etc/t.png"[..],
+            b"../t.png",
+            b"a/../../t.png",
+            b"a\\..\\t.png",
+        ] {
+            let e = member_tile(a, unsafe_, true).unwrap_err();
+            assert!(e.contains("unsafe path"), "{e}");
+        }
+        assert!(member_tile(a, b"l.png", false)
+            .unwrap()
+            .unwrap()
+            .problem
+            .is_some());
+        assert!(member_tile(a, b"\xff.png", true)
+            .unwrap()
+            .unwrap()
+            .problem
+            .is_some());
+        let kind = |p: &str| archive_kind(Path::new(p));
+        assert_eq!(kind("a/S1.tar.gz"), Some((ArchiveKind::TarGz, "S1".into())));
+        assert_eq!(kind("S1.TGZ"), Some((ArchiveKind::TarGz, "S1".into())));
+        assert_eq!(kind("S.1.tar"), Some((ArchiveKind::Tar, "S.1".into())));
+        assert_eq!(kind("S1.Zip"), Some((ArchiveKind::Zip, "S1".into())));
+        assert_eq!(kind("S1"), None);
+        assert_eq!(kind(".zip"), None);
     }
 
     #[test]

@@ -99,9 +99,10 @@ impl ExtractPlan {
             )));
         }
         for dir in &a.tile_dirs {
-            if !dir.is_dir() {
+            let archive = crate::input::archive_kind(dir).is_some() && dir.is_file();
+            if !dir.is_dir() && !archive {
                 let why = if dir.exists() {
-                    "is not a directory"
+                    "is not a directory, nor a .zip, .tar, .tar.gz or .tgz archive"
                 } else {
                     "does not exist"
                 };
@@ -149,7 +150,11 @@ impl ExtractPlan {
                     let abs = std::fs::canonicalize(dir)
                         .with_context(|| format!("cannot resolve tile folder {}", dir.display()))
                         .kind(ExitKind::Input)?;
-                    let name = abs.file_name().unwrap_or_default();
+                    // An archive's sample is its name without the archive suffix.
+                    let stem = crate::input::archive_kind(&abs)
+                        .filter(|_| abs.is_file())
+                        .map(|(_, stem)| std::ffi::OsString::from(stem));
+                    let name = stem.unwrap_or_else(|| abs.file_name().unwrap_or_default().into());
                     match name.to_str() {
                         Some("") => "sample".into(),
                         Some(s) => s.to_string(),

@@ -196,7 +196,7 @@ mod tests {
     fn run_demo_pipeline<M: Encoder + 'static>(model: M) -> Result<(), String> {
         let d = tempfile::tempdir().unwrap();
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo/tiles/sampleA");
-        let tiles = list_some_tiles(&Folder::new(&dir), &dir).unwrap().tiles;
+        let tiles = list_some_tiles(&mut Folder::new(&dir), &dir).unwrap().tiles;
         assert!(tiles.len() >= 5, "three batches of two or more");
         let out = d.path().join("f.csv");
         let cfg = demo_cfg(&dir, &out);
@@ -349,7 +349,7 @@ mod tests {
         let starts = model.starts.clone();
         std::thread::spawn(move || {
             let run = |dir: &Path, path: &Path, workers: Option<&ModelWorkers>| {
-                let tiles = list_some_tiles(&Folder::new(dir), dir).unwrap().tiles;
+                let tiles = list_some_tiles(&mut Folder::new(dir), dir).unwrap().tiles;
                 let cfg = demo_cfg(dir, path);
                 let csv = Box::new(CsvWriter::create(path, 2048).unwrap());
                 let mut progress = Progress::new(tiles.len(), true);
@@ -452,7 +452,7 @@ mod tests {
     fn a_panicking_decode_worker_makes_its_tile_bad() {
         struct Panicky(Folder);
         impl TileSource for Panicky {
-            fn list(&self) -> Result<crate::input::Listing> {
+            fn list(&mut self) -> Result<crate::input::Listing> {
                 self.0.list()
             }
             fn read(&self, tile: &Tile) -> std::io::Result<Vec<u8>> {
@@ -464,8 +464,8 @@ mod tests {
         }
         let d = tempfile::tempdir().unwrap();
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("demo/tiles/sampleA");
-        let source = Panicky(Folder::new(&dir));
-        let tiles = list_some_tiles(&source, &dir).unwrap().tiles;
+        let mut source = Panicky(Folder::new(&dir));
+        let tiles = list_some_tiles(&mut source, &dir).unwrap().tiles;
         assert!(tiles.iter().any(|t| t.rel == "tile_100_100.jpg"));
         for skip in [true, false] {
             let out = d.path().join(format!("{skip}.csv"));

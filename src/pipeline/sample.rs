@@ -39,8 +39,8 @@ pub(crate) fn extract_sample(
     // This sample's start-up reports the shared set-up it paid for itself (not what an earlier
     // sample that then failed paid).
     shared.setup = SetupTimes::default();
-    let source = input::open(&cfg.tile_dir);
-    let listing = input::list_some_tiles(&*source, &cfg.tile_dir)?;
+    let mut source = input::open(&cfg.tile_dir)?;
+    let listing = input::list_some_tiles(&mut *source, &cfg.tile_dir)?;
     for w in &listing.warnings {
         if !cfg.quiet {
             eprintln!("tilefeat: warning: {w}");

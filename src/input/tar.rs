@@ -1,0 +1,249 @@
+//! Tiles from a tar archive, read in place (never unpacked to disk).
+//!
+//! A plain `.tar` is listed once (its headers, skipping the data) and each member is then read
+//! by its offset from any thread at once, as fast as loose files. A `.tar.gz`/`.tgz` is one
+//! compressed stream: listing decompresses it once, and the tiles are then read by one
+//! reader thread that decompresses the stream again, in archive order, and hands each member
+//! to whichever decode worker asks for it; members that come before they are asked for wait
+//! in memory (at most [`MAX_WAITING_BYTES`]; beyond that the oldest are dropped and read
+//! again by restarting the stream). An archive whose members are stored in name order
+//! (`tar czf s.tgz -C dir $(cd dir && ls | sort)`, WebDataset writers) is read in one pass.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::Result;
+use crossbeam_channel::{bounded, Receiver};
+
+use super::{member_tile, Listing, Tile, TileSource, MAX_MEMBER_BYTES};
+use crate::error::{fail, ExitKind};
+
+/// Members read ahead of their turn that may wait in memory.
+pub const MAX_WAITING_BYTES: usize = 512 << 20;
+
+/// Where a member lies.
+#[derive(Clone, Copy)]
+struct Member {
+    /// Its position among the archive's entries.
+    seq: usize,
+    /// Offset of its data in the (decompressed) stream, and its size.
+    offset: u64,
+    size: u64,
+}
+
+/// A tar archive of tiles, plain or gzip-compressed.
+pub struct Tar {
+    path: PathBuf,
+    /// Open once: a plain tar's members are read from it with positioned reads (`pread`).
+    file: File,
+    gzip: bool,
+    members: HashMap<String, Member>,
+    /// The reader of a compressed archive (None until the first read).
+    stream: Mutex<Option<Stream>>,
+}
+
+fn open_stream(path: &Path, gzip: bool) -> std::io::Result<Box<dyn Read + Send>> {
+    let file = BufReader::with_capacity(1 << 20, File::open(path)?);
+    Ok(if gzip {
+        Box::new(flate2::read::MultiGzDecoder::new(file))
+    } else {
+        Box::new(file)
+    })
+}
+
+impl Tar {
+    pub fn open(path: &Path, gzip: bool) -> Result<Tar> {
+        let file = File::open(path).map_err(|e| {
+            fail(
+                ExitKind::Input,
+                format!("archive {}: cannot open: {e}", path.display()),
+            )
+        })?;
+        Ok(Tar {
+            path: path.to_path_buf(),
+            file,
+            gzip,
+            members: HashMap::new(),
+            stream: Mutex::new(None),
+        })
+    }
+}
+
+impl Tar {
+    /// The tiles among `entries`, recording where each lies.
+    fn list_entries<R: Read>(&mut self, entries: tar::Entries<'_, R>) -> Result<Listing> {
+        let bad = |why: String| {
+            fail(
+                ExitKind::Input,
+                format!("archive {}: {why}", self.path.display()),
+            )
+        };
+        let mut listing = Listing::default();
+        for (seq, entry) in entries.enumerate() {
+            let entry = entry.map_err(|e| bad(format!("not a readable tar archive ({e})")))?;
+            let kind = entry.header().entry_type();
+            if matches!(
+                kind,
+                tar::EntryType::XGlobalHeader | tar::EntryType::XHeader
+            ) {
+                continue;
+            }
+            let name = entry.path_bytes().into_owned();
+            let Some(mut tile) = member_tile(&self.path, &name, kind.is_file()).map_err(&bad)?
+            else {
+                continue;
+            };
+            let size = entry.size();
+            if tile.problem.is_none() && size > MAX_MEMBER_BYTES {
+                tile.problem = Some(format!(
+                    "declares {size} bytes, more than a tile may hold ({MAX_MEMBER_BYTES})"
+                ));
+            }
+            let member = Member {
+                seq,
+                offset: entry.raw_file_position(),
+                size,
+            };
+            if self.members.insert(tile.rel.clone(), member).is_some() {
+                return Err(bad(format!("member {} appears twice", tile.rel)));
+            }
+            listing.tiles.push(tile);
+        }
+        listing.tiles.sort_by(|a, b| a.rel.cmp(&b.rel));
+        Ok(listing)
+    }
+}
+
+impl TileSource for Tar {
+    fn list(&mut self) -> Result<Listing> {
+        let unreadable = |e: std::io::Error| {
+            fail(
+                ExitKind::Input,
+                format!(
+                    "archive {}: not a readable tar archive ({e})",
+                    self.path.display()
+                ),
+            )
+        };
+        if self.gzip {
+            let stream = open_stream(&self.path, true).map_err(unreadable)?;
+            let mut archive = tar::Archive::new(stream);
+            let entries = archive.entries().map_err(unreadable)?;
+            self.list_entries(entries)
+        } else {
+            // Headers only: the data between them is skipped by seeking, not read (no read
+            // buffer either: each would be refilled after every seek).
+            let file = File::open(&self.path).map_err(unreadable)?;
+            let mut archive = tar::Archive::new(file);
+            let entries = archive.entries_with_seek().map_err(unreadable)?;
+            self.list_entries(entries)
+        }
+    }
+
+    fn read(&self, tile: &Tile) -> std::io::Result<Vec<u8>> {
+        let m = *self.members.get(&tile.rel).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "not in the archive")
+        })?;
+        if !self.gzip {
+            let mut bytes = vec![0u8; m.size as usize];
+            self.file.read_exact_at(&mut bytes, m.offset)?;
+            return Ok(bytes);
+        }
+        let mut stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
+        let needs_restart = match stream.as_ref() {
+            None => true,
+            // Already passed and no longer waiting in memory: read the stream again.
+            Some(s) => m.seq < s.next_seq && !s.waiting.contains_key(&tile.rel),
+        };
+        if needs_restart {
+            *stream = Some(Stream::start(&self.path, &self.members)?);
+        }
+        stream.as_mut().expect("started above").take(&tile.rel)
+    }
+}
+
+/// One pass over a compressed archive: a thread decompresses it and sends the tile members
+/// in archive order; those not yet asked for wait here.
+struct Stream {
+    members: Receiver<(usize, String, std::io::Result<Vec<u8>>)>,
+    /// The next entry the thread will send.
+    next_seq: usize,
+    waiting: HashMap<String, std::io::Result<Vec<u8>>>,
+    order: VecDeque<String>,
+    waiting_bytes: usize,
+}
+
+impl Stream {
+    fn start(path: &Path, members: &HashMap<String, Member>) -> std::io::Result<Stream> {
+        let wanted: HashMap<usize, String> =
+            members.iter().map(|(k, m)| (m.seq, k.clone())).collect();
+        let stream = open_stream(path, true)?;
+        let (tx, rx) = bounded(16);
+        std::thread::spawn(move || {
+            let mut archive = tar::Archive::new(stream);
+            let entries = match archive.entries() {
+                Ok(e) => e,
+                Err(_) => return, // listed fine before: the reader sees the channel close
+            };
+            for (seq, entry) in entries.enumerate() {
+                let Some(name) = wanted.get(&seq) else {
+                    if entry.is_err() {
+                        return;
+                    }
+                    continue;
+                };
+                let bytes = entry.and_then(|mut e| {
+                    let mut v = Vec::with_capacity(e.size().min(MAX_MEMBER_BYTES) as usize);
+                    (&mut e).take(MAX_MEMBER_BYTES + 1).read_to_end(&mut v)?;
+                    Ok(v)
+                });
+                let failed = bytes.is_err();
+                if tx.send((seq, name.clone(), bytes)).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Stream {
+            members: rx,
+            next_seq: 0,
+            waiting: HashMap::new(),
+            order: VecDeque::new(),
+            waiting_bytes: 0,
+        })
+    }
+
+    fn take(&mut self, name: &str) -> std::io::Result<Vec<u8>> {
+        if let Some(r) = self.waiting.remove(name) {
+            self.waiting_bytes -= r.as_ref().map_or(0, Vec::len);
+            self.order.retain(|n| n != name);
+            return r;
+        }
+        loop {
+            let Ok((seq, got, bytes)) = self.members.recv() else {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the archive ended before this member (truncated or changed since it was listed?)",
+                ));
+            };
+            self.next_seq = seq + 1;
+            if got == name {
+                return bytes;
+            }
+            self.waiting_bytes += bytes.as_ref().map_or(0, Vec::len);
+            self.order.push_back(got.clone());
+            self.waiting.insert(got, bytes);
+            while self.waiting_bytes > MAX_WAITING_BYTES {
+                let Some(old) = self.order.pop_front() else {
+                    break;
+                };
+                if let Some(r) = self.waiting.remove(&old) {
+                    self.waiting_bytes -= r.as_ref().map_or(0, Vec::len);
+                }
+            }
+        }
+    }
+}
