@@ -134,9 +134,11 @@ the GPU (default: CUDA's own choice, which spins while CPUs are free); TILEFEAT_
 makes the GPU model workers share the device's default stream (default: a stream each)."
 )]
 pub struct ExtractArgs {
-    /// Folder holding one sample's tiles (searched recursively). Several folders (with
-    /// --outdir) are extracted one after the other in one process, which sets the weights,
-    /// the model and the GPU up once: on a GPU that saves seconds per sample.
+    /// Folder holding one sample's tiles (searched recursively), or an archive of them read
+    /// in place: .zip, .tar, .tar.gz, .tgz (the sample is then named after the archive,
+    /// without its suffix). Several (with --outdir) are extracted one after the other in one
+    /// process, which sets the weights, the model and the GPU up once: on a GPU that saves
+    /// seconds per sample.
     #[arg(required = true, value_name = "TILE_DIR")]
     pub tile_dirs: Vec<PathBuf>,
 
