@@ -282,34 +282,6 @@ fn csv_and_provenance_layout_golden() {
 }
 
 #[test]
-fn same_bytes_whatever_batch_size_and_threads() {
-    let d = tempfile::tempdir().unwrap();
-    let tiles = demo_sample("sampleA");
-    let mut outputs = Vec::new();
-    for (i, args) in [
-        vec!["--batch-size", "1", "--threads", "1"],
-        vec!["--batch-size", "4", "--threads", "2"],
-        vec![
-            "--batch-size",
-            "32",
-            "--threads",
-            "2",
-            "--decode-threads",
-            "3",
-        ],
-    ]
-    .iter()
-    .enumerate()
-    {
-        let out = d.path().join(format!("o{i}.csv"));
-        extract_ok(&tiles, &out, args);
-        outputs.push(std::fs::read(&out).unwrap());
-    }
-    assert_eq!(outputs[0], outputs[1], "batch 1 vs 4");
-    assert_eq!(outputs[0], outputs[2], "batch 1 vs 32");
-}
-
-#[test]
 fn bad_tile_fail_names_it_and_writes_nothing() {
     let d = tempfile::tempdir().unwrap();
     let tiles = d.path().join("s");

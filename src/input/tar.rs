@@ -44,6 +44,8 @@ pub struct Tar {
     members: HashMap<String, Member>,
     /// The reader of a compressed archive (None until the first read).
     stream: Mutex<Option<Stream>>,
+    /// Bytes of members that may wait for their turn ([`MAX_WAITING_BYTES`]).
+    waiting_cap: usize,
 }
 
 fn open_stream(path: &Path, gzip: bool) -> std::io::Result<Box<dyn Read + Send>> {
@@ -69,6 +71,7 @@ impl Tar {
             gzip,
             members: HashMap::new(),
             stream: Mutex::new(None),
+            waiting_cap: MAX_WAITING_BYTES,
         })
     }
 }
@@ -160,7 +163,7 @@ impl TileSource for Tar {
             Some(s) => m.seq < s.next_seq && !s.waiting.contains_key(&tile.rel),
         };
         if needs_restart {
-            *stream = Some(Stream::start(&self.path, &self.members)?);
+            *stream = Some(Stream::start(&self.path, &self.members, self.waiting_cap)?);
         }
         stream.as_mut().expect("started above").take(&tile.rel)
     }
@@ -175,10 +178,15 @@ struct Stream {
     waiting: HashMap<String, std::io::Result<Vec<u8>>>,
     order: VecDeque<String>,
     waiting_bytes: usize,
+    waiting_cap: usize,
 }
 
 impl Stream {
-    fn start(path: &Path, members: &HashMap<String, Member>) -> std::io::Result<Stream> {
+    fn start(
+        path: &Path,
+        members: &HashMap<String, Member>,
+        waiting_cap: usize,
+    ) -> std::io::Result<Stream> {
         let wanted: HashMap<usize, String> =
             members.iter().map(|(k, m)| (m.seq, k.clone())).collect();
         let stream = open_stream(path, true)?;
@@ -213,6 +221,7 @@ impl Stream {
             waiting: HashMap::new(),
             order: VecDeque::new(),
             waiting_bytes: 0,
+            waiting_cap,
         })
     }
 
@@ -236,7 +245,7 @@ impl Stream {
             self.waiting_bytes += bytes.as_ref().map_or(0, Vec::len);
             self.order.push_back(got.clone());
             self.waiting.insert(got, bytes);
-            while self.waiting_bytes > MAX_WAITING_BYTES {
+            while self.waiting_bytes > self.waiting_cap {
                 let Some(old) = self.order.pop_front() else {
                     break;
                 };
@@ -244,6 +253,55 @@ impl Stream {
                     self.waiting_bytes -= r.as_ref().map_or(0, Vec::len);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `.tar.gz` whose members are stored out of name order, read in name order from
+    /// several threads with room for only two members to wait: members dropped from memory
+    /// are read again by restarting the stream, and every read returns its own bytes (twice
+    /// over, too).
+    #[test]
+    fn compressed_members_are_served_in_any_order_within_a_memory_cap() {
+        let d = tempfile::tempdir().unwrap();
+        let members: Vec<(String, Vec<u8>)> = (0..12)
+            .map(|i| (format!("t{i:02}.png"), vec![i as u8; 1000 + i * 10]))
+            .collect();
+        let mut b = ::tar::Builder::new(Vec::new());
+        for (name, bytes) in members.iter().rev() {
+            let mut h = ::tar::Header::new_gnu();
+            h.set_size(bytes.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, name, bytes.as_slice()).unwrap();
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &b.into_inner().unwrap()).unwrap();
+        let path = d.path().join("s.tgz");
+        std::fs::write(&path, gz.finish().unwrap()).unwrap();
+        let mut tar = Tar::open(&path, true).unwrap();
+        tar.waiting_cap = 2500; // two members
+        let tiles = tar.list().unwrap().tiles;
+        let names: Vec<&str> = tiles.iter().map(|t| t.rel.as_str()).collect();
+        assert_eq!(
+            names,
+            members.iter().map(|m| m.0.as_str()).collect::<Vec<_>>()
+        );
+        for _ in 0..2 {
+            std::thread::scope(|s| {
+                for chunk in tiles.chunks(4) {
+                    let (tar, members) = (&tar, &members);
+                    s.spawn(move || {
+                        for t in chunk {
+                            let i: usize = t.rel[1..3].parse().unwrap();
+                            assert_eq!(tar.read(t).unwrap(), members[i].1, "{}", t.rel);
+                        }
+                    });
+                }
+            });
         }
     }
 }
