@@ -31,6 +31,17 @@ impl OutputLock {
     /// Take `output`'s lock, or fail (exit 6) naming the process that holds it.
     pub fn acquire(output: &Path) -> Result<OutputLock> {
         let path = lock_path(output);
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(d) = dir.filter(|d| !d.is_dir()) {
+            return Err(fail(
+                ExitKind::Output,
+                format!(
+                    "cannot write {}: folder {} does not exist",
+                    output.display(),
+                    d.display()
+                ),
+            ));
+        }
         let me = format!("{} {}\n", hostname(), std::process::id());
         for _ in 0..2 {
             match std::fs::OpenOptions::new()
@@ -118,6 +129,12 @@ mod tests {
         std::fs::write(lock_path(&out), format!("{} 4194305\n", hostname())).unwrap();
         let lock = OutputLock::acquire(&out).unwrap();
         drop(lock);
+        // A missing folder is named as such.
+        let e = OutputLock::acquire(&d.path().join("no/x.csv")).unwrap_err();
+        assert!(
+            e.to_string().contains("folder") && e.to_string().contains("does not exist"),
+            "{e}"
+        );
         // Another host's: refused, whatever its pid.
         std::fs::write(lock_path(&out), "other-host 1\n").unwrap();
         let e = OutputLock::acquire(&out).unwrap_err();
