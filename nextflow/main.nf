@@ -4,6 +4,7 @@
  *
  * Input, exactly one of:
  *   --input samplesheet.csv   columns `sample,tiles`, validated against assets/schema_input.json;
+ *                             `tiles` is a tile folder or a .zip/.tar/.tar.gz/.tgz archive of tiles;
  *                             a relative `tiles` path is resolved against the samplesheet's folder
  *   --tiles_glob 'root/*'     one sample per matching folder, the folder name being the sample ID
  *
@@ -22,18 +23,24 @@ workflow {
         error "Give exactly one of --input (a samplesheet CSV with columns sample,tiles) or --tiles_glob 'root/*'"
     }
 
-    // [ meta, tile folder ] per sample, built eagerly so that bad input fails before any task runs.
+    // [ meta, tile folder or archive ] per sample, built eagerly so that bad input fails before
+    // any task runs.
     def samples = []
     if ( params.input ) {
         def samplesheet = file(params.input, checkIfExists: true)
         samples = samplesheetToList(params.input, "${projectDir}/assets/schema_input.json").collect { row ->
             def meta = row[0]
             def tiles = row[1].toString()
-            def dir = (tiles.startsWith('/') || tiles.contains('://')) ? file(tiles) : samplesheet.parent.resolve(tiles)
-            if ( !dir.isDirectory() ) {
-                error "Sample '${meta.id}': tile folder '${tiles}' (resolved to ${dir}) is not a directory"
+            def location = (tiles.startsWith('/') || tiles.contains('://')) ? file(tiles) : samplesheet.parent.resolve(tiles)
+            // A tile folder, or an archive of tiles that tilefeat reads in place (staged as a file).
+            def archive = ['.zip', '.tar', '.tar.gz', '.tgz'].any { suffix -> location.name.toLowerCase().endsWith(suffix) }
+            if ( !location.exists() ) {
+                error "Sample '${meta.id}': tiles '${tiles}' (resolved to ${location}) does not exist"
             }
-            [ meta, dir ]
+            if ( !location.isDirectory() && !archive ) {
+                error "Sample '${meta.id}': tiles '${tiles}' (resolved to ${location}) is a file but not a .zip, .tar, .tar.gz or .tgz archive; give the sample's tile folder or an archive of its tiles"
+            }
+            [ meta, location ]
         }
     } else {
         samples = files(params.tiles_glob, type: 'dir').collect { dir -> [ [ id: dir.name ], dir ] }

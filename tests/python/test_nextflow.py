@@ -640,9 +640,11 @@ def _modules_config_args(process, params):
     return " ".join(args), [flag for flag, _ in pairs]
 
 
-def _extract_ctx(tiles_name, args, accelerator=None, weights=None, cache_dir=""):
+def _extract_ctx(tiles_name, args, accelerator=None, weights=None, cache_dir="", staged=None):
+    """Context of TILEFEAT_EXTRACT for sample `tiles_name`, its tiles staged as `staged`
+    (default: a folder named like the sample)."""
     ctx = _task(tiles_name, "TILEFEAT:TILEFEAT_EXTRACT", args=args, accelerator=accelerator)
-    ctx.update({"tiles": tiles_name, "weights": weights if weights is not None else [], "cache_dir": cache_dir})
+    ctx.update({"tiles": staged or tiles_name, "weights": weights if weights is not None else [], "cache_dir": cache_dir})
     return ctx
 
 
@@ -755,15 +757,17 @@ def test_versions_eval_prints_the_version(tmp_path, bin_dir):
 
 def _extract_and_join(tmp_path, bin_dir, samples, params, aggregates):
     """The module scripts for real, in Nextflow-like task folders: extract every sample on CPU
-    (tile folder staged as a symlink), then join their outputs staged under inputs/.
+    (its tile folder or archive staged as a symlink of the same name, as Nextflow stages a
+    path input), then join their outputs staged under inputs/.
     Returns ({sample: {output glob: path}}, {aggregate: rows of the cohort CSV})."""
     args, _ = _modules_config_args("TILEFEAT_EXTRACT", params)
     outputs = {}
     for sample, folder in samples.items():
         work = tmp_path / f"extract-{sample}"
         work.mkdir()
-        _stage(work, sample, folder)
-        script = render(EXTRACT_NF, "script", _extract_ctx(sample, args))
+        _stage(work, folder.name, folder)
+        script = render(EXTRACT_NF, "script", _extract_ctx(sample, args, staged=folder.name))
+        assert f"tilefeat extract \\\n    {folder.name} \\\n" in script, script
         result = _run_task(script, work, bin_dir)
         assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
         found = {}
@@ -884,6 +888,143 @@ def test_extract_then_join_end_to_end(tmp_path, tiles, bin_dir):
     # pipeline's other defaults must be the CLI's), the same threads as the task (cpus = 2).
     plain = _plain_runs(tmp_path, samples, ["--weights", "random:0", "--batch-size", "2", "--threads", "2"], ("mean", "none"))
     _check_against_plain_runs(outputs, cohorts, *plain)
+
+
+def _make_archive(folder, archive):
+    """The folder's files as a .zip, .tar, or gzipped tar (by the suffix, in any case), member
+    paths relative to the folder."""
+    import tarfile
+    import zipfile
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    assert files, f"{folder} holds no files"
+    if archive.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p in files:
+                zf.write(p, p.relative_to(folder).as_posix())
+    else:
+        mode = "w:gz" if archive.name.lower().endswith((".tar.gz", ".tgz")) else "w"
+        with tarfile.open(archive, mode) as tf:
+            for p in files:
+                tf.add(p, p.relative_to(folder).as_posix())
+    return archive
+
+
+@needs_binary
+def test_archives_end_to_end(tmp_path, tiles, bin_dir):
+    """A samplesheet's `tiles` may be an archive, staged as a file: the module script runs a
+    .zip and a .TAR.GZ (named unlike their samples, members in a sub-folder too) and joins
+    the results, and each sample's CSV is byte for byte plain `tilefeat extract` of the
+    unpacked folder, with the samplesheet's sample ID."""
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    folders = {name: tiles / name for name in ("sampleA", "sampleB")}
+    samples = {
+        "sampleA": _make_archive(folders["sampleA"], archives / "slide-A.zip"),
+        "sampleB": _make_archive(folders["sampleB"], archives / "slide-B.TAR.GZ"),
+    }
+    params = _default_params(weights="random:0", batch_size=2)
+    outputs, cohorts = _extract_and_join(tmp_path, bin_dir, samples, params, ("mean", "none"))
+    plain_samples, plain_cohorts = _plain_runs(
+        tmp_path, folders, ["--weights", "random:0", "--batch-size", "2", "--threads", "2"], ("mean", "none")
+    )
+    _check_against_plain_runs(outputs, cohorts, plain_samples, plain_cohorts)
+    for sample, archive in samples.items():
+        assert outputs[sample]["*.csv"].read_bytes() == (tmp_path / "plain" / f"{sample}.csv").read_bytes(), (
+            f"{sample}: the module's CSV of {archive.name} is not the bytes of `tilefeat extract` of the folder"
+        )
+        provenance = outputs[sample]["*.provenance.yaml"].read_text()
+        assert f"\nsample: {sample}\n" in provenance, provenance
+        assert re.search(rf"^tile_dir: \S*/{re.escape(archive.name)}$", provenance, re.MULTILINE), provenance
+    assert len(cohorts["none"]) == 1 + 4  # 2 samples of 2 tiles
+
+
+def _main_nf_tiles_check():
+    """How main.nf checks a samplesheet's `tiles` (it resolves the path, then refuses what is
+    neither a folder nor an archive), read from its source: the archive suffixes and the
+    refusals as (condition, message GString), in order. There is no Nextflow runtime here:
+    the conditions are pinned and mirrored by _tiles_refusal; the suffixes and the messages
+    are main.nf's own."""
+    text = (NF / "main.nf").read_text()
+    match = re.search(
+        r"def archive = \[([^\]]*)\]\.any \{ suffix -> location\.name\.toLowerCase\(\)\.endsWith\(suffix\) \}", text
+    )
+    assert match, "main.nf: `def archive = [...].any { suffix -> location.name.toLowerCase().endsWith(suffix) }` not found"
+    suffixes = re.findall(r"'([^']*)'", match.group(1))
+    refusals = re.findall(r'^\s*if \( (.+?) \) \{\n\s*error "((?:\\.|[^"\\])*)"\n\s*\}', text[match.end():], re.MULTILINE)
+    assert [condition for condition, _ in refusals[:2]] == ["!location.exists()", "!location.isDirectory() && !archive"], refusals
+    assert "[ meta, location ]" in text[match.end():], "main.nf no longer passes the checked path on"
+    return suffixes, [message for _, message in refusals[:2]]
+
+
+def _tiles_refusal(samplesheet, sample, tiles):
+    """main.nf's answer for one samplesheet row: None (accepted), or its error message."""
+    suffixes, (missing, not_archive) = _main_nf_tiles_check()
+    location = Path(tiles) if tiles.startswith("/") else samplesheet.parent / tiles
+    archive = any(location.name.lower().endswith(suffix) for suffix in suffixes)
+    ctx = {"meta": {"id": sample}, "tiles": tiles, "location": str(location)}
+    if not location.exists():
+        return _interpolate(missing, ctx)
+    if not location.is_dir() and not archive:
+        return _interpolate(not_archive, ctx)
+    return None
+
+
+@needs_binary
+def test_samplesheet_tiles_folder_or_archive(tmp_path, tiles):
+    """`tiles` is a folder or an archive with one of tilefeat's suffixes (any case); a plain
+    file that is no archive, or a missing path, is refused with its own message."""
+    suffixes, _ = _main_nf_tiles_check()
+    assert suffixes == [".zip", ".tar", ".tar.gz", ".tgz"]
+    # main.nf's suffixes are exactly the archives tilefeat reads, in any case ...
+    for n, suffix in enumerate(suffixes):
+        archive = _make_archive(tiles / "sampleA", tmp_path / f"kind{n}{suffix.upper()}")
+        result = subprocess.run(
+            [str(TILEFEAT_BIN), "extract", str(archive), "--output", str(tmp_path / f"kind{n}.csv"),
+             "--weights", "random:0", "--device", "cpu", "--no-cache", "--dry-run"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert f"dry run: sample kind{n} " in result.stdout and " 2 tiles in " in result.stdout, result.stdout
+    # ... and tilefeat itself refuses a plain file, naming the same ones
+    (tmp_path / "notes.txt").write_text("not tiles\n")
+    result = subprocess.run(
+        [str(TILEFEAT_BIN), "extract", str(tmp_path / "notes.txt"), "--output", str(tmp_path / "n.csv"), "--dry-run"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0 and "nor a .zip, .tar, .tar.gz or .tgz archive" in result.stderr, result.stderr
+
+    sheet = tmp_path / "sheet" / "samples.csv"
+    (tmp_path / "sheet" / "archives").mkdir(parents=True)
+    shutil.copytree(tiles / "sampleA", tmp_path / "sheet" / "folder.zip")  # a folder, whatever its name
+    _make_archive(tiles / "sampleA", tmp_path / "sheet" / "archives" / "a.Zip")
+    _make_archive(tiles / "sampleA", tmp_path / "sheet" / "archives" / "b.TAR")
+    _make_archive(tiles / "sampleA", tmp_path / "sheet" / "archives" / "c.tar.gz")
+    _make_archive(tiles / "sampleA", tmp_path / "sheet" / "archives" / "d.TGZ")
+    (tmp_path / "sheet" / "notes.txt").write_text("not tiles\n")
+    (tmp_path / "sheet" / "e.tar.bz2").write_bytes((tmp_path / "sheet" / "archives" / "b.TAR").read_bytes())
+    accepted = {
+        "folder": str(tiles / "sampleA"),
+        "folderzip": "folder.zip",
+        "zip": "archives/a.Zip",
+        "tar": "archives/b.TAR",
+        "targz": str(tmp_path / "sheet" / "archives" / "c.tar.gz"),
+        "tgz": "archives/d.TGZ",
+    }
+    refused = {
+        "notes": ("notes.txt", f"Sample 'notes': tiles 'notes.txt' (resolved to {tmp_path / 'sheet' / 'notes.txt'}) is a file but not a .zip, .tar, .tar.gz or .tgz archive; give the sample's tile folder or an archive of its tiles"),
+        "bz2": ("e.tar.bz2", "is a file but not a .zip, .tar, .tar.gz or .tgz archive"),
+        "missing": ("archives/gone.zip", f"Sample 'missing': tiles 'archives/gone.zip' (resolved to {tmp_path / 'sheet' / 'archives' / 'gone.zip'}) does not exist"),
+    }
+    rows = {**accepted, **{sample: tiles_path for sample, (tiles_path, _) in refused.items()}}
+    sheet.write_text("sample,tiles\n" + "".join(f"{sample},{path}\n" for sample, path in rows.items()))
+    _, result = _validate_samplesheet(sheet, tmp_path)  # the schema lets every row through ...
+    assert result.returncode == 0, result.stdout + result.stderr
+    for sample, tiles_path in accepted.items():  # ... main.nf takes the folders and archives ...
+        assert _tiles_refusal(sheet, sample, tiles_path) is None, sample
+    for sample, (tiles_path, message) in refused.items():  # ... and refuses the rest
+        refusal = _tiles_refusal(sheet, sample, tiles_path)
+        assert refusal is not None and message in refusal, (sample, refusal)
 
 
 def _test_profile_params():

@@ -275,9 +275,17 @@ def test_samplesheet_and_config_errors(tmp_path, tiles):
         ({"extract": {"precision": "fp64"}},
          ["Error validating config file.", "ValidationError: 'fp64' is not one of",
           "instance['extract']['precision']"]),
+        # a plain file that is no archive, in place of a tile folder or archive
+        ({"tiles_root": None, "samples": str(tmp_path / "notes.csv")},
+         ["ValueError", f"{tmp_path / 'notes.csv'}: sample 's2': tiles "
+          f"'{tmp_path / 'notes.txt'}' is a file but not a .zip, .tar, .tar.gz or .tgz archive"]),
     ]  # fmt: skip
     (tmp_path / "dup.csv").write_text(f"sample,tiles\ns1,{tiles}/s1\ns1,{tiles}/s2\n")
     (tmp_path / "badid.csv").write_text(f"sample,tiles\nbad id,{tiles}/s1\n")
+    (tmp_path / "notes.txt").write_text("not tiles\n")
+    (tmp_path / "notes.csv").write_text(
+        f"sample,tiles\ns1,{tiles}/s1\ns2,{tmp_path / 'notes.txt'}\n"
+    )
     for i, (overrides, messages) in enumerate(bad):
         config = write_config(tmp_path / f"bad{i}.yaml", tiles, **overrides)
         proc = snakemake(tmp_path, "--configfile", config, "-n", check=False)
@@ -285,6 +293,37 @@ def test_samplesheet_and_config_errors(tmp_path, tiles):
         assert proc.returncode == 1, f"exit {proc.returncode} for {overrides}:\n{out}"
         for message in messages:
             assert message in out, f"{overrides}: {message!r} not in:\n{out}"
+
+
+def test_samplesheet_archive_kinds(tmp_path, tiles):
+    """`tiles` may be a folder (whatever its name) or a .zip, .tar, .tar.gz or .tgz file
+    (suffix in any case), passed as it is to `tilefeat extract`; another plain file is
+    refused before anything runs, with its own message."""
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    shutil.copytree(tiles / "s1", archives / "folder.zip")
+    accepted = {"folder": archives / "folder.zip"}
+    for sample, name in [("z", "a.Zip"), ("t", "b.TAR"), ("tg", "c.tar.gz"), ("g", "d.TGZ")]:
+        accepted[sample] = make_archive(tiles / "s1", archives / name)
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text("sample,tiles\n" + "".join(f"{s},{p}\n" for s, p in accepted.items()))
+    config = write_config(tmp_path / "config.yaml", tiles, tiles_root=None, samples=str(sheet))
+    proc = snakemake(tmp_path, "--configfile", config, "-n", "-p")
+    extracts = [c for c in shell_commands(proc.stdout, str(BINARY)) if " extract " in c]
+    assert len(extracts) == len(accepted), proc.stdout
+    for sample, path in accepted.items():
+        assert any(f"extract {path} --output results/features/{sample}.csv" in c for c in extracts)
+
+    (archives / "e.tar.bz2").write_bytes((archives / "b.TAR").read_bytes())
+    sheet.write_text(f"sample,tiles\nz,{accepted['z']}\nbz,{archives / 'e.tar.bz2'}\n")
+    proc = snakemake(tmp_path, "--configfile", config, "-n", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    message = (
+        f"{sheet}: sample 'bz': tiles '{archives / 'e.tar.bz2'}' is a file but not a .zip, "
+        ".tar, .tar.gz or .tgz archive; give the sample's tile folder or an archive of its tiles"
+    )
+    assert message in out, out
 
 
 def test_usable_as_module(tmp_path, tiles):
@@ -482,3 +521,69 @@ def test_batched_jobs_match_plain_extract(tiles, references, tmp_path):
     assert "runtime=20" in proc.stdout and "runtime=10" in proc.stdout, proc.stdout
     used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", " ".join(extracts)))
     assert used <= cli_long_flags("ExtractArgs"), used - cli_long_flags("ExtractArgs")
+
+
+def make_archive(folder: Path, archive: Path) -> Path:
+    """The folder's files as a .zip, .tar, or gzipped tar (chosen by the suffix, in any
+    case), member paths relative to the folder."""
+    import tarfile
+    import zipfile
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    assert files, f"{folder} holds no files"
+    if archive.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p in files:
+                zf.write(p, p.relative_to(folder).as_posix())
+    else:
+        mode = "w:gz" if archive.name.lower().endswith((".tar.gz", ".tgz")) else "w"
+        with tarfile.open(archive, mode) as tf:
+            for p in files:
+                tf.add(p, p.relative_to(folder).as_posix())
+    return archive
+
+
+@needs_binary
+@pytest.mark.parametrize("samples_per_job", [1, 2], ids=["per-sample", "batched"])
+def test_archives_match_plain_extract(tiles, references, tmp_path, samples_per_job):
+    """A samplesheet's `tiles` may be an archive: the workflow really runs a .zip and a
+    .TAR.GZ (named unlike their samples) beside a folder, one job per sample and batched, and
+    each sample's CSV is byte for byte a plain `tilefeat extract` of the unpacked folder."""
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    sources = {  # sample ID -> (its tiles in the samplesheet, the folder they came from)
+        "zipped": (make_archive(tiles / "s1", archives / "slide_one.zip"), "s1"),
+        "tarred": (make_archive(tiles / "s2", archives / "slide_two.TAR.GZ"), "s2"),
+        "plain": (tiles / "s3", "s3"),
+    }
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text(
+        "sample,tiles\n" + "".join(f"{s},{path}\n" for s, (path, _) in sources.items())
+    )
+    config = write_config(
+        tmp_path / "config.yaml", tiles, tiles_root=None, samples=str(sheet),
+        extract={"samples_per_job": samples_per_job},
+    )  # fmt: skip
+    proc = snakemake(tmp_path, "--configfile", config, "--cores", "2", "-p", timeout=240)
+    # the archives themselves went to tilefeat (nothing unpacked them)
+    printed = proc.stdout + proc.stderr
+    extracts = [c for c in shell_commands(printed, str(BINARY)) if " extract " in c]
+    for path, _ in sources.values():
+        assert any(f" {path} " in c for c in extracts), (path, extracts)
+    features = tmp_path / "results" / "features"
+    for sample, (path, folder) in sources.items():
+        assert (features / f"{sample}.csv").read_bytes() == references[folder].read_bytes(), (
+            f"{sample}: the CSV of {path.name} differs from `tilefeat extract` of {folder}/"
+        )
+        provenance = (features / f"{sample}.provenance.yaml").read_text()
+        assert f"sample: {sample}\n" in provenance, provenance
+        assert f"tile_dir: {path}\n" in provenance, provenance
+    header, rows = read_csv(tmp_path / "results" / "cohort.csv")
+    for sample, (_, folder) in sources.items():
+        assert [r[1:] for r in rows if r[0] == sample] == read_csv(references[folder])[1]
+    assert len(rows) == sum(SAMPLES.values())
+    logs = sorted(p.name for p in (tmp_path / "logs" / "extract").iterdir())
+    if samples_per_job == 1:
+        assert logs == ["plain.log", "tarred.log", "zipped.log"], logs
+    else:
+        assert logs == ["batch0.log", "batch1.log"], logs

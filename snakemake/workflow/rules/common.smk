@@ -38,8 +38,24 @@ EXTRACT = config["extract"]
 JOIN = config["join"]
 
 
+# Archives `tilefeat extract` reads in place instead of a tile folder (suffix in any case).
+TILE_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+
+
+def check_tiles(where, sample, tiles):
+    """A sample's tiles: a folder, or an archive file. A plain file that is no archive is
+    refused here; a path that is not there yet is left to Snakemake (missing input, or made
+    by a rule of a host workflow)."""
+    if os.path.isfile(tiles) and not tiles.lower().endswith(TILE_ARCHIVE_SUFFIXES):
+        raise ValueError(
+            f"{where}: sample {sample!r}: tiles {tiles!r} is a file but not a .zip, .tar, "
+            ".tar.gz or .tgz archive; give the sample's tile folder or an archive of its tiles"
+        )
+
+
 def read_samples():
-    """Sample ID -> tile folder, from the samplesheet or the sub-folders of tiles_root."""
+    """Sample ID -> tile folder or archive, from the samplesheet or the sub-folders of
+    tiles_root."""
     sheet, root = config["samples"] or "", config["tiles_root"] or ""
     if bool(sheet) == bool(root):
         raise ValueError(
@@ -73,6 +89,7 @@ def read_samples():
     for row in rows:
         if row["sample"] in samples:
             raise ValueError(f"{where}: sample {row['sample']!r} appears twice")
+        check_tiles(where, row["sample"], row["tiles"])
         samples[row["sample"]] = row["tiles"]
     if not samples:
         raise ValueError(f"{where}: no samples")

@@ -1,7 +1,7 @@
 if EXTRACT["samples_per_job"] == 1:
 
     rule extract:
-        """One sample's tile folder -> per-tile feature CSV (+ provenance, rejected tiles)."""
+        """One sample's tile folder or archive -> per-tile feature CSV (+ provenance, rejected tiles)."""
         input:
             tiles=lambda wc: SAMPLES[wc.sample],
             weights=weights_input,

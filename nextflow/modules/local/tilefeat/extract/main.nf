@@ -1,11 +1,13 @@
-// TILEFEAT_EXTRACT: one sample's tile folder -> per-tile ResNet50 feature CSV.
+// TILEFEAT_EXTRACT: one sample's tile folder (or tile archive) -> per-tile ResNet50 feature CSV.
 //
 // No conda/environment.yml: tilefeat is a Rust binary linked against libtorch and is not
 // packaged on Bioconda or conda-forge, so this module runs from the tilefeat container
 // image (or from a `tilefeat` already on PATH when no container engine is enabled).
 //
 // Inputs
-//   tuple val(meta), path(tiles) : meta.id is the sample ID; tiles is the sample's tile folder.
+//   tuple val(meta), path(tiles) : meta.id is the sample ID; tiles is the sample's tile folder,
+//                                  or an archive of its tiles (.zip, .tar, .tar.gz, .tgz, any
+//                                  case), staged as a file and read in place by tilefeat.
 //   path weights                 : a torchvision .pth / .safetensors file, staged so the
 //                                  container sees it; pass [] to use the default weights
 //                                  (or `--weights random:SEED` through ext.args).
