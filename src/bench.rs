@@ -207,6 +207,7 @@ fn cache_open(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         size: a.size,
         precision: a.precision,
         preprocessing_version: PREPROCESSING_VERSION,
+        layout: None,
     };
     let key = |i: usize| -> [u8; 32] {
         use sha2::{Digest, Sha256};

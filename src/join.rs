@@ -190,12 +190,13 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
             return Err(input_err(
                 &i.csv,
                 format!(
-                    "features are not comparable with {}: fingerprint {} vs {} (weights {} vs {}, layer {:?} vs {:?}, pool {:?} vs {:?}, normalize {:?} vs {:?}, size {} vs {}, precision {:?} vs {:?})",
+                    "features are not comparable with {}: fingerprint {} vs {} (weights {} vs {}, layer {:?} vs {:?}, pool {:?} vs {:?}, normalize {:?} vs {:?}, size {} vs {}, precision {:?} vs {:?}, layout {} vs {})",
                     first.csv.display(),
                     &i.prov.fingerprint.id[..12],
                     &first.prov.fingerprint.id[..12],
                     b.weights_sha256, a.weights_sha256, b.layer, a.layer, b.pool, a.pool,
-                    b.normalize, a.normalize, b.size, a.size, b.precision, a.precision
+                    b.normalize, a.normalize, b.size, a.size, b.precision, a.precision,
+                    b.layout.as_deref().unwrap_or("nhwc"), a.layout.as_deref().unwrap_or("nhwc")
                 ),
             ));
         }

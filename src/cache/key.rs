@@ -21,6 +21,10 @@ pub struct Fingerprint {
     pub size: u32,
     pub precision: Precision,
     pub preprocessing_version: u32,
+    /// `nchw` when the network ran NCHW (its last bits differ from the NHWC default's by
+    /// ~1e-6); absent for NHWC, so the ids of NHWC fingerprints are those they always had.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<String>,
 }
 
 impl Fingerprint {

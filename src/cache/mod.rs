@@ -262,6 +262,7 @@ mod tests {
             size,
             precision: Precision::Fp32,
             preprocessing_version: PREPROCESSING_VERSION,
+            layout: None,
         }
     }
 
@@ -272,6 +273,13 @@ mod tests {
         let mut f = fp(224);
         f.pool = Pool::Avg;
         assert_ne!(f.id(), fp(224).id());
+        // NCHW is a fingerprint of its own; NHWC (the default) keeps the YAML, and so the id,
+        // that fingerprints had before the layout was part of them.
+        let mut f = fp(224);
+        f.layout = Some("nchw".into());
+        assert_ne!(f.id(), fp(224).id());
+        let yaml = serde_yaml::to_string(&fp(224)).unwrap();
+        assert!(!yaml.contains("layout"), "{yaml}");
     }
 
     #[test]

@@ -154,6 +154,7 @@ mod tests {
             size: 32,
             precision: Precision::Fp32,
             preprocessing_version: PREPROCESSING_VERSION,
+            layout: None,
         };
         let cache = Cache::open(&d.path().join("cache"), &fp).unwrap();
         let (sha2, _) = prepare(

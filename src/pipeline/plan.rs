@@ -287,6 +287,7 @@ impl ExtractConfig {
             size: self.size,
             precision: self.precision,
             preprocessing_version: PREPROCESSING_VERSION,
+            layout: (!self.channels_last).then(|| "nchw".to_string()),
         }
     }
 }
