@@ -127,10 +127,32 @@ section "decoders: tiles/s per core, then on all cores (read, hash, decode, resi
 section "pipeline without the network, 4000 tiles, with a fresh cache (hashing and storing)"
 "$B" bench --what pipeline --tiles "$W/bench/tiles4000" --batch-size 256 --cache-dir "$W"
 
+section "archives: the benchmark's 4000 tiles as a folder, a zip and a tar (bf16, batch 256)"
+python3 - "$W" <<'PY'
+import sys, tarfile, zipfile
+from pathlib import Path
+W = Path(sys.argv[1]); src = W / "bench" / "tiles4000"; files = sorted(src.iterdir())
+with zipfile.ZipFile(W / "tiles4000.zip", "w", zipfile.ZIP_STORED) as z:
+    for f in files: z.write(f, f.name)
+with tarfile.open(W / "tiles4000.tar", "w") as t:
+    for f in files: t.add(f, f.name)
+PY
+for src in "$W/bench/tiles4000" "$W/tiles4000.zip" "$W/tiles4000.tar"; do
+  if "$B" extract "$src" -o "$W/archive.csv" --weights random:0 --quiet --device cuda \
+    --precision bf16 --batch-size 256 --no-cache; then
+    printf '%s: ' "$(basename "$src")"
+    grep -E '^(tiles_per_s|steady_tiles_per_s):' "$W/archive.provenance.yaml" | tr '\n' ' '
+    echo
+  else
+    echo "archive run on $src FAILED"
+    parity=1
+  fi
+done
+
 section "slide-sized runs (scripts/gpu-longrun.sh)"
 scripts/gpu-longrun.sh "$OUT_DIR"
 if [ "$parity" -ne 0 ]; then
-  echo "GPU CHECKS FAILED (parity section, above)"
+  echo "GPU CHECKS FAILED (parity or archive section, above)"
   exit 1
 fi
 echo "done: every asserted GPU check passed"
