@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use super::{escape_non_utf8, is_tile_name_bytes, Listing, Tile, TileSource};
+use super::{member_tile, Listing, Tile, TileSource};
 use crate::error::{fail, ExitKind};
 
 /// A tile folder.
@@ -115,24 +115,20 @@ fn is_symlink(p: &Path) -> bool {
     std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())
 }
 
-/// The tile at `path` (under `dir`), if its name is a tile's; a name that is not UTF-8 makes
-/// it a bad tile, named with its bytes escaped.
+/// The tile at `path` (under `dir`), if its name is a tile's: a folder's files are chosen,
+/// named and checked as an archive's members are (`member_tile`); a name that is not UTF-8
+/// makes it a bad tile, named with its bytes escaped.
 fn tile_at(dir: &Path, path: &Path) -> Option<Tile> {
     use std::os::unix::ffi::OsStrExt;
-    let name = path.file_name()?.as_bytes();
-    if !is_tile_name_bytes(name) {
-        return None;
-    }
     let rel_path = path.strip_prefix(dir).unwrap_or(path);
     let parts: Vec<&[u8]> = rel_path
         .components()
         .map(|c| c.as_os_str().as_bytes())
         .collect();
-    let rel = parts.join(&b'/');
-    let mut tile = Tile::new(path.to_path_buf(), escape_non_utf8(&rel));
-    if std::str::from_utf8(&rel).is_err() {
-        tile.problem = Some("its path is not valid UTF-8".into());
-    }
+    // A walk below `dir` has no absolute or `..` parts, so this is never an error; the size
+    // bound is the decoders' to enforce for files.
+    let mut tile = member_tile(dir, &parts.join(&b'/'), true, 0).ok()??;
+    tile.path = path.to_path_buf();
     Some(tile)
 }
 

@@ -152,12 +152,26 @@ pub fn list_some_tiles(source: &mut dyn TileSource, path: &Path) -> Result<Listi
     Ok(listing)
 }
 
-/// The tile an archive member is, if it is one: `name` is the member path as stored.
-/// Folders, hidden members (any part starting with `.`) and names that are not a tile's are
-/// none; a member that is not a regular file (a link), or whose name is not UTF-8, is a bad
-/// tile. A member path that is absolute or climbs out with `..` makes the whole archive
-/// suspect: an error (its reason returned).
-pub fn member_tile(archive: &Path, name: &[u8], regular: bool) -> Result<Option<Tile>, String> {
+/// An input error (exit 3) about the archive at `path`.
+pub fn archive_error(path: &Path, why: impl std::fmt::Display) -> anyhow::Error {
+    fail(
+        ExitKind::Input,
+        format!("archive {}: {why}", path.display()),
+    )
+}
+
+/// The tile an archive member is, if it is one: `name` is the member path as stored, `size`
+/// the bytes it declares. Folders, hidden members (any part starting with `.`) and names
+/// that are not a tile's are none; a member that is not a regular file (a link), whose name
+/// is not UTF-8, or that declares more than [`MAX_MEMBER_BYTES`] is a bad tile. A member
+/// path that is absolute or climbs out with `..` makes the whole archive suspect: an error
+/// (its reason returned). A folder's tiles are its members too (`folder::Folder`).
+pub fn member_tile(
+    archive: &Path,
+    name: &[u8],
+    regular: bool,
+    size: u64,
+) -> Result<Option<Tile>, String> {
     let shown = escape_non_utf8(name);
     if name.starts_with(b"/") || name.split(|&b| b == b'/' || b == b'\\').any(|p| p == b"..") {
         return Err(format!(
@@ -184,6 +198,10 @@ pub fn member_tile(archive: &Path, name: &[u8], regular: bool) -> Result<Option<
         tile.problem = Some("its path is not valid UTF-8".into());
     } else if !regular {
         tile.problem = Some("not a regular file in the archive (a link?)".into());
+    } else if size > MAX_MEMBER_BYTES {
+        tile.problem = Some(format!(
+            "declares {size} bytes, more than a tile may hold ({MAX_MEMBER_BYTES})"
+        ));
     }
     Ok(Some(tile))
 }
@@ -207,7 +225,7 @@ mod tests {
     #[test]
     fn archive_members_and_kinds() {
         let a = Path::new("/x/s.zip");
-        let t = member_tile(a, b"./sub/t.PNG", true).unwrap().unwrap();
+        let t = member_tile(a, b"./sub/t.PNG", true, 10).unwrap().unwrap();
         assert_eq!((t.rel.as_str(), t.problem.is_none()), ("sub/t.PNG", true));
         assert_eq!(t.path, PathBuf::from("/x/s.zip/sub/t.PNG"));
         for none in [
@@ -217,7 +235,10 @@ mod tests {
             b"notes.txt",
             b"",
         ] {
-            assert!(member_tile(a, none, true).unwrap().is_none(), "{none:?}");
+            assert!(
+                member_tile(a, none, true, 10).unwrap().is_none(),
+                "{none:?}"
+            );
         }
         for unsafe_ in [
             &b"/etc/t.png"[..],
@@ -225,19 +246,24 @@ mod tests {
             b"a/../../t.png",
             b"a\\..\\t.png",
         ] {
-            let e = member_tile(a, unsafe_, true).unwrap_err();
+            let e = member_tile(a, unsafe_, true, 10).unwrap_err();
             assert!(e.contains("unsafe path"), "{e}");
         }
-        assert!(member_tile(a, b"l.png", false)
+        let problem = |name: &[u8], regular: bool, size: u64| {
+            member_tile(a, name, regular, size)
+                .unwrap()
+                .unwrap()
+                .problem
+        };
+        assert!(problem(b"l.png", false, 10)
             .unwrap()
+            .contains("not a regular file"));
+        assert!(problem(b"\xff.png", true, 10)
             .unwrap()
-            .problem
-            .is_some());
-        assert!(member_tile(a, b"\xff.png", true)
-            .unwrap()
-            .unwrap()
-            .problem
-            .is_some());
+            .contains("not valid UTF-8"));
+        let big = problem(b"b.png", true, MAX_MEMBER_BYTES + 1).unwrap();
+        assert!(big.contains("more than a tile may hold"), "{big}");
+        assert_eq!(problem(b"ok.png", true, MAX_MEMBER_BYTES), None);
         let kind = |p: &str| archive_kind(Path::new(p));
         assert_eq!(kind("a/S1.tar.gz"), Some((ArchiveKind::TarGz, "S1".into())));
         assert_eq!(kind("S1.TGZ"), Some((ArchiveKind::TarGz, "S1".into())));

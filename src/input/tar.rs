@@ -19,8 +19,7 @@ use std::sync::Mutex;
 use anyhow::Result;
 use crossbeam_channel::{bounded, Receiver};
 
-use super::{member_tile, Listing, Tile, TileSource, MAX_MEMBER_BYTES};
-use crate::error::{fail, ExitKind};
+use super::{archive_error, member_tile, Listing, Tile, TileSource, MAX_MEMBER_BYTES};
 
 /// Members read ahead of their turn that may wait in memory.
 pub const MAX_WAITING_BYTES: usize = 512 << 20;
@@ -59,12 +58,8 @@ fn open_stream(path: &Path, gzip: bool) -> std::io::Result<Box<dyn Read + Send>>
 
 impl Tar {
     pub fn open(path: &Path, gzip: bool) -> Result<Tar> {
-        let file = File::open(path).map_err(|e| {
-            fail(
-                ExitKind::Input,
-                format!("archive {}: cannot open: {e}", path.display()),
-            )
-        })?;
+        let file =
+            File::open(path).map_err(|e| archive_error(path, format!("cannot open: {e}")))?;
         Ok(Tar {
             path: path.to_path_buf(),
             file,
@@ -79,12 +74,7 @@ impl Tar {
 impl Tar {
     /// The tiles among `entries`, recording where each lies.
     fn list_entries<R: Read>(&mut self, entries: tar::Entries<'_, R>) -> Result<Listing> {
-        let bad = |why: String| {
-            fail(
-                ExitKind::Input,
-                format!("archive {}: {why}", self.path.display()),
-            )
-        };
+        let bad = |why: String| archive_error(&self.path, why);
         let mut listing = Listing::default();
         for (seq, entry) in entries.enumerate() {
             let entry = entry.map_err(|e| bad(format!("not a readable tar archive ({e})")))?;
@@ -96,16 +86,11 @@ impl Tar {
                 continue;
             }
             let name = entry.path_bytes().into_owned();
-            let Some(mut tile) = member_tile(&self.path, &name, kind.is_file()).map_err(&bad)?
+            let size = entry.size();
+            let Some(tile) = member_tile(&self.path, &name, kind.is_file(), size).map_err(&bad)?
             else {
                 continue;
             };
-            let size = entry.size();
-            if tile.problem.is_none() && size > MAX_MEMBER_BYTES {
-                tile.problem = Some(format!(
-                    "declares {size} bytes, more than a tile may hold ({MAX_MEMBER_BYTES})"
-                ));
-            }
             let member = Member {
                 seq,
                 offset: entry.raw_file_position(),
@@ -124,13 +109,7 @@ impl Tar {
 impl TileSource for Tar {
     fn list(&mut self) -> Result<Listing> {
         let unreadable = |e: std::io::Error| {
-            fail(
-                ExitKind::Input,
-                format!(
-                    "archive {}: not a readable tar archive ({e})",
-                    self.path.display()
-                ),
-            )
+            archive_error(&self.path, format!("not a readable tar archive ({e})"))
         };
         if self.gzip {
             let stream = open_stream(&self.path, true).map_err(unreadable)?;

@@ -12,8 +12,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use super::{member_tile, Listing, Tile, TileSource, MAX_MEMBER_BYTES};
-use crate::error::{fail, ExitKind};
+use super::{archive_error, member_tile, Listing, Tile, TileSource, MAX_MEMBER_BYTES};
 
 /// A file read with positioned reads (`pread`): cloning it gives a handle with its own
 /// position on the same open file, so threads never share a cursor.
@@ -56,12 +55,7 @@ pub struct Zip {
 
 impl Zip {
     pub fn open(path: &Path) -> Result<Zip> {
-        let bad = |why: String| {
-            fail(
-                ExitKind::Input,
-                format!("archive {}: {why}", path.display()),
-            )
-        };
+        let bad = |why: String| archive_error(path, why);
         let file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
         let len = file.metadata().map_err(|e| bad(e.to_string()))?.len();
         let reader = PreadFile {
@@ -81,12 +75,7 @@ impl Zip {
 
 impl TileSource for Zip {
     fn list(&mut self) -> Result<Listing> {
-        let bad = |why: String| {
-            fail(
-                ExitKind::Input,
-                format!("archive {}: {why}", self.path.display()),
-            )
-        };
+        let bad = |why: String| archive_error(&self.path, why);
         let mut listing = Listing::default();
         let mut zip = self.archive.clone();
         for i in 0..zip.len() {
@@ -97,15 +86,11 @@ impl TileSource for Zip {
             let regular = m.is_file() && !m.is_symlink();
             let size = m.size();
             drop(m);
-            let Some(mut tile) = member_tile(&self.path, name.as_bytes(), regular).map_err(&bad)?
+            let Some(tile) =
+                member_tile(&self.path, name.as_bytes(), regular, size).map_err(&bad)?
             else {
                 continue;
             };
-            if tile.problem.is_none() && size > MAX_MEMBER_BYTES {
-                tile.problem = Some(format!(
-                    "declares {size} bytes, more than a tile may hold ({MAX_MEMBER_BYTES})"
-                ));
-            }
             if self.index.insert(tile.rel.clone(), i).is_some() {
                 return Err(bad(format!("member {} appears twice", tile.rel)));
             }
