@@ -84,3 +84,23 @@ def read_features(csv: Path):
 
     df = pd.read_csv(csv, index_col=0)
     return list(df.index), df.to_numpy(dtype=np.float32)
+
+
+def make_archive(folder: Path, archive: Path) -> Path:
+    """The folder's files as a .zip, .tar, or gzipped tar (chosen by the suffix, in any
+    case), member paths relative to the folder."""
+    import tarfile
+    import zipfile
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    assert files, f"{folder} holds no files"
+    if archive.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p in files:
+                zf.write(p, p.relative_to(folder).as_posix())
+    else:
+        mode = "w:gz" if archive.name.lower().endswith((".tar.gz", ".tgz")) else "w"
+        with tarfile.open(archive, mode) as tf:
+            for p in files:
+                tf.add(p, p.relative_to(folder).as_posix())
+    return archive

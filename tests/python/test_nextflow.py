@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import make_archive
+
 REPO = Path(__file__).resolve().parents[2]
 NF = REPO / "nextflow"
 EXTRACT_NF = NF / "modules" / "local" / "tilefeat" / "extract" / "main.nf"
@@ -890,26 +892,6 @@ def test_extract_then_join_end_to_end(tmp_path, tiles, bin_dir):
     _check_against_plain_runs(outputs, cohorts, *plain)
 
 
-def _make_archive(folder, archive):
-    """The folder's files as a .zip, .tar, or gzipped tar (by the suffix, in any case), member
-    paths relative to the folder."""
-    import tarfile
-    import zipfile
-
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    assert files, f"{folder} holds no files"
-    if archive.name.lower().endswith(".zip"):
-        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-            for p in files:
-                zf.write(p, p.relative_to(folder).as_posix())
-    else:
-        mode = "w:gz" if archive.name.lower().endswith((".tar.gz", ".tgz")) else "w"
-        with tarfile.open(archive, mode) as tf:
-            for p in files:
-                tf.add(p, p.relative_to(folder).as_posix())
-    return archive
-
-
 @needs_binary
 def test_archives_end_to_end(tmp_path, tiles, bin_dir):
     """A samplesheet's `tiles` may be an archive, staged as a file: the module script runs a
@@ -920,8 +902,8 @@ def test_archives_end_to_end(tmp_path, tiles, bin_dir):
     archives.mkdir()
     folders = {name: tiles / name for name in ("sampleA", "sampleB")}
     samples = {
-        "sampleA": _make_archive(folders["sampleA"], archives / "slide-A.zip"),
-        "sampleB": _make_archive(folders["sampleB"], archives / "slide-B.TAR.GZ"),
+        "sampleA": make_archive(folders["sampleA"], archives / "slide-A.zip"),
+        "sampleB": make_archive(folders["sampleB"], archives / "slide-B.TAR.GZ"),
     }
     params = _default_params(weights="random:0", batch_size=2)
     outputs, cohorts = _extract_and_join(tmp_path, bin_dir, samples, params, ("mean", "none"))
@@ -978,7 +960,7 @@ def test_samplesheet_tiles_folder_or_archive(tmp_path, tiles):
     assert suffixes == [".zip", ".tar", ".tar.gz", ".tgz"]
     # main.nf's suffixes are exactly the archives tilefeat reads, in any case ...
     for n, suffix in enumerate(suffixes):
-        archive = _make_archive(tiles / "sampleA", tmp_path / f"kind{n}{suffix.upper()}")
+        archive = make_archive(tiles / "sampleA", tmp_path / f"kind{n}{suffix.upper()}")
         result = subprocess.run(
             [str(TILEFEAT_BIN), "extract", str(archive), "--output", str(tmp_path / f"kind{n}.csv"),
              "--weights", "random:0", "--device", "cpu", "--no-cache", "--dry-run"],
@@ -997,10 +979,10 @@ def test_samplesheet_tiles_folder_or_archive(tmp_path, tiles):
     sheet = tmp_path / "sheet" / "samples.csv"
     (tmp_path / "sheet" / "archives").mkdir(parents=True)
     shutil.copytree(tiles / "sampleA", tmp_path / "sheet" / "folder.zip")  # a folder, whatever its name
-    _make_archive(tiles / "sampleA", tmp_path / "sheet" / "archives" / "a.Zip")
-    _make_archive(tiles / "sampleA", tmp_path / "sheet" / "archives" / "b.TAR")
-    _make_archive(tiles / "sampleA", tmp_path / "sheet" / "archives" / "c.tar.gz")
-    _make_archive(tiles / "sampleA", tmp_path / "sheet" / "archives" / "d.TGZ")
+    make_archive(tiles / "sampleA", tmp_path / "sheet" / "archives" / "a.Zip")
+    make_archive(tiles / "sampleA", tmp_path / "sheet" / "archives" / "b.TAR")
+    make_archive(tiles / "sampleA", tmp_path / "sheet" / "archives" / "c.tar.gz")
+    make_archive(tiles / "sampleA", tmp_path / "sheet" / "archives" / "d.TGZ")
     (tmp_path / "sheet" / "notes.txt").write_text("not tiles\n")
     (tmp_path / "sheet" / "e.tar.bz2").write_bytes((tmp_path / "sheet" / "archives" / "b.TAR").read_bytes())
     accepted = {

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import make_archive
+
 REPO = Path(__file__).resolve().parents[2]
 SMK = REPO / "snakemake"
 SNAKEFILE = SMK / "workflow" / "Snakefile"
@@ -521,26 +523,6 @@ def test_batched_jobs_match_plain_extract(tiles, references, tmp_path):
     assert "runtime=20" in proc.stdout and "runtime=10" in proc.stdout, proc.stdout
     used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", " ".join(extracts)))
     assert used <= cli_long_flags("ExtractArgs"), used - cli_long_flags("ExtractArgs")
-
-
-def make_archive(folder: Path, archive: Path) -> Path:
-    """The folder's files as a .zip, .tar, or gzipped tar (chosen by the suffix, in any
-    case), member paths relative to the folder."""
-    import tarfile
-    import zipfile
-
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    assert files, f"{folder} holds no files"
-    if archive.name.lower().endswith(".zip"):
-        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-            for p in files:
-                zf.write(p, p.relative_to(folder).as_posix())
-    else:
-        mode = "w:gz" if archive.name.lower().endswith((".tar.gz", ".tgz")) else "w"
-        with tarfile.open(archive, mode) as tf:
-            for p in files:
-                tf.add(p, p.relative_to(folder).as_posix())
-    return archive
 
 
 @needs_binary
