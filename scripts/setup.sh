@@ -77,6 +77,21 @@ if ! command -v nasm >/dev/null 2>&1; then
   fi
 fi
 
+# HDF5 output: libhdf5 is compiled into the binary (hdf5-metno-src, static), which needs
+# CMake >= 3.26 at build time only (Debian bookworm's is 3.25): from pip, into the venv.
+cmake_ok=$("$VENV/bin/python" - <<'PY' 2>/dev/null || true
+import re, shutil, subprocess, sys
+exe = shutil.which("cmake")
+if exe:
+    m = re.search(r"(\d+)\.(\d+)", subprocess.run([exe, "--version"], capture_output=True, text=True).stdout)
+    print("yes" if m and (int(m[1]), int(m[2])) >= (3, 26) else "")
+PY
+)
+if [ "$cmake_ok" != yes ] && [ ! -x "$VENV/bin/cmake" ]; then
+  echo "==> installing CMake >= 3.26 into $VENV (builds the static libhdf5 for HDF5 output)"
+  "$VENV/bin/pip" install -q "cmake>=3.26,<5"
+fi
+
 echo "==> building tilefeat (release)"
 export LIBTORCH_USE_PYTORCH=1
 case "$VENV" in /*) venv_abs=$VENV ;; *) venv_abs=$PWD/$VENV ;; esac

@@ -86,7 +86,11 @@ fn pipeline(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         a.precision,
     );
     let dim = crate::encoder::resnet::feature_dim(a.layer);
-    let csv = create_features(&csv_path, dim)?;
+    let info = crate::output::FileInfo {
+        dim,
+        ..Default::default()
+    };
+    let csv = create_features(&csv_path, crate::output::Format::Csv, &info)?;
     // A fresh cache, so that every tile is hashed, missed and stored, as on a first run.
     let cache_dir = match &a.cache_dir {
         Some(parent) => Some(scratch_dir(parent).kind(ExitKind::Cache)?),
@@ -208,6 +212,8 @@ fn cache_open(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         precision: a.precision,
         preprocessing_version: PREPROCESSING_VERSION,
         layout: None,
+        encoder: None,
+        mean_std: None,
     };
     let key = |i: usize| -> [u8; 32] {
         use sha2::{Digest, Sha256};

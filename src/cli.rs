@@ -142,22 +142,42 @@ pub struct ExtractArgs {
     #[arg(required = true, value_name = "TILE_DIR")]
     pub tile_dirs: Vec<PathBuf>,
 
-    /// Output CSV (one tile folder), replaced atomically. The provenance
+    /// Output feature file (one tile folder), replaced atomically; its extension sets the
+    /// format: .csv, .h5/.hdf5 (CLAM/TRIDENT layout) or .parquet. The provenance
     /// (`OUT.provenance.yaml`) and the rejected-tile list (`OUT.rejected.tsv`) are written
     /// beside it.
     #[arg(
         short,
         long,
-        value_name = "OUT.csv",
+        value_name = "OUT.csv|OUT.h5|OUT.parquet",
         required_unless_present = "outdir",
         conflicts_with = "outdir"
     )]
     pub output: Option<PathBuf>,
 
-    /// Output folder (created if missing): `SAMPLE.csv`, with its provenance and rejected-tile
-    /// list, for each tile folder, SAMPLE being its --sample or the folder's name.
+    /// Output folder (created if missing): `SAMPLE.csv` (or .h5, .parquet: see --format),
+    /// with its provenance and rejected-tile list, for each tile folder, SAMPLE being its
+    /// --sample or the folder's name.
     #[arg(long, value_name = "DIR")]
     pub outdir: Option<PathBuf>,
+
+    /// Feature file format [default: from --output's extension; csv with --outdir].
+    #[arg(long, value_enum)]
+    pub format: Option<crate::output::Format>,
+
+    /// Tile coordinates from tile names: `auto` (histolab, QuPath, TRIDENT, STAMP or slideflow
+    /// names, when every tile follows the same one), `none`, or a regex with named groups x
+    /// and y (level-0 top-left pixels). They go into HDF5 (`coords`) and Parquet (`x`, `y`)
+    /// whenever found; into the CSV (`tile,x,y,...`) only when this flag is given. Given
+    /// explicitly, a tile whose name gives no coordinates fails the sample [default: auto,
+    /// without failing].
+    #[arg(long, value_name = "auto|none|REGEX")]
+    pub coords: Option<String>,
+
+    /// The tiles' extent in level-0 pixels: converts centre coordinates (slideflow names) to
+    /// the top-left corners HDF5's `coords` holds, and is recorded as `patch_size_level0`.
+    #[arg(long, value_name = "PX")]
+    pub patch_size_level0: Option<u64>,
 
     /// Sample ID recorded in the provenance (and with --outdir, the output's name) [default:
     /// the tile folder's name]. With several tile folders: once per folder, in their order.
@@ -190,21 +210,38 @@ pub struct ExtractArgs {
     #[arg(long, value_enum, default_value_t = Precision::Fp32)]
     pub precision: Precision,
 
-    /// Which ResNet50 stage's output to pool.
-    #[arg(long, value_enum, default_value_t = Layer::Layer4)]
-    pub layer: Layer,
+    /// Which ResNet50 stage's output to pool [default: layer4].
+    #[arg(long, value_enum)]
+    pub layer: Option<Layer>,
+
+    /// A TorchScript image model to run instead of the ResNet50 (`torch.jit.trace`/`script`,
+    /// e.g. from scripts/export_encoder.py): it gets float32 (N, 3, SIZE, SIZE) batches
+    /// preprocessed as the ResNet's and returns (N, D), or (N, C, H, W) pooled with --pool. A
+    /// sidecar FILE.json beside it (from the export script) sets --size, --mean and --std.
+    #[arg(long, value_name = "FILE.pt", conflicts_with = "layer")]
+    pub model: Option<PathBuf>,
 
     /// Global spatial pooling of that output.
     #[arg(long, value_enum, default_value_t = Pool::Max)]
     pub pool: Pool,
 
-    /// Input normalization.
-    #[arg(long, value_enum, default_value_t = Normalize::Tutorial)]
-    pub normalize: Normalize,
+    /// Input normalization [default: tutorial, or a --model's sidecar].
+    #[arg(long, value_enum, conflicts_with_all = ["mean", "std"])]
+    pub normalize: Option<Normalize>,
 
-    /// Every tile is resized to SIZE x SIZE (OpenCV INTER_LINEAR arithmetic).
-    #[arg(long, default_value_t = 224, value_name = "PX")]
-    pub size: u32,
+    /// Normalization mean per channel, R,G,B on the 0-1 scale (with --std), e.g.
+    /// 0.707223,0.578729,0.703617.
+    #[arg(long, value_name = "R,G,B", value_parser = parse_rgb, requires = "std")]
+    pub mean: Option<[f32; 3]>,
+
+    /// Normalization standard deviation per channel, R,G,B (with --mean).
+    #[arg(long, value_name = "R,G,B", value_parser = parse_rgb, requires = "mean")]
+    pub std: Option<[f32; 3]>,
+
+    /// Every tile is resized to SIZE x SIZE (OpenCV INTER_LINEAR arithmetic) [default: 224,
+    /// or a --model's sidecar].
+    #[arg(long, value_name = "PX")]
+    pub size: Option<u32>,
 
     /// Memory layout of activations: nhwc (channels-last) is faster on current CPUs and GPUs.
     #[arg(long, default_value = "nhwc", value_parser = ["nhwc", "nchw"])]
@@ -235,6 +272,19 @@ pub struct ExtractArgs {
     pub quiet: bool,
 }
 
+/// `R,G,B`: three finite numbers.
+fn parse_rgb(s: &str) -> Result<[f32; 3], String> {
+    let v: Vec<f32> = s
+        .split(',')
+        .map(|x| x.trim().parse::<f32>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{s:?}: {e}"))?;
+    match v.as_slice() {
+        [r, g, b] if v.iter().all(|x| x.is_finite()) => Ok([*r, *g, *b]),
+        _ => Err(format!("{s:?}: expected three numbers R,G,B")),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Aggregate {
     /// One row per tile: `sample,tile,0..D-1`.
@@ -247,11 +297,12 @@ pub enum Aggregate {
 
 #[derive(Debug, Args)]
 pub struct JoinArgs {
-    /// Per-sample CSVs written by `tilefeat extract` (their provenance files beside them).
+    /// Per-sample feature files written by `tilefeat extract`, CSV, HDF5 or Parquet (their
+    /// provenance files beside them).
     pub inputs: Vec<PathBuf>,
 
-    /// Output CSV.
-    #[arg(short, long, value_name = "COHORT.csv")]
+    /// Output cohort file, CSV or Parquet (from its extension).
+    #[arg(short, long, value_name = "COHORT.csv|COHORT.parquet")]
     pub output: PathBuf,
 
     /// Aggregate tiles to one row per sample.

@@ -25,6 +25,13 @@ pub struct Fingerprint {
     /// ~1e-6); absent for NHWC, so the ids of NHWC fingerprints are those they always had.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout: Option<String>,
+    /// `torchscript` for a `--model` (whose file's SHA-256 is `weights_sha256`); absent for
+    /// the native ResNet50, whose fingerprints keep their ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<String>,
+    /// `mean=R,G,B std=R,G,B` when the normalization is not one of `--normalize`'s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_std: Option<String>,
 }
 
 impl Fingerprint {

@@ -263,6 +263,8 @@ mod tests {
             precision: Precision::Fp32,
             preprocessing_version: PREPROCESSING_VERSION,
             layout: None,
+            encoder: None,
+            mean_std: None,
         }
     }
 

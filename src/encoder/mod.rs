@@ -3,14 +3,16 @@
 //! The pipeline sees an encoder only through the [`Encoder`] trait: it asks it for a batch
 //! buffer ([`PixelBuf`]), fills the buffer with u8 RGB tiles, and gets `n * dim` floats back.
 //! One implementation is the native ResNet50 trunk ([`resnet`], built from torchvision
-//! state dicts read by [`weights`], normalized and run by [`native`]); the other is
-//! [`null::NullModel`], a stand-in that costs nothing, for measuring the rest of the pipeline.
-//! Nothing here knows about tiles, files, caches or outputs.
+//! state dicts read by [`weights`], normalized and run by [`native`]); another is any
+//! TorchScript model a user exports ([`script`]); [`AnyEncoder`] is either, as `extract`
+//! runs them. [`null::NullModel`] is a stand-in that costs nothing, for measuring the rest of
+//! the pipeline. Nothing here knows about tiles, files, caches or outputs.
 
 pub mod batch;
 pub mod native;
 pub mod null;
 pub mod resnet;
+pub mod script;
 pub mod weights;
 
 use anyhow::Result;
@@ -18,6 +20,7 @@ use anyhow::Result;
 pub(crate) use batch::PixelBuf;
 pub(crate) use native::NativeResNet;
 pub(crate) use null::NullModel;
+pub(crate) use script::ScriptEncoder;
 
 /// What a model worker runs on each batch: the native ResNet50 ([`NativeResNet`]), or
 /// [`NullModel`] for `bench --what pipeline`, which measures everything else.
@@ -35,4 +38,40 @@ pub(crate) trait Encoder: Send {
     /// `pixels` holds `n` RGB tiles of size x size; returns `n * dim` features. May pad the
     /// buffer (it is cleared before it is filled again).
     fn run(&self, pixels: &mut PixelBuf, n: usize) -> Result<Vec<f32>>;
+}
+
+/// The encoder `extract` runs: the native ResNet50, or a user's TorchScript model.
+pub(crate) enum AnyEncoder {
+    Native(NativeResNet),
+    Script(ScriptEncoder),
+}
+
+impl Encoder for AnyEncoder {
+    fn fork(&self) -> AnyEncoder {
+        match self {
+            AnyEncoder::Native(e) => AnyEncoder::Native(e.fork()),
+            AnyEncoder::Script(e) => AnyEncoder::Script(e.fork()),
+        }
+    }
+
+    fn buffer(&self, tiles: usize) -> PixelBuf {
+        match self {
+            AnyEncoder::Native(e) => e.buffer(tiles),
+            AnyEncoder::Script(e) => e.buffer(tiles),
+        }
+    }
+
+    fn start_worker(&self) -> Result<()> {
+        match self {
+            AnyEncoder::Native(e) => e.start_worker(),
+            AnyEncoder::Script(e) => e.start_worker(),
+        }
+    }
+
+    fn run(&self, pixels: &mut PixelBuf, n: usize) -> Result<Vec<f32>> {
+        match self {
+            AnyEncoder::Native(e) => e.run(pixels, n),
+            AnyEncoder::Script(e) => e.run(pixels, n),
+        }
+    }
 }

@@ -9,7 +9,6 @@ use tch::{Device, Kind, Tensor};
 
 use super::resnet::{to_channels_last, ResNetTrunk};
 use super::{Encoder, PixelBuf};
-use crate::cli::Normalize;
 
 /// Turns u8 NHWC batches into pooled features on the configured device.
 pub(crate) struct NativeResNet {
@@ -25,17 +24,14 @@ pub(crate) struct NativeResNet {
 }
 
 impl NativeResNet {
+    /// `(mean, std)` per channel, on the 0-1 scale.
     pub(crate) fn new(
         model: ResNetTrunk,
-        normalize: Normalize,
+        (m, s): ([f32; 3], [f32; 3]),
         size: u32,
         pad_to: Option<usize>,
         worker_stream: Option<usize>,
     ) -> NativeResNet {
-        let (m, s): ([f32; 3], [f32; 3]) = match normalize {
-            Normalize::Tutorial => ([0.5; 3], [0.5; 3]),
-            Normalize::Imagenet => ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-        };
         let dev = model.options().device;
         NativeResNet {
             mean: Tensor::from_slice(&m).view([1, 3, 1, 1]).to_device(dev),
@@ -180,7 +176,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        let single = NativeResNet::new(model.shallow_clone(), Normalize::Tutorial, 32, None, None);
+        let single = NativeResNet::new(model.shallow_clone(), ([0.5; 3], [0.5; 3]), 32, None, None);
         let alone: Vec<Vec<f32>> = tiles
             .iter()
             .map(|t| {
@@ -189,7 +185,7 @@ mod tests {
                 single.run(&mut b, 1).unwrap()
             })
             .collect();
-        let padded = NativeResNet::new(model, Normalize::Tutorial, 32, Some(5), None);
+        let padded = NativeResNet::new(model, ([0.5; 3], [0.5; 3]), 32, Some(5), None);
         // One buffer for every batch, as the model stage reuses them: a short batch after a
         // long one finds the old pixels beyond its tiles.
         let mut buf = padded.buffer(3);

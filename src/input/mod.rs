@@ -9,6 +9,7 @@
 //! tiles from any source give the same features, and a slide computed as a folder is a cache
 //! hit as a zip.
 
+pub mod coords;
 pub mod folder;
 pub mod tar;
 pub mod zip;

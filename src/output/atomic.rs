@@ -19,36 +19,53 @@ pub struct AtomicFile {
     writer: Option<BufWriter<File>>,
 }
 
+/// A temporary file beside `target` for it, and that file opened for writing.
+fn reserve(target: &Path) -> Result<(PathBuf, File)> {
+    let dir = parent_dir(target);
+    if !dir.is_dir() {
+        return Err(anyhow::anyhow!(
+            "cannot write {}: folder {} does not exist",
+            target.display(),
+            dir.display()
+        ))
+        .kind(ExitKind::Output);
+    }
+    remove_stale_temps(target);
+    let name = target
+        .file_name()
+        .with_context(|| format!("{} is not a file path", target.display()))
+        .kind(ExitKind::Output)?;
+    let tmp = dir.join(format!(
+        ".{}{TMP_MARK}{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let file = File::create(&tmp)
+        .with_context(|| {
+            format!(
+                "cannot write {} (temporary file {})",
+                target.display(),
+                tmp.display()
+            )
+        })
+        .kind(ExitKind::Output)?;
+    Ok((tmp, file))
+}
+
+/// Move a complete temporary file over its target (removing it if that fails).
+fn rename_over(tmp: &Path, target: &Path) -> Result<()> {
+    let result = std::fs::rename(tmp, target)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), target.display()))
+        .kind(ExitKind::Output);
+    if result.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    result
+}
+
 impl AtomicFile {
     pub fn create(target: &Path) -> Result<AtomicFile> {
-        let dir = parent_dir(target);
-        if !dir.is_dir() {
-            return Err(anyhow::anyhow!(
-                "cannot write {}: folder {} does not exist",
-                target.display(),
-                dir.display()
-            ))
-            .kind(ExitKind::Output);
-        }
-        remove_stale_temps(target);
-        let name = target
-            .file_name()
-            .with_context(|| format!("{} is not a file path", target.display()))
-            .kind(ExitKind::Output)?;
-        let tmp = dir.join(format!(
-            ".{}{TMP_MARK}{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let file = File::create(&tmp)
-            .with_context(|| {
-                format!(
-                    "cannot write {} (temporary file {})",
-                    target.display(),
-                    tmp.display()
-                )
-            })
-            .kind(ExitKind::Output)?;
+        let (tmp, file) = reserve(target)?;
         Ok(AtomicFile {
             target: target.to_path_buf(),
             tmp,
@@ -63,33 +80,85 @@ impl AtomicFile {
     /// Flush, fsync and rename over the target.
     pub fn commit(mut self) -> Result<()> {
         let w = self.writer.take().expect("commit twice");
-        let result = w
+        let synced = w
             .into_inner()
             .map_err(|e| e.into_error())
             .and_then(|file| file.sync_all())
             .with_context(|| format!("cannot write {}", self.target.display()))
-            .and_then(|()| {
-                std::fs::rename(&self.tmp, &self.target).with_context(|| {
-                    format!(
-                        "cannot move {} to {}",
-                        self.tmp.display(),
-                        self.target.display()
-                    )
-                })
-            })
             .kind(ExitKind::Output);
-        if result.is_err() {
-            // Regression: a failed rename (say, a folder where the file should go) left the
-            // temporary file behind.
+        if synced.is_err() {
             let _ = std::fs::remove_file(&self.tmp);
         }
-        result
+        synced?;
+        // Regression: a failed rename (say, a folder where the file should go) left the
+        // temporary file behind.
+        rename_over(&self.tmp, &self.target)
     }
 }
 
 impl Drop for AtomicFile {
     fn drop(&mut self) {
         if self.writer.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// A file written by a library that wants a path (libhdf5): it writes the temporary file
+/// [`AtomicPath::tmp`], which appears under the final name only on [`AtomicPath::commit`].
+pub struct AtomicPath {
+    target: PathBuf,
+    tmp: PathBuf,
+    committed: bool,
+}
+
+impl AtomicPath {
+    pub fn create(target: &Path) -> Result<AtomicPath> {
+        let (tmp, _file) = reserve(target)?;
+        Ok(AtomicPath {
+            target: target.to_path_buf(),
+            tmp,
+            committed: false,
+        })
+    }
+
+    pub fn tmp(&self) -> &Path {
+        &self.tmp
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Fsync the (closed) temporary file, hash it, and rename it over the target.
+    pub fn commit(mut self) -> Result<super::Committed> {
+        let hashed = (|| -> std::io::Result<super::Committed> {
+            use sha2::{Digest, Sha256};
+            let mut file = File::open(&self.tmp)?;
+            file.sync_all()?;
+            let mut sha = Sha256::new();
+            let bytes = std::io::copy(&mut file, &mut sha)?;
+            Ok(super::Committed {
+                sha256: hex::encode(sha.finalize()),
+                bytes,
+            })
+        })()
+        .with_context(|| format!("cannot write {}", self.target.display()))
+        .kind(ExitKind::Output);
+        self.committed = true;
+        match hashed {
+            Ok(c) => rename_over(&self.tmp, &self.target).map(|()| c),
+            Err(e) => {
+                let _ = std::fs::remove_file(&self.tmp);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for AtomicPath {
+    fn drop(&mut self) {
+        if !self.committed {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }

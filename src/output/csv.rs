@@ -1,6 +1,8 @@
 //! The feature CSV: the tutorial's format with a named first column, `tile,0,1,...,D-1`, one
 //! row per tile, floats in the shortest form that reads back as the same f32 (`ryu`), names
-//! quoted as RFC 4180 says. `join` writes the same format with a `sample` column in front.
+//! quoted as RFC 4180 says; with coordinates, `tile,x,y,0,...` (whole numbers as integers,
+//! others in their shortest f64 form). `join` writes the same format with a `sample` column
+//! in front.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,7 +11,7 @@ use anyhow::{Context, Result};
 
 use sha2::{Digest, Sha256};
 
-use super::{AtomicFile, Committed, FeatureRow, FeatureWriter, RowEncoder};
+use super::{AtomicFile, Committed, FeatureRow, FeatureWriter, FileInfo, RowEncoder};
 use crate::error::{ExitKind, WithKind};
 
 /// Append a CSV field, quoted only if it needs to be (RFC 4180).
@@ -30,25 +32,53 @@ pub struct CsvWriter {
     /// Of every byte written, for the provenance.
     sha: Sha256,
     bytes: u64,
+    xy: bool,
 }
 
 impl CsvWriter {
     /// The CSV at `path`, not yet under its final name, with its header written: fails
     /// before any compute when the output cannot be written.
-    pub fn create(path: &Path, dim: usize) -> Result<CsvWriter> {
+    pub fn create(path: &Path, info: &FileInfo) -> Result<CsvWriter> {
+        let xy = info.coords.is_some();
         let mut csv = CsvWriter {
             path: path.to_path_buf(),
             file: AtomicFile::create(path)?,
             sha: Sha256::new(),
             bytes: 0,
+            xy,
         };
-        csv.append(csv_header(&["tile"], dim).as_bytes())?;
+        let leading: &[&str] = if xy { &["tile", "x", "y"] } else { &["tile"] };
+        csv.write(csv_header(leading, info.dim).as_bytes())?;
         Ok(csv)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.sha.update(bytes);
+        self.bytes += bytes.len() as u64;
+        self.file
+            .writer()
+            .write_all(bytes)
+            .with_context(|| format!("cannot write {}", self.path.display()))
+            .kind(ExitKind::Output)
     }
 }
 
-/// CSV text of feature rows: one line per row, the tile's name (quoted where needed) and
-/// its values in the shortest form that reads back as the same f32.
+/// Append `,x,y`: whole numbers as integers, others in their shortest f64 form.
+pub fn push_xy(line: &mut String, [x, y]: [f64; 2]) {
+    let mut buf = ryu::Buffer::new();
+    for v in [x, y] {
+        line.push(',');
+        if v.fract() == 0.0 && v.abs() < 9.007_199_254_740_992e15 {
+            line.push_str(&(v as i64).to_string());
+        } else {
+            line.push_str(buf.format(v));
+        }
+    }
+}
+
+/// CSV text of feature rows: one line per row, the tile's name (quoted where needed), its
+/// coordinates when it has them, and its values in the shortest form that reads back as the
+/// same f32.
 pub struct CsvRows;
 
 impl RowEncoder for CsvRows {
@@ -56,6 +86,9 @@ impl RowEncoder for CsvRows {
         let mut text = String::with_capacity(rows.len() * 28 * 1024);
         for r in rows {
             push_csv_field(&mut text, r.tile);
+            if let Some(xy) = r.xy {
+                push_xy(&mut text, xy);
+            }
             push_features(&mut text, r.features);
         }
         text.into_bytes()
@@ -67,14 +100,14 @@ impl FeatureWriter for CsvWriter {
         std::sync::Arc::new(CsvRows)
     }
 
-    fn append(&mut self, encoded: &[u8]) -> Result<()> {
-        self.sha.update(encoded);
-        self.bytes += encoded.len() as u64;
-        self.file
-            .writer()
-            .write_all(encoded)
-            .with_context(|| format!("cannot write {}", self.path.display()))
-            .kind(ExitKind::Output)
+    fn append(&mut self, encoded: &[u8], rows: &[FeatureRow<'_>]) -> Result<()> {
+        // Every row has coordinates if the header says so, or none has (a bug otherwise).
+        anyhow::ensure!(
+            rows.iter().all(|r| r.xy.is_some() == self.xy),
+            "internal error: rows of {} with and without coordinates",
+            self.path.display()
+        );
+        self.write(encoded)
     }
 
     fn commit(self: Box<Self>) -> Result<Committed> {

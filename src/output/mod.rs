@@ -2,28 +2,108 @@
 //!
 //! Every output is written atomically ([`atomic`]): nothing ever appears half-written under
 //! its final name. The feature file is written through the [`FeatureWriter`] trait, one
-//! implementation per format ([`csv`] today): the pipeline's formatting threads encode groups
-//! of rows with its [`RowEncoder`] in parallel, and one writer thread appends them in tile
-//! order and commits the file once every row is in. Beside it go the rejected tiles
-//! (`rejected.tsv`) and the [`provenance`] record.
+//! implementation per [`format`]: [`csv`], [`h5`], [`parquet`]. The pipeline's formatting
+//! threads encode groups of rows with its [`RowEncoder`] in parallel (CSV text; the binary
+//! formats encode in the writer), and one writer thread appends them in tile order and commits
+//! the file once every row is in. Beside it go the rejected tiles (`rejected.tsv`) and the
+//! [`provenance`] record.
 
 pub mod atomic;
 pub mod csv;
+pub mod format;
+pub mod h5;
 pub mod lock;
+pub mod parquet;
 pub mod provenance;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-pub use atomic::{write_atomic, AtomicFile};
+pub use atomic::{write_atomic, AtomicFile, AtomicPath};
 pub use csv::{csv_header, push_csv_field, push_features, CsvWriter};
+pub use format::Format;
 pub use lock::OutputLock;
 
-/// One row of the feature file: a tile's name and its vector.
+use crate::input::coords::{Coords, Origin};
+
+/// One row of the feature file: a tile's name, its coordinates (as its name gives them) when
+/// the file has them, and its vector.
 pub struct FeatureRow<'a> {
     pub tile: &'a str,
+    pub xy: Option<[f64; 2]>,
     pub features: &'a [f32],
+}
+
+/// What a feature file holds besides its rows: their dimension, their coordinates' layout,
+/// and (HDF5) what made them.
+#[derive(Debug, Clone, Default)]
+pub struct FileInfo {
+    pub dim: usize,
+    /// Some when every row carries x,y.
+    pub coords: Option<CoordsInfo>,
+    /// Name and value of each attribute an HDF5 file records (encoder, fingerprint, ...).
+    pub attrs: Vec<(String, String)>,
+}
+
+/// How a file's coordinates are laid out.
+#[derive(Debug, Clone)]
+pub struct CoordsInfo {
+    /// x,y are whole numbers (written as integers).
+    pub integral: bool,
+    pub convention: String,
+    /// To subtract from a name's x,y for HDF5's level-0 top-left corners, or why that cannot
+    /// be done (micrometres; centres of unknown extent).
+    pub top_left_shift: std::result::Result<i64, String>,
+    pub patch_size_level0: Option<u64>,
+    /// The tiles' size in pixels at the level they were cut at, when known.
+    pub patch_size: Option<u64>,
+    pub patch_level: Option<u32>,
+}
+
+impl CoordsInfo {
+    /// The layout of `coords`; `size_level0` is `--patch-size-level0`.
+    pub fn of(c: &Coords, size_level0: Option<u64>) -> CoordsInfo {
+        let size = size_level0.or(c.patch_size_level0);
+        let top_left_shift = crate::input::coords::level0_top_left(
+            &Coords {
+                xy: vec![],
+                ..c.clone()
+            },
+            size,
+        )
+        .map(|_| match c.origin {
+            Origin::TopLeft => 0,
+            Origin::Centre => size.map_or(0, |s| (s / 2) as i64),
+        });
+        // A histolab tile cut at level 0 is as large as its extent; QuPath's is its extent over
+        // the downsample (1 when the name leaves it out).
+        let patch_size = match (size, c.patch_level, c.convention.as_str()) {
+            (Some(s), Some(0), "histolab") => Some(s),
+            (Some(s), None, "qupath") => {
+                let d = c.downsample.unwrap_or(1.0);
+                (d > 0.0 && (s as f64 / d).fract() == 0.0).then(|| (s as f64 / d) as u64)
+            }
+            _ => None,
+        };
+        CoordsInfo {
+            integral: c.integral,
+            convention: c.convention.clone(),
+            top_left_shift,
+            patch_size_level0: size,
+            patch_size,
+            patch_level: c.patch_level,
+        }
+    }
+}
+
+/// For formats that encode in the writer thread: nothing to do on the formatting threads.
+pub struct NoEncoding;
+
+impl RowEncoder for NoEncoding {
+    fn encode(&self, _rows: &[FeatureRow<'_>]) -> Vec<u8> {
+        Vec::new()
+    }
 }
 
 /// Turns groups of rows into a format's bytes; shared by the formatting threads.
@@ -36,8 +116,8 @@ pub trait RowEncoder: Send + Sync {
 pub trait FeatureWriter: Send {
     /// How groups of rows are encoded for [`FeatureWriter::append`].
     fn encoder(&self) -> std::sync::Arc<dyn RowEncoder>;
-    /// Append a group's encoded rows.
-    fn append(&mut self, encoded: &[u8]) -> Result<()>;
+    /// Append a group of rows, and their bytes as [`FeatureWriter::encoder`] made them.
+    fn append(&mut self, encoded: &[u8], rows: &[FeatureRow<'_>]) -> Result<()>;
     /// Finish the file and move it under its final name.
     fn commit(self: Box<Self>) -> Result<Committed>;
 }
@@ -50,15 +130,29 @@ pub struct Committed {
     pub bytes: u64,
 }
 
-/// The feature file at `path` for rows of `dim` values, ready for its rows.
-pub fn create_features(path: &Path, dim: usize) -> Result<Box<dyn FeatureWriter>> {
-    Ok(Box::new(CsvWriter::create(path, dim)?))
+/// The feature file at `path` in `format`, ready for its rows: fails before any compute when
+/// it cannot be written.
+pub fn create_features(
+    path: &Path,
+    format: Format,
+    info: &FileInfo,
+) -> Result<Box<dyn FeatureWriter>> {
+    Ok(match format {
+        Format::Csv => Box::new(CsvWriter::create(path, info)?),
+        Format::H5 => Box::new(h5::H5Writer::create(path, info)?),
+        Format::Parquet => Box::new(parquet::ParquetWriter::for_extract(path, info)?),
+    })
 }
 
-/// `x.csv` -> `x.<suffix>`; other names get `.<suffix>` appended.
+/// `x.csv` (or `.h5`, `.hdf5`, `.parquet`, any case) -> `x.<suffix>`; other names get
+/// `.<suffix>` appended.
 pub fn side_file(output: &Path, suffix: &str) -> PathBuf {
     let s = output.to_string_lossy();
-    match s.strip_suffix(".csv").or_else(|| s.strip_suffix(".CSV")) {
+    let stem = [".csv", ".h5", ".hdf5", ".parquet"].iter().find_map(|ext| {
+        let cut = s.len().checked_sub(ext.len())?;
+        (s.is_char_boundary(cut) && s[cut..].eq_ignore_ascii_case(ext)).then(|| &s[..cut])
+    });
+    match stem {
         Some(stem) => PathBuf::from(format!("{stem}.{suffix}")),
         None => PathBuf::from(format!("{s}.{suffix}")),
     }
@@ -86,5 +180,11 @@ mod tests {
             rejected_path(Path::new("x.tsv")),
             PathBuf::from("x.tsv.rejected.tsv")
         );
+        for out in ["a/x.h5", "a/x.HDF5", "a/x.parquet"] {
+            assert_eq!(
+                provenance_path(Path::new(out)),
+                PathBuf::from("a/x.provenance.yaml")
+            );
+        }
     }
 }

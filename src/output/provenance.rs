@@ -32,6 +32,10 @@ pub struct Settings {
     pub layer: crate::cli::Layer,
     pub pool: crate::cli::Pool,
     pub normalize: crate::cli::Normalize,
+    /// `mean=R,G,B std=R,G,B` when given as numbers (--mean/--std, or a model's sidecar):
+    /// then `normalize` does not apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_std: Option<String>,
     pub size: u32,
     pub precision: crate::cli::Precision,
     pub batch_size: usize,
@@ -158,6 +162,16 @@ pub struct Provenance {
     pub sample: String,
     pub tile_dir: String,
     pub output: String,
+    /// `--model`: the TorchScript file that made the features (absent for the ResNet50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelProvenance>,
+    /// The feature file's format: csv, h5 or parquet (absent in files before formats: csv).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Tile coordinates: the naming convention found, or why there are none (absent with
+    /// `--coords none`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coords: Option<CoordsProvenance>,
     /// SHA-256 and size of the feature file as written: `join` checks them, so a feature
     /// file and a provenance of two different runs are never taken as a pair.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -194,6 +208,46 @@ pub struct Provenance {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steady_tiles_per_s: Option<f64>,
     pub timings_s: Timings,
+}
+
+/// A `--model`'s file, its hash, sidecar and output.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelProvenance {
+    pub file: String,
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The module's output for one tile, e.g. [1, 768], or [1, 2048, 7, 7] (then pooled).
+    pub output_shape: Vec<i64>,
+    pub pooled: bool,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+/// Where a sample's tile coordinates came from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CoordsProvenance {
+    /// histolab, qupath, trident, stamp, slideflow, or `regex:PATTERN`; None if not found.
+    pub convention: Option<String>,
+    /// Where in the tile the names' x,y point: top-left or centre.
+    pub origin: Option<String>,
+    /// level-0 pixels or micrometres.
+    pub unit: Option<String>,
+    /// Whether the feature file holds them (the CSV only with `--coords`; HDF5 converts them
+    /// to level-0 top-left corners).
+    pub in_output: bool,
+    /// Every x and y is a whole number.
+    #[serde(default)]
+    pub integral: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_size_level0: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_level: Option<u32>,
+    /// Why there are none (a tile whose name does not match).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing: Option<String>,
 }
 
 impl Provenance {

@@ -155,6 +155,8 @@ mod tests {
             precision: Precision::Fp32,
             preprocessing_version: PREPROCESSING_VERSION,
             layout: None,
+            encoder: None,
+            mean_std: None,
         };
         let cache = Cache::open(&d.path().join("cache"), &fp).unwrap();
         let (sha2, _) = prepare(

@@ -10,8 +10,11 @@ use tch::Device;
 use crate::cache::{Fingerprint, PREPROCESSING_VERSION};
 use crate::cli::{ExtractArgs, Normalize, OnError, Precision};
 use crate::device::{available_cpus, parse_device};
+use crate::encoder::script::Sidecar;
 use crate::encoder::weights::{self, WeightsSource};
 use crate::error::{fail, ExitKind, WithKind};
+use crate::input::coords::CoordsMode;
+use crate::output::Format;
 
 /// `--batch-size`: 1 to 4096 (`extract` and `bench`).
 pub(crate) fn check_batch_size(n: usize) -> Result<()> {
@@ -40,11 +43,115 @@ pub(crate) fn gpu_decode_threads(threads: usize) -> usize {
     threads.saturating_sub(1).max(1)
 }
 
+/// `--model`: the TorchScript file and its sidecar, if it has one.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub path: PathBuf,
+    pub sidecar: Option<(PathBuf, Sidecar)>,
+}
+
+/// Per-channel normalization, and whether it is one of `--normalize`'s (else it is part of
+/// the fingerprint as numbers).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeanStd {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub custom: bool,
+}
+
+impl MeanStd {
+    pub fn of(n: Normalize) -> MeanStd {
+        let (mean, std) = match n {
+            Normalize::Tutorial => ([0.5; 3], [0.5; 3]),
+            Normalize::Imagenet => ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        };
+        MeanStd {
+            mean,
+            std,
+            custom: false,
+        }
+    }
+
+    /// `mean=R,G,B std=R,G,B`, as the fingerprint and the provenance record it.
+    pub fn describe(&self) -> String {
+        let j = |v: &[f32; 3]| v.map(|x| x.to_string()).join(",");
+        format!("mean={} std={}", j(&self.mean), j(&self.std))
+    }
+}
+
+/// `--model`'s preprocessing: flags first, then the sidecar, then the defaults; a flag that
+/// disagrees with the sidecar is used, with a warning.
+fn model_preprocessing(
+    a: &ExtractArgs,
+    model: Option<&ModelSpec>,
+) -> Result<(u32, Normalize, MeanStd)> {
+    let sidecar = model.and_then(|m| m.sidecar.as_ref());
+    let warn = |what: String| {
+        if !a.quiet {
+            eprintln!("tilefeat: warning: {what}");
+        }
+    };
+    let size = match (a.size, sidecar) {
+        (Some(s), Some((p, sc))) if s != sc.size => {
+            warn(format!(
+                "--size {s} differs from {}'s size {} (the model was exported for {})",
+                p.display(),
+                sc.size,
+                sc.size
+            ));
+            s
+        }
+        (Some(s), _) => s,
+        (None, Some((_, sc))) => sc.size,
+        (None, None) => 224,
+    };
+    let normalize = a.normalize.unwrap_or(Normalize::Tutorial);
+    let mean_std = match (a.mean, a.std, a.normalize, sidecar) {
+        (Some(mean), Some(std), _, _) => {
+            if std.iter().any(|&s| s <= 0.0) {
+                return Err(fail(ExitKind::Usage, "--std: every value must be positive"));
+            }
+            MeanStd {
+                mean,
+                std,
+                custom: true,
+            }
+        }
+        (_, _, Some(n), _) => MeanStd::of(n),
+        (_, _, None, Some((_, sc))) => MeanStd {
+            mean: sc.mean,
+            std: sc.std,
+            custom: true,
+        },
+        _ => MeanStd::of(Normalize::Tutorial),
+    };
+    if let Some((p, sc)) = sidecar {
+        if mean_std.mean != sc.mean || mean_std.std != sc.std {
+            warn(format!(
+                "normalization {} differs from {}'s (mean={:?} std={:?}), which the model was \
+                 trained with",
+                mean_std.describe(),
+                p.display(),
+                sc.mean,
+                sc.std
+            ));
+        }
+    }
+    Ok((size, normalize, mean_std))
+}
+
 /// A validated `extract` configuration.
 #[derive(Debug, Clone)]
 pub struct ExtractConfig {
     pub tile_dir: PathBuf,
     pub output: PathBuf,
+    /// The feature file's format (from --format or the output's extension).
+    pub format: Format,
+    /// Where tile coordinates come from, and whether the flag was given (then a tile
+    /// without them fails the sample, and the CSV gets x,y columns).
+    pub coords: CoordsMode,
+    pub coords_explicit: bool,
+    pub patch_size_level0: Option<u64>,
     pub sample: String,
     pub weights: WeightsSource,
     pub device: Device,
@@ -55,7 +162,11 @@ pub struct ExtractConfig {
     pub layer: crate::cli::Layer,
     pub pool: crate::cli::Pool,
     pub normalize: Normalize,
+    /// The normalization's mean and std (from --normalize, --mean/--std or the sidecar).
+    pub mean_std: MeanStd,
     pub size: u32,
+    /// A TorchScript model run instead of the ResNet50 (`--model`).
+    pub model: Option<ModelSpec>,
     pub on_error: OnError,
     pub cache_dir: Option<PathBuf>,
     pub channels_last: bool,
@@ -78,7 +189,34 @@ impl ExtractPlan {
     pub fn from_cli_arguments(a: &ExtractArgs) -> Result<ExtractPlan> {
         let usage = |m: String| fail(ExitKind::Usage, m);
         check_batch_size(a.batch_size)?;
-        check_size(a.size)?;
+        let model = match &a.model {
+            Some(path) => {
+                // TILEFEAT_WEIGHTS in the environment is for the ResNet; only the flag conflicts.
+                let from_env = std::env::var("TILEFEAT_WEIGHTS").ok();
+                if a.weights.is_some() && a.weights != from_env {
+                    return Err(usage(
+                        "--model replaces the ResNet50: --weights does not apply to it".into(),
+                    ));
+                }
+                if !path.is_file() {
+                    return Err(fail(
+                        ExitKind::Weights,
+                        format!(
+                            "model file {} does not exist or is not a file",
+                            path.display()
+                        ),
+                    ));
+                }
+                let sidecar = crate::encoder::script::Sidecar::find(path)?;
+                Some(ModelSpec {
+                    path: path.clone(),
+                    sidecar,
+                })
+            }
+            None => None,
+        };
+        let (size, normalize, mean_std) = model_preprocessing(a, model.as_ref())?;
+        check_size(size)?;
         if a.threads == Some(0) || a.decode_threads == Some(0) {
             return Err(usage(
                 "--threads and --decode-threads must be at least 1".into(),
@@ -141,6 +279,17 @@ impl ExtractPlan {
                 format!("--outdir {} exists and is not a directory", d.display()),
             ));
         }
+        let format = match &a.output {
+            Some(o) => crate::output::format::resolve(o, a.format).map_err(usage)?,
+            None => a.format.unwrap_or(Format::Csv),
+        };
+        let coords = CoordsMode::parse(a.coords.as_deref().unwrap_or("auto"));
+        if let CoordsMode::Regex(pattern) = &coords {
+            crate::input::coords::compile_user_regex(pattern).map_err(usage)?;
+        }
+        if a.patch_size_level0 == Some(0) {
+            return Err(usage("--patch-size-level0 must be at least 1".into()));
+        }
         // Names and outputs first: usage errors before the weights and the device are looked at.
         let mut named: Vec<(PathBuf, String, PathBuf)> = Vec::with_capacity(n);
         for (k, dir) in a.tile_dirs.iter().enumerate() {
@@ -180,7 +329,7 @@ impl ExtractPlan {
                             "--sample {sample:?} cannot name a file in --outdir"
                         )));
                     }
-                    d.join(format!("{sample}.csv"))
+                    d.join(format!("{sample}.{}", format.extension()))
                 }
                 (None, None) => unreachable!("clap requires --output or --outdir"),
             };
@@ -194,7 +343,10 @@ impl ExtractPlan {
             }
             named.push((dir.clone(), sample, output));
         }
-        let weights = weights::resolve(a.weights.as_deref()).kind(ExitKind::Weights)?;
+        let weights = match &model {
+            Some(m) => WeightsSource::File(m.path.clone()),
+            None => weights::resolve(a.weights.as_deref()).kind(ExitKind::Weights)?,
+        };
         let device = parse_device(&a.device)?;
         let cpus = available_cpus();
         let threads = a.threads.unwrap_or(cpus);
@@ -212,6 +364,10 @@ impl ExtractPlan {
             .map(|(tile_dir, sample, output)| ExtractConfig {
                 tile_dir,
                 output,
+                format,
+                coords: coords.clone(),
+                coords_explicit: a.coords.is_some(),
+                patch_size_level0: a.patch_size_level0,
                 sample,
                 weights: weights.clone(),
                 device,
@@ -219,17 +375,20 @@ impl ExtractPlan {
                 torch_threads,
                 decode_threads,
                 precision: a.precision,
-                layer: a.layer,
+                layer: a.layer.unwrap_or(crate::cli::Layer::Layer4),
                 pool: a.pool,
-                normalize: a.normalize,
-                size: a.size,
+                normalize,
+                mean_std: mean_std.clone(),
+                size,
+                model: model.clone(),
                 on_error: a.on_error,
                 cache_dir: if a.no_cache {
                     None
                 } else {
                     a.cache_dir.clone()
                 },
-                channels_last: a.layout == "nhwc",
+                // A TorchScript model gets contiguous NCHW, as it was traced with.
+                channels_last: a.layout == "nhwc" && model.is_none(),
                 dry_run: a.dry_run,
                 quiet: a.quiet,
                 profile: a.profile,
@@ -257,6 +416,10 @@ impl ExtractConfig {
         ExtractConfig {
             tile_dir: tile_dir.to_path_buf(),
             output: output.to_path_buf(),
+            format: Format::Csv,
+            coords: CoordsMode::None,
+            coords_explicit: false,
+            patch_size_level0: None,
             sample: "bench".into(),
             weights: WeightsSource::Random(0),
             device: Device::Cpu,
@@ -268,13 +431,24 @@ impl ExtractConfig {
             layer,
             pool: crate::cli::Pool::Max,
             normalize: Normalize::Tutorial,
+            mean_std: MeanStd::of(Normalize::Tutorial),
             size,
+            model: None,
             on_error: OnError::Skip,
             cache_dir: None,
             channels_last: false,
             dry_run: false,
             quiet: true,
             profile: false,
+        }
+    }
+
+    /// `--coords` as given (or its default).
+    pub(crate) fn coords_flag(&self) -> &str {
+        match &self.coords {
+            CoordsMode::Auto => "auto",
+            CoordsMode::None => "none",
+            CoordsMode::Regex(r) => r,
         }
     }
 
@@ -287,7 +461,9 @@ impl ExtractConfig {
             size: self.size,
             precision: self.precision,
             preprocessing_version: PREPROCESSING_VERSION,
-            layout: (!self.channels_last).then(|| "nchw".to_string()),
+            layout: (!self.channels_last && self.model.is_none()).then(|| "nchw".to_string()),
+            encoder: self.model.as_ref().map(|_| "torchscript".to_string()),
+            mean_std: self.mean_std.custom.then(|| self.mean_std.describe()),
         }
     }
 }

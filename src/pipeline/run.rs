@@ -9,7 +9,7 @@ use crossbeam_channel::bounded;
 use super::decoders::{decode_loop, Item, WorkerTimes};
 use super::stage::ModelStage;
 use super::workers::{Assignment, BatchDone, BatchJob, ModelWorkers};
-use super::writer::{format_loop, writer_loop, Formatted, WriterMsg};
+use super::writer::{format_loop, writer_loop, Formatted, RowNames, WriterMsg};
 use super::ExtractConfig;
 use crate::cache::Cache;
 use crate::encoder::Encoder;
@@ -47,7 +47,15 @@ pub(crate) fn pipeline<M: Encoder + 'static>(
 ) -> Result<PipelineState> {
     let workers = ModelWorkers::start(runner, cfg.device, cfg.torch_threads);
     pipeline_on(
-        cfg, source, tiles, runner, &workers, cache, file, progress, dim,
+        cfg,
+        source,
+        RowNames::of(tiles),
+        runner,
+        &workers,
+        cache,
+        file,
+        progress,
+        dim,
     )
 }
 
@@ -57,7 +65,7 @@ pub(crate) fn pipeline<M: Encoder + 'static>(
 pub(crate) fn pipeline_on(
     cfg: &ExtractConfig,
     source: &dyn TileSource,
-    tiles: &[Tile],
+    names: RowNames<'_>,
     runner: &impl Encoder,
     workers: &ModelWorkers,
     cache: Option<&Cache>,
@@ -65,6 +73,7 @@ pub(crate) fn pipeline_on(
     progress: &mut Progress,
     dim: usize,
 ) -> Result<PipelineState> {
+    let tiles = names.tiles;
     let size = cfg.size as usize;
     let batch = cfg.batch_size;
     let n_model = workers.len();
@@ -128,13 +137,13 @@ pub(crate) fn pipeline_on(
         for _ in 0..format_threads {
             let (row_rx, text_tx) = (row_rx.clone(), text_tx.clone());
             let encoder = encoder.clone();
-            scope.spawn(move || format_loop(row_rx, text_tx, tiles, &*encoder));
+            scope.spawn(move || format_loop(row_rx, text_tx, names, &*encoder));
         }
         drop(row_rx);
         drop(text_tx);
         let output = cfg.output.clone();
         let writer =
-            scope.spawn(move || writer_loop(text_rx, group_credit_tx, file, cache, &output));
+            scope.spawn(move || writer_loop(text_rx, group_credit_tx, file, cache, &output, names));
 
         let new_buffer = || runner.buffer(batch);
         let mut stage = ModelStage::new(
@@ -203,7 +212,16 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let target = out.clone();
         std::thread::spawn(move || {
-            let csv = Box::new(CsvWriter::create(&target, 2048).unwrap());
+            let csv = Box::new(
+                CsvWriter::create(
+                    &target,
+                    &crate::output::FileInfo {
+                        dim: 2048,
+                        ..Default::default()
+                    },
+                )
+                .unwrap(),
+            );
             let mut progress = Progress::new(tiles.len(), true);
             let source = Folder::new(&cfg.tile_dir);
             let r = pipeline(
@@ -351,14 +369,23 @@ mod tests {
             let run = |dir: &Path, path: &Path, workers: Option<&ModelWorkers>| {
                 let tiles = list_some_tiles(&mut Folder::new(dir), dir).unwrap().tiles;
                 let cfg = demo_cfg(dir, path);
-                let csv = Box::new(CsvWriter::create(path, 2048).unwrap());
+                let csv = Box::new(
+                    CsvWriter::create(
+                        path,
+                        &crate::output::FileInfo {
+                            dim: 2048,
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap(),
+                );
                 let mut progress = Progress::new(tiles.len(), true);
                 let source = Folder::new(dir);
                 let r = match workers {
                     Some(w) => pipeline_on(
                         &cfg,
                         &source,
-                        &tiles,
+                        RowNames::of(&tiles),
                         &model,
                         w,
                         None,
@@ -473,7 +500,16 @@ mod tests {
             if !skip {
                 cfg.on_error = crate::cli::OnError::Fail;
             }
-            let csv = Box::new(CsvWriter::create(&out, 2048).unwrap());
+            let csv = Box::new(
+                CsvWriter::create(
+                    &out,
+                    &crate::output::FileInfo {
+                        dim: 2048,
+                        ..Default::default()
+                    },
+                )
+                .unwrap(),
+            );
             let mut progress = Progress::new(tiles.len(), true);
             let r = crate::error::catch_panic(|| {
                 pipeline(

@@ -10,16 +10,21 @@ use anyhow::Result;
 
 use super::run::{pipeline_on, PipelineState};
 use super::shared::{Session, SetupTimes, Shared};
+use super::writer::RowNames;
 use super::{ExtractConfig, Failure};
 use crate::cache::{CacheCounters, Fingerprint};
 use crate::cpu::CpuInfo;
 use crate::device::device_name;
-use crate::encoder::resnet::feature_dim;
+use crate::error::{fail, ExitKind};
 use crate::input;
+use crate::input::coords::{self, Coords};
 use crate::output::provenance::{
-    CacheInfo, Counts, FingerprintInfo, Provenance, Settings, WeightsInfo, RANDOM_WEIGHTS_WARNING,
+    CacheInfo, CoordsProvenance, Counts, FingerprintInfo, ModelProvenance, Provenance, Settings,
+    WeightsInfo, RANDOM_WEIGHTS_WARNING,
 };
-use crate::output::{create_features, provenance_path, rejected_path, OutputLock};
+use crate::output::{
+    create_features, provenance_path, rejected_path, CoordsInfo, FileInfo, Format, OutputLock,
+};
 use crate::progress::Progress;
 
 /// Summary of a finished run.
@@ -47,16 +52,19 @@ pub(crate) fn extract_sample(
         }
     }
     let tiles = listing.tiles;
+    let coords = sample_coords(cfg, &tiles)?;
     let weights_id = shared.weights(cfg).map_err(Failure::Shared)?.id.clone();
     let fingerprint = cfg.fingerprint(&weights_id);
     if cfg.dry_run {
         writeln!(
             out,
-            "dry run: sample {} — {} tiles in {} -> {}; device {}, precision {}, batch {}, {} torch + {} decode threads; weights {} (sha256 {}); fingerprint {}",
+            "dry run: sample {} — {} tiles in {} -> {} ({}, coordinates: {}); device {}, precision {}, batch {}, {} torch + {} decode threads; weights {} (sha256 {}); fingerprint {}",
             cfg.sample,
             tiles.len(),
             cfg.tile_dir.display(),
             cfg.output.display(),
+            cfg.format.as_str(),
+            coords.found.as_ref().map_or("none", |c| c.convention.as_str()),
             device_name(cfg.device),
             cfg.precision,
             cfg.batch_size,
@@ -72,8 +80,16 @@ pub(crate) fn extract_sample(
     // Fail early, before any compute, if the outputs cannot be written; one run at a time
     // per output, until its provenance is written.
     let _lock = OutputLock::acquire(&cfg.output)?;
-    let dim = feature_dim(cfg.layer);
-    let file = create_features(&cfg.output, dim)?;
+    check_side_files_free(&cfg.output)?;
+    let dim = shared.feature_dim(cfg);
+    let model = model_provenance(cfg, shared);
+    let in_file = coords.in_file(cfg);
+    let info = FileInfo {
+        dim,
+        coords: in_file.map(|c| CoordsInfo::of(c, cfg.patch_size_level0)),
+        attrs: file_attrs(cfg, &fingerprint),
+    };
+    let file = create_features(&cfg.output, cfg.format, &info)?;
 
     shared.session(cfg, &fingerprint).map_err(Failure::Shared)?;
     let setup = std::mem::take(&mut shared.setup);
@@ -83,10 +99,14 @@ pub(crate) fn extract_sample(
 
     let mut progress = Progress::new(tiles.len(), cfg.quiet);
     let pipeline_start = Instant::now();
+    let names = RowNames {
+        tiles: &tiles,
+        xy: in_file.map(|c| c.xy.as_slice()),
+    };
     let mut state = pipeline_on(
         cfg,
         &*source,
-        &tiles,
+        names,
         &session.runner,
         &session.workers,
         cache,
@@ -113,6 +133,7 @@ pub(crate) fn extract_sample(
         start,
         command,
         dim,
+        (coords.provenance(cfg, in_file.is_some()), model),
     )
     .inspect_err(|_| {
         let _ = std::fs::remove_file(&cfg.output);
@@ -135,6 +156,7 @@ fn finish_sample(
     start: Instant,
     command: Vec<String>,
     dim: usize,
+    (coords, model): (Option<CoordsProvenance>, Option<ModelProvenance>),
 ) -> Result<Summary> {
     let cache = session.cache.as_ref();
     // What this sample stored is on disk before its provenance says so.
@@ -183,6 +205,9 @@ fn finish_sample(
             .display()
             .to_string(),
         output: cfg.output.display().to_string(),
+        model,
+        format: Some(cfg.format.as_str().to_string()),
+        coords,
         output_sha256: Some(state.committed.sha256.clone()),
         output_bytes: Some(state.committed.bytes),
         cpu: (cfg.device == tch::Device::Cpu).then(CpuInfo::detect),
@@ -192,6 +217,7 @@ fn finish_sample(
             layer: cfg.layer,
             pool: cfg.pool,
             normalize: cfg.normalize,
+            mean_std: cfg.mean_std.custom.then(|| cfg.mean_std.describe()),
             size: cfg.size,
             precision: cfg.precision,
             batch_size: cfg.batch_size,
@@ -244,6 +270,174 @@ fn finish_sample(
     )?;
     // The CSV was committed by the writer; all three files are now in place.
     Ok(Summary { provenance })
+}
+
+/// A sample's tile coordinates, or why it has none.
+struct SampleCoords {
+    found: Option<Coords>,
+    missing: Option<String>,
+}
+
+impl SampleCoords {
+    /// The coordinates the feature file holds: HDF5 and Parquet whenever the names give them,
+    /// the CSV only when `--coords` was given (its default columns stay the tutorial's).
+    fn in_file(&self, cfg: &ExtractConfig) -> Option<&Coords> {
+        self.found
+            .as_ref()
+            .filter(|_| cfg.format != Format::Csv || cfg.coords_explicit)
+    }
+
+    fn provenance(&self, cfg: &ExtractConfig, in_file: bool) -> Option<CoordsProvenance> {
+        if cfg.coords == coords::CoordsMode::None {
+            return None;
+        }
+        Some(match &self.found {
+            Some(c) => CoordsProvenance {
+                convention: Some(c.convention.clone()),
+                origin: Some(c.origin.as_str().into()),
+                unit: Some(c.unit.as_str().into()),
+                in_output: in_file,
+                integral: c.integral,
+                patch_size_level0: cfg.patch_size_level0.or(c.patch_size_level0),
+                patch_level: c.patch_level,
+                missing: None,
+            },
+            None => CoordsProvenance {
+                convention: None,
+                origin: None,
+                unit: None,
+                in_output: false,
+                integral: false,
+                patch_size_level0: None,
+                patch_level: None,
+                missing: self.missing.clone(),
+            },
+        })
+    }
+}
+
+/// The coordinates `--coords` finds in the tile names. Given explicitly, a tile without them
+/// fails the sample; by default the sample just has none (with a warning where the format
+/// would have held them).
+fn sample_coords(cfg: &ExtractConfig, tiles: &[input::Tile]) -> Result<SampleCoords> {
+    match coords::find(&cfg.coords, tiles) {
+        Ok(found) => Ok(SampleCoords {
+            found,
+            missing: None,
+        }),
+        Err(coords::NoCoords(why)) if cfg.coords_explicit => Err(fail(
+            ExitKind::Input,
+            format!(
+                "tile folder {}: no coordinates (--coords {}): {why}",
+                cfg.tile_dir.display(),
+                cfg.coords_flag()
+            ),
+        )),
+        Err(coords::NoCoords(why)) => {
+            if cfg.format != Format::Csv && !cfg.quiet {
+                eprintln!(
+                    "tilefeat: warning: sample {}: no tile coordinates in {} ({why})",
+                    cfg.sample,
+                    cfg.output.display()
+                );
+            }
+            Ok(SampleCoords {
+                found: None,
+                missing: Some(why),
+            })
+        }
+    }
+}
+
+/// `x.csv`, `x.h5` and `x.parquet` share their side files (`x.provenance.yaml`): writing one
+/// must not take the provenance of another that is still there (it could no longer be
+/// joined or trusted).
+fn check_side_files_free(output: &std::path::Path) -> Result<()> {
+    let Ok(prov) = Provenance::read(&provenance_path(output)) else {
+        return Ok(());
+    };
+    let other = std::path::Path::new(&prov.output)
+        .file_name()
+        .map(|n| output.parent().unwrap_or(std::path::Path::new("")).join(n));
+    match other {
+        Some(other) if other.file_name() != output.file_name() && other.exists() => Err(fail(
+            ExitKind::Output,
+            format!(
+                "{} would replace {}, the provenance of {} (a feature file and its side files \
+                 share their name without the extension): write {} to another name or \
+                 folder, or remove {} first",
+                output.display(),
+                provenance_path(output).display(),
+                other.display(),
+                output.display(),
+                other.display()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `resnet50`, or `torchscript:NAME` for a `--model` (NAME from its sidecar, else the file).
+fn encoder_name(cfg: &ExtractConfig) -> String {
+    match &cfg.model {
+        None => "resnet50".into(),
+        Some(m) => {
+            let file = m.path.file_name().unwrap_or_default().to_string_lossy();
+            let name = m.sidecar.as_ref().and_then(|(_, s)| s.name.clone());
+            format!("torchscript:{}", name.unwrap_or_else(|| file.into_owned()))
+        }
+    }
+}
+
+/// The ResNet stage pooled, or `output` for a `--model`.
+fn layer_name(cfg: &ExtractConfig) -> String {
+    match cfg.model {
+        None => format!("{:?}", cfg.layer).to_lowercase(),
+        Some(_) => "output".into(),
+    }
+}
+
+/// `tutorial`, `imagenet`, or the numbers.
+fn normalize_name(cfg: &ExtractConfig) -> String {
+    if cfg.mean_std.custom {
+        cfg.mean_std.describe()
+    } else {
+        format!("{:?}", cfg.normalize).to_lowercase()
+    }
+}
+
+/// What the provenance says of a `--model`.
+fn model_provenance(cfg: &ExtractConfig, shared: &Shared) -> Option<ModelProvenance> {
+    let (m, script) = (cfg.model.as_ref()?, shared.script.as_ref()?);
+    Some(ModelProvenance {
+        file: m.path.display().to_string(),
+        sha256: script.sha256.clone(),
+        sidecar: m.sidecar.as_ref().map(|(p, _)| p.display().to_string()),
+        name: m.sidecar.as_ref().and_then(|(_, s)| s.name.clone()),
+        output_shape: script.output_shape.clone(),
+        pooled: script.output_shape.len() == 4,
+        mean: cfg.mean_std.mean,
+        std: cfg.mean_std.std,
+    })
+}
+
+/// What an HDF5 file records about how its features were made.
+fn file_attrs(cfg: &ExtractConfig, fingerprint: &Fingerprint) -> Vec<(String, String)> {
+    [
+        ("encoder", encoder_name(cfg)),
+        ("layer", layer_name(cfg)),
+        ("pool", format!("{:?}", cfg.pool).to_lowercase()),
+        ("normalize", normalize_name(cfg)),
+        ("size", cfg.size.to_string()),
+        ("precision", cfg.precision.to_string()),
+        ("fingerprint", hex::encode(fingerprint.id())),
+        ("weights_sha256", fingerprint.weights_sha256.clone()),
+        ("tilefeat_version", env!("CARGO_PKG_VERSION").to_string()),
+        ("sample", cfg.sample.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
 
 fn round3(x: f64) -> f64 {

@@ -12,8 +12,9 @@ use super::ExtractConfig;
 use crate::cache::{Cache, Fingerprint};
 use crate::device::{configure_cuda, CudaSetup};
 use crate::encoder::resnet::{ResNetTrunk, RunOptions};
+use crate::encoder::script::ScriptModel;
 use crate::encoder::weights::Weights;
-use crate::encoder::NativeResNet;
+use crate::encoder::{AnyEncoder, NativeResNet, ScriptEncoder};
 use crate::error::{ExitKind, WithKind};
 use crate::output::provenance::RANDOM_WEIGHTS_WARNING;
 
@@ -23,6 +24,8 @@ use crate::output::provenance::RANDOM_WEIGHTS_WARNING;
 #[derive(Default)]
 pub(crate) struct Shared {
     pub(crate) weights: Option<Weights>,
+    /// `--model`'s TorchScript file, read and checked with the weights' step.
+    pub(crate) script: Option<ScriptModel>,
     pub(crate) session: Option<Session>,
     /// Seconds the set-up took (`setup_*` of [`Timings`]), until a sample reports them.
     pub(crate) setup: SetupTimes,
@@ -36,7 +39,7 @@ pub(crate) struct SetupTimes {
 }
 
 pub(crate) struct Session {
-    pub(crate) runner: NativeResNet,
+    pub(crate) runner: AnyEncoder,
     /// Started with the model, shared by the samples (see [`ModelWorkers`]).
     pub(crate) workers: ModelWorkers,
     pub(crate) cuda: Option<CudaSetup>,
@@ -51,10 +54,42 @@ impl Shared {
                 eprintln!("tilefeat: WARNING: {RANDOM_WEIGHTS_WARNING}");
             }
             let t = Instant::now();
-            self.weights = Some(Weights::load(&cfg.weights, cfg.layer).kind(ExitKind::Weights)?);
+            self.weights = Some(match &cfg.model {
+                Some(m) => {
+                    let script = ScriptModel::load(&m.path, cfg.size)?;
+                    if let Some((p, sc)) = &m.sidecar {
+                        if sc.output_dim.is_some_and(|d| d != script.dim) && !cfg.quiet {
+                            eprintln!(
+                                "tilefeat: warning: {} gives {} features per tile, {} says {}",
+                                m.path.display(),
+                                script.dim,
+                                p.display(),
+                                sc.output_dim.unwrap_or_default()
+                            );
+                        }
+                    }
+                    let w = Weights {
+                        source: cfg.weights.clone(),
+                        id: script.sha256.clone(),
+                        tensors: Default::default(),
+                    };
+                    self.script = Some(script);
+                    w
+                }
+                None => Weights::load(&cfg.weights, cfg.layer).kind(ExitKind::Weights)?,
+            });
             self.setup.weights = t.elapsed().as_secs_f64();
         }
         Ok(self.weights.as_ref().expect("just loaded"))
+    }
+
+    /// Features per tile: the TorchScript model's output (after the weights' step), or the
+    /// ResNet stage's channels.
+    pub(crate) fn feature_dim(&self, cfg: &ExtractConfig) -> usize {
+        match &self.script {
+            Some(s) => s.dim,
+            None => crate::encoder::resnet::feature_dim(cfg.layer),
+        }
     }
 
     pub(crate) fn session(
@@ -68,19 +103,45 @@ impl Shared {
                     eprintln!("tilefeat: warning: {w}");
                 }
             }
-            let weights = self.weights(cfg)?;
+            self.weights(cfg)?;
             let t = Instant::now();
             let cuda = configure_cuda(cfg.device);
-            let opts = RunOptions {
-                device: cfg.device,
-                precision: cfg.precision,
-                channels_last: cfg.channels_last,
-            };
-            let model = ResNetTrunk::new(&weights.tensors, cfg.layer, cfg.pool, opts)
-                .kind(ExitKind::Weights)?;
             let pad_to = matches!(cfg.device, Device::Cuda(_)).then_some(cfg.batch_size);
             let worker_stream = cuda.as_ref().and_then(|c| c.worker_stream);
-            let runner = NativeResNet::new(model, cfg.normalize, cfg.size, pad_to, worker_stream);
+            let (mean, std) = (cfg.mean_std.mean, cfg.mean_std.std);
+            let runner = match &self.script {
+                Some(script) => AnyEncoder::Script(
+                    ScriptEncoder::new(
+                        script,
+                        cfg.device,
+                        cfg.precision,
+                        mean,
+                        std,
+                        cfg.size,
+                        cfg.pool,
+                        pad_to,
+                        worker_stream,
+                    )
+                    .kind(ExitKind::Weights)?,
+                ),
+                None => {
+                    let opts = RunOptions {
+                        device: cfg.device,
+                        precision: cfg.precision,
+                        channels_last: cfg.channels_last,
+                    };
+                    let weights = self.weights.as_ref().expect("loaded above");
+                    let model = ResNetTrunk::new(&weights.tensors, cfg.layer, cfg.pool, opts)
+                        .kind(ExitKind::Weights)?;
+                    AnyEncoder::Native(NativeResNet::new(
+                        model,
+                        (mean, std),
+                        cfg.size,
+                        pad_to,
+                        worker_stream,
+                    ))
+                }
+            };
             let t_cache = Instant::now();
             self.setup.model = (t_cache - t).as_secs_f64();
             let cache = match &cfg.cache_dir {

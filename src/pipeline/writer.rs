@@ -43,23 +43,44 @@ pub(crate) struct OutRow {
     pub(crate) hit: bool,
 }
 
+/// A sample's tiles and, when its feature file has them, their coordinates (by tile index).
+#[derive(Clone, Copy)]
+pub(crate) struct RowNames<'a> {
+    pub(crate) tiles: &'a [Tile],
+    pub(crate) xy: Option<&'a [[f64; 2]]>,
+}
+
+impl<'a> RowNames<'a> {
+    pub(crate) fn of(tiles: &'a [Tile]) -> RowNames<'a> {
+        RowNames { tiles, xy: None }
+    }
+
+    /// The feature file's rows for `rows`.
+    fn rows<'b>(&'b self, rows: &'b [OutRow]) -> Vec<FeatureRow<'b>> {
+        rows.iter()
+            .map(|r| FeatureRow {
+                tile: &self.tiles[r.idx].rel,
+                xy: self.xy.map(|xy| xy[r.idx]),
+                features: &r.features,
+            })
+            .collect()
+    }
+}
+
 /// The encoded bytes of `rows`, in order.
-pub(crate) fn format_rows(rows: &[OutRow], tiles: &[Tile], encoder: &dyn RowEncoder) -> Vec<u8> {
-    let rows: Vec<FeatureRow<'_>> = rows
-        .iter()
-        .map(|r| FeatureRow {
-            tile: &tiles[r.idx].rel,
-            features: &r.features,
-        })
-        .collect();
-    encoder.encode(&rows)
+pub(crate) fn format_rows(
+    rows: &[OutRow],
+    names: RowNames<'_>,
+    encoder: &dyn RowEncoder,
+) -> Vec<u8> {
+    encoder.encode(&names.rows(rows))
 }
 
 /// A formatting thread: encodes groups of rows, in whatever order it gets them.
 pub(crate) fn format_loop(
     rows: Receiver<WriterMsg>,
     out: Sender<Formatted>,
-    tiles: &[Tile],
+    names: RowNames<'_>,
     encoder: &dyn RowEncoder,
 ) {
     for msg in rows.iter() {
@@ -68,7 +89,7 @@ pub(crate) fn format_loop(
             WriterMsg::Rows { seq, rows } => {
                 let t = Instant::now();
                 // A bug here fails the run (in the writer) instead of leaving a hole in it.
-                let text = crate::error::catch_panic(|| format_rows(&rows, tiles, encoder));
+                let text = crate::error::catch_panic(|| format_rows(&rows, names, encoder));
                 Formatted::Text {
                     seq,
                     text,
@@ -101,6 +122,7 @@ pub(crate) fn writer_loop(
     mut file: Box<dyn FeatureWriter>,
     cache: Option<&Cache>,
     output: &Path,
+    names: RowNames<'_>,
 ) -> Result<Written> {
     let (mut busy, mut format) = (0.0, 0.0);
     let mut early: BTreeMap<u64, (Vec<u8>, Vec<OutRow>)> = BTreeMap::new();
@@ -124,7 +146,7 @@ pub(crate) fn writer_loop(
         }
         while let Some((text, rows)) = early.remove(&next) {
             let t = Instant::now();
-            file.append(&text)?;
+            file.append(&text, &names.rows(&rows))?;
             if let Some(c) = cache {
                 for r in rows.iter().filter(|r| !r.hit) {
                     c.put(&r.sha, &r.features)?;
@@ -186,7 +208,8 @@ mod tests {
             features: (0..7).map(|k| (i * 7 + k) as f32 / 3.0).collect(),
             hit: i % 2 == 0,
         };
-        let rows = format_rows(&(0..203).map(row).collect::<Vec<_>>(), &tiles, &CsvRows);
+        let names = RowNames::of(&tiles);
+        let rows = format_rows(&(0..203).map(row).collect::<Vec<_>>(), names, &CsvRows);
         let want = String::from_utf8(rows).unwrap();
         assert_eq!(want.lines().count(), 203);
         assert!(
@@ -200,7 +223,11 @@ mod tests {
         for finish in [true, false] {
             let d = tempfile::tempdir().unwrap();
             let out = d.path().join("f.csv");
-            let csv = Box::new(CsvWriter::create(&out, 7).unwrap());
+            let info = crate::output::FileInfo {
+                dim: 7,
+                ..Default::default()
+            };
+            let csv = Box::new(CsvWriter::create(&out, &info).unwrap());
             let (row_tx, row_rx) = bounded::<WriterMsg>(2);
             let (text_tx, text_rx) = bounded::<Formatted>(2);
             // As the model stage does: a credit per group sent, at most 3 groups not written.
@@ -211,10 +238,11 @@ mod tests {
             let written = std::thread::scope(|scope| {
                 for _ in 0..3 {
                     let (row_rx, text_tx) = (row_rx.clone(), text_tx.clone());
-                    scope.spawn(|| format_loop(row_rx, text_tx, &tiles, &CsvRows));
+                    scope.spawn(|| format_loop(row_rx, text_tx, names, &CsvRows));
                 }
                 drop((row_rx, text_tx));
-                let writer = scope.spawn(|| writer_loop(text_rx, credit_tx, csv, None, &out));
+                let writer =
+                    scope.spawn(|| writer_loop(text_rx, credit_tx, csv, None, &out, names));
                 let mut first = 0;
                 for (seq, n) in sizes.iter().enumerate() {
                     credits.recv().unwrap();

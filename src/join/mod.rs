@@ -1,35 +1,65 @@
-//! `tilefeat join`: many per-sample CSVs into one cohort CSV, streaming, one input open at a
-//! time, whatever the cohort size.
+//! `tilefeat join`: many per-sample feature files (CSV, HDF5 or Parquet, mixed as they
+//! come) into one cohort file (CSV or Parquet), streaming, one input open at a time, whatever
+//! the cohort size.
 //!
-//! Before a single row is written, every input's provenance (beside its CSV) is read and
+//! Before a single row is written, every input's provenance (beside it) is read and
 //! compared: the feature fingerprint (weights, layer, pooling, normalization, size,
 //! precision, preprocessing) and dimension must agree, and sample IDs must be unique. Each
-//! CSV's header must be `tile,0..D-1`, every row must have D+1 fields and end in a newline,
-//! and the row count must equal the provenance's, so a truncated file is caught. Rows are
-//! copied as bytes (no float re-formatting) with the sample prepended; `--aggregate
-//! mean|max` instead emits one row per sample. The output appears only when complete.
+//! input's layout is checked by its [`read`]er (a CSV's header and field counts, an HDF5's
+//! datasets, a Parquet's columns), its row count must equal the provenance's and its SHA-256
+//! the one recorded, so a truncated, edited or foreign file is caught. The [`cohort`] file
+//! gets `sample,tile,[x,y,]0..D-1` (CSV values copied as bytes, no float re-formatting), or
+//! with `--aggregate mean|max` one row per sample; it appears only when complete.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+pub mod cohort;
+pub mod read;
+
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::cli::{Aggregate, JoinArgs};
 use crate::error::{fail, ExitKind, WithKind};
 use crate::output::provenance::{FingerprintInfo, Provenance, RANDOM_WEIGHTS_WARNING};
-use crate::output::{csv_header, provenance_path, push_csv_field, push_features, AtomicFile};
+use crate::output::{provenance_path, Format};
+use read::{input_err, Expect, FeatureReader};
 
 struct Input {
-    csv: PathBuf,
+    path: PathBuf,
+    format: Format,
     prov: Provenance,
+}
+
+impl Input {
+    /// Whether the file holds coordinates, and (HDF5) what turns its top-left corners back
+    /// into the names' x,y.
+    fn xy(&self) -> Option<i64> {
+        let c = self.prov.coords.as_ref().filter(|c| c.in_output)?;
+        let centre = c.origin.as_deref() == Some("centre") && self.format == Format::H5;
+        Some(if centre {
+            c.patch_size_level0.map_or(0, |s| (s / 2) as i64)
+        } else {
+            0
+        })
+    }
+
+    fn open(&self, dim: usize) -> Result<Box<dyn FeatureReader>> {
+        let expect = Expect { dim, xy: self.xy() };
+        Ok(match self.format {
+            Format::Csv => Box::new(read::CsvReader::open(&self.path, &expect)?),
+            Format::H5 => Box::new(read::H5Reader::open(&self.path, &expect)?),
+            Format::Parquet => Box::new(read::ParquetReader::open(&self.path, &expect)?),
+        })
+    }
 }
 
 #[derive(Serialize)]
 struct JoinedInput {
-    csv: String,
+    #[serde(rename = "csv")]
+    path: String,
+    format: String,
     sample: String,
     tiles: usize,
 }
@@ -41,15 +71,13 @@ struct JoinProvenance {
     tilefeat_version: String,
     created: String,
     aggregate: String,
+    format: String,
+    coordinates: bool,
     feature_dim: usize,
     fingerprint: FingerprintInfo,
     samples: usize,
     rows: usize,
     inputs: Vec<JoinedInput>,
-}
-
-fn input_err(path: &Path, msg: impl std::fmt::Display) -> anyhow::Error {
-    fail(ExitKind::Input, format!("{}: {msg}", path.display()))
 }
 
 /// Collect input paths from the arguments and `--from-list`.
@@ -82,72 +110,47 @@ fn input_paths(a: &JoinArgs) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-/// Whether `record` starts with a quoted field that is not closed yet (a tile name with a
-/// newline in it, which `extract` writes quoted, continues on the next line).
-fn first_field_open(record: &str) -> bool {
-    let Some(rest) = record.strip_prefix('"') else {
-        return false;
+/// The format of an input, from its provenance (older ones, without the field: CSV), which
+/// its extension must not contradict.
+fn input_format(path: &Path, prov: &Provenance) -> Result<Format> {
+    let recorded = match prov.format.as_deref() {
+        None | Some("csv") => Format::Csv,
+        Some("h5") => Format::H5,
+        Some("parquet") => Format::Parquet,
+        Some(other) => {
+            return Err(input_err(
+                path,
+                format!("its provenance records an unknown format {other:?}"),
+            ))
+        }
     };
-    // Inside the quotes a quote is doubled; the first single one closes the field.
-    let mut quotes = rest.bytes().peekable();
-    while let Some(b) = quotes.next() {
-        if b == b'"' {
-            if quotes.peek() == Some(&b'"') {
-                quotes.next();
-            } else {
-                return false;
-            }
-        }
-    }
-    true
-}
-
-/// Read one CSV record (one line, or more where a quoted tile name holds newlines) into
-/// `record`, hashing what was read; returns the bytes read (0 at the end).
-fn read_record(
-    r: &mut impl BufRead,
-    record: &mut String,
-    sha: &mut Sha256,
-) -> std::io::Result<usize> {
-    record.clear();
-    let mut n = r.read_line(record)?;
-    while n > 0 && record.ends_with('\n') && first_field_open(record) {
-        let more = r.read_line(record)?;
-        if more == 0 {
-            break;
-        }
-        n += more;
-    }
-    sha.update(record.as_bytes());
-    Ok(n)
-}
-
-/// Split one CSV line into its first field (unquoted) and the rest (starting at the comma).
-fn split_first_field(line: &str) -> Option<(String, &str)> {
-    if let Some(rest) = line.strip_prefix('"') {
-        let mut field = String::new();
-        let mut chars = rest.char_indices().peekable();
-        while let Some((i, c)) = chars.next() {
-            if c == '"' {
-                if let Some((_, '"')) = chars.peek() {
-                    field.push('"');
-                    chars.next();
-                } else {
-                    return Some((field, &rest[i + 1..]));
-                }
-            } else {
-                field.push(c);
-            }
-        }
-        None
-    } else {
-        let i = line.find(',')?;
-        Some((line[..i].to_string(), &line[i..]))
+    match Format::from_path(path) {
+        Some(named) if named != recorded => Err(input_err(
+            path,
+            format!(
+                "named as a {} file but its provenance records {}",
+                named.as_str(),
+                recorded.as_str()
+            ),
+        )),
+        _ => Ok(recorded),
     }
 }
 
 pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
     let paths = input_paths(a)?;
+    if !matches!(
+        Format::from_path(&a.output),
+        Some(Format::Csv | Format::Parquet)
+    ) {
+        return Err(fail(
+            ExitKind::Usage,
+            format!(
+                "--output {}: a cohort file is .csv or .parquet",
+                a.output.display()
+            ),
+        ));
+    }
     // Pass 1: provenance only.
     let mut inputs = Vec::with_capacity(paths.len());
     let mut samples = std::collections::HashMap::new();
@@ -178,7 +181,8 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
             ));
         }
         inputs.push(Input {
-            csv: p.clone(),
+            path: p.clone(),
+            format: input_format(p, &prov)?,
             prov,
         });
     }
@@ -188,10 +192,10 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
         if i.prov.fingerprint.fields != first.prov.fingerprint.fields || i.prov.feature_dim != dim {
             let (a, b) = (&first.prov.fingerprint.fields, &i.prov.fingerprint.fields);
             return Err(input_err(
-                &i.csv,
+                &i.path,
                 format!(
                     "features are not comparable with {}: fingerprint {} vs {} (weights {} vs {}, layer {:?} vs {:?}, pool {:?} vs {:?}, normalize {:?} vs {:?}, size {} vs {}, precision {:?} vs {:?}, layout {} vs {})",
-                    first.csv.display(),
+                    first.path.display(),
                     &i.prov.fingerprint.id[..12],
                     &first.prov.fingerprint.id[..12],
                     b.weights_sha256, a.weights_sha256, b.layer, a.layer, b.pool, a.pool,
@@ -205,107 +209,66 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
     if untrained && !a.quiet {
         eprintln!("tilefeat: WARNING: {RANDOM_WEIGHTS_WARNING}");
     }
+    // Coordinates in the cohort when every input has them.
+    let aggregate = a.aggregate != Aggregate::None;
+    let with_xy = inputs.iter().filter(|i| i.xy().is_some()).count();
+    let xy = (with_xy == inputs.len() && !aggregate).then(|| {
+        inputs
+            .iter()
+            .all(|i| i.prov.coords.as_ref().is_some_and(|c| c.integral))
+    });
+    if with_xy > 0 && with_xy < inputs.len() && !aggregate && !a.quiet {
+        let without = inputs.iter().find(|i| i.xy().is_none()).expect("one lacks");
+        eprintln!(
+            "tilefeat: warning: {} has no tile coordinates (but {with_xy} of {} inputs have):              the cohort file has none",
+            without.path.display(),
+            inputs.len()
+        );
+    }
 
     // Pass 2: stream.
-    let mut file = AtomicFile::create(&a.output)?;
-    let header = match a.aggregate {
-        Aggregate::None => csv_header(&["sample", "tile"], dim),
-        _ => csv_header(&["sample", "n_tiles"], dim),
-    };
-    let werr = |e: std::io::Error| {
-        fail(
-            ExitKind::Output,
-            format!("cannot write {}: {e}", a.output.display()),
-        )
-    };
-    file.writer().write_all(header.as_bytes()).map_err(werr)?;
-    let expected_header = csv_header(&["tile"], dim);
+    let layout = cohort::Layout { dim, aggregate, xy };
+    let mut cohort = cohort::create(&a.output, &layout)?;
     let mut total_rows = 0usize;
     let mut joined = Vec::new();
-    let mut line = String::new();
-    let mut out_line = String::new();
+    let mut floats = Vec::with_capacity(dim);
     for inp in &inputs {
-        let f =
-            File::open(&inp.csv).map_err(|e| input_err(&inp.csv, format!("cannot open: {e}")))?;
-        let mut r = BufReader::with_capacity(1 << 20, f);
-        let mut sha = Sha256::new();
-        let mut bytes =
-            read_record(&mut r, &mut line, &mut sha).map_err(|e| input_err(&inp.csv, e))?;
-        if line != expected_header {
-            return Err(input_err(
-                &inp.csv,
-                format!(
-                    "header is not `tile,0,...,{}` (a tilefeat CSV with {dim} features)",
-                    dim - 1
-                ),
-            ));
-        }
-        let mut sample_field = String::new();
-        push_csv_field(&mut sample_field, &inp.prov.sample);
+        let mut reader = inp.open(dim)?;
+        let sample = inp.prov.sample.as_str();
         let mut sum = vec![0f64; dim];
         let mut max = vec![f32::NEG_INFINITY; dim];
         let mut rows = 0usize;
-        loop {
-            let n = read_record(&mut r, &mut line, &mut sha).map_err(|e| input_err(&inp.csv, e))?;
-            if n == 0 {
-                break;
+        while let Some(mut row) = reader.next_row()? {
+            rows += 1;
+            if xy.is_none() {
+                row.xy = None;
             }
-            bytes += n;
-            let row = rows + 2;
-            if !line.ends_with('\n') {
-                return Err(input_err(
-                    &inp.csv,
-                    format!("line {row} is truncated (no newline at end of file)"),
-                ));
-            }
-            let body = line.trim_end_matches(['\n', '\r']);
-            let (_tile, rest) = split_first_field(body)
-                .ok_or_else(|| input_err(&inp.csv, format!("line {row} is malformed")))?;
-            let fields = rest.bytes().filter(|&b| b == b',').count();
-            if fields != dim {
-                return Err(input_err(
-                    &inp.csv,
-                    format!("line {row} has {} features, expected {dim}", fields),
-                ));
-            }
+            let text_only =
+                matches!(row.values, read::Values::Text(_)) && !aggregate && !cohort.needs_floats();
+            let v: &[f32] = if text_only {
+                &[]
+            } else {
+                row.values.floats(&mut floats, &inp.path, rows)?
+            };
             match a.aggregate {
-                Aggregate::None => {
-                    out_line.clear();
-                    out_line.push_str(&sample_field);
-                    out_line.push(',');
-                    out_line.push_str(body);
-                    out_line.push('\n');
-                    file.writer().write_all(out_line.as_bytes()).map_err(werr)?;
+                Aggregate::None => cohort.row(sample, &row, v)?,
+                Aggregate::Mean => {
+                    for (s, &x) in sum.iter_mut().zip(v) {
+                        *s += x as f64;
+                    }
                 }
-                agg => {
-                    // One pass over the bytes: parse a number, expect a comma, repeat.
-                    // fast-float2 gives the same result as str::parse, several times faster.
-                    let bytes = &rest.as_bytes()[1..];
-                    let mut pos = 0;
-                    for k in 0..dim {
-                        let (x, n) = fast_float2::parse_partial::<f32, _>(&bytes[pos..])
-                            .ok()
-                            .filter(|&(_, n)| matches!(bytes.get(pos + n), Some(b',') | None))
-                            .ok_or_else(|| {
-                                input_err(
-                                    &inp.csv,
-                                    format!("line {row}: feature {k} is not a number"),
-                                )
-                            })?;
-                        pos += n + 1;
-                        if agg == Aggregate::Mean {
-                            sum[k] += x as f64;
-                        } else if x > max[k] || x.is_nan() {
-                            max[k] = x;
+                Aggregate::Max => {
+                    for (m, &x) in max.iter_mut().zip(v) {
+                        if x > *m || x.is_nan() {
+                            *m = x;
                         }
                     }
                 }
             }
-            rows += 1;
         }
         if rows != inp.prov.tiles.written {
             return Err(input_err(
-                &inp.csv,
+                &inp.path,
                 format!(
                     "has {rows} rows but its provenance records {} (truncated or edited?)",
                     inp.prov.tiles.written
@@ -314,49 +277,48 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
         }
         // The provenance of the run that wrote these bytes, not of another run on the same
         // output (older provenance files have no hash: their pairing is not checked).
-        let sha = hex::encode(sha.finalize());
+        let (sha, bytes) = reader.finish()?;
         if let Some(want) = &inp.prov.output_sha256 {
-            if *want != sha || inp.prov.output_bytes.is_some_and(|b| b != bytes as u64) {
+            if *want != sha || inp.prov.output_bytes.is_some_and(|b| b != bytes) {
                 return Err(input_err(
-                    &inp.csv,
+                    &inp.path,
                     format!(
-                        "its SHA-256 is {sha} but its provenance records {want}: the CSV and the \
-                         provenance beside it come from different runs (or the CSV was edited)"
+                        "its SHA-256 is {sha} but its provenance records {want}: the feature \
+                         file and the provenance beside it come from different runs (or the \
+                         file was edited)"
                     ),
                 ));
             }
         }
-        if a.aggregate != Aggregate::None {
+        if aggregate {
             if rows == 0 {
-                return Err(input_err(&inp.csv, "has no tiles to aggregate"));
+                return Err(input_err(&inp.path, "has no tiles to aggregate"));
             }
             let v: Vec<f32> = match a.aggregate {
                 Aggregate::Mean => sum.iter().map(|s| (s / rows as f64) as f32).collect(),
                 _ => max,
             };
-            out_line.clear();
-            out_line.push_str(&sample_field);
-            out_line.push_str(&format!(",{rows}"));
-            push_features(&mut out_line, &v);
-            file.writer().write_all(out_line.as_bytes()).map_err(werr)?;
+            cohort.aggregate(sample, rows, &v)?;
         }
-        total_rows += if a.aggregate == Aggregate::None {
-            rows
-        } else {
-            1
-        };
+        total_rows += if aggregate { 1 } else { rows };
         joined.push(JoinedInput {
-            csv: inp.csv.display().to_string(),
-            sample: inp.prov.sample.clone(),
+            path: inp.path.display().to_string(),
+            format: inp.format.as_str().into(),
+            sample: sample.to_string(),
             tiles: rows,
         });
     }
-    file.commit()?;
+    cohort.commit()?;
     let prov = JoinProvenance {
         warning: untrained.then(|| RANDOM_WEIGHTS_WARNING.to_string()),
         tilefeat_version: env!("CARGO_PKG_VERSION").into(),
         created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         aggregate: format!("{:?}", a.aggregate).to_lowercase(),
+        format: Format::from_path(&a.output)
+            .expect("checked above")
+            .as_str()
+            .into(),
+        coordinates: xy.is_some(),
         feature_dim: dim,
         fingerprint: first.prov.fingerprint.clone(),
         samples: inputs.len(),
@@ -382,7 +344,8 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::read::{first_field_open, read_record, split_first_field};
+    use sha2::{Digest, Sha256};
 
     #[test]
     fn first_field() {

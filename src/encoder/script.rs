@@ -1,0 +1,366 @@
+//! Any TorchScript image model as an [`Encoder`] (`extract --model FILE.pt`): pathology
+//! foundation models (ViTs), pathology-pretrained ResNets, whatever a user can export with
+//! `torch.jit.trace`/`script` (see `scripts/export_encoder.py`).
+//!
+//! The module gets float32 NCHW batches preprocessed exactly as the native ResNet's (same
+//! decoding, resizing, `x / 255`, `(x - mean) / std` on the device), cast to `--precision`
+//! with the module. Its output (N, D) is used as is; (N, C, H, W) is pooled (`--pool`); any
+//! other shape, or a NaN, is an error naming the model file. [`ScriptModel::load`] reads the
+//! file once, checks it is TorchScript and learns D from one forward pass on a blank tile
+//! (before any output is created); each model worker loads its own module instance from the
+//! same bytes. On the CPU every tile goes through the module alone, as for the native model,
+//! so its features never depend on the batch size.
+//!
+//! An optional sidecar `FILE.json` ([`Sidecar`]), written by the export script, sets the
+//! preprocessing the model was trained with.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::{CModule, Device, Kind, Tensor};
+
+use super::{Encoder, PixelBuf};
+use crate::cli::{Pool, Precision};
+use crate::error::{fail, ExitKind};
+
+/// What `scripts/export_encoder.py` writes beside the module: how to preprocess its input.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Sidecar {
+    pub tilefeat_encoder: u32,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub source: Option<String>,
+    pub size: u32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    #[serde(default)]
+    pub output: Option<String>,
+    #[serde(default)]
+    pub output_dim: Option<usize>,
+    #[serde(default)]
+    pub weights_sha256: Option<String>,
+}
+
+/// `model.pt` -> `model.json`.
+pub fn sidecar_path(model: &Path) -> PathBuf {
+    model.with_extension("json")
+}
+
+impl Sidecar {
+    /// The sidecar beside `model`, if there is one; a malformed one is an error naming it.
+    pub fn find(model: &Path) -> Result<Option<(PathBuf, Sidecar)>> {
+        let p = sidecar_path(model);
+        if !p.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&p).map_err(|e| {
+            fail(
+                ExitKind::Weights,
+                format!("cannot read {}: {e}", p.display()),
+            )
+        })?;
+        let s: Sidecar = serde_json::from_str(&text).map_err(|e| {
+            fail(
+                ExitKind::Weights,
+                format!(
+                    "{} (the sidecar of {}) is not a tilefeat encoder description: {e}",
+                    p.display(),
+                    model.display()
+                ),
+            )
+        })?;
+        if s.tilefeat_encoder != 1 {
+            return Err(fail(
+                ExitKind::Weights,
+                format!(
+                    "{}: tilefeat_encoder {} is not a version this tilefeat reads (1)",
+                    p.display(),
+                    s.tilefeat_encoder
+                ),
+            ));
+        }
+        if s.std.iter().any(|&v| v <= 0.0 || !v.is_finite())
+            || s.mean.iter().any(|v| !v.is_finite())
+        {
+            return Err(fail(
+                ExitKind::Weights,
+                format!("{}: std must be positive and mean finite", p.display()),
+            ));
+        }
+        Ok(Some((p, s)))
+    }
+}
+
+/// A TorchScript model file, read and checked once per command.
+pub struct ScriptModel {
+    pub path: PathBuf,
+    bytes: Arc<Vec<u8>>,
+    pub sha256: String,
+    /// The feature dimension, from a forward pass on a blank tile.
+    pub dim: usize,
+    /// The module's raw output shape for one tile, e.g. `[1, 768]` or `[1, 2048, 7, 7]`.
+    pub output_shape: Vec<i64>,
+}
+
+fn model_err(path: &Path, msg: impl std::fmt::Display) -> anyhow::Error {
+    fail(
+        ExitKind::Weights,
+        format!("model {}: {msg}", path.display()),
+    )
+}
+
+/// The first lines of a libtorch error (TorchScript's tracebacks run for pages).
+fn short(e: &tch::TchError) -> String {
+    let text = e.to_string();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Exception raised from") && !l.starts_with("frame #"))
+        .filter(|l| !l.is_empty())
+        .take(8)
+        .collect();
+    lines.join(" | ")
+}
+
+impl ScriptModel {
+    /// Read `path`, load it as TorchScript on the CPU and run it once on a blank `size`
+    /// tile to learn its output: (N, D), or (N, C, H, W) to be pooled.
+    pub fn load(path: &Path, size: u32) -> Result<ScriptModel> {
+        let bytes =
+            std::fs::read(path).map_err(|e| model_err(path, format!("cannot read: {e}")))?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let module = load_module(path, &bytes, Device::Cpu, Kind::Float)?;
+        let _guard = tch::no_grad_guard();
+        let blank = Tensor::zeros([1, 3, size as i64, size as i64], (Kind::Float, Device::Cpu));
+        let out = module.forward_ts(&[blank]).map_err(|e| {
+            model_err(
+                path,
+                format!(
+                    "does not take a float32 (N, 3, {size}, {size}) batch and return one tensor: {}",
+                    short(&e)
+                ),
+            )
+        })?;
+        let output_shape = out.size();
+        if out.isnan().any().int64_value(&[]) != 0 {
+            return Err(model_err(path, "output holds NaN for a blank tile"));
+        }
+        let dim = match output_shape.as_slice() {
+            [1, d] | [1, d, _, _] if *d > 0 => *d as usize,
+            other => {
+                return Err(model_err(
+                    path,
+                    format!(
+                        "output has shape {other:?} for one tile; expected (N, D), or \
+                         (N, C, H, W) to be pooled with --pool (a ViT's tokens (N, T, D) need \
+                         a wrapper that picks the class token or pools them: see \
+                         scripts/export_encoder.py)"
+                    ),
+                ))
+            }
+        };
+        Ok(ScriptModel {
+            path: path.to_path_buf(),
+            bytes: Arc::new(bytes),
+            sha256,
+            dim,
+            output_shape,
+        })
+    }
+}
+
+fn load_module(path: &Path, bytes: &[u8], device: Device, kind: Kind) -> Result<CModule> {
+    let mut module = CModule::load_data_on_device(&mut std::io::Cursor::new(bytes), device)
+        .map_err(|e| {
+            model_err(
+                path,
+                format!(
+                    "is not a TorchScript module (save one with torch.jit.trace or \
+                     torch.jit.script, then torch.jit.save; a state dict is not one): {}",
+                    short(&e)
+                ),
+            )
+        })?;
+    module.set_eval();
+    if kind != Kind::Float {
+        module.to(device, kind, false);
+    }
+    Ok(module)
+}
+
+/// A TorchScript model on a model worker's device.
+pub(crate) struct ScriptEncoder {
+    model: Arc<ScriptModelShared>,
+    module: CModule,
+}
+
+struct ScriptModelShared {
+    path: PathBuf,
+    bytes: Arc<Vec<u8>>,
+    device: Device,
+    kind: Kind,
+    mean: Tensor,
+    std: Tensor,
+    size: i64,
+    pool: Pool,
+    dim: usize,
+    pad_to: Option<usize>,
+    worker_stream: Option<usize>,
+}
+
+// The tensors are read only (mean, std), as the native model's are.
+unsafe impl Sync for ScriptModelShared {}
+unsafe impl Send for ScriptModelShared {}
+
+impl ScriptEncoder {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        model: &ScriptModel,
+        device: Device,
+        precision: Precision,
+        mean: [f32; 3],
+        std: [f32; 3],
+        size: u32,
+        pool: Pool,
+        pad_to: Option<usize>,
+        worker_stream: Option<usize>,
+    ) -> Result<ScriptEncoder> {
+        let kind = match precision {
+            Precision::Fp32 => Kind::Float,
+            Precision::Bf16 => Kind::BFloat16,
+            Precision::Fp16 => Kind::Half,
+        };
+        let shared = ScriptModelShared {
+            path: model.path.clone(),
+            bytes: model.bytes.clone(),
+            device,
+            kind,
+            mean: Tensor::from_slice(&mean)
+                .view([1, 3, 1, 1])
+                .to_device(device),
+            std: Tensor::from_slice(&std)
+                .view([1, 3, 1, 1])
+                .to_device(device),
+            size: size as i64,
+            pool,
+            dim: model.dim,
+            pad_to,
+            worker_stream,
+        };
+        let module = load_module(&model.path, &model.bytes, device, kind)?;
+        Ok(ScriptEncoder {
+            model: Arc::new(shared),
+            module,
+        })
+    }
+
+    /// u8 NHWC on the device -> features (N, D) in f32.
+    fn forward_u8(&self, input: &Tensor) -> Result<Tensor> {
+        let m = &self.model;
+        let x = input.permute([0, 3, 1, 2]).to_kind(Kind::Float);
+        let x = (((x / 255.0) - &m.mean) / &m.std).contiguous();
+        let out = self
+            .module
+            .forward_ts(&[x.to_kind(m.kind)])
+            .map_err(|e| model_err(&m.path, format!("forward pass failed: {}", short(&e))))?;
+        let out = match out.size().as_slice() {
+            [_, _] => out,
+            [_, _, _, _] => match m.pool {
+                Pool::Max => out.amax([2, 3], false),
+                Pool::Avg => out.mean_dim([2i64, 3].as_slice(), false, out.kind()),
+            },
+            other => {
+                return Err(model_err(
+                    &m.path,
+                    format!("output has shape {other:?}; expected (N, D) or (N, C, H, W)"),
+                ))
+            }
+        };
+        Ok(out.to_kind(Kind::Float))
+    }
+}
+
+impl Encoder for ScriptEncoder {
+    /// Another worker's own module instance, from the same bytes.
+    fn fork(&self) -> ScriptEncoder {
+        let m = &self.model;
+        let module = load_module(&m.path, &m.bytes, m.device, m.kind)
+            .expect("the module loaded once already");
+        ScriptEncoder {
+            model: self.model.clone(),
+            module,
+        }
+    }
+
+    fn buffer(&self, tiles: usize) -> PixelBuf {
+        let m = &self.model;
+        let rows = m.pad_to.map_or(tiles, |p| p.max(tiles));
+        PixelBuf::tensor(rows, m.size as usize, m.device).0
+    }
+
+    fn start_worker(&self) -> Result<()> {
+        match self.model.worker_stream {
+            Some(i) => crate::device::use_worker_stream(i).map_err(anyhow::Error::msg),
+            None => Ok(()),
+        }
+    }
+
+    fn run(&self, pixels: &mut PixelBuf, n: usize) -> Result<Vec<f32>> {
+        let _guard = tch::no_grad_guard();
+        let m = &self.model;
+        let row_bytes = (m.size * m.size * 3) as usize;
+        anyhow::ensure!(
+            pixels.len() == n * row_bytes,
+            "batch of {n} tiles holds {} bytes, not {}",
+            pixels.len(),
+            n * row_bytes
+        );
+        let rows = m.pad_to.map_or(n, |p| p.max(n));
+        pixels.pad_to(rows * row_bytes);
+        let (staged, pinned) = pixels
+            .rows(rows)
+            .context("internal error: a batch buffer that is not the model's")?;
+        let input = match m.device {
+            Device::Cpu => staged,
+            d => staged.to_device_(d, Kind::Uint8, pinned, false),
+        };
+        let out = match m.device {
+            // One tile per call on the CPU: rows never depend on the batch (see native.rs).
+            Device::Cpu => Tensor::cat(
+                &(0..n as i64)
+                    .map(|i| self.forward_u8(&input.narrow(0, i, 1)))
+                    .collect::<Result<Vec<_>>>()?,
+                0,
+            ),
+            _ => self.forward_u8(&input)?.narrow(0, 0, n as i64),
+        }
+        .to_device(Device::Cpu);
+        let size = out.size();
+        if size != [n as i64, m.dim as i64] {
+            return Err(model_err(
+                &m.path,
+                format!(
+                    "gave features of shape {size:?} for {n} tiles, expected [{n}, {}]",
+                    m.dim
+                ),
+            ));
+        }
+        let flat = out.contiguous().view([-1]);
+        let v = Vec::<f32>::try_from(&flat).context("cannot read features back from the model")?;
+        if let Some(k) = v.iter().position(|x| x.is_nan()) {
+            return Err(model_err(
+                &m.path,
+                format!(
+                    "output holds NaN (feature {} of tile {} of a batch of {n})",
+                    k % m.dim,
+                    k / m.dim + 1
+                ),
+            ));
+        }
+        Ok(v)
+    }
+}

@@ -1,0 +1,478 @@
+//! Tile coordinates from tile file names.
+//!
+//! Tiling tools write each tile's position into its file name. [`CONVENTIONS`] knows five,
+//! each checked against its tool's own source: histolab (`tile_{n}_level{L}_{x0}-{y0}-{x1}-{y1}`,
+//! level-0 top-left and bottom-right, x1/y1 exclusive), TRIDENT's `--dump_patches`
+//! (`{idx:06d}_x{x}_y{y}`, level-0 top-left), QuPath's TileExporter
+//! (`{image} [d=..,x=..,y=..,w=..,h=..]`, full-resolution top-left and size), slideflow's
+//! exports (`{slide}-{x}-{y}`, level-0 centre) and STAMP's tile archives (`tile_({x}, {y})`,
+//! micrometres, top-left). A user's own convention is a regex with named groups `x` and `y`.
+//!
+//! `auto` takes the first convention (in that order, most specific first) that every tile's
+//! name matches: a sample whose names mix conventions, or match none, gets no coordinates,
+//! with a message naming a tile that does not match. Only the file name is matched (not the
+//! folders above it).
+
+use regex::Regex;
+
+use super::Tile;
+
+/// Where in the tile a name's x,y point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    TopLeft,
+    Centre,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::TopLeft => "top-left",
+            Origin::Centre => "centre",
+        }
+    }
+}
+
+/// The unit of a name's x,y.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// Pixels of the slide's level 0 (full resolution).
+    Level0Pixels,
+    Micrometres,
+}
+
+impl Unit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::Level0Pixels => "level-0 pixels",
+            Unit::Micrometres => "micrometres",
+        }
+    }
+}
+
+/// A naming convention: a pattern over the file name with groups `x` and `y` (and, where the
+/// name has them, the tile's level-0 extent `w`/`x1` and its pyramid `level`).
+pub struct Convention {
+    pub name: &'static str,
+    pub tool: &'static str,
+    pub pattern: &'static str,
+    pub origin: Origin,
+    pub unit: Unit,
+}
+
+/// The known conventions, most specific first (a histolab name also matches slideflow's
+/// pattern, so histolab is tried first).
+pub const CONVENTIONS: [Convention; 5] = [
+    Convention {
+        name: "histolab",
+        tool: "histolab",
+        pattern: r"tile_\d+_level(?P<level>\d+)_(?P<x>\d+)-(?P<y>\d+)-(?P<x1>\d+)-(?P<y1>\d+)",
+        origin: Origin::TopLeft,
+        unit: Unit::Level0Pixels,
+    },
+    Convention {
+        name: "qupath",
+        tool: "QuPath TileExporter",
+        pattern: r"^.* \[(?:d=(?P<d>[0-9.]+),)?x=(?P<x>\d+),y=(?P<y>\d+),w=(?P<w>\d+),h=(?P<h>\d+)(?:,z=\d+)?(?:,t=\d+)?\]\.[A-Za-z]+$",
+        origin: Origin::TopLeft,
+        unit: Unit::Level0Pixels,
+    },
+    Convention {
+        name: "trident",
+        tool: "TRIDENT --dump_patches",
+        pattern: r"^\d+_x(?P<x>\d+)_y(?P<y>\d+)\.[A-Za-z]+$",
+        origin: Origin::TopLeft,
+        unit: Unit::Level0Pixels,
+    },
+    Convention {
+        name: "stamp",
+        tool: "STAMP tile archives",
+        pattern: r"^tile_\((?P<x>-?[0-9][0-9.eE+-]*), (?P<y>-?[0-9][0-9.eE+-]*)\)\.[A-Za-z]+$",
+        origin: Origin::TopLeft,
+        unit: Unit::Micrometres,
+    },
+    Convention {
+        name: "slideflow",
+        tool: "slideflow",
+        pattern: r"^.+-(?P<x>\d+)-(?P<y>\d+)\.[A-Za-z]+$",
+        origin: Origin::Centre,
+        unit: Unit::Level0Pixels,
+    },
+];
+
+/// `--coords`: find a known convention, none, or the user's regex.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CoordsMode {
+    Auto,
+    None,
+    Regex(String),
+}
+
+impl CoordsMode {
+    pub fn parse(s: &str) -> CoordsMode {
+        match s {
+            "auto" => CoordsMode::Auto,
+            "none" => CoordsMode::None,
+            _ => CoordsMode::Regex(s.to_string()),
+        }
+    }
+}
+
+/// Check a user's regex: it compiles and has groups `x` and `y`.
+pub fn compile_user_regex(pattern: &str) -> Result<Regex, String> {
+    let re =
+        Regex::new(pattern).map_err(|e| format!("--coords {pattern:?} is not a regex: {e}"))?;
+    let names: Vec<&str> = re.capture_names().flatten().collect();
+    if !names.contains(&"x") || !names.contains(&"y") {
+        return Err(format!(
+            "--coords {pattern:?}: the regex needs named groups `x` and `y`, e.g. \
+             '_x(?P<x>\\d+)_y(?P<y>\\d+)'"
+        ));
+    }
+    Ok(re)
+}
+
+/// A sample's coordinates: one x,y per tile (in tile order), as the names give them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Coords {
+    /// The convention's name (`histolab`, ...) or `regex:PATTERN`.
+    pub convention: String,
+    pub origin: Origin,
+    pub unit: Unit,
+    pub xy: Vec<[f64; 2]>,
+    /// Every x and y is a whole number (written as integers).
+    pub integral: bool,
+    /// The tiles' extent in level-0 pixels, when the names give it and it is the same for
+    /// every tile (histolab's x1-x0, QuPath's w).
+    pub patch_size_level0: Option<u64>,
+    /// The pyramid level the tiles were cut at, when the names give it and it is the same
+    /// for every tile (histolab).
+    pub patch_level: Option<u32>,
+    /// QuPath's downsample, when the same for every tile.
+    pub downsample: Option<f64>,
+}
+
+/// Why a sample has no coordinates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoCoords(pub String);
+
+/// The file name of a tile (its name without the folders above it).
+fn file_name(rel: &str) -> &str {
+    rel.rsplit('/').next().unwrap_or(rel)
+}
+
+fn number(caps: &regex::Captures<'_>, group: &str) -> Option<(f64, bool)> {
+    let s = caps.name(group)?.as_str();
+    if let Ok(i) = s.parse::<i64>() {
+        return Some((i as f64, true));
+    }
+    s.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite())
+        .map(|v| (v, false))
+}
+
+/// Per-tile facts a pattern gives: x, y, whether both are integers, extent, level.
+struct Parsed {
+    xy: [f64; 2],
+    integral: bool,
+    size: Option<u64>,
+    level: Option<u32>,
+    downsample: Option<f64>,
+}
+
+fn parse_name(re: &Regex, name: &str) -> Option<Parsed> {
+    let caps = re.captures(file_name(name))?;
+    let (x, xi) = number(&caps, "x")?;
+    let (y, yi) = number(&caps, "y")?;
+    let size = match (caps.name("x1"), caps.name("w")) {
+        (Some(x1), _) => x1.as_str().parse::<u64>().ok()?.checked_sub(x as u64),
+        (None, Some(w)) => w.as_str().parse::<u64>().ok(),
+        _ => None,
+    };
+    Some(Parsed {
+        xy: [x, y],
+        integral: xi && yi,
+        size,
+        level: caps.name("level").and_then(|l| l.as_str().parse().ok()),
+        downsample: caps.name("d").and_then(|d| d.as_str().parse().ok()),
+    })
+}
+
+/// The same value for every tile, or None.
+fn uniform<T: PartialEq + Copy>(mut values: impl Iterator<Item = Option<T>>) -> Option<T> {
+    let first = values.next()??;
+    values.all(|v| v == Some(first)).then_some(first)
+}
+
+fn coords_from(convention: String, origin: Origin, unit: Unit, parsed: Vec<Parsed>) -> Coords {
+    Coords {
+        convention,
+        origin,
+        unit,
+        integral: parsed.iter().all(|p| p.integral),
+        patch_size_level0: uniform(parsed.iter().map(|p| p.size)),
+        patch_level: uniform(parsed.iter().map(|p| p.level)),
+        downsample: uniform(parsed.iter().map(|p| p.downsample.map(f64::to_bits)))
+            .map(f64::from_bits),
+        xy: parsed.into_iter().map(|p| p.xy).collect(),
+    }
+}
+
+/// Every tile's name through `re`; the first that does not match is named in the error.
+fn parse_all(re: &Regex, tiles: &[Tile], what: &str) -> Result<Vec<Parsed>, NoCoords> {
+    tiles
+        .iter()
+        .map(|t| {
+            parse_name(re, &t.rel).ok_or_else(|| {
+                NoCoords(format!(
+                    "tile {} does not match {what} (no numeric x and y in its name)",
+                    t.rel
+                ))
+            })
+        })
+        .collect()
+}
+
+/// The coordinates of `tiles` under `mode` (`None` for `--coords none`). An error says why
+/// there are none: which tile does not match which convention.
+pub fn find(mode: &CoordsMode, tiles: &[Tile]) -> Result<Option<Coords>, NoCoords> {
+    match mode {
+        CoordsMode::None => Ok(None),
+        CoordsMode::Regex(pattern) => {
+            let re = compile_user_regex(pattern).map_err(NoCoords)?;
+            let parsed = parse_all(&re, tiles, &format!("--coords {pattern:?}"))?;
+            let name = format!("regex:{pattern}");
+            Ok(Some(coords_from(
+                name,
+                Origin::TopLeft,
+                Unit::Level0Pixels,
+                parsed,
+            )))
+        }
+        CoordsMode::Auto => {
+            if tiles.is_empty() {
+                return Ok(None);
+            }
+            // The convention most tiles match, to name in the message if none matches all.
+            let mut best: Option<(usize, &Convention, &Tile)> = None;
+            for c in &CONVENTIONS {
+                let re = Regex::new(c.pattern).expect("built-in pattern compiles");
+                let missing = tiles.iter().filter(|t| parse_name(&re, &t.rel).is_none());
+                let mut missing = missing.peekable();
+                match missing.peek() {
+                    None => {
+                        let parsed = parse_all(&re, tiles, c.name)?;
+                        return Ok(Some(coords_from(
+                            c.name.to_string(),
+                            c.origin,
+                            c.unit,
+                            parsed,
+                        )));
+                    }
+                    Some(first) => {
+                        let first = *first;
+                        let matched = tiles.len() - missing.count();
+                        if matched > 0 && best.is_none_or(|(m, _, _)| matched > m) {
+                            best = Some((matched, c, first));
+                        }
+                    }
+                }
+            }
+            Err(NoCoords(match best {
+                Some((matched, c, tile)) => format!(
+                    "tile names mix conventions: {matched} of {} tiles are named as {} does, \
+                     but tile {} is not",
+                    tiles.len(),
+                    c.tool,
+                    tile.rel
+                ),
+                None => format!(
+                    "no tile name follows a known convention (histolab, QuPath, TRIDENT, \
+                     STAMP, slideflow), e.g. {}; give --coords REGEX with groups x and y",
+                    tiles[0].rel
+                ),
+            }))
+        }
+    }
+}
+
+/// Integer level-0 top-left corners, as HDF5's `coords` holds them: names in micrometres,
+/// or a centre without a known tile extent, cannot be converted (the error says why).
+pub fn level0_top_left(c: &Coords, size_level0: Option<u64>) -> Result<Vec<[i64; 2]>, String> {
+    if c.unit == Unit::Micrometres {
+        return Err(format!(
+            "tile names give micrometres ({}), not level-0 pixels: HDF5's `coords` would need \
+             the slide's microns per pixel; write CSV or Parquet, or use --coords none",
+            c.convention
+        ));
+    }
+    if !c.integral {
+        return Err(format!(
+            "tile names give fractional coordinates ({}), HDF5's `coords` holds integer pixels",
+            c.convention
+        ));
+    }
+    let half = match c.origin {
+        Origin::TopLeft => 0,
+        Origin::Centre => {
+            let size = size_level0.or(c.patch_size_level0).ok_or_else(|| {
+                format!(
+                    "tile names give tile centres ({}): HDF5's `coords` are top-left corners, \
+                     which needs the tiles' extent in level-0 pixels: give --patch-size-level0 PX",
+                    c.convention
+                )
+            })?;
+            (size / 2) as i64
+        }
+    };
+    Ok(c.xy
+        .iter()
+        .map(|&[x, y]| [x as i64 - half, y as i64 - half])
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn tiles(names: &[&str]) -> Vec<Tile> {
+        names
+            .iter()
+            .map(|n| Tile::new(PathBuf::from(n), n.to_string()))
+            .collect()
+    }
+
+    fn auto(names: &[&str]) -> Result<Option<Coords>, NoCoords> {
+        find(&CoordsMode::Auto, &tiles(names))
+    }
+
+    /// Each convention, as its tool writes names: name -> convention and coordinates.
+    #[test]
+    fn each_convention_golden() {
+        type Case<'a> = (&'a [&'a str], &'a str, Origin, Unit, &'a [[f64; 2]]);
+        let cases: [Case<'_>; 6] = [
+            (
+                &[
+                    "tile_0_level0_1024-2048-1536-2560.png",
+                    "sub/pre_tile_12_level0_0-512-512-1024_suf.png",
+                ],
+                "histolab",
+                Origin::TopLeft,
+                Unit::Level0Pixels,
+                &[[1024.0, 2048.0], [0.0, 512.0]],
+            ),
+            (
+                &["000000_x0_y512.png", "000001_x224_y512.jpg"],
+                "trident",
+                Origin::TopLeft,
+                Unit::Level0Pixels,
+                &[[0.0, 512.0], [224.0, 512.0]],
+            ),
+            (
+                &[
+                    "slide 1.svs [d=2,x=1024,y=0,w=512,h=512].png",
+                    "slide 1.svs [d=2,x=0,y=2048,w=512,h=512].png",
+                ],
+                "qupath",
+                Origin::TopLeft,
+                Unit::Level0Pixels,
+                &[[1024.0, 0.0], [0.0, 2048.0]],
+            ),
+            (
+                &["img [x=10,y=20,w=256,h=256,z=0,t=1].tif"],
+                "qupath",
+                Origin::TopLeft,
+                Unit::Level0Pixels,
+                &[[10.0, 20.0]],
+            ),
+            (
+                &[
+                    "TCGA-AA-3947-01Z-00-DX1-1536-768.jpg",
+                    "TCGA-AA-3947-01Z-00-DX1-256-0.jpg",
+                ],
+                "slideflow",
+                Origin::Centre,
+                Unit::Level0Pixels,
+                &[[1536.0, 768.0], [256.0, 0.0]],
+            ),
+            (
+                &["tile_(256.0, 512.5).jpg", "tile_(0.0, 1e-05).jpg"],
+                "stamp",
+                Origin::TopLeft,
+                Unit::Micrometres,
+                &[[256.0, 512.5], [0.0, 1e-5]],
+            ),
+        ];
+        for (names, conv, origin, unit, xy) in cases {
+            let c = auto(names).unwrap().unwrap();
+            assert_eq!(c.convention, conv, "{names:?}");
+            assert_eq!((c.origin, c.unit), (origin, unit), "{names:?}");
+            assert_eq!(c.xy, xy, "{names:?}");
+        }
+        let h = auto(&["tile_0_level1_100-200-612-712.png"])
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.patch_size_level0, h.patch_level), (Some(512), Some(1)));
+        assert!(h.integral);
+        let q = auto(&["a [d=4,x=0,y=0,w=1024,h=1024].png"])
+            .unwrap()
+            .unwrap();
+        assert_eq!((q.patch_size_level0, q.downsample), (Some(1024), Some(4.0)));
+        let s = auto(&["tile_(256.0, 512.5).jpg"]).unwrap().unwrap();
+        assert!(!s.integral);
+    }
+
+    #[test]
+    fn mixed_or_unknown_names_get_no_coordinates_and_a_reason() {
+        let e = auto(&["000000_x0_y0.png", "000001_x0_y224.png", "other.png"]).unwrap_err();
+        assert!(e.0.contains("2 of 3") && e.0.contains("TRIDENT") && e.0.contains("other.png"));
+        let e = auto(&["a.png", "b.png"]).unwrap_err();
+        assert!(
+            e.0.contains("no tile name follows") && e.0.contains("a.png"),
+            "{}",
+            e.0
+        );
+        // The demo's names (tile_000_256.png) follow no convention.
+        assert!(auto(&["tile_000_256.png"]).is_err());
+        assert_eq!(auto(&[]), Ok(None));
+        assert_eq!(
+            find(&CoordsMode::None, &tiles(&["000000_x0_y0.png"])),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn user_regex() {
+        let mode = CoordsMode::Regex(r"r(?P<y>\d+)_c(?P<x>\d+)".into());
+        let c = find(&mode, &tiles(&["r3_c4.png", "d/r10_c0.png"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.xy, [[4.0, 3.0], [0.0, 10.0]]);
+        assert_eq!(c.convention, r"regex:r(?P<y>\d+)_c(?P<x>\d+)");
+        let e = find(&mode, &tiles(&["r3_c4.png", "zzz.png"])).unwrap_err();
+        assert!(e.0.contains("zzz.png"));
+        assert!(compile_user_regex(r"(?P<x>\d+)")
+            .unwrap_err()
+            .contains("`x` and `y`"));
+        assert!(compile_user_regex(r"(")
+            .unwrap_err()
+            .contains("not a regex"));
+    }
+
+    #[test]
+    fn level0_top_left_conversion() {
+        let sf = auto(&["s-1536-768.jpg"]).unwrap().unwrap();
+        assert!(level0_top_left(&sf, None)
+            .unwrap_err()
+            .contains("--patch-size-level0"));
+        assert_eq!(level0_top_left(&sf, Some(512)).unwrap(), [[1280, 512]]);
+        let st = auto(&["tile_(1.0, 2.0).jpg"]).unwrap().unwrap();
+        assert!(level0_top_left(&st, None)
+            .unwrap_err()
+            .contains("micrometres"));
+        let tr = auto(&["000003_x7_y9.png"]).unwrap().unwrap();
+        assert_eq!(level0_top_left(&tr, None).unwrap(), [[7, 9]]);
+    }
+}

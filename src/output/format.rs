@@ -1,0 +1,90 @@
+//! Which format a feature file is written in: from `--format`, else from the output's
+//! extension (`.csv`, `.h5`/`.hdf5`, `.parquet`); any other extension is a usage error, so a
+//! file named `.h5` never holds CSV text.
+
+use std::path::Path;
+
+use clap::ValueEnum;
+
+/// A feature file's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// The tutorial's CSV: `tile,[x,y,]0..D-1`.
+    Csv,
+    /// HDF5 as CLAM and TRIDENT read it: `features` (N, D) float32, `coords` (N, 2) int64,
+    /// `tiles` (N,) strings.
+    H5,
+    /// Parquet: `tile`, [`x`, `y`,] `0`..`D-1` float32, zstd.
+    Parquet,
+}
+
+impl Format {
+    /// The format an output's extension names (any case), or None.
+    pub fn from_path(path: &Path) -> Option<Format> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "csv" => Some(Format::Csv),
+            "h5" | "hdf5" => Some(Format::H5),
+            "parquet" => Some(Format::Parquet),
+            _ => None,
+        }
+    }
+
+    /// The extension `--outdir` names files with.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Csv => "csv",
+            Format::H5 => "h5",
+            Format::Parquet => "parquet",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.extension()
+    }
+}
+
+/// The format of `output`: `--format` when given (it must agree with a known extension), else
+/// the extension. The error is the message for a usage error.
+pub fn resolve(output: &Path, flag: Option<Format>) -> Result<Format, String> {
+    match (Format::from_path(output), flag) {
+        (Some(ext), Some(f)) if ext != f => Err(format!(
+            "--output {} names a {} file but --format is {}",
+            output.display(),
+            ext.as_str(),
+            f.as_str()
+        )),
+        (Some(ext), _) => Ok(ext),
+        (None, Some(f)) => Ok(f),
+        (None, None) => Err(format!(
+            "--output {}: unknown feature file extension; use .csv, .h5 (or .hdf5) or .parquet \
+             (or give --format csv|h5|parquet)",
+            output.display()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_from_extensions() {
+        for (p, f) in [
+            ("a.csv", Format::Csv),
+            ("a.CSV", Format::Csv),
+            ("d/a.h5", Format::H5),
+            ("a.HDF5", Format::H5),
+            ("a.parquet", Format::Parquet),
+        ] {
+            assert_eq!(resolve(Path::new(p), None), Ok(f), "{p}");
+        }
+        assert!(resolve(Path::new("a.txt"), None)
+            .unwrap_err()
+            .contains("unknown"));
+        assert!(resolve(Path::new("a"), None).is_err());
+        assert_eq!(resolve(Path::new("a"), Some(Format::H5)), Ok(Format::H5));
+        let e = resolve(Path::new("a.csv"), Some(Format::Parquet)).unwrap_err();
+        assert!(e.contains("--format is parquet"), "{e}");
+    }
+}

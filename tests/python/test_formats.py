@@ -1,0 +1,109 @@
+"""Issue 17: the HDF5 and Parquet feature files read with the tools users train with.
+
+h5py reads the HDF5 file the way CLAM's and TRIDENT's feature loaders do (`features`,
+`coords` and their attributes); pandas reads the Parquet file; both hold exactly the CSV's
+values (the CSV's floats round-trip to the same float32) in the CSV's row order.
+"""
+
+from __future__ import annotations
+
+import cv2
+import h5py
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import source_image
+
+N = 13
+
+
+@pytest.fixture(scope="module")
+def histolab_tiles(tmp_path_factory):
+    """Real tiles named as histolab names them: level 0, 448 px extent, 3 rows of 5."""
+    im = source_image()
+    d = tmp_path_factory.mktemp("histolab")
+    for i in range(N):
+        x, y = (i % 5) * 448, (i // 5) * 448
+        crop = im[(i * 29) % 300 : (i * 29) % 300 + 224, (i * 41) % 300 : (i * 41) % 300 + 224]
+        cv2.imwrite(str(d / f"tile_{i}_level0_{x}-{y}-{x + 448}-{y + 448}.png"), crop)
+    return d
+
+
+@pytest.fixture(scope="module")
+def outputs(tilefeat, histolab_tiles, tmp_path_factory):
+    d = tmp_path_factory.mktemp("out")
+    files = {}
+    for name, extra in [("f.csv", ["--coords", "auto"]), ("f.h5", []), ("f.parquet", [])]:
+        sub = d / name.split(".")[1]
+        sub.mkdir()
+        files[name.split(".")[1]] = sub / name
+        tilefeat("extract", histolab_tiles, "-o", sub / name, "--weights", "random:0", "--quiet", *extra)
+    return files
+
+
+def csv_frame(path):
+    # round_trip: pandas' default float parser is not exact; the CSV's text is.
+    return pd.read_csv(path, index_col=0, float_precision="round_trip")
+
+
+def test_hdf5_loads_as_clam_and_trident_do(outputs):
+    csv = csv_frame(outputs["csv"])
+    features = [str(k) for k in range(2048)]
+    with h5py.File(outputs["h5"], "r") as f:
+        # CLAM's Dataset_All_Bags / TRIDENT's loaders: f["features"][:], f["coords"][:].
+        feats, coords = f["features"][:], f["coords"][:]
+        assert feats.shape == (N, 2048) and feats.dtype == np.float32
+        assert coords.shape == (N, 2) and coords.dtype == np.int64
+        tiles = f["tiles"].asstr()[:]
+        attrs = dict(f["coords"].attrs)
+        root = dict(f.attrs)
+    assert list(tiles) == list(csv.index)
+    np.testing.assert_array_equal(feats, csv[features].to_numpy(np.float32))
+    np.testing.assert_array_equal(coords, csv[["x", "y"]].to_numpy())
+    assert coords[1].tolist() == [448, 0]
+    assert attrs["patch_size"] == 448 and attrs["patch_level"] == 0
+    assert attrs["patch_size_level0"] == 448
+    for key in ["encoder", "layer", "pool", "fingerprint", "weights_sha256", "tilefeat_version"]:
+        assert key in root, key
+    assert root["layer"] == "layer4" and root["pool"] == "max"
+
+
+def test_parquet_equals_the_csv(outputs):
+    csv = csv_frame(outputs["csv"])
+    par = pd.read_parquet(outputs["parquet"]).set_index("tile")
+    assert list(par.columns) == list(csv.columns)
+    features = [str(k) for k in range(2048)]
+    assert (par[features].dtypes == np.float32).all()
+    assert par[["x", "y"]].dtypes.tolist() == [np.int64, np.int64]
+    pd.testing.assert_frame_equal(par, csv.astype({c: np.float32 for c in features}))
+    meta = pq.ParquetFile(outputs["parquet"]).metadata
+    assert meta.num_rows == N
+    assert meta.row_group(0).column(5).compression == "ZSTD"
+
+
+def test_join_checks_hold_across_formats(tilefeat, outputs, tmp_path):
+    # The three files are one sample (named after the folder): a duplicate ID is refused,
+    # whatever the formats, and nothing is written.
+    cohort = tmp_path / "cohort.parquet"
+    r = tilefeat("join", outputs["csv"], outputs["h5"], "-o", cohort, check=False)
+    assert r.returncode == 3 and "duplicate sample" in r.stderr, r.stderr
+    assert not cohort.exists()
+
+
+def test_cohort_parquet_matches_cohort_csv(tilefeat, histolab_tiles, tmp_path):
+    paths = []
+    for sample, ext in [("A", "h5"), ("B", "parquet"), ("C", "csv")]:
+        p = tmp_path / f"{sample}.{ext}"
+        tilefeat("extract", histolab_tiles, "-o", p, "--sample", sample, "--weights", "random:0",
+                 "--quiet", "--coords", "auto")
+        paths.append(p)
+    tilefeat("join", *paths, "-o", tmp_path / "c.parquet", "--quiet")
+    tilefeat("join", *paths, "-o", tmp_path / "c.csv", "--quiet")
+    par = pd.read_parquet(tmp_path / "c.parquet")
+    csv = pd.read_csv(tmp_path / "c.csv", float_precision="round_trip")
+    features = [str(k) for k in range(2048)]
+    assert list(par.columns[:4]) == ["sample", "tile", "x", "y"]
+    pd.testing.assert_frame_equal(par, csv.astype({c: np.float32 for c in features}))
+    assert par["sample"].tolist() == ["A"] * N + ["B"] * N + ["C"] * N
