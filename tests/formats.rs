@@ -244,13 +244,9 @@ fn centre_and_micrometre_conventions() {
     assert!(!h5.exists());
     extract_ok(&sf, &h5, &["--patch-size-level0", "512"]);
     assert_eq!(prov_u64(&h5, &["coords", "patch_size_level0"]), 512);
-    let csv = d.path().join("sf.csv");
+    let csv = d.path().join("sf-csv.csv");
     extract_ok(&sf, &csv, &["--coords", "auto"]);
-    assert!(read(&csv)
-        .lines()
-        .nth(1)
-        .unwrap()
-        .starts_with("TCGA-01-256-768.jpg,256,768,"));
+    assert!(read(&csv).contains("\nTCGA-01-256-768.jpg,256,768,"));
     let (j1, j2) = (d.path().join("j1.csv"), d.path().join("j2.csv"));
     join_to(&[&h5], &j1, &[]);
     join_to(&[&csv], &j2, &[]);
@@ -268,7 +264,7 @@ fn centre_and_micrometre_conventions() {
         provenance(&pq)["coords"]["unit"].as_str(),
         Some("micrometres")
     );
-    let csv = d.path().join("st.csv");
+    let csv = d.path().join("st-csv.csv");
     extract_ok(&stamp, &csv, &["--coords", "auto"]);
     assert!(read(&csv)
         .lines()
@@ -285,7 +281,7 @@ fn join_refuses_corrupt_or_foreign_binary_files() {
     let tiles = histolab_tiles(d.path(), 5);
     let cohort = d.path().join("cohort.csv");
     for ext in ["h5", "parquet"] {
-        let good = d.path().join(format!("good.{ext}"));
+        let good = d.path().join(format!("good-{ext}.{ext}"));
         extract_ok(&tiles, &good, &[]);
         let bytes = std::fs::read(&good).unwrap();
         let prov = read(&good.with_extension("provenance.yaml"));
@@ -300,9 +296,10 @@ fn join_refuses_corrupt_or_foreign_binary_files() {
             }),
         ];
         for (what, content) in cases {
-            let bad = d.path().join(format!("{what}.{ext}"));
+            let bad = d.path().join(format!("{what}-{ext}.{ext}"));
             std::fs::write(&bad, &content).unwrap();
-            std::fs::write(bad.with_extension("provenance.yaml"), &prov).unwrap();
+            let prov = prov.replace("sample: histolab", &format!("sample: {what}"));
+            std::fs::write(bad.with_extension("provenance.yaml"), prov).unwrap();
             let (code, err) = stderr_of(
                 tilefeat()
                     .arg("join")
@@ -313,14 +310,14 @@ fn join_refuses_corrupt_or_foreign_binary_files() {
             );
             assert_eq!(code, 3, "{what}.{ext}: {err}");
             assert!(
-                err.contains(&format!("{what}.{ext}")),
+                err.contains(&format!("{what}-{ext}.{ext}")),
                 "{what}.{ext}: {err}"
             );
             assert!(!cohort.exists(), "{what}.{ext}");
         }
     }
     // A foreign but valid HDF5 (another tool's layout) with a tilefeat provenance beside it.
-    let good = d.path().join("good.h5");
+    let good = d.path().join("good-h5.h5");
     let foreign = d.path().join("foreign.h5");
     {
         let f = hdf5::File::create(&foreign).unwrap();

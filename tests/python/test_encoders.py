@@ -1,0 +1,533 @@
+"""Bring your own encoder (issue 20): scripts/export_encoder.py and `tilefeat extract --model`.
+
+* export_encoder.py writes TorchScript + sidecar for the torchvision ResNet50 trunk, a
+  torchvision ViT-B/16, timm ViTs (random init, or a local .pth / .safetensors state dict,
+  strictly loaded), timm token outputs pooled as Virchow does (class token + mean patch token,
+  register tokens left out), and a module from the user's Python (--module-from). Each sidecar
+  has exactly the documented fields with the right values; each reloaded TorchScript equals an
+  eager model rebuilt here from the state dict (not by the script). An export whose trace does
+  not reproduce eager (a batch size baked in) fails and writes nothing; a state dict that does
+  not fit is refused.
+* tilefeat extract --model: the CSV (`tile,0..D-1`, rows sorted by tile name) equals PyTorch
+  eager on the same preprocessed pixels (cv2.imread -> INTER_LINEAR resize -> RGB -> /255 ->
+  (x - mean) / std) within 1e-4 relative (max |diff| / max |ref| per tile), with the
+  preprocessing taken from the sidecar or, without one, from --size / --normalize / --mean --std;
+  feature maps pooled with --pool max|avg.
+* The traced ResNet50 trunk with --pool max|avg equals the native `--weights` path (same
+  random-init weights saved as a torchvision state dict) within 1e-5.
+* Bad models: not TorchScript (a plain state dict, a text file) -> exit 4 naming the file; a
+  module that wants another input rank, one that returns (N,T,D) ("shape"), one that returns
+  NaN ("NaN") -> an error naming the file, no CSV, no panic.
+* CSV bytes do not depend on --batch-size (1/7/32) or --threads (1/2) with --model.
+
+The tilefeat tests need a binary with --model (TILEFEAT_BIN or target/release/tilefeat).
+"""
+
+from __future__ import annotations
+
+import filecmp
+import hashlib
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT, read_features, source_image
+from tutorial_reference import find_tiles
+
+SCRIPT = ROOT / "scripts" / "export_encoder.py"
+SAMPLE_A = ROOT / "demo" / "tiles" / "sampleA"
+SIDECAR_KEYS = [
+    "tilefeat_encoder", "name", "source", "size", "mean", "std", "output", "output_dim",
+    "weights_sha256", "exported_with", "notes",
+]  # fmt: skip
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+TUTORIAL = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+EXPORT_TOL = 1e-5  # reloaded TorchScript vs eager
+PARITY_TOL = 1e-4  # tilefeat --model vs PyTorch eager on the same pixels
+NATIVE_TOL = 1e-5  # tilefeat --model trunk.pt vs tilefeat --weights (native ResNet50)
+VIRCHOW_LIKE = {  # Virchow's kwargs on a tiny ViT, plus Virchow2's 4 register tokens
+    "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "", "dynamic_img_size": True,
+    "mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU", "reg_tokens": 4,
+}  # fmt: skip
+
+HOOKS = '''
+import torch
+from torch import nn
+
+
+def small_cnn(weights=None, seed=None):
+    """A fully convolutional (N,16,h,w) feature map with BatchNorm; exported at 64 x 64."""
+    torch.manual_seed(0 if seed is None else seed)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        m[1].running_mean.copy_(torch.rand(8, generator=g) - 0.5)
+        m[1].running_var.copy_(torch.rand(8, generator=g) + 0.5)
+    return m.eval(), {"size": 64, "mean": (0.6, 0.5, 0.4), "std": (0.2, 0.25, 0.3), "name": "small_cnn"}
+
+
+class BatchOfTwo(nn.Module):
+    def forward(self, x):
+        y = x.mean(dim=(2, 3))
+        if x.shape[0] == 2:  # Python control flow: tracing (on a batch of 2) bakes this branch in
+            return y * 2
+        return y
+
+
+def batch_dependent(weights=None, seed=None):
+    return BatchOfTwo(), {"size": 32, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+'''
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def export(*args, check=True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"export_encoder.py {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr}")
+    return r
+
+
+def sidecar(pt: Path) -> dict:
+    return json.loads(pt.with_suffix(".json").read_text())
+
+
+def rel_err(ours, ref) -> np.ndarray:
+    """Per row: max |ours - ref| / max |ref|."""
+    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    ours, ref = ours.reshape(len(ours), -1), ref.reshape(len(ref), -1)
+    return np.abs(ours - ref).max(axis=1) / np.abs(ref).max(axis=1)
+
+
+def preprocess(path: Path, size: int, mean, std) -> torch.Tensor:
+    """tilefeat's preprocessing, OpenCV's arithmetic: decode, INTER_LINEAR resize to size x size,
+    RGB, x/255, (x - mean) / std per channel."""
+    img = cv2.imread(str(path))
+    assert img is not None, path
+    img = cv2.cvtColor(cv2.resize(img, (size, size)), cv2.COLOR_BGR2RGB)
+    x = torch.from_numpy(img).permute(2, 0, 1).float().div(255)
+    return (x - torch.tensor(mean, dtype=torch.float32)[:, None, None]) / torch.tensor(std, dtype=torch.float32)[:, None, None]
+
+
+@torch.no_grad()
+def eager_features(module: nn.Module, folder: Path, size: int, mean, std, pool: str | None = None):
+    """(relative tile names, features) of an eager module on folder's tiles, tilefeat's order."""
+    tiles = find_tiles(folder)
+    x = torch.stack([preprocess(p, size, mean, std) for p in tiles])
+    y = torch.cat([module.eval()(x[i : i + 4]) for i in range(0, len(x), 4)])
+    if pool == "max":
+        y = y.amax(dim=(2, 3))
+    elif pool == "avg":
+        y = y.mean(dim=(2, 3))
+    return [p.relative_to(folder).as_posix() for p in tiles], y.numpy()
+
+
+def check_csv(csv: Path, names: list[str], dim: int) -> np.ndarray:
+    """The CSV's header is tile,0..dim-1 and its rows are `names`, sorted; returns the values."""
+    header = csv.read_text().splitlines()[0]
+    assert header == ",".join(["tile", *map(str, range(dim))]), header[:200]
+    got_names, values = read_features(csv)
+    assert got_names == names == sorted(names)
+    assert values.shape == (len(names), dim)
+    return values
+
+
+def reloaded(pt: Path):
+    return torch.jit.load(str(pt), map_location="cpu").eval()
+
+
+def assert_equal_to_eager(pt: Path, eager: nn.Module, size: int, batch: int = 2) -> torch.Tensor:
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        ref = eager.eval()(x)
+        got = reloaded(pt)(x)
+    assert got.shape == ref.shape
+    err = rel_err(got, ref).max()
+    assert err <= EXPORT_TOL, f"{pt.name}: reloaded TorchScript vs eager {err:.2e}"
+    return ref
+
+
+def assert_sidecar(pt: Path, **expected) -> dict:
+    import torchvision
+
+    sc = sidecar(pt)
+    assert list(sc) == SIDECAR_KEYS, list(sc)
+    assert sc["tilefeat_encoder"] == 1
+    for key, value in expected.items():
+        if key in ("mean", "std"):
+            assert sc[key] == pytest.approx(value, abs=1e-12), (key, sc[key])
+        else:
+            assert sc[key] == value, (key, sc[key], value)
+    assert sc["exported_with"]["torch"] == torch.__version__
+    assert sc["exported_with"]["torchvision"] == torchvision.__version__
+    assert isinstance(sc["notes"], str)
+    return sc
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def torchvision_trunk(state_dict_path: Path) -> nn.Module:
+    import torchvision
+
+    m = torchvision.models.resnet50(weights=None)
+    m.load_state_dict(torch.load(state_dict_path, map_location="cpu", weights_only=True))
+    return nn.Sequential(*list(m.children())[:-2])
+
+
+def timm_model(name: str, state_dict_path: Path | None = None, **kwargs) -> nn.Module:
+    import timm
+
+    kwargs = {k: {"timm.layers.SwiGLUPacked": timm.layers.SwiGLUPacked, "torch.nn.SiLU": nn.SiLU}.get(v, v)
+              if isinstance(v, str) else v for k, v in kwargs.items()}  # fmt: skip
+    m = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    if state_dict_path is not None:
+        if state_dict_path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(state_dict_path))
+        else:
+            sd = torch.load(state_dict_path, map_location="cpu", weights_only=True)
+        m.load_state_dict(sd, strict=True)
+    return m.eval()
+
+
+# --- exported encoders (session fixtures) -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    return tmp_path_factory.mktemp("encoders")
+
+
+@pytest.fixture(scope="session")
+def trunk(models):
+    """ResNet50 trunk, random init seed 3, tutorial normalization in the sidecar, and the same
+    weights as a torchvision state dict."""
+    pt, sd = models / "trunk.pt", models / "trunk_seed3.pth"
+    export("torchvision-resnet50-trunk", "--random-init", 3, "--normalize", "tutorial", "-o", pt, "--save-state-dict", sd)
+    return pt, sd
+
+
+@pytest.fixture(scope="session")
+def vit(models):
+    pt, sd = models / "vit.pt", models / "vit_b_16_seed0.pth"
+    export("vit_b_16", "--random-init", 0, "-o", pt, "--save-state-dict", sd)
+    return pt, sd
+
+
+@pytest.fixture(scope="session")
+def tiny(models):
+    pt, sd = models / "tiny.pt", models / "tiny_seed0.pth"
+    export("timm:vit_tiny_patch16_224", "--random-init", 0, "-o", pt, "--save-state-dict", sd)
+    return pt, sd
+
+
+@pytest.fixture(scope="session")
+def hooks(models):
+    path = models / "my_hooks.py"
+    path.write_text(HOOKS)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_cnn(models, hooks):
+    pt = models / "small_cnn.pt"
+    export("--module-from", f"{hooks}:small_cnn", "-o", pt)
+    spec = importlib.util.spec_from_file_location("my_hooks", hooks)
+    my_hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(my_hooks)
+    return pt, my_hooks.small_cnn()[0]  # the same seeded module, eager
+
+
+@pytest.fixture(scope="session")
+def many_tiles(tmp_path_factory):
+    """26 PNG tiles cropped from the IHC image, 160..320 px (so resized up and down)."""
+    im = source_image()
+    h, w = im.shape[:2]
+    rng = np.random.default_rng(20)
+    d = tmp_path_factory.mktemp("many_tiles")
+    for k in range(26):
+        n = (160, 224, 256, 320)[k % 4]
+        y, x = rng.integers(0, h - n + 1), rng.integers(0, w - n + 1)
+        cv2.imwrite(str(d / f"tile_{k:02d}.png"), im[y : y + n, x : x + n])
+    return d
+
+
+# --- export_encoder.py ---------------------------------------------------------------------------
+
+
+def test_help_explains_with_examples():
+    r = export("--help")
+    for text in ("examples:", "torchvision-resnet50-trunk", "vit_b_16", "timm:", "--weights", "--random-init",
+                 "--size", "--mean", "--std", "--output", "--name", "--timm-kwargs", "--pool-tokens", "--module-from"):  # fmt: skip
+        assert text in r.stdout, text
+    r = export("vit_b_16", "-o", "x.pt", check=False)  # neither --weights nor --random-init
+    assert r.returncode == 2 and "--random-init" in r.stderr
+
+
+def test_resnet50_trunk_export(trunk):
+    pt, sd = trunk
+    assert_sidecar(pt, name="resnet50_trunk", source="torchvision", size=224, mean=TUTORIAL[0], std=TUTORIAL[1],
+                   output="feature_map", output_dim=2048, weights_sha256=None)  # fmt: skip
+    assert sidecar(pt)["exported_with"]["timm"] is None
+    assert "random" in sidecar(pt)["notes"].lower()
+    ref = assert_equal_to_eager(pt, torchvision_trunk(sd), 224)
+    assert ref.shape == (2, 2048, 7, 7)
+    # The random init is meant to be non-trivial: BatchNorm statistics are not (0, 1).
+    state = torch.load(sd, weights_only=True)
+    assert state["bn1.running_var"].std() > 0.1 and state["layer4.2.bn3.running_mean"].abs().max() > 0.05
+
+
+def test_resnet50_trunk_from_weights_file(trunk, models):
+    """--weights: the same state dict gives the same TorchScript outputs; its SHA-256 is recorded."""
+    pt, sd = trunk
+    pt2 = models / "trunk_from_weights.pt"
+    export("torchvision-resnet50-trunk", "--weights", sd, "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "-o", pt2)
+    assert_sidecar(pt2, weights_sha256=sha256(sd), output="feature_map", output_dim=2048, mean=TUTORIAL[0])
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(reloaded(pt)(x), reloaded(pt2)(x))
+
+
+def test_torchvision_vit_export(vit):
+    import torchvision
+
+    pt, sd = vit
+    assert_sidecar(pt, name="vit_b_16", source="torchvision", size=224, mean=IMAGENET[0], std=IMAGENET[1],
+                   output="embedding", output_dim=768, weights_sha256=None)  # fmt: skip
+    eager = torchvision.models.vit_b_16(weights=None)
+    eager.load_state_dict(torch.load(sd, map_location="cpu", weights_only=True))
+    eager.heads = nn.Identity()
+    assert assert_equal_to_eager(pt, eager, 224, batch=3).shape == (3, 768)
+
+
+def test_timm_random_init_export(tiny):
+    import timm
+
+    pt, sd = tiny
+    cfg = timm.data.resolve_model_data_config(timm_model("vit_tiny_patch16_224"))
+    sc = assert_sidecar(pt, name="vit_tiny_patch16_224", source="timm", size=224, mean=list(cfg["mean"]),
+                        std=list(cfg["std"]), output="embedding", output_dim=192, weights_sha256=None)  # fmt: skip
+    assert sc["exported_with"]["timm"] == timm.__version__
+    assert_equal_to_eager(pt, timm_model("vit_tiny_patch16_224", sd), 224)
+
+
+@pytest.mark.parametrize("fmt", [".pth", ".safetensors"])
+def test_timm_from_local_weights(tmp_path, fmt):
+    """A timm state dict from a local file (strict load), its SHA-256 in the sidecar; explicit
+    --size, --mean, --std and --name are recorded as given."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(11)
+    m = timm_model("vit_tiny_patch16_224", img_size=160)
+    sd = {k: (v + 0.01 * torch.randn_like(v)).contiguous() for k, v in m.state_dict().items()}
+    weights = tmp_path / f"tiny_weights{fmt}"
+    if fmt == ".safetensors":
+        save_file(sd, str(weights))
+    else:
+        torch.save(sd, weights)
+    pt = tmp_path / "tiny160.pt"
+    export("timm:vit_tiny_patch16_224", "--weights", weights, "--timm-kwargs", '{"img_size": 160}', "--size", 160,
+           "--mean", "0.7,0.6,0.7", "--std", "0.2,0.25,0.18", "--name", "my-tiny", "-o", pt)  # fmt: skip
+    assert_sidecar(pt, name="my-tiny", source="timm", size=160, mean=[0.7, 0.6, 0.7], std=[0.2, 0.25, 0.18],
+                   output="embedding", output_dim=192, weights_sha256=sha256(weights))  # fmt: skip
+    assert_equal_to_eager(pt, timm_model("vit_tiny_patch16_224", weights, img_size=160), 160)
+
+
+def test_timm_weights_that_do_not_fit_are_refused(tmp_path):
+    weights = tmp_path / "small.pth"
+    torch.save(timm_model("vit_small_patch16_224").state_dict(), weights)
+    pt = tmp_path / "tiny.pt"
+    r = export("timm:vit_tiny_patch16_224", "--weights", weights, "-o", pt, check=False)
+    assert r.returncode == 1, r.stderr
+    assert "small.pth" in r.stderr and "strict" in r.stderr
+    assert not pt.exists() and not pt.with_suffix(".json").exists()
+
+
+def test_timm_tokens_pooled_as_virchow(tmp_path):
+    """--pool-tokens virchow on Virchow2-like kwargs (SwiGLUPacked, SiLU, LayerScale, 4 register
+    tokens, global_pool ''): the model card's concat(class token, mean of the patch tokens)."""
+    pt, sd = tmp_path / "virchowish.pt", tmp_path / "virchowish.pth"
+    export("timm:vit_tiny_patch16_224", "--random-init", 5, "--timm-kwargs", json.dumps(VIRCHOW_LIKE),
+           "--pool-tokens", "virchow", "--normalize", "imagenet", "-o", pt, "--save-state-dict", sd)  # fmt: skip
+    assert_sidecar(pt, output="embedding", output_dim=2 * 192, mean=IMAGENET[0], std=IMAGENET[1], size=224)
+    model = timm_model("vit_tiny_patch16_224", sd, **VIRCHOW_LIKE)
+    assert model.num_prefix_tokens == 5
+
+    class CardRecipe(nn.Module):
+        def forward(self, x):
+            output = model(x)  # (N, 1 + 4 + 196, 192): global_pool "" keeps the tokens
+            return torch.cat([output[:, 0], output[:, 5:].mean(1)], dim=-1)
+
+    assert_equal_to_eager(pt, CardRecipe(), 224)
+
+
+def test_module_from_python(small_cnn):
+    pt, eager = small_cnn
+    assert_sidecar(pt, name="small_cnn", source="python", size=64, mean=[0.6, 0.5, 0.4], std=[0.2, 0.25, 0.3],
+                   output="feature_map", output_dim=16, weights_sha256=None)  # fmt: skip
+    assert_equal_to_eager(pt, eager, 64)
+
+
+def test_trace_that_differs_from_eager_fails(tmp_path, hooks):
+    """A branch on the batch size is baked in by tracing: the check on another batch size
+    catches it; nothing is written."""
+    pt = tmp_path / "bad.pt"
+    r = export("--module-from", f"{hooks}:batch_dependent", "-o", pt, check=False)
+    assert r.returncode == 1, r.stderr
+    assert "relative difference" in r.stderr
+    assert not pt.exists() and not pt.with_suffix(".json").exists()
+    assert not list(tmp_path.glob(".*tmp")), list(tmp_path.iterdir())
+
+
+# --- tilefeat extract --model ---------------------------------------------------------------------
+
+
+def test_vit_features_match_eager(tilefeat, tmp_path, vit):
+    """Preprocessing from vit.json (224, ImageNet mean/std); CSV against eager ViT-B/16."""
+    import torchvision
+
+    pt, sd = vit
+    out = tmp_path / "o.csv"
+    tilefeat("extract", SAMPLE_A, "--model", pt, "--output", out, "--quiet")
+    eager = torchvision.models.vit_b_16(weights=None)
+    eager.load_state_dict(torch.load(sd, map_location="cpu", weights_only=True))
+    eager.heads = nn.Identity()
+    names, ref = eager_features(eager, SAMPLE_A, 224, *IMAGENET)
+    ours = check_csv(out, names, 768)
+    err = rel_err(ours, ref)
+    print(f"vit_b_16 --model: max relative error {err.max():.2e} over {len(names)} tiles")
+    assert err.max() <= PARITY_TOL, dict(zip(names, err))
+    # The comparison can see a preprocessing mistake: ignoring the sidecar's mean/std (tilefeat's
+    # default is the tutorial's 0.5) moves every tile far beyond the tolerance.
+    _, wrong = eager_features(eager, SAMPLE_A, 224, *TUTORIAL)
+    assert rel_err(wrong, ref).min() > 100 * PARITY_TOL
+
+
+@pytest.mark.parametrize("flags,mean,std", [
+    (["--normalize", "imagenet"], *IMAGENET),
+    (["--normalize", "tutorial"], *TUTORIAL),
+    (["--mean", "0.7,0.6,0.7", "--std", "0.2,0.25,0.18"], [0.7, 0.6, 0.7], [0.2, 0.25, 0.18]),
+])  # fmt: skip
+def test_model_without_sidecar_takes_flags(tilefeat, tmp_path, tiny, flags, mean, std):
+    pt, sd = tiny
+    bare = tmp_path / "bare" / "tiny.pt"  # no tiny.json beside it
+    bare.parent.mkdir()
+    shutil.copy(pt, bare)
+    out = tmp_path / "o.csv"
+    tilefeat("extract", SAMPLE_A, "--model", bare, "--size", 224, *flags, "-o", out, "--quiet")
+    names, ref = eager_features(timm_model("vit_tiny_patch16_224", sd), SAMPLE_A, 224, mean, std)
+    err = rel_err(check_csv(out, names, 192), ref)
+    assert err.max() <= PARITY_TOL, dict(zip(names, err))
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_feature_map_pooled_with_sidecar_size(tilefeat, tmp_path, small_cnn, pool):
+    """small_cnn.json says 64 px and its own mean/std; the (N,16,h,w) map is pooled by --pool."""
+    pt, eager = small_cnn
+    out = tmp_path / "o.csv"
+    tilefeat("extract", SAMPLE_A, "--model", pt, "--pool", pool, "-o", out, "--quiet")
+    names, ref = eager_features(eager, SAMPLE_A, 64, [0.6, 0.5, 0.4], [0.2, 0.25, 0.3], pool=pool)
+    err = rel_err(check_csv(out, names, 16), ref)
+    assert err.max() <= PARITY_TOL, dict(zip(names, err))
+
+
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_traced_trunk_equals_native(tilefeat, tmp_path, trunk, pool):
+    """The traced ResNet50 trunk (sidecar: 224, tutorial mean/std) against tilefeat's own
+    ResNet50 (BatchNorm folded, channels-last) with the same weights, tutorial normalization."""
+    pt, sd = trunk
+    ours, native = tmp_path / "model.csv", tmp_path / "native.csv"
+    tilefeat("extract", SAMPLE_A, "--model", pt, "--pool", pool, "-o", ours, "--quiet")
+    tilefeat("extract", SAMPLE_A, "--weights", sd, "--pool", pool, "--normalize", "tutorial", "-o", native, "--quiet")
+    names = [p.relative_to(SAMPLE_A).as_posix() for p in find_tiles(SAMPLE_A)]
+    a, b = check_csv(ours, names, 2048), check_csv(native, names, 2048)
+    err = rel_err(a, b)
+    print(f"trunk --model vs native, {pool}: max relative difference {err.max():.2e}")
+    assert err.max() <= NATIVE_TOL, dict(zip(names, err))
+
+
+class ExpectsMatrix(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.dim() == 2, "this model takes (N, D) input"
+        return x
+
+
+class WrongBmm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1, 5, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).bmm(self.w).flatten(1)  # wants (N, 5) rows of 5: not (N, 3, S*S)
+
+
+class Tokens(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2)[:, :10, :]  # (N, 10, 3)
+
+
+class SomeNaN(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.mean(dim=(2, 3))
+        return torch.cat([y[:, :1], y[:, 1:2] * float("nan"), y[:, 2:]], dim=1)
+
+
+def write_bad_model(kind: str, path: Path) -> Path:
+    if kind == "state_dict":
+        torch.save({"fc.weight": torch.ones(2, 3)}, path)
+    elif kind == "text":
+        path.write_text("this is not a TorchScript archive\n")
+    else:
+        module = {"rank_assert": ExpectsMatrix, "rank_bmm": WrongBmm, "tokens": Tokens, "nan": SomeNaN}[kind]()
+        torch.jit.script(module).save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind,exit_code,keyword", [
+    ("state_dict", 4, None),
+    ("text", 4, None),
+    ("rank_assert", None, None),
+    ("rank_bmm", None, None),
+    ("tokens", None, "shape"),
+    ("nan", None, "nan"),
+])  # fmt: skip
+def test_bad_models_are_refused(tilefeat, tmp_path, kind, exit_code, keyword):
+    model = write_bad_model(kind, tmp_path / f"bad_{kind}_model.pt")
+    out = tmp_path / "o.csv"
+    r = tilefeat("extract", SAMPLE_A, "--model", model, "-o", out, "--quiet", check=False)
+    assert r.returncode != 0, r.stderr
+    if exit_code is not None:
+        assert r.returncode == exit_code, r.stderr
+    assert r.returncode != 101 and "panicked" not in r.stderr, r.stderr  # an error, not a panic
+    assert model.name in r.stderr, r.stderr
+    if keyword:
+        assert keyword in r.stderr.lower(), r.stderr
+    assert not out.exists()
+
+
+def test_model_csv_bytes_do_not_depend_on_batch_or_threads(tilefeat, tmp_path, tiny, many_tiles):
+    pt, _ = tiny
+    runs = [(1, 2), (7, 2), (32, 2), (32, 1)]  # --batch-size 1/7/32, --threads 1/2
+    outs = []
+    for batch, threads in runs:
+        out = tmp_path / f"b{batch}_t{threads}.csv"
+        tilefeat("extract", many_tiles, "--model", pt, "--batch-size", batch, "--threads", threads, "-o", out, "--quiet")
+        outs.append(out)
+    names = [p.relative_to(many_tiles).as_posix() for p in find_tiles(many_tiles)]
+    assert len(names) == 26
+    check_csv(outs[0], names, 192)
+    for (batch, threads), out in zip(runs[1:], outs[1:]):
+        assert filecmp.cmp(outs[0], out, shallow=False), f"--batch-size {batch} --threads {threads} differs from --batch-size 1 --threads 2"
