@@ -1,6 +1,7 @@
 #!/usr/bin/env nextflow
 /*
- * tilefeat pipeline: tile folders -> per-sample ResNet50 feature CSVs -> one cohort CSV.
+ * tilefeat pipeline: tile folders -> per-sample ResNet50 feature files (CSV, HDF5 or Parquet)
+ * -> one cohort file (CSV or Parquet).
  *
  * Input, exactly one of:
  *   --input samplesheet.csv   columns `sample,tiles`, validated against assets/schema_input.json;
@@ -8,12 +9,51 @@
  *                             a relative `tiles` path is resolved against the samplesheet's folder
  *   --tiles_glob 'root/*'     one sample per matching folder, the folder name being the sample ID
  *
+ * --samples_per_task N > 1 runs N samples (in sample-ID order) per extract task, in one
+ * tilefeat process (TILEFEAT_EXTRACT_BATCH); its outputs are re-keyed per sample, so the join
+ * sees the same [ meta, file ] as with one sample per task (TILEFEAT_EXTRACT).
+ *
  * See nextflow/README.md for laptop, Slurm + Apptainer and reuse-as-a-module instructions.
  */
 
 include { validateParameters; paramsSummaryLog; samplesheetToList } from 'plugin/nf-schema'
-include { TILEFEAT_EXTRACT } from './modules/local/tilefeat/extract/main'
-include { TILEFEAT_JOIN    } from './modules/local/tilefeat/join/main'
+include { TILEFEAT_EXTRACT       } from './modules/local/tilefeat/extract/main'
+include { TILEFEAT_EXTRACT_BATCH } from './modules/local/tilefeat/extract_batch/main'
+include { TILEFEAT_JOIN          } from './modules/local/tilefeat/join/main'
+
+// [ batch meta, file or files ] -> one [ sample meta, file ] for each sample of the batch
+// (batch meta.samples) that has its file `<sample ID><suffix>`, for one of the suffixes: a
+// failed sample has none.
+def perSample(ch_batch, suffixes) {
+    return ch_batch.flatMap { meta, files ->
+        def found = [ files ].flatten()
+        meta.samples
+            .collect { sample -> [ sample, found.find { f -> suffixes.any { suffix -> f.name == "${sample.id}${suffix}".toString() } } ] }
+            .findAll { row -> row[1] }
+    }
+}
+
+// The samples a batch task could not extract (its *.failed.tsv: sample, exit_status, error):
+// a warning for each as its task ends, all of them in <outdir>/pipeline_info/failed_samples.tsv,
+// and one error line naming them when every task is done. The run itself goes on: the other
+// samples are joined.
+def reportFailedSamples(ch_failed) {
+    def rows = ch_failed.flatMap { meta, tsv ->
+        tsv.readLines().drop(1).findAll { line -> line }.collect { line -> line.split('\t', 3) as List }
+    }
+    rows.subscribe { row ->
+        log.warn "Sample '${row[0]}' failed (tilefeat extract exit ${row[1]}): ${row[2]}. It has no output files and is left out of the cohort; the other samples of its task are kept."
+    }
+    rows
+        .map { row -> row.join('\t') + '\n' }
+        .collectFile( name: 'failed_samples.tsv', seed: 'sample\texit_status\terror\n', storeDir: "${params.outdir}/pipeline_info", sort: true )
+    rows
+        .map { row -> row[0] }
+        .collect()
+        .subscribe { ids ->
+            log.error "${ids.size()} sample(s) failed and are NOT in the cohort: ${ids.toSorted().join(', ')}. Reasons: ${params.outdir}/pipeline_info/failed_samples.tsv"
+        }
+}
 
 workflow {
     validateParameters()
@@ -65,14 +105,43 @@ workflow {
         cache_dir = dir.toString()
     }
 
-    TILEFEAT_EXTRACT( channel.fromList(samples), weights, cache_dir )
+    // Per-sample [ meta, feature file ] and [ meta, provenance ], whichever way they were made.
+    def ch_features = channel.empty()
+    def ch_provenance = channel.empty()
+    if ( params.samples_per_task == 1 ) {
+        TILEFEAT_EXTRACT( channel.fromList(samples), weights, cache_dir )
+        ch_features = TILEFEAT_EXTRACT.out.features
+        ch_provenance = TILEFEAT_EXTRACT.out.provenance
+    } else {
+        // Batches of samples_per_task samples in sample-ID order (the last one may be smaller),
+        // each [ [ id: 'FIRST..LAST', samples: [ meta, ... ] ], [ tiles, ... ] ]. A sample that
+        // fails on its own input or output leaves its task's other samples be (reported below).
+        def batches = samples
+            .toSorted { a, b -> a[0].id <=> b[0].id }
+            .collate( params.samples_per_task as int )
+            .collect { rows ->
+                def ids = rows.collect { row -> row[0].id }
+                def id = ids.size() == 1 ? ids[0] : "${ids.first()}..${ids.last()}".toString()
+                [ [ id: id, samples: rows.collect { row -> row[0] } ], rows.collect { row -> row[1] } ]
+            }
+        TILEFEAT_EXTRACT_BATCH( channel.fromList(batches), weights, cache_dir )
+        ch_features = perSample( TILEFEAT_EXTRACT_BATCH.out.features, [ '.csv', '.h5', '.parquet' ] )
+        ch_provenance = perSample( TILEFEAT_EXTRACT_BATCH.out.provenance, [ '.provenance.yaml' ] )
+        reportFailedSamples( TILEFEAT_EXTRACT_BATCH.out.failed )
+    }
 
-    // Join every CSV with its provenance file (tilefeat join reads it from beside the CSV), in
-    // sample-ID order, so that the cohort CSV does not depend on the order tasks finish in.
-    def ch_join_input = TILEFEAT_EXTRACT.out.csv
-        .join( TILEFEAT_EXTRACT.out.provenance )
+    // Join every feature file with its provenance file (tilefeat join reads it from beside the
+    // feature file), in sample-ID order, so that the cohort does not depend on the order tasks
+    // finish in. No sample left (every one failed): no join, an error.
+    def ch_join_input = ch_features
+        .join( ch_provenance )
         .toSortedList { a, b -> a[0].id <=> b[0].id }
-        .map { rows -> [ [ id: params.cohort_id ], rows.collect { row -> row[1] }, rows.collect { row -> row[2] } ] }
+        .map { rows ->
+            if ( !rows ) {
+                error "No sample was extracted: nothing to join (see the warnings above and ${params.outdir}/pipeline_info/failed_samples.tsv)"
+            }
+            [ [ id: params.cohort_id ], rows.collect { row -> row[1] }, rows.collect { row -> row[2] } ]
+        }
 
     TILEFEAT_JOIN( ch_join_input )
 

@@ -267,12 +267,16 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         precision: a.precision,
         channels_last: a.layout == "nhwc",
     };
+    let script = match &a.model {
+        Some(p) => Some(crate::encoder::script::ScriptModel::load(p, a.size)?),
+        None => None,
+    };
     let model = ResNetTrunk::new(&random_state_dict(0, a.layer), a.layer, Pool::Max, opts)?;
     let (workers, per_worker) = model_workers(device, threads);
     let s = a.size as i64;
     let make_input = || {
         let x = Tensor::randn([a.batch_size as i64, 3, s, s], (Kind::Float, device));
-        let x = if opts.channels_last {
+        let x = if opts.channels_last && script.is_none() {
             to_channels_last(&x)
         } else {
             x
@@ -285,9 +289,14 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     let timed_start = std::sync::Mutex::new(None::<Instant>);
     let warm_done = AtomicUsize::new(0);
     let warm_start = Instant::now();
-    std::thread::scope(|scope| {
+    std::thread::scope(|scope| -> Result<()> {
         for _ in 0..workers {
             let m = model.shallow_clone();
+            // A module instance per worker, as `extract --model` has.
+            let module = match &script {
+                Some(s) => Some(s.module(device, a.precision)?),
+                None => None,
+            };
             let (next, timed_start, warm_done) = (&next, &timed_start, &warm_done);
             let x = make_input();
             let stream = cuda.as_ref().and_then(|c| c.worker_stream);
@@ -311,14 +320,21 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
                         }
                         *timed_start.lock().unwrap() = Some(Instant::now());
                     }
-                    let _ = m.forward(&x).to_device(Device::Cpu);
+                    let _ = match &module {
+                        Some(module) => module
+                            .forward_ts(&[&x])
+                            .expect("the model ran on a blank tile")
+                            .to_device(Device::Cpu),
+                        None => m.forward(&x).to_device(Device::Cpu),
+                    };
                     if i < a.warmup {
                         warm_done.fetch_add(1, Ordering::SeqCst);
                     }
                 }
             });
         }
-    });
+        Ok(())
+    })?;
     let start = timed_start
         .lock()
         .unwrap()
@@ -336,8 +352,11 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
             a.batch_size,
             device_name(device),
             a.precision,
-            a.layout,
-            a.layer,
+            if script.is_some() { "nchw" } else { &a.layout },
+            match &a.model {
+                Some(p) => format!("TorchScript {}", p.display()),
+                None => a.layer.to_string(),
+            },
             a.size,
             a.warmup,
             cuda.map_or(String::new(), |c| format!("; cuDNN {}; {}", c.cudnn, c.streams))

@@ -422,6 +422,11 @@ pub struct BenchArgs {
     pub layer: Layer,
     #[arg(long, default_value_t = 224)]
     pub size: u32,
+
+    /// --what model: time this TorchScript model (as `extract --model`) instead of the
+    /// ResNet50, on batches of --batch-size.
+    #[arg(long, value_name = "FILE.pt")]
+    pub model: Option<PathBuf>,
     /// Intra-op threads for libtorch [default: all cores].
     #[arg(long)]
     pub threads: Option<usize>,

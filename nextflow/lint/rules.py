@@ -161,6 +161,26 @@ def process_sections(module: Module, results: LintResults):
 
 
 @rule
+def batched_tiles_staged_apart(module: Module, results: LintResults):
+    """A process that takes several samples' tiles in one task (its meta lists them in
+    meta.samples) stages each in a folder of its own (`stageAs: 'tiles??/*'`): two samples'
+    folders may have the same name, and Nextflow refuses colliding input names."""
+    for name, line, sections in _processes_in_source(Path(module.path)):
+        if "meta.samples" not in sections.get("script", ""):
+            continue
+        inputs = _statements(sections.get("input", ""))
+        first = inputs[0] if inputs else ""
+        if not re.search(r"path\(\s*\w+\s*,\s*stageAs:\s*'\w+(\?+|\*)/\*'\s*\)", first):
+            results.errors.append(
+                LintError(
+                    line,
+                    f"process '{name}': several samples per task: stage their tiles apart, "
+                    f"e.g. `path(tiles, stageAs: 'tiles??/*')`, is {first!r}",
+                )
+            )
+
+
+@rule
 def device_follows_accelerator(module: Module, results: LintResults):
     """A process_gpu process asks for CUDA only when the task was given a GPU (task.accelerator)."""
     gpu_processes = {p.name for p in module.processes if any(label.label == "process_gpu" for label in p.labels)}

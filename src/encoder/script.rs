@@ -173,6 +173,21 @@ impl ScriptModel {
     }
 }
 
+impl ScriptModel {
+    /// A module instance of its own on `device`, cast to `precision` (for `bench`).
+    pub fn module(&self, device: Device, precision: Precision) -> Result<CModule> {
+        load_module(&self.path, &self.bytes, device, kind_of(precision))
+    }
+}
+
+fn kind_of(precision: Precision) -> Kind {
+    match precision {
+        Precision::Fp32 => Kind::Float,
+        Precision::Bf16 => Kind::BFloat16,
+        Precision::Fp16 => Kind::Half,
+    }
+}
+
 fn load_module(path: &Path, bytes: &[u8], device: Device, kind: Kind) -> Result<CModule> {
     let mut module = CModule::load_data_on_device(&mut std::io::Cursor::new(bytes), device)
         .map_err(|e| {
@@ -229,11 +244,7 @@ impl ScriptEncoder {
         pad_to: Option<usize>,
         worker_stream: Option<usize>,
     ) -> Result<ScriptEncoder> {
-        let kind = match precision {
-            Precision::Fp32 => Kind::Float,
-            Precision::Bf16 => Kind::BFloat16,
-            Precision::Fp16 => Kind::Half,
-        };
+        let kind = kind_of(precision);
         let shared = ScriptModelShared {
             path: model.path.clone(),
             bytes: model.bytes.clone(),

@@ -408,6 +408,7 @@ pub(crate) struct ParquetReader {
     xy: bool,
     dim: usize,
     tile: String,
+    /// The batch's features, row by row (transposed once per batch from its columns).
     values: Vec<f32>,
 }
 
@@ -453,7 +454,7 @@ impl ParquetReader {
             xy,
             dim: expect.dim,
             tile: String::new(),
-            values: Vec::with_capacity(expect.dim),
+            values: Vec::new(),
         })
     }
 }
@@ -466,31 +467,52 @@ fn number(col: &dyn Array, row: usize) -> Option<f64> {
     any.downcast_ref::<Float64Array>().map(|a| a.value(row))
 }
 
-impl FeatureReader for ParquetReader {
-    fn next_row(&mut self) -> Result<Option<Row<'_>>> {
+impl ParquetReader {
+    /// The next batch with rows, its features transposed into `values`; false at the end.
+    fn next_batch(&mut self) -> Result<bool> {
         let path = self.path.clone();
         let err = |e: &dyn std::fmt::Display| input_err(&path, format!("cannot read rows: {e}"));
-        while self.batch.as_ref().is_none_or(|b| self.row == b.num_rows()) {
-            match self.batches.next() {
-                None => return Ok(None),
-                Some(b) => {
-                    let b = b.map_err(|e| err(&e))?;
-                    if b.columns().iter().any(|c| c.null_count() > 0) {
-                        return Err(input_err(&path, "has missing (null) values"));
-                    }
-                    self.batch = Some(b);
-                    self.row = 0;
+        loop {
+            let Some(b) = self.batches.next() else {
+                return Ok(false);
+            };
+            let b = b.map_err(|e| err(&e))?;
+            if b.num_rows() == 0 {
+                continue;
+            }
+            if b.columns().iter().any(|c| c.null_count() > 0) {
+                return Err(input_err(&path, "has missing (null) values"));
+            }
+            let (n, dim) = (b.num_rows(), self.dim);
+            let first = if self.xy { 3 } else { 1 };
+            self.values.clear();
+            self.values.resize(n * dim, 0.0);
+            for k in 0..dim {
+                let col = b.column(first + k).as_any().downcast_ref::<Float32Array>();
+                let col = col.ok_or_else(|| err(&"a feature column is not float32"))?;
+                for (r, &v) in col.values().iter().enumerate() {
+                    self.values[r * dim + k] = v;
                 }
             }
+            self.batch = Some(b);
+            self.row = 0;
+            return Ok(true);
+        }
+    }
+}
+
+impl FeatureReader for ParquetReader {
+    fn next_row(&mut self) -> Result<Option<Row<'_>>> {
+        if self.batch.as_ref().is_none_or(|b| self.row == b.num_rows()) && !self.next_batch()? {
+            return Ok(None);
         }
         let b = self.batch.as_ref().expect("a batch with rows left");
         let r = self.row;
         self.row += 1;
         let tiles = b.column(0).as_any().downcast_ref::<StringArray>();
+        let tiles = tiles.ok_or_else(|| input_err(&self.path, "`tile` is not text"))?;
         self.tile.clear();
-        self.tile
-            .push_str(tiles.ok_or_else(|| err(&"`tile` is not text"))?.value(r));
-        let first = if self.xy { 3 } else { 1 };
+        self.tile.push_str(tiles.value(r));
         let xy = if self.xy {
             let x = number(b.column(1).as_ref(), r);
             let y = number(b.column(2).as_ref(), r);
@@ -498,18 +520,11 @@ impl FeatureReader for ParquetReader {
         } else {
             None
         };
-        self.values.clear();
-        for k in 0..self.dim {
-            let col = b.column(first + k).as_any().downcast_ref::<Float32Array>();
-            self.values.push(
-                col.ok_or_else(|| err(&"a feature column is not float32"))?
-                    .value(r),
-            );
-        }
+        let dim = self.dim;
         Ok(Some(Row {
             tile: &self.tile,
             xy,
-            values: Values::Floats(&self.values),
+            values: Values::Floats(&self.values[r * dim..(r + 1) * dim]),
         }))
     }
 

@@ -25,6 +25,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import zlib
 from pathlib import Path
@@ -37,6 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 NF = REPO / "nextflow"
 EXTRACT_NF = NF / "modules" / "local" / "tilefeat" / "extract" / "main.nf"
 JOIN_NF = NF / "modules" / "local" / "tilefeat" / "join" / "main.nf"
+BATCH_NF = NF / "modules" / "local" / "tilefeat" / "extract_batch" / "main.nf"
 TILEFEAT_BIN = Path(os.environ.get("TILEFEAT_BIN", REPO / "target" / "release" / "tilefeat"))
 
 
@@ -119,7 +121,13 @@ MUTATIONS = [
     ("modules/local/tilefeat/extract/main.nf", "tuple val(meta), path(tiles)\n", "path tiles\n", "first input must be"),
     ("modules/local/tilefeat/join/main.nf", "    when:\n", "", "no `when:` section"),
     ("modules/local/tilefeat/join/main.nf", "workflow.containerEngine in ['singularity', 'apptainer']", "workflow.containerEngine == 'docker'", "condition must select"),
-    ("main.nf", "include { TILEFEAT_JOIN    } from './modules/local/tilefeat/join/main'", "include { TILEFEAT_JOIN    } from './modules/local/tilefeat/joins/main'", "does not exist"),
+    ("main.nf", "include { TILEFEAT_JOIN          } from './modules/local/tilefeat/join/main'", "include { TILEFEAT_JOIN          } from './modules/local/tilefeat/joins/main'", "does not exist"),
+    ("main.nf", "include { TILEFEAT_EXTRACT_BATCH } from './modules/local/tilefeat/extract_batch/main'", "include { TILEFEAT_EXTRACT_BATCHES } from './modules/local/tilefeat/extract_batch/main'", "is not defined in"),
+    ("main.nf", "params.samples_per_task == 1", "params.tasks_per_sample == 1", "not in nextflow_schema.json"),
+    ("modules/local/tilefeat/extract_batch/main.nf", "path(tiles, stageAs: 'tiles??/*')", "path(tiles)", "stage their tiles apart"),
+    ("modules/local/tilefeat/extract_batch/main.nf", "def device = task.accelerator ? 'cuda' : 'cpu'", "def device = 'auto'", "--device"),
+    ("modules/local/tilefeat/extract_batch/main.nf", ", topic: versions, emit: versions_tilefeat", ", emit: versions_tilefeat", "topic: versions"),
+    ("modules/local/tilefeat/extract_batch/main.nf", "    stub:\n", "    // no stub\n", "no `stub:` section"),
     ("main.nf", "params.cohort_id", "params.cohort_name", "not in nextflow_schema.json"),
     ("main.nf", "TILEFEAT_JOIN( ch_join_input )", "TILEFEAT_JOIN( ch_join_input ", "Failed to parse"),
     ("nextflow.config", "                accelerator = 1\n", "", "accelerator = 1"),
@@ -127,6 +135,8 @@ MUTATIONS = [
     ("nextflow.config", "docker.runOptions   = '-u $(id -u):$(id -g)'", "docker.fixOwnership = true", "profile docker: docker.runOptions"),
     ("nextflow.config", "--gres=gpu:", "--gpus=", "--gres=gpu:N"),
     ("nextflow.config", "    aggregate    = 'none'\n", "", "only in nextflow_schema.json"),
+    ("nextflow.config", "    samples_per_task = 1", "    samples_per_tasks = 1", "only in nextflow.config"),
+    ("conf/modules.config", "ext.format = { params.cohort_format }", "ext.format = params.cohort_format", "outside a closure"),
     ("conf/modules.config", "ext.args   = { \"--aggregate ${params.aggregate}\" }", "ext.args   = \"--aggregate ${params.aggregate}\"", "outside a closure"),
     ("conf/base.config", "withLabel: 'process_gpu'", "withLabel: 'process_gpus'", "'process_gpu' is not defined"),
 ]
@@ -290,6 +300,12 @@ def test_schema_and_config_agree():
         ({"batch_size": 0}, "$.batch_size: 0 is less than the minimum of 1"),
         ({"cache_dir": "relative/cache"}, "$.cache_dir: 'relative/cache' does not match '^/'"),
         ({"cohort_id": "my cohort"}, "$.cohort_id: 'my cohort' does not match"),
+        ({"samples_per_task": 8, "format": "h5", "cohort_format": "parquet"}, None),
+        ({"format": "parquet"}, None),
+        ({"samples_per_task": 0}, "$.samples_per_task: 0 is less than the minimum of 1"),
+        ({"samples_per_task": 1.5}, "$.samples_per_task: 1.5 is not of type 'integer'"),
+        ({"format": "tsv"}, "$.format: 'tsv' is not one of"),
+        ({"cohort_format": "h5"}, "$.cohort_format: 'h5' is not one of"),
     ],
 )
 def test_parameter_schema_checks_values(tmp_path, overrides, error):
@@ -310,7 +326,7 @@ def test_parameter_schema_checks_values(tmp_path, overrides, error):
 def test_container_and_manifest_versions_match_versions_env():
     env = _versions_env()
     version, cuda = env["TILEFEAT_VERSION"], env["CUDA_VERSION"]
-    for module in (EXTRACT_NF, JOIN_NF):
+    for module in (EXTRACT_NF, BATCH_NF, JOIN_NF):
         images = re.findall(r"(?:oras://)?ghcr\.io/tilefeat/tilefeat:[\w.-]+", module.read_text())
         assert images, module
         for image in images:
@@ -330,16 +346,35 @@ def test_container_and_manifest_versions_match_versions_env():
 _TOKEN = re.compile(
     r"""\s*(?:
         (?P<str>'(?:\\.|[^'\\])*'|"(?:\\.|[^"\\])*")
-      | (?P<op>\?:|==|!=|\|\||&&|[?:()\[\],!])
+      | (?P<op>\?:|==|!=|\|\||&&|->|[?:()\[\],!{}.])
       | (?P<num>\d+)
       | (?P<name>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)
     )""",
     re.VERBOSE,
 )
 
+# Methods the evaluator knows: list.join(sep), list.collect { x -> expression }.
+_METHODS = ("join", "collect")
+# Types `instanceof` knows.
+_TYPES = {"List": list, "Map": dict, "String": str}
+
 
 class GroovyError(Exception):
     pass
+
+
+class StagedPath(str):
+    """A staged input as a module's script sees it (Nextflow's TaskPath): its text is the
+    name it was staged as, a `stageAs` folder included (`inputs/a.csv`); so is `.name`
+    (TaskPath.getName() returns that alias); `.fileName.name` is its last part."""
+
+    @property
+    def name(self):
+        return str(self)
+
+    @property
+    def fileName(self):  # noqa: N802 (Groovy's name)
+        return type("FileName", (), {"name": Path(str(self)).name})()
 
 
 def _truthy(value):
@@ -396,9 +431,7 @@ def _interpolate(body, ctx, triple=False):
     return "".join(out)
 
 
-def evaluate(expression, ctx):
-    """Evaluate the small Groovy subset the modules use: literals, GStrings, names,
-    ?: (elvis), ? : (ternary), ||, &&, ==, !=, !, (...), [...], and list.join(sep)."""
+def _tokenize(expression):
     tokens, pos = [], 0
     expression = expression.strip()
     while pos < len(expression):
@@ -410,99 +443,150 @@ def evaluate(expression, ctx):
         pos = match.end()
         while pos < len(expression) and expression[pos].isspace():
             pos += 1
-    index = 0
+    return tokens
 
-    def peek():
-        return tokens[index] if index < len(tokens) else (None, None)
 
-    def take(value=None):
-        nonlocal index
-        token = peek()
+class _Parser:
+    """Recursive descent over the tokens of one expression (or of a closure's body)."""
+
+    def __init__(self, tokens, ctx, source):
+        self.tokens, self.ctx, self.source, self.index = tokens, ctx, source, 0
+
+    def peek(self):
+        return self.tokens[self.index] if self.index < len(self.tokens) else (None, None)
+
+    def take(self, value=None):
+        token = self.peek()
         if value is not None and token[1] != value:
-            raise GroovyError(f"expected {value!r}, got {token[1]!r} in {expression!r}")
-        index += 1
+            raise GroovyError(f"expected {value!r}, got {token[1]!r} in {self.source!r}")
+        self.index += 1
         return token
 
-    def expr():
-        left = or_expr()
-        if peek() == ("op", "?:"):
-            take()
-            right = expr()
+    def parse(self):
+        result = self.expr()
+        if self.index != len(self.tokens):
+            raise GroovyError(f"trailing {self.tokens[self.index:]} in {self.source!r}")
+        return result
+
+    def expr(self):
+        left = self.or_expr()
+        if self.peek() == ("op", "?:"):
+            self.take()
+            right = self.expr()
             return left if _truthy(left) else right
-        if peek() == ("op", "?"):
-            take()
-            yes = expr()
-            take(":")
-            no = expr()
+        if self.peek() == ("op", "?"):
+            self.take()
+            yes = self.expr()
+            self.take(":")
+            no = self.expr()
             return yes if _truthy(left) else no
         return left
 
-    def or_expr():
-        value = and_expr()
-        while peek() == ("op", "||"):
-            take()
-            other = and_expr()
+    def or_expr(self):
+        value = self.and_expr()
+        while self.peek() == ("op", "||"):
+            self.take()
+            other = self.and_expr()
             value = _truthy(value) or _truthy(other)
         return value
 
-    def and_expr():
-        value = eq_expr()
-        while peek() == ("op", "&&"):
-            take()
-            other = eq_expr()
+    def and_expr(self):
+        value = self.eq_expr()
+        while self.peek() == ("op", "&&"):
+            self.take()
+            other = self.eq_expr()
             value = _truthy(value) and _truthy(other)
         return value
 
-    def eq_expr():
-        value = unary()
-        if peek() in (("op", "=="), ("op", "!=")):
-            op = take()[1]
-            other = unary()
+    def eq_expr(self):
+        value = self.unary()
+        if self.peek() in (("op", "=="), ("op", "!=")):
+            op = self.take()[1]
+            other = self.unary()
             return (value == other) if op == "==" else (value != other)
+        if self.peek() == ("name", "instanceof"):
+            self.take()
+            kind = self.take()[1]
+            if kind not in _TYPES:
+                raise GroovyError(f"instanceof {kind}: unknown type in {self.source!r}")
+            return isinstance(value, _TYPES[kind])
         return value
 
-    def unary():
-        if peek() == ("op", "!"):
-            take()
-            return not _truthy(unary())
-        return primary()
+    def unary(self):
+        if self.peek() == ("op", "!"):
+            self.take()
+            return not _truthy(self.unary())
+        return self.postfix(self.primary())
 
-    def primary():
-        kind, value = take()
+    def postfix(self, value):
+        """`.method(...)` / `.method { ... }` after a value."""
+        while self.peek() == ("op", "."):
+            self.take()
+            kind, method = self.take()
+            if kind != "name" or method not in _METHODS:
+                raise GroovyError(f"method .{method} not supported in {self.source!r}")
+            value = self.call(value, method)
+        return value
+
+    def call(self, target, method):
+        if method == "join" and self.peek() == ("op", "("):
+            self.take("(")
+            separator = self.expr()
+            self.take(")")
+            return separator.join(_groovy_str(v) for v in target)
+        if method == "collect" and self.peek() == ("op", "{"):
+            self.take("{")
+            kind, parameter = self.take()
+            if kind != "name" or "." in parameter:
+                raise GroovyError(f"closure parameter expected, got {parameter!r} in {self.source!r}")
+            self.take("->")
+            start, depth = self.index, 0
+            while not (self.peek() == ("op", "}") and depth == 0):
+                if self.peek() == (None, None):
+                    raise GroovyError(f"unclosed closure in {self.source!r}")
+                depth += {"{": 1, "}": -1}.get(self.peek()[1], 0) if self.peek()[0] == "op" else 0
+                self.index += 1
+            body = self.tokens[start : self.index]
+            self.take("}")
+            return [_Parser(body, {**self.ctx, parameter: item}, self.source).parse() for item in target]
+        raise GroovyError(f"method call .{method}{self.peek()[1]}...: not supported in {self.source!r}")
+
+    def primary(self):
+        kind, value = self.take()
         if kind == "str":
             body = value[1:-1]
-            return _interpolate(body, ctx) if value[0] == '"' else re.sub(r"\\(.)", r"\1", body)
+            return _interpolate(body, self.ctx) if value[0] == '"' else re.sub(r"\\(.)", r"\1", body)
         if kind == "num":
             return int(value)
         if kind == "name":
             if value in ("null", "true", "false"):
                 return {"null": None, "true": True, "false": False}[value]
-            if value.endswith(".join") and peek() == ("op", "("):
-                take("(")
-                separator = expr()
-                take(")")
-                return separator.join(_groovy_str(v) for v in _lookup(value[: -len(".join")], ctx))
-            if peek() == ("op", "("):
+            head, _, method = value.rpartition(".")
+            if head and method in _METHODS and self.peek() in (("op", "("), ("op", "{")):
+                return self.call(_lookup(head, self.ctx), method)
+            if self.peek() == ("op", "("):
                 raise GroovyError(f"method call {value}(...) not supported")
-            return _lookup(value, ctx)
+            return _lookup(value, self.ctx)
         if value == "(":
-            inner = expr()
-            take(")")
+            inner = self.expr()
+            self.take(")")
             return inner
         if value == "[":
             items = []
-            while peek() != ("op", "]"):
-                items.append(expr())
-                if peek() == ("op", ","):
-                    take()
-            take("]")
+            while self.peek() != ("op", "]"):
+                items.append(self.expr())
+                if self.peek() == ("op", ","):
+                    self.take()
+            self.take("]")
             return items
-        raise GroovyError(f"unexpected {value!r} in {expression!r}")
+        raise GroovyError(f"unexpected {value!r} in {self.source!r}")
 
-    result = expr()
-    if index != len(tokens):
-        raise GroovyError(f"trailing {tokens[index:]} in {expression!r}")
-    return result
+
+def evaluate(expression, ctx):
+    """Evaluate the small Groovy subset the modules use: literals, GStrings, names,
+    ?: (elvis), ? : (ternary), ||, &&, ==, !=, !, instanceof List|Map|String, (...), [...],
+    list.join(sep) and list.collect { x -> expression }."""
+    return _Parser(_tokenize(expression), ctx, expression.strip()).parse()
 
 
 def _section(module_path, section):
@@ -534,15 +618,26 @@ def render(module_path, section, ctx, overrides=None):
 
 
 def _output_globs(module_path):
+    """{emit name: glob} of the module's path outputs, in their order."""
     outputs = _section(module_path, "output")
-    return re.findall(r'path\("([^"]+)"\)', outputs)
+    found = re.findall(r'path\("([^"]+)"\)[^\n]*?\bemit:\s*(\w+)', outputs)
+    assert found, module_path
+    return {emit: pattern for pattern, emit in found}
 
 
-def _task(meta_id, process, args="", accelerator=None, cpus=2, prefix=None):
+def _glob(folder, pattern):
+    """The files of a task folder an output glob matches, as Nextflow matches them (Java
+    glob: `{a,b}` alternatives; `*` does not cross `/`; hidden files left out)."""
+    match = re.fullmatch(r"(.*)\{([^{}]*)\}(.*)", pattern)
+    patterns = [match.group(1) + alt + match.group(3) for alt in match.group(2).split(",")] if match else [pattern]
+    return sorted({p for pattern in patterns for p in folder.glob(pattern) if not p.name.startswith(".")})
+
+
+def _task(meta_id, process, args="", accelerator=None, cpus=2, prefix=None, format=None):
     return {
         "meta": {"id": meta_id},
         "task": {
-            "ext": {"args": args, "prefix": prefix, "when": None},
+            "ext": {"args": args, "prefix": prefix, "when": None, "format": format},
             "cpus": cpus,
             "accelerator": accelerator,
             "process": process,
@@ -558,9 +653,19 @@ def test_renderer_evaluates_groovy():
     assert evaluate("task.ext.prefix ?: \"${b}-y\"", ctx) == "x-y"
     assert evaluate("task.ext.when == null || task.ext.when", ctx) is True
     assert evaluate("xs.join(' ')", ctx) == "p q"
+    # closures, postfix calls and instanceof, as TILEFEAT_EXTRACT_BATCH and TILEFEAT_JOIN use them
+    ctx.update({"meta": {"samples": [{"id": "s1"}, {"id": "s2"}]}, "one": StagedPath("inputs/a.csv")})
+    assert evaluate("meta.samples.collect { s -> \"--sample '${s.id}'\" }.join(' ')", ctx) == "--sample 's1' --sample 's2'"
+    assert evaluate("xs instanceof List ? xs : [xs]", ctx) == ["p", "q"]
+    assert evaluate("(one instanceof List ? one : [one]).collect { f -> \"${f}\" }", ctx) == ["inputs/a.csv"]
+    assert evaluate("[one].collect { f -> f.name }", ctx) == ["inputs/a.csv"]  # TaskPath.name: the staged name
+    assert evaluate("[one].collect { f -> f.fileName.name }", ctx) == ["a.csv"]
+    assert evaluate("xs.collect { x -> [x, xs.collect { y -> y }] }", ctx) == [["p", ["p", "q"]], ["q", ["p", "q"]]]
     assert _interpolate("a \\\\\n \\$HOME ${b} $b\\tz", ctx, triple=True) == "a \\\n $HOME x x\tz"
     with pytest.raises(GroovyError):
         evaluate("b.toUpperCase()", ctx)
+    with pytest.raises(GroovyError):
+        evaluate("xs.collect { x -> x }.unique()", ctx)
 
 
 # ---------------------------------------------------------------------------------------
@@ -716,6 +821,10 @@ def test_cli_accepts_every_flag_and_value_the_pipeline_uses(bin_dir):
     _, extract_flags = _modules_config_args("TILEFEAT_EXTRACT", _default_params())
     _, join_flags = _modules_config_args("TILEFEAT_JOIN", _default_params())
     module_extract = set(re.findall(r"--[a-z][\w-]*", _section(EXTRACT_NF, "script")))
+    module_extract |= set(re.findall(r"--[a-z][\w-]*", _section(BATCH_NF, "script")))
+    # --format (the batch module, for h5 and parquet) comes with the output formats:
+    # test_cli_accepts_the_output_formats checks it
+    module_extract -= {"--format"}
     module_join = set(re.findall(r"--[a-z][\w-]*", _section(JOIN_NF, "script")))
     for flag in set(extract_flags) | module_extract:
         assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", extract_help.stdout), f"tilefeat extract has no {flag}"
@@ -736,7 +845,11 @@ def test_cli_accepts_every_flag_and_value_the_pipeline_uses(bin_dir):
 
 def _possible_values(help_text, flag):
     """Values clap lists for a flag: `[possible values: a, b]` or a `Possible values:` list."""
-    match = re.search(rf"^\s*(?:-\w, )?{re.escape(flag)}\b.*?(?=^\s*(?:-\w, )?--[a-z]|\Z)", help_text, re.MULTILINE | re.DOTALL)
+    # a flag's line is indented by 2 to 6 spaces; its description (which may wrap onto a line
+    # starting with another flag's name) by more
+    match = re.search(
+        rf"^ {{2,6}}(?:-\w, )?{re.escape(flag)}\b.*?(?=^ {{2,6}}(?:-\w, )?--[a-z]|\Z)", help_text, re.MULTILINE | re.DOTALL
+    )
     assert match, f"{flag} not in help"
     block = match.group(0)
     inline = re.search(r"\[possible values: ([^\]]+)\]", block)
@@ -750,63 +863,92 @@ def _possible_values(help_text, flag):
 @needs_binary
 def test_versions_eval_prints_the_version(tmp_path, bin_dir):
     env = _versions_env()
-    for module in (EXTRACT_NF, JOIN_NF):
+    for module in (EXTRACT_NF, BATCH_NF, JOIN_NF):
         command = re.search(r"eval\(\"(.+?)\"\)", _section(module, "output")).group(1)
         result = _run_task(command + "\n", tmp_path / module.parent.name, bin_dir)
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == env["TILEFEAT_VERSION"], result.stdout
 
 
+def _collect_outputs(work, module_path, what):
+    """{emit name: file} of a finished task: each path output must match exactly one file."""
+    found = {}
+    for emit, pattern in _output_globs(module_path).items():
+        matches = _glob(work, pattern)
+        assert len(matches) == 1, f"{what}: output path({pattern!r}) ({emit}) matched {matches}"
+        found[emit] = matches[0]
+    return found
+
+
+def _ext_format_param(process):
+    """The param conf/modules.config gives `process` as ext.format (`ext.format = { params.X }`)."""
+    text = RULES._strip_comments((NF / "conf" / "modules.config").read_text())
+    block = RULES._block(text, rf"withName:\s*'{process}'")
+    assert block is not None, f"conf/modules.config has no withName: '{process}'"
+    match = re.search(r"^\s*ext\.format\s*=\s*\{\s*params\.(\w+)\s*\}\s*$", block, re.MULTILINE)
+    assert match, f"{process}: no `ext.format = {{ params.X }}` in conf/modules.config"
+    return match.group(1)
+
+
+def _extract_one(tmp_path, bin_dir, sample, folder, params):
+    """TILEFEAT_EXTRACT's script for one sample, for real, in a Nextflow-like task folder (its
+    tile folder or archive staged as a symlink of the same name, as Nextflow stages a path
+    input), with conf/modules.config's ext.args and ext.format for `params`.
+    Returns {emit name: file}."""
+    args, _ = _modules_config_args("TILEFEAT_EXTRACT", params)
+    format = params[_ext_format_param("TILEFEAT_EXTRACT")]
+    work = tmp_path / f"extract-{sample}"
+    work.mkdir()
+    _stage(work, folder.name, folder)
+    ctx = _extract_ctx(sample, args, staged=folder.name)
+    ctx["task"]["ext"]["format"] = format
+    script = render(EXTRACT_NF, "script", ctx)
+    assert f"tilefeat extract \\\n    {folder.name} \\\n" in script, script
+    assert f"--output {sample}.{format} " in script, script
+    result = _run_task(script, work, bin_dir)
+    assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+    found = _collect_outputs(work, EXTRACT_NF, sample)
+    assert found["features"].name == f"{sample}.{format}"
+    assert found["provenance"].name == f"{sample}.provenance.yaml"
+    assert found["rejected"].read_text().splitlines()[0] == "tile\treason"
+    return found
+
+
+def _join(work, bin_dir, outputs, params):
+    """TILEFEAT_JOIN's script for real on per-sample outputs ({sample: {emit: file}}), staged
+    under inputs/ in sample-ID order (as main.nf sorts them), with conf/modules.config's
+    ext.args, ext.prefix (cohort_id) and ext.format for `params`. Returns the cohort file."""
+    work.mkdir()
+    names = []
+    for sample in sorted(outputs):
+        found = outputs[sample]
+        _stage(work, f"inputs/{found['features'].name}", found["features"])
+        _stage(work, f"inputs/{found['provenance'].name}", found["provenance"])
+        names.append(f"inputs/{found['features'].name}")
+    join_args, _ = _modules_config_args("TILEFEAT_JOIN", params)
+    format = params[_ext_format_param("TILEFEAT_JOIN")]
+    ctx = _task(params.get("cohort_id", "cohort"), "TILEFEAT:TILEFEAT_JOIN", args=join_args, format=format)
+    # the staged files as the script sees them: named with their stageAs folder (TaskPath)
+    staged = [StagedPath(name) for name in names]
+    ctx.update({"features": staged if len(staged) > 1 else staged[0], "provenance": []})
+    script = render(JOIN_NF, "script", ctx)
+    result = _run_task(script, work, bin_dir)
+    assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+    assert (work / f"{ctx['meta']['id']}.inputs.txt").read_text().split() == names
+    found = _collect_outputs(work, JOIN_NF, "join")
+    assert found["cohort"].name == f"{ctx['meta']['id']}.{format}"
+    return found["cohort"]
+
+
 def _extract_and_join(tmp_path, bin_dir, samples, params, aggregates):
     """The module scripts for real, in Nextflow-like task folders: extract every sample on CPU
-    (its tile folder or archive staged as a symlink of the same name, as Nextflow stages a
-    path input), then join their outputs staged under inputs/.
-    Returns ({sample: {output glob: path}}, {aggregate: rows of the cohort CSV})."""
-    args, _ = _modules_config_args("TILEFEAT_EXTRACT", params)
-    outputs = {}
-    for sample, folder in samples.items():
-        work = tmp_path / f"extract-{sample}"
-        work.mkdir()
-        _stage(work, folder.name, folder)
-        script = render(EXTRACT_NF, "script", _extract_ctx(sample, args, staged=folder.name))
-        assert f"tilefeat extract \\\n    {folder.name} \\\n" in script, script
-        result = _run_task(script, work, bin_dir)
-        assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
-        found = {}
-        for pattern in _output_globs(EXTRACT_NF):
-            matches = sorted(work.glob(pattern))
-            assert len(matches) == 1, f"{sample}: output path({pattern!r}) matched {matches}"
-            found[pattern] = matches[0]
-        assert found["*.csv"].name == f"{sample}.csv"
-        assert found["*.provenance.yaml"].name == f"{sample}.provenance.yaml"
-        assert found["*.rejected.tsv"].read_text().splitlines()[0] == "tile\treason"
-        outputs[sample] = found
-
+    (_extract_one), then join their outputs (_join) with each aggregate.
+    Returns ({sample: {emit name: file}}, {aggregate: rows of the cohort CSV})."""
+    outputs = {sample: _extract_one(tmp_path, bin_dir, sample, folder, params) for sample, folder in samples.items()}
     cohorts = {}
     for aggregate in aggregates:
-        work = tmp_path / f"join-{aggregate}"
-        work.mkdir()
-        names = []
-        for sample in sorted(outputs):  # main.nf sorts by sample ID
-            found = outputs[sample]
-            _stage(work, f"inputs/{found['*.csv'].name}", found["*.csv"])
-            _stage(work, f"inputs/{found['*.provenance.yaml'].name}", found["*.provenance.yaml"])
-            names.append(f"inputs/{found['*.csv'].name}")
-        join_args, _ = _modules_config_args("TILEFEAT_JOIN", dict(params, aggregate=aggregate))
-        ctx = _task(params.get("cohort_id", "cohort"), "TILEFEAT:TILEFEAT_JOIN", args=join_args)
-        ctx.update({"csvs": names, "provenance": []})
-        script = render(JOIN_NF, "script", ctx, overrides={"inputs": names})
-        result = _run_task(script, work, bin_dir)
-        assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
-        assert (work / f"{ctx['meta']['id']}.inputs.txt").read_text().split() == names
-        found = {}
-        for pattern in _output_globs(JOIN_NF):
-            matches = sorted(work.glob(pattern))
-            assert len(matches) == 1, f"join: output path({pattern!r}) matched {matches}"
-            found[pattern] = matches[0]
-        assert found["*.csv"].name == f"{ctx['meta']['id']}.csv"
-        with open(found["*.csv"], newline="") as handle:
-            cohorts[aggregate] = list(csv.reader(handle))
+        cohort = _join(tmp_path / f"join-{aggregate}", bin_dir, outputs, dict(params, aggregate=aggregate))
+        cohorts[aggregate] = _read_rows(cohort)
     return outputs, cohorts
 
 
@@ -851,7 +993,7 @@ def _check_against_plain_runs(outputs, cohorts, plain_samples, plain_cohorts):
     sample column; with mean, the mean of those rows)."""
     assert sorted(outputs) == sorted(plain_samples)
     for sample, found in outputs.items():
-        rows = _read_rows(found["*.csv"])
+        rows = _read_rows(found["features"])
         assert rows[0] == plain_samples[sample][0], (sample, rows[0][:4], plain_samples[sample][0][:4])
         assert rows == plain_samples[sample], f"{sample}: the module's CSV differs from plain `tilefeat extract`"
     for aggregate, rows in cohorts.items():
@@ -912,10 +1054,10 @@ def test_archives_end_to_end(tmp_path, tiles, bin_dir):
     )
     _check_against_plain_runs(outputs, cohorts, plain_samples, plain_cohorts)
     for sample, archive in samples.items():
-        assert outputs[sample]["*.csv"].read_bytes() == (tmp_path / "plain" / f"{sample}.csv").read_bytes(), (
+        assert outputs[sample]["features"].read_bytes() == (tmp_path / "plain" / f"{sample}.csv").read_bytes(), (
             f"{sample}: the module's CSV of {archive.name} is not the bytes of `tilefeat extract` of the folder"
         )
-        provenance = outputs[sample]["*.provenance.yaml"].read_text()
+        provenance = outputs[sample]["provenance"].read_text()
         assert f"\nsample: {sample}\n" in provenance, provenance
         assert re.search(rf"^tile_dir: \S*/{re.escape(archive.name)}$", provenance, re.MULTILINE), provenance
     assert len(cohorts["none"]) == 1 + 4  # 2 samples of 2 tiles
@@ -1040,22 +1182,434 @@ def test_test_profile_end_to_end(tmp_path, bin_dir):
     _check_against_plain_runs(outputs, cohorts, *_plain_runs(tmp_path, samples, flags, (params["aggregate"],)))
 
 
-@pytest.mark.parametrize("module_path", [EXTRACT_NF, JOIN_NF], ids=["extract", "join"])
-def test_stub_writes_every_declared_output(tmp_path, module_path):
-    """`-stub` runs need no binary: the stub must create exactly what the outputs declare."""
+# ---------------------------------------------------------------------------------------
+# Several samples per task (--samples_per_task > 1): TILEFEAT_EXTRACT_BATCH
+# ---------------------------------------------------------------------------------------
+
+
+def _batch_stage_pattern():
+    """The `stageAs` of TILEFEAT_EXTRACT_BATCH's tiles input."""
+    match = re.search(r"tuple val\(meta\), path\(tiles, stageAs: '([^']+)'\)", _section(BATCH_NF, "input"))
+    assert match, "TILEFEAT_EXTRACT_BATCH: `tuple val(meta), path(tiles, stageAs: '...')` not found"
+    return match.group(1)
+
+
+def _staged_names(pattern, names):
+    """The names Nextflow stages a list of inputs under for `stageAs: pattern`
+    (TaskProcessor.expandWildcards): a `*` last part keeps each file's name; in the folder
+    part, `?`s become the 1-based index zero-padded to their count and `*` the index; a
+    pattern without wildcards gets a `*` appended when there are several files."""
+
+    def index(text, i, strip_star=False):
+        text = text.replace("*", "" if strip_star else str(i))
+        return re.sub(r"\?+", lambda m: str(i).zfill(len(m.group())), text)
+
+    if not pattern or pattern == "*":
+        return list(names)
+    if "*" not in pattern and "?" not in pattern and len(names) > 1:
+        pattern += "*"
+    staged = []
+    for i, name in enumerate(names, 1):
+        parent, _, last = pattern.rpartition("/")
+        last = name if last in ("*", "") else index(last, i, strip_star=len(names) <= 1)
+        staged.append(f"{index(parent, i)}/{last}" if parent else last)
+    return staged
+
+
+def test_staged_names_follow_nextflow():
+    assert _staged_names("tiles??/*", ["a", "tiles"]) == ["tiles01/a", "tiles02/tiles"]
+    assert _staged_names("tiles??/*", ["a"]) == ["tiles01/a"]
+    assert _staged_names("dir*/*", ["a", "b"]) == ["dir1/a", "dir2/b"]
+    assert _staged_names("inputs/*", ["a", "b"]) == ["inputs/a", "inputs/b"]
+    assert _staged_names("*", ["a", "a"]) == ["a", "a"]  # a collision: Nextflow refuses the task
+    assert _staged_names("seq", ["a", "b"]) == ["seq1", "seq2"]
+
+
+def _main_nf_batches(ids, size):
+    """main.nf's batches for --samples_per_task `size`: sample IDs in order, `size` at a time
+    (the last one may be smaller), each named FIRST..LAST (or its one sample's ID). Mirrors
+    main.nf, whose code is pinned by test_main_nf_batches_and_rekeys_per_sample."""
+    ordered = sorted(ids)
+    groups = [ordered[i : i + size] for i in range(0, len(ordered), size)]
+    return [(group[0] if len(group) == 1 else f"{group[0]}..{group[-1]}", group) for group in groups]
+
+
+def test_main_nf_batches_and_rekeys_per_sample():
+    """main.nf (no Nextflow runtime here, so its code is pinned): one sample per task through
+    TILEFEAT_EXTRACT when samples_per_task is 1; else batches in sample-ID order through
+    TILEFEAT_EXTRACT_BATCH, whose outputs are re-keyed to each sample's meta by file name
+    (<id>.<format>, <id>.provenance.yaml), the failed samples reported, and the join fed the
+    same way in both cases."""
+    text = RULES._strip_comments((NF / "main.nf").read_text())
+    for needed in (
+        "if ( params.samples_per_task == 1 ) {\n        TILEFEAT_EXTRACT( channel.fromList(samples), weights, cache_dir )",
+        ".toSorted { a, b -> a[0].id <=> b[0].id }\n            .collate( params.samples_per_task as int )",
+        'def id = ids.size() == 1 ? ids[0] : "${ids.first()}..${ids.last()}".toString()',
+        "[ [ id: id, samples: rows.collect { row -> row[0] } ], rows.collect { row -> row[1] } ]",
+        "TILEFEAT_EXTRACT_BATCH( channel.fromList(batches), weights, cache_dir )",
+        "ch_features = perSample( TILEFEAT_EXTRACT_BATCH.out.features, [ '.csv', '.h5', '.parquet' ] )",
+        "ch_provenance = perSample( TILEFEAT_EXTRACT_BATCH.out.provenance, [ '.provenance.yaml' ] )",
+        "reportFailedSamples( TILEFEAT_EXTRACT_BATCH.out.failed )",
+        'found.find { f -> suffixes.any { suffix -> f.name == "${sample.id}${suffix}".toString() } }',
+        "def ch_join_input = ch_features\n        .join( ch_provenance )",
+        "tsv.readLines().drop(1).findAll { line -> line }.collect { line -> line.split('\\t', 3) as List }",
+        "storeDir: \"${params.outdir}/pipeline_info\"",
+    ):
+        assert needed in text, f"main.nf no longer has: {needed}"
+    assert _main_nf_batches(["c", "a", "b"], 2) == [("a..b", ["a", "b"]), ("c", ["c"])]
+    # the file names the re-keying looks for are the ones the module's outputs match, for
+    # every format the schema offers
+    globs = _output_globs(BATCH_NF)
+    assert globs["features"] == "*.{csv,h5,parquet}" and globs["provenance"] == "*.provenance.yaml"
+    assert set(_schema_properties()["format"]["enum"]) == {"csv", "h5", "parquet"}
+
+
+def test_batch_module_config_matches_extract():
+    """conf/modules.config gives TILEFEAT_EXTRACT_BATCH the same ext.args, ext.format and
+    containerOptions as TILEFEAT_EXTRACT, and publishes its outputs to the same samples/
+    folder, but not the batch's own failed list (main.nf gathers those)."""
+    text = RULES._strip_comments((NF / "conf" / "modules.config").read_text())
+    blocks = {name: RULES._block(text, rf"withName:\s*'{name}'") for name in ("TILEFEAT_EXTRACT", "TILEFEAT_EXTRACT_BATCH")}
+
+    def setting(block, name):
+        match = re.search(rf"^\s*{re.escape(name)}\s*=\s*(.+?)(?=^\s*[\w.]+\s*=|\Z)", block, re.MULTILINE | re.DOTALL)
+        assert match, name
+        return " ".join(match.group(1).split())
+
+    for name in ("ext.args", "ext.format", "containerOptions"):
+        assert setting(blocks["TILEFEAT_EXTRACT"], name) == setting(blocks["TILEFEAT_EXTRACT_BATCH"], name), name
+    publish = setting(blocks["TILEFEAT_EXTRACT_BATCH"], "publishDir")
+    assert 'path: { "${params.outdir}/samples" }' in publish, publish
+    assert "saveAs: { filename -> filename.endsWith('.failed.tsv') ? null : filename }" in publish, publish
+    params = _default_params(weights="random:3", precision="bf16")
+    assert _modules_config_args("TILEFEAT_EXTRACT_BATCH", params) == _modules_config_args("TILEFEAT_EXTRACT", params)
+
+
+def _batch_ctx(samples, staged, args, accelerator=None, weights=None, cache_dir="", format=None):
+    """Context of TILEFEAT_EXTRACT_BATCH: the batch meta as main.nf builds it, and its tiles
+    as the script sees them (`staged`, one per sample: a list, or the one path of a
+    single-sample batch, as Nextflow passes them)."""
+    (batch_id, _), *_ = _main_nf_batches(samples, len(samples))
+    ctx = _task(batch_id, "TILEFEAT:TILEFEAT_EXTRACT_BATCH", args=args, accelerator=accelerator, format=format)
+    ctx["meta"] = {"id": batch_id, "samples": [{"id": sample} for sample in samples]}
+    paths = [StagedPath(name) for name in staged]
+    ctx.update({"tiles": paths if len(paths) > 1 else paths[0], "weights": weights or [], "cache_dir": cache_dir})
+    return ctx
+
+
+def _run_batch(work, bin_dir, samples, params, weights=None, extra_args=""):
+    """TILEFEAT_EXTRACT_BATCH's script for real on `samples` ({sample ID: tile folder or
+    archive}, in the order main.nf gives them: sorted), each staged under the name Nextflow
+    gives it. Returns (script, completed process)."""
+    args, _ = _modules_config_args("TILEFEAT_EXTRACT_BATCH", params)
+    format = params[_ext_format_param("TILEFEAT_EXTRACT_BATCH")]
+    ids = sorted(samples)
+    staged = _staged_names(_batch_stage_pattern(), [samples[s].name for s in ids])
+    assert len(set(staged)) == len(staged), f"Nextflow would refuse colliding input names: {staged}"
+    work.mkdir(parents=True)
+    for sample, name in zip(ids, staged):
+        _stage(work, name, samples[sample])
+    if weights:
+        _stage(work, Path(weights).name, weights)
+    ctx = _batch_ctx(ids, staged, (args + " " + extra_args).strip(), weights=Path(weights).name if weights else None, format=format)
+    script = render(BATCH_NF, "script", ctx)
+    assert " ".join(f"--sample '{s}'" for s in ids) in script, script
+    assert "--device cpu" in script and "--threads 2" in script and "--no-cache" in script, script
+    assert ("--format" in script) == (format != "csv"), script
+    return script, _run_task(script, work, bin_dir)
+
+
+def _batch_outputs(work, meta_samples, format):
+    """What the task emits, re-keyed per sample as main.nf's perSample does it: for each of
+    the batch's samples, its file `<id><suffix>` among those an output glob matched.
+    Returns {sample: {emit: file}} for the samples that have all three."""
+    globs = _output_globs(BATCH_NF)
+    suffixes = {"features": f".{format}", "provenance": ".provenance.yaml", "rejected": ".rejected.tsv"}
+    emitted = {emit: _glob(work, globs[emit]) for emit in suffixes}
+    per_sample = {}
+    for sample in meta_samples:
+        found = {emit: next((f for f in emitted[emit] if f.name == f"{sample}{suffix}"), None) for emit, suffix in suffixes.items()}
+        if any(found.values()):
+            assert all(found.values()), f"{sample}: some of its files only: {found}"
+            per_sample[sample] = found
+    # nothing else was emitted (e.g. a file of no sample of the batch)
+    assert sorted(f for files in emitted.values() for f in files) == sorted(f for found in per_sample.values() for f in found.values())
+    return per_sample
+
+
+def _failed_rows(work, batch_id):
+    lines = (work / f"{batch_id}.failed.tsv").read_text().splitlines()
+    assert lines[0] == "sample\texit_status\terror", lines
+    rows = [line.split("\t") for line in lines[1:]]
+    assert all(len(row) == 3 for row in rows), rows
+    return rows
+
+
+@pytest.fixture(scope="module")
+def demo_samples():
+    _require_demo_tiles()
+    return {name: REPO / "demo" / "tiles" / name for name in ("sampleA", "sampleB", "sampleC")}
+
+
+@pytest.fixture(scope="module")
+def demo_singles(tmp_path_factory, bin_dir, demo_samples):
+    """The demo samples through TILEFEAT_EXTRACT, one task each (random:0 weights)."""
+    tmp = tmp_path_factory.mktemp("singles")
+    params = _default_params(weights="random:0")
+    return {sample: _extract_one(tmp, bin_dir, sample, folder, params) for sample, folder in demo_samples.items()}
+
+
+@needs_binary
+@pytest.mark.parametrize("samples_per_task", [2, 3])
+def test_batch_script_matches_one_sample_per_task(tmp_path, bin_dir, demo_samples, demo_singles, samples_per_task):
+    """--samples_per_task 2 and 3 on the demo samples: the batch tasks' per-sample CSVs and
+    rejected lists are byte for byte those of one task per sample, each provenance names its
+    sample and tile folder, no sample is listed as failed, and the cohort joined from the
+    re-keyed outputs is the one-task-per-sample cohort."""
+    params = _default_params(weights="random:0")
+    outputs = {}
+    batches = _main_nf_batches(list(demo_samples), samples_per_task)
+    assert len(batches) == -(-3 // samples_per_task)
+    for batch_id, ids in batches:
+        work = tmp_path / batch_id
+        script, result = _run_batch(work, bin_dir, {s: demo_samples[s] for s in ids}, params)
+        assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+        assert _failed_rows(work, batch_id) == []
+        found = _batch_outputs(work, ids, "csv")
+        assert sorted(found) == ids
+        for sample in ids:
+            assert found[sample]["features"].read_bytes() == demo_singles[sample]["features"].read_bytes(), (
+                f"{sample}: the batch task's CSV differs from its one-sample task's"
+            )
+            assert found[sample]["rejected"].read_bytes() == demo_singles[sample]["rejected"].read_bytes()
+            provenance = found[sample]["provenance"].read_text()
+            # (a staged folder is a symlink: tilefeat records where it leads)
+            assert f"\nsample: {sample}\n" in provenance, provenance
+            assert f"\ntile_dir: {demo_samples[sample]}\n" in provenance, provenance
+        outputs.update(found)
+    assert sorted(outputs) == sorted(demo_samples)
+    join_params = dict(params, aggregate="mean")
+    batched = _read_rows(_join(tmp_path / "join-batched", bin_dir, outputs, join_params))
+    single = _read_rows(_join(tmp_path / "join-single", bin_dir, demo_singles, join_params))
+    assert batched == single and [row[0] for row in batched[1:]] == sorted(demo_samples)
+
+
+@needs_binary
+def test_batch_stages_same_named_folders_apart(tmp_path, bin_dir, demo_samples, demo_singles):
+    """Two samples whose folders are both called `tiles`, and an archive, in one task: each is
+    staged in its own folder, and each sample's CSV is its own (the samplesheet's IDs name
+    them)."""
+    sources = tmp_path / "sources"
+    shutil.copytree(demo_samples["sampleA"], sources / "slide1" / "tiles")
+    shutil.copytree(demo_samples["sampleB"], sources / "slide2" / "tiles")
+    archive = make_archive(demo_samples["sampleC"], sources / "tiles.zip")
+    samples = {"p1": sources / "slide1" / "tiles", "p2": sources / "slide2" / "tiles", "p3": archive}
+    assert len(set(_staged_names("*", [p.name for p in samples.values()]))) < 3  # they would collide unstaged
+    script, result = _run_batch(tmp_path / "batch", bin_dir, samples, _default_params(weights="random:0"))
+    assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+    assert "'tiles01/tiles' 'tiles02/tiles' 'tiles03/tiles.zip'" in script, script
+    found = _batch_outputs(tmp_path / "batch", ["p1", "p2", "p3"], "csv")
+    for sample, demo in (("p1", "sampleA"), ("p2", "sampleB"), ("p3", "sampleC")):
+        assert found[sample]["features"].read_bytes() == demo_singles[demo]["features"].read_bytes(), sample
+
+
+@needs_binary
+def test_batch_reports_failed_samples_and_keeps_the_others(tmp_path, bin_dir, demo_samples, demo_singles):
+    """A sample without tiles and one with a corrupt tile (--on_error fail) among good ones:
+    the task succeeds, the good samples' files are there (byte for byte their one-sample
+    tasks'), the broken ones have none and are listed in <batch>.failed.tsv with tilefeat's
+    exit status and message; their re-keyed outputs hold the good samples only."""
+    broken = tmp_path / "broken"
+    (broken / "bare").mkdir(parents=True)
+    shutil.copytree(demo_samples["sampleB"], broken / "corrupt")
+    (broken / "corrupt" / "zz_bad.png").write_bytes(b"not a png at all\n")
+    samples = {"sampleA": demo_samples["sampleA"], "bare": broken / "bare", "corrupt": broken / "corrupt", "sampleC": demo_samples["sampleC"]}
+    ((batch_id, ids),) = _main_nf_batches(list(samples), 4)
+    assert batch_id == "bare..sampleC"
+    work = tmp_path / "batch"
+    script, result = _run_batch(work, bin_dir, samples, _default_params(weights="random:0"))
+    assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+    assert "2 of 4 samples failed (bare, corrupt); the others were written" in result.stderr, result.stderr
+    found = _batch_outputs(work, ids, "csv")
+    assert sorted(found) == ["sampleA", "sampleC"]
+    for sample in found:
+        assert found[sample]["features"].read_bytes() == demo_singles[sample]["features"].read_bytes(), sample
+    for sample in ("bare", "corrupt"):
+        left = [work / f"{sample}.{suffix}" for suffix in ("csv", "provenance.yaml", "rejected.tsv")]
+        assert not [f for f in left if f.exists()], f"{sample} left files behind"
+    rows = {row[0]: row for row in _failed_rows(work, batch_id)}
+    assert sorted(rows) == ["bare", "corrupt"]
+    assert rows["bare"][1] == "3" and "holds no tiles" in rows["bare"][2], rows["bare"]
+    assert rows["corrupt"][1] == "3" and "zz_bad.png" in rows["corrupt"][2] and "not a PNG" in rows["corrupt"][2], rows["corrupt"]
+
+    # A batch of one failing sample (the last, smaller batch): tilefeat's message does not
+    # name the sample then; it is still listed, and nothing is emitted.
+    work = tmp_path / "alone"
+    script, result = _run_batch(work, bin_dir, {"bare": broken / "bare"}, _default_params(weights="random:0"))
+    assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+    assert _batch_outputs(work, ["bare"], "csv") == {}
+    ((sample, status, error),) = _failed_rows(work, "bare")
+    assert (sample, status) == ("bare", "3") and "holds no tiles" in error, error
+
+
+@needs_binary
+def test_batch_fails_on_errors_that_are_not_a_sample_s(tmp_path, bin_dir, demo_samples):
+    """Only a sample's own input or output failure (exit 3 or 6) is tolerated: bad weights
+    (exit 4) or a usage error (exit 2) fail the task with tilefeat's exit status."""
+    weights = tmp_path / "bad.pth"
+    weights.write_bytes(b"not weights\n")
+    samples = {s: demo_samples[s] for s in ("sampleA", "sampleB")}
+    script, result = _run_batch(tmp_path / "weights", bin_dir, samples, _default_params(weights=None), weights=weights)
+    assert "--weights bad.pth" in script, script
+    assert result.returncode == 4, f"{script}\n{result.stdout}\n{result.stderr}"
+    script, result = _run_batch(tmp_path / "usage", bin_dir, samples, _default_params(weights="random:0"), extra_args="--no-such-flag")
+    assert result.returncode == 2, f"{script}\n{result.stdout}\n{result.stderr}"
+
+
+# ---------------------------------------------------------------------------------------
+# Output formats (--format csv|h5|parquet, --cohort_format csv|parquet)
+# ---------------------------------------------------------------------------------------
+
+
+@needs_binary
+def test_cli_accepts_the_output_formats():
+    """The batch module's --format and the formats the schema offers are the CLI's; join
+    writes Parquet as well as CSV. (Needs a tilefeat with output formats.)"""
+    extract_help = subprocess.run([str(TILEFEAT_BIN), "extract", "--help"], capture_output=True, text=True, timeout=60)
+    join_help = subprocess.run([str(TILEFEAT_BIN), "join", "--help"], capture_output=True, text=True, timeout=60)
+    assert extract_help.returncode == 0 and join_help.returncode == 0
+    assert "--format ${format}" in _section(BATCH_NF, "script")
+    assert re.search(r"(?<![\w-])--format(?![\w-])", extract_help.stdout), "tilefeat extract has no --format"
+    properties = _schema_properties()
+    assert set(properties["format"]["enum"]) <= _possible_values(extract_help.stdout, "--format")
+    assert "parquet" in join_help.stdout.lower(), join_help.stdout
+    assert set(properties["cohort_format"]["enum"]) == {"csv", "parquet"}
+
+
+def _as_rows(features, tmp_path):
+    """A per-sample feature file of any format as rows, through `tilefeat join FILE --output
+    X.csv` (join reads all three formats): `sample,tile,0..D-1` rows."""
+    folder = Path(tempfile.mkdtemp(dir=tmp_path, prefix="rows-"))
+    out = folder / "rows.csv"
+    result = subprocess.run(
+        [str(TILEFEAT_BIN), "join", str(features), "--output", str(out), "--quiet"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    return _read_rows(out)
+
+
+FORMAT_CASES = [
+    # (per-sample format, cohort format, samples per task)
+    ("h5", "csv", 1),
+    ("parquet", "parquet", 1),
+    ("h5", "parquet", 2),
+    ("parquet", "csv", 3),
+]
+
+
+@needs_binary
+@pytest.mark.parametrize(
+    "format, cohort_format, samples_per_task", FORMAT_CASES, ids=[f"{f}-{c}-per{n}" for f, c, n in FORMAT_CASES]
+)
+def test_output_formats_end_to_end(tmp_path, bin_dir, demo_samples, format, cohort_format, samples_per_task):
+    """--format h5|parquet and --cohort_format csv|parquet through the module scripts (one
+    sample per task, and batched): each sample's <id>.<format> with its provenance and
+    rejected list beside it, holding what plain `tilefeat extract --output S.<format>` holds,
+    and the cohort file the plain `tilefeat join ... --output cohort.<cohort_format>` of
+    those. (Needs a tilefeat with output formats.)"""
+    params = _default_params(weights="random:0", format=format, cohort_format=cohort_format, samples_per_task=samples_per_task)
+    if samples_per_task == 1:
+        outputs = {s: _extract_one(tmp_path, bin_dir, s, folder, params) for s, folder in demo_samples.items()}
+    else:
+        outputs = {}
+        for batch_id, ids in _main_nf_batches(list(demo_samples), samples_per_task):
+            work = tmp_path / batch_id
+            script, result = _run_batch(work, bin_dir, {s: demo_samples[s] for s in ids}, params)
+            assert f"--format {format} " in script, script
+            assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+            assert _failed_rows(work, batch_id) == []
+            outputs.update(_batch_outputs(work, ids, format))
+    assert sorted(outputs) == sorted(demo_samples)
+    cohort = _join(tmp_path / "join", bin_dir, outputs, params)
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for sample, folder in sorted(demo_samples.items()):
+        result = subprocess.run(
+            [str(TILEFEAT_BIN), "extract", str(folder), "--output", str(plain / f"{sample}.{format}"), "--sample", sample,
+             "--weights", "random:0", "--device", "cpu", "--threads", "2", "--no-cache", "--quiet"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert (plain / f"{sample}.provenance.yaml").is_file() and (plain / f"{sample}.rejected.tsv").is_file()
+        found = outputs[sample]
+        assert found["features"].name == f"{sample}.{format}"
+        assert found["provenance"].name == f"{sample}.provenance.yaml"
+        assert found["rejected"].read_bytes() == (plain / f"{sample}.rejected.tsv").read_bytes()
+        assert f"\nsample: {sample}\n" in found["provenance"].read_text()
+        rows = _as_rows(found["features"], tmp_path)
+        assert rows == _as_rows(plain / f"{sample}.{format}", tmp_path), f"{sample}: the module's {format} differs"
+        assert [row[0] for row in rows[1:]] == [sample] * (len(rows) - 1) and len(rows) > 1
+    plain_cohort = plain / f"cohort.{cohort_format}"
+    result = subprocess.run(
+        [str(TILEFEAT_BIN), "join", *(str(plain / f"{s}.{format}") for s in sorted(demo_samples)),
+         "--output", str(plain_cohort), "--aggregate", params["aggregate"], "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert cohort.name == f"cohort.{cohort_format}"
+    tiles = sum(1 for folder in demo_samples.values() for f in folder.iterdir() if f.is_file())
+    if cohort_format == "csv":
+        rows = _read_rows(cohort)
+        assert rows == _read_rows(plain_cohort)
+        assert len(rows) == 1 + tiles and [row[0] for row in rows[1:]] == sorted(row[0] for row in rows[1:])
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(cohort)
+        assert table.equals(pq.read_table(plain_cohort)), "the module's Parquet cohort differs from plain `tilefeat join`"
+        assert table.num_rows == tiles
+
+
+STUB_CASES = [
+    # (module, ext.format: None = the module's default)
+    (EXTRACT_NF, None), (EXTRACT_NF, "h5"), (EXTRACT_NF, "parquet"),
+    (JOIN_NF, None), (JOIN_NF, "parquet"),
+    (BATCH_NF, None), (BATCH_NF, "h5"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "module_path, format", STUB_CASES, ids=[f"{m.parent.name}-{f or 'default'}" for m, f in STUB_CASES]
+)
+def test_stub_writes_every_declared_output(tmp_path, module_path, format):
+    """`-stub` runs need no binary: the stub must create exactly what the outputs declare
+    (one file per sample for the batch module's per-sample outputs)."""
+    per_sample = 1
     if module_path == EXTRACT_NF:
         ctx = _extract_ctx("sampleA", "")
-        overrides = None
-    else:
+    elif module_path == JOIN_NF:
         ctx = _task("cohort", "TILEFEAT:TILEFEAT_JOIN")
-        ctx.update({"csvs": ["inputs/a.csv"], "provenance": ["inputs/a.provenance.yaml"]})
-        overrides = None
-    script = render(module_path, "stub", ctx, overrides=overrides)
+        ctx.update({"features": [StagedPath("inputs/a.csv")], "provenance": [StagedPath("inputs/a.provenance.yaml")]})
+    else:
+        samples = ["sampleA", "sampleB", "sampleC"]
+        ctx = _batch_ctx(samples, [f"tiles0{i + 1}/{s}" for i, s in enumerate(samples)], "")
+        per_sample = len(samples)
+    ctx["task"]["ext"]["format"] = format
+    script = render(module_path, "stub", ctx)
     work = tmp_path / "stub"
     result = _run_task(script, work, tmp_path)
     assert result.returncode == 0, f"{script}\n{result.stderr}"
-    for pattern in _output_globs(module_path):
-        matches = sorted(work.glob(pattern))
-        assert len(matches) == 1, f"stub output path({pattern!r}) matched {matches}"
+    for emit, pattern in _output_globs(module_path).items():
+        matches = _glob(work, pattern)
+        expected = 1 if emit in ("failed", "cohort") else per_sample
+        assert len(matches) == expected, f"stub output path({pattern!r}) ({emit}) matched {matches}"
+    if "features" in _output_globs(module_path):
+        assert {p.suffix for p in _glob(work, _output_globs(module_path)["features"])} == {f".{format or 'csv'}"}
+    if module_path == JOIN_NF:
+        assert (work / f"cohort.{format or 'csv'}").is_file()
     if module_path == EXTRACT_NF:
         assert (work / "sampleA.rejected.tsv").read_text() == "tile\treason\n"
+    if module_path == BATCH_NF:
+        assert (work / "sampleA.rejected.tsv").read_text() == "tile\treason\n"
+        assert (work / "sampleA..sampleC.failed.tsv").read_text() == "sample\texit_status\terror\n"

@@ -569,3 +569,139 @@ def test_archives_match_plain_extract(tiles, references, tmp_path, samples_per_j
         assert logs == ["plain.log", "tarred.log", "zipped.log"], logs
     else:
         assert logs == ["batch0.log", "batch1.log"], logs
+
+
+# ------------------------------------------------------------------------- output formats
+
+
+def test_dry_run_formats(tmp_path, tiles):
+    """extract.format and join.format reach the rules: per-sample `--output features/S.h5`
+    (the extension sets the format), batched `--outdir features --format h5`, the join's
+    inputs and its `--output cohort.parquet`; csv, the default, adds no flag (the commands of
+    a csv run are those of before)."""
+    config = write_config(
+        tmp_path / "h5.yaml", tiles, extract={"format": "h5"}, join={"format": "parquet"}
+    )
+    proc = snakemake(tmp_path, "--configfile", config, "-n", "-p", "--cores", "2")
+    commands = shell_commands(proc.stdout, str(BINARY))
+    extracts = [c for c in commands if " extract " in c]
+    assert len(extracts) == len(SAMPLES), proc.stdout
+    for sample in SAMPLES:
+        assert any(
+            f"extract {tiles / sample} --output results/features/{sample}.h5 --sample {sample} " in c
+            for c in extracts
+        ), extracts
+    (join,) = [c for c in commands if " join " in c]
+    assert "--output results/cohort.parquet" in join, join
+    for sample in SAMPLES:  # the join (and its list) takes the .h5 files
+        assert f"results/features/{sample}.h5" in proc.stdout
+    assert "results/features/s1.csv" not in proc.stdout
+
+    config = write_config(
+        tmp_path / "batched.yaml", tiles, outdir="out",
+        extract={"format": "parquet", "samples_per_job": 2}, join={"output": "all.parquet", "format": "parquet"},
+    )  # fmt: skip
+    proc = snakemake(tmp_path, "--configfile", config, "-n", "-p", "--cores", "2")
+    commands = shell_commands(proc.stdout, str(BINARY))
+    extracts = [c for c in commands if " extract " in c]
+    expected = f"extract {tiles / 's1'} {tiles / 's2'} --outdir out/features --format parquet --sample s1 --sample s2 "
+    assert len(extracts) == 2 and any(expected in c for c in extracts), extracts
+    (join,) = [c for c in commands if " join " in c]
+    assert "--output out/all.parquet" in join, join
+    used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", " ".join(extracts)))
+    assert used <= cli_long_flags("ExtractArgs"), used - cli_long_flags("ExtractArgs")
+
+    # the default, csv: no --format anywhere, and the file names of before
+    for name, extract in (("csv1.yaml", {}), ("csv2.yaml", {"samples_per_job": 2})):
+        config = write_config(tmp_path / name, tiles, extract=extract)
+        proc = snakemake(tmp_path, "--configfile", config, "-n", "-p", "--cores", "2")
+        commands = shell_commands(proc.stdout, str(BINARY))
+        assert commands and not any("--format" in c for c in commands), commands
+        assert "--output results/cohort.csv" in proc.stdout
+        assert all(f"results/features/{s}.csv" in proc.stdout for s in SAMPLES)
+
+
+def test_format_config_errors(tmp_path, tiles):
+    """A cohort file name whose extension is not join.format's, or a format tilefeat does
+    not write, is refused before anything runs, each with its own message."""
+    bad = [
+        ({"join": {"format": "parquet", "output": "cohort.csv"}},
+         ["ValueError", "config: join.output 'cohort.csv' does not end in .parquet (join.format is 'parquet'"]),
+        ({"join": {"output": "cohort.parquet"}},
+         ["ValueError", "config: join.output 'cohort.parquet' does not end in .csv (join.format is 'csv'"]),
+        ({"join": {"format": "h5"}},
+         ["Error validating config file.", "ValidationError: 'h5' is not one of", "instance['join']['format']"]),
+        ({"join": {"output": "cohort.h5"}},
+         ["Error validating config file.", "ValidationError: 'cohort.h5' does not match", "instance['join']['output']"]),
+        ({"extract": {"format": "tsv"}},
+         ["Error validating config file.", "ValidationError: 'tsv' is not one of", "instance['extract']['format']"]),
+    ]  # fmt: skip
+    for i, (overrides, messages) in enumerate(bad):
+        config = write_config(tmp_path / f"bad{i}.yaml", tiles, **overrides)
+        proc = snakemake(tmp_path, "--configfile", config, "-n", check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1, f"exit {proc.returncode} for {overrides}:\n{out}"
+        for message in messages:
+            assert message in out, f"{overrides}: {message!r} not in:\n{out}"
+
+
+def as_rows(features: Path, out: Path) -> list[list[str]]:
+    """A per-sample feature file of any format as `sample,tile,0..D-1` rows, through
+    `tilefeat join FILE --output X.csv` (join reads all three formats)."""
+    run([BINARY, "join", features, "--output", out, "--quiet"], timeout=120)
+    header, rows = read_csv(out)
+    return [header, *rows]
+
+
+@needs_binary
+@pytest.mark.parametrize(
+    "extract_format, join_format, samples_per_job",
+    [("h5", "csv", 1), ("parquet", "parquet", 2), ("h5", "parquet", 2)],
+    ids=["h5-csv-per-sample", "parquet-parquet-batched", "h5-parquet-batched"],
+)
+def test_formats_match_plain_extract(tiles, tmp_path, extract_format, join_format, samples_per_job):
+    """The workflow for real with extract.format h5|parquet and join.format csv|parquet, one
+    job per sample and batched: each sample's features/S.<format> (provenance and rejected
+    list beside it) holds what plain `tilefeat extract --output S.<format>` holds, and the
+    cohort file is plain `tilefeat join` of those. (Needs a tilefeat with output formats.)"""
+    config = write_config(
+        tmp_path / "config.yaml", tiles,
+        extract={"format": extract_format, "samples_per_job": samples_per_job},
+        join={"format": join_format},
+    )  # fmt: skip
+    snakemake(tmp_path, "--configfile", config, "--cores", "2", timeout=240)
+    features = tmp_path / "results" / "features"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for sample in SAMPLES:
+        reference = plain / f"{sample}.{extract_format}"
+        run(
+            [BINARY, "extract", tiles / sample, "--output", reference, "--sample", sample,
+             "--weights", "random:0", "--device", "cpu", "--threads", THREADS, "--quiet"],
+            timeout=120,
+        )  # fmt: skip
+        for suffix in [extract_format, "provenance.yaml", "rejected.tsv"]:
+            assert (features / f"{sample}.{suffix}").is_file(), (sample, suffix)
+        assert not (features / f"{sample}.csv").exists()
+        assert f"sample: {sample}\n" in (features / f"{sample}.provenance.yaml").read_text()
+        rows = as_rows(features / f"{sample}.{extract_format}", tmp_path / f"{sample}-wf.csv")
+        assert rows == as_rows(reference, tmp_path / f"{sample}-plain.csv"), sample
+        assert len(rows) == 1 + SAMPLES[sample]
+    cohort = tmp_path / "results" / f"cohort.{join_format}"
+    assert cohort.is_file()
+    if join_format != "csv":
+        assert not (tmp_path / "results" / "cohort.csv").exists()
+    plain_cohort = plain / f"cohort.{join_format}"
+    run(
+        [BINARY, "join", *(plain / f"{s}.{extract_format}" for s in sorted(SAMPLES)),
+         "--output", plain_cohort, "--quiet"],
+        timeout=120,
+    )  # fmt: skip
+    if join_format == "csv":
+        assert read_csv(cohort) == read_csv(plain_cohort)
+    else:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(cohort)
+        assert table.equals(pq.read_table(plain_cohort)), "the workflow's Parquet cohort differs"
+        assert table.num_rows == sum(SAMPLES.values())

@@ -36,6 +36,24 @@ OUTDIR = os.path.normpath(config["outdir"])
 TILEFEAT = config["tilefeat"]
 EXTRACT = config["extract"]
 JOIN = config["join"]
+# Per-sample feature files: features/{sample}.<FORMAT> (csv, h5 or parquet).
+FORMAT = EXTRACT["format"]
+
+
+def cohort_file():
+    """The cohort file in outdir: join.output, else cohort.<join.format>; tilefeat join takes
+    the format from the extension, so join.output must have join.format's."""
+    name = JOIN["output"] or f"cohort.{JOIN['format']}"
+    if not name.endswith(f".{JOIN['format']}"):
+        raise ValueError(
+            f"config: join.output {name!r} does not end in .{JOIN['format']} (join.format is "
+            f"{JOIN['format']!r}; `tilefeat join` writes the format its output's extension "
+            "names): set both to the same format, or leave join.output empty"
+        )
+    return f"{OUTDIR}/{name}"
+
+
+COHORT = cohort_file()
 
 
 # Archives `tilefeat extract` reads in place instead of a tile folder (suffix in any case).
@@ -167,20 +185,28 @@ def extract_batches():
     return [names[i : i + size] for i in range(0, len(names), size)]
 
 
-def sample_csvs(wildcards=None):
-    return expand(f"{OUTDIR}/features/{{sample}}.csv", sample=SAMPLES)
+def format_flag():
+    """` --format FORMAT` for `tilefeat extract --outdir`; nothing for csv, its default (so
+    that a csv run's command stays as it was). With --output, the extension says it."""
+    return "" if FORMAT == "csv" else f" --format {FORMAT}"
+
+
+def sample_features(wildcards=None):
+    return expand(f"{OUTDIR}/features/{{sample}}.{FORMAT}", sample=SAMPLES)
 
 
 def sample_provenances(wildcards=None):
     return expand(f"{OUTDIR}/features/{{sample}}.provenance.yaml", sample=SAMPLES)
 
 
-def write_join_list(csvs, listing, log):
+def write_join_list(features, listing, log):
     """`tilefeat join --from-list` input: absolute paths, one a line."""
-    Path(listing).write_text("".join(f"{os.path.abspath(p)}\n" for p in csvs))
-    Path(log).write_text(f"{len(csvs)} per-sample CSVs listed in {listing}\n")
+    Path(listing).write_text("".join(f"{os.path.abspath(p)}\n" for p in features))
+    Path(log).write_text(
+        f"{len(features)} per-sample feature files listed in {listing}\n"
+    )
 
 
 def tilefeat_targets():
     """Everything the workflow makes: for `rule all`, or a host workflow's target rule."""
-    return [f"{OUTDIR}/{JOIN['output']}", f"{OUTDIR}/versions.yaml"]
+    return [COHORT, f"{OUTDIR}/versions.yaml"]

@@ -1,12 +1,12 @@
 if EXTRACT["samples_per_job"] == 1:
 
     rule extract:
-        """One sample's tile folder or archive -> per-tile feature CSV (+ provenance, rejected tiles)."""
+        """One sample's tile folder or archive -> per-tile feature file (+ provenance, rejected tiles)."""
         input:
             tiles=lambda wc: SAMPLES[wc.sample],
             weights=weights_input,
         output:
-            csv=f"{OUTDIR}/features/{{sample}}.csv",
+            features=f"{OUTDIR}/features/{{sample}}.{FORMAT}",
             provenance=f"{OUTDIR}/features/{{sample}}.provenance.yaml",
             rejected=f"{OUTDIR}/features/{{sample}}.rejected.tsv",
         log:
@@ -26,7 +26,7 @@ if EXTRACT["samples_per_job"] == 1:
             'echo "tilefeat extract {wildcards.sample}: host=$(hostname)'
             " SLURM_JOB_ID=${{SLURM_JOB_ID:-none}}"
             ' CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-unset}}" > {log:q}; '
-            "{params.tilefeat:q} extract {input.tiles:q} --output {output.csv:q}"
+            "{params.tilefeat:q} extract {input.tiles:q} --output {output.features:q}"
             " --sample {wildcards.sample:q} --threads {threads} {params.options}"
             " >> {log:q} 2>&1"
 
@@ -42,7 +42,7 @@ else:
                 tiles=[SAMPLES[s] for s in names],
                 weights=weights_input,
             output:
-                csv=[f"{OUTDIR}/features/{s}.csv" for s in names],
+                features=[f"{OUTDIR}/features/{s}.{FORMAT}" for s in names],
                 provenance=[f"{OUTDIR}/features/{s}.provenance.yaml" for s in names],
                 rejected=[f"{OUTDIR}/features/{s}.rejected.tsv" for s in names],
             log:
@@ -58,10 +58,11 @@ else:
                 samples=" ".join(names),
                 sample_flags=shlex.join(a for s in names for a in ("--sample", s)),
                 outdir=f"{OUTDIR}/features",
+                format_flag=format_flag(),
             shell:
                 'echo "tilefeat extract {params.samples}: host=$(hostname)'
                 " SLURM_JOB_ID=${{SLURM_JOB_ID:-none}}"
                 ' CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-unset}}" > {log:q}; '
-                "{params.tilefeat:q} extract {input.tiles:q} --outdir {params.outdir:q}"
+                "{params.tilefeat:q} extract {input.tiles:q} --outdir {params.outdir:q}{params.format_flag}"
                 " {params.sample_flags} --threads {threads} {params.options}"
                 " >> {log:q} 2>&1"

@@ -1,24 +1,24 @@
 rule join_list:
-    """The per-sample CSVs, one per line, for `tilefeat join --from-list` (no command-line limit)."""
+    """The per-sample feature files, one per line, for `tilefeat join --from-list` (no command-line limit)."""
     input:
-        csv=sample_csvs,
+        features=sample_features,
     output:
         f"{OUTDIR}/join/inputs.txt",
     log:
         "logs/join_list.log",
     localrule: True
     run:
-        write_join_list(input.csv, output[0], log[0])
+        write_join_list(input.features, output[0], log[0])
 
 
 rule join:
-    """All samples' CSVs -> one cohort CSV (`sample,tile,0..D-1`, or one row per sample)."""
+    """All samples' feature files -> one cohort CSV or Parquet file (`sample,tile,0..D-1`, or one row per sample)."""
     input:
         listing=rules.join_list.output[0],
-        csv=sample_csvs,
+        features=sample_features,
         provenance=sample_provenances,
     output:
-        csv=f"{OUTDIR}/{JOIN['output']}",
+        cohort=COHORT,
     log:
         "logs/join.log",
     benchmark:
@@ -32,7 +32,7 @@ rule join:
         aggregate=JOIN["aggregate"],
     shell:
         'echo "tilefeat join: host=$(hostname) SLURM_JOB_ID=${{SLURM_JOB_ID:-none}}" > {log:q}; '
-        "{params.tilefeat:q} join --from-list {input.listing:q} --output {output.csv:q}"
+        "{params.tilefeat:q} join --from-list {input.listing:q} --output {output.cohort:q}"
         " --aggregate {params.aggregate} >> {log:q} 2>&1"
 
 

@@ -1,4 +1,5 @@
-// TILEFEAT_EXTRACT: one sample's tile folder (or tile archive) -> per-tile ResNet50 feature CSV.
+// TILEFEAT_EXTRACT: one sample's tile folder (or tile archive) -> per-tile ResNet50 features
+// (CSV; HDF5 or Parquet with task.ext.format).
 //
 // No conda/environment.yml: tilefeat is a Rust binary linked against libtorch and is not
 // packaged on Bioconda or conda-forge, so this module runs from the tilefeat container
@@ -16,6 +17,10 @@
 //                                  '' or null means `--no-cache`. The pipeline must make
 //                                  the folder visible inside the container (see
 //                                  nextflow/conf/modules.config, containerOptions).
+//
+// task.ext.format: csv (default), h5 or parquet: the per-sample file is ${prefix}.<format>,
+// its provenance and rejected-tile list beside it as ${prefix}.provenance.yaml and
+// ${prefix}.rejected.tsv whatever the format.
 process TILEFEAT_EXTRACT {
     tag "$meta.id"
     label 'process_gpu'
@@ -33,7 +38,7 @@ process TILEFEAT_EXTRACT {
     val cache_dir
 
     output:
-    tuple val(meta), path("*.csv"), emit: csv
+    tuple val(meta), path("*.{csv,h5,parquet}"), emit: features
     tuple val(meta), path("*.provenance.yaml"), emit: provenance
     tuple val(meta), path("*.rejected.tsv"), emit: rejected
     tuple val("${task.process}"), val('tilefeat'), eval("tilefeat --version | sed 's/tilefeat //'"), topic: versions, emit: versions_tilefeat
@@ -44,6 +49,7 @@ process TILEFEAT_EXTRACT {
     script:
     def args = task.ext.args ?: ''
     def prefix = task.ext.prefix ?: "${meta.id}"
+    def format = task.ext.format ?: 'csv'
     // Ask for CUDA only when the task was given a GPU; never rely on `auto`, so a GPU
     // job that lost its GPU fails (exit 5) instead of silently running on CPU.
     def device = task.accelerator ? 'cuda' : 'cpu'
@@ -52,7 +58,7 @@ process TILEFEAT_EXTRACT {
     """
     tilefeat extract \\
         ${tiles} \\
-        --output ${prefix}.csv \\
+        --output ${prefix}.${format} \\
         --sample '${meta.id}' \\
         --device ${device} \\
         --threads ${task.cpus} \\
@@ -64,8 +70,9 @@ process TILEFEAT_EXTRACT {
 
     stub:
     def prefix = task.ext.prefix ?: "${meta.id}"
+    def format = task.ext.format ?: 'csv'
     """
-    echo 'sample,tile' > ${prefix}.csv
+    echo 'sample,tile' > ${prefix}.${format}
     echo 'sample: ${meta.id}' > ${prefix}.provenance.yaml
     printf 'tile\\treason\\n' > ${prefix}.rejected.tsv
     """
