@@ -13,7 +13,9 @@
 # Python tutorial loop and bf16 DataLoader pipeline, ratios); decoder speed per core; the
 # pipeline's ceiling without the network, with a cache; then scripts/gpu-longrun.sh (48,000
 # tiles: the defaults against their alternatives, alternating; several samples in one
-# process). About 5 minutes on an H200.
+# process); output formats (CSV/HDF5/Parquet, same rows asserted); TorchScript --model (ResNet50
+# trunk vs native, asserted within 5e-3; ViT-B/16 and ViT-L/16 bf16 model-only and end-to-end).
+# About 6-7 minutes on an H200.
 #
 # The parity section asserts, and the script exits 1 at the end (after printing everything)
 # when an assertion failed: every GPU run succeeds, `--device auto` picks CUDA, GPU fp32 agrees
@@ -149,10 +151,79 @@ for src in "$W/bench/tiles4000" "$W/tiles4000.zip" "$W/tiles4000.tar"; do
   fi
 done
 
+section "output formats: the 4000 tiles to CSV, HDF5 and Parquet (bf16, batch 256; asserted: same rows)"
+# histolab-style names, so that HDF5 and Parquet get coordinates.
+python3 - "$W" <<'PY'
+import os, sys
+from pathlib import Path
+W = Path(sys.argv[1]); src = W / "bench" / "tiles4000"; dst = W / "histolab4000"
+dst.mkdir(exist_ok=True)
+for i, f in enumerate(sorted(src.iterdir())):
+    x, y = (i % 64) * 256, (i // 64) * 256
+    link = dst / f"tile_{i}_level0_{x}-{y}-{x + 256}-{y + 256}{f.suffix}"
+    if not link.exists():
+        os.symlink(f, link)
+PY
+for fmt in csv h5 parquet; do
+  mkdir -p "$W/fmt-$fmt"
+  if "$B" extract "$W/histolab4000" -o "$W/fmt-$fmt/s.$fmt" --coords auto --weights random:0 \
+    --quiet --device cuda --precision bf16 --batch-size 256 --no-cache &&
+    "$B" join --quiet "$W/fmt-$fmt/s.$fmt" -o "$W/fmt-$fmt/joined.csv"; then
+    printf '%s: %s bytes/tile; ' "$fmt" "$(python3 -c "import os,sys;print(os.path.getsize(sys.argv[1])//4000)" "$W/fmt-$fmt/s.$fmt")"
+    grep -E '^(tiles_per_s|steady_tiles_per_s):' "$W/fmt-$fmt/s.provenance.yaml" | tr '\n' ' '
+    grep -E '^  (format|write):' "$W/fmt-$fmt/s.provenance.yaml" | tr '\n' ' '
+    echo
+  else
+    echo "format $fmt FAILED"
+    parity=1
+  fi
+done
+for fmt in h5 parquet; do
+  cmp -s "$W/fmt-csv/joined.csv" "$W/fmt-$fmt/joined.csv" || { echo "format $fmt: rows differ from the CSV's"; parity=1; }
+done
+
+section "TorchScript --model: ResNet50 trunk vs native; ViT-B/16 and ViT-L/16 bf16 (model-only vs end-to-end)"
+# Exported here (no registry on the GPU machine: needs torchvision there; random weights).
+if python3 -c "import torchvision" 2>/dev/null; then
+  python3 scripts/export_encoder.py torchvision-resnet50-trunk --random-init 0 --normalize tutorial \
+    -o "$W/trunk.pt" --save-state-dict "$W/trunk.pth" >/dev/null
+  for m in vit_b_16 vit_l_16; do
+    python3 scripts/export_encoder.py "$m" --random-init 0 -o "$W/$m.pt" >/dev/null
+  done
+  run_model() { # NAME ARGS...: end-to-end tiles/s (overall and steady) of one extract
+    local name=$1; shift
+    if "$B" extract "$W/bench/tiles4000" -o "$W/ts-$name.csv" --quiet --device cuda --batch-size 256 \
+      --no-cache "$@"; then
+      printf '%s end-to-end: ' "$name"
+      grep -E '^(tiles_per_s|steady_tiles_per_s):' "$W/ts-$name.provenance.yaml" | tr '\n' ' '
+      echo
+    else
+      echo "--model run $name FAILED"; parity=1
+    fi
+  }
+  for p in fp32 bf16; do
+    run_model "native-$p" --weights "$W/trunk.pth" --precision "$p"
+    run_model "trunk-$p" --model "$W/trunk.pt" --precision "$p"
+  done
+  python3 - "$W/ts-native-fp32.csv" "$W/ts-trunk-fp32.csv" <<'PY' || parity=1
+import sys, numpy as np, pandas as pd
+a, b = (pd.read_csv(p, index_col=0).to_numpy(np.float32) for p in sys.argv[1:])
+rel = float(np.abs(a - b).max() / np.abs(a).max())
+print(f"TorchScript trunk vs native on the GPU, fp32: max relative difference {rel:.2e} (asserted <= 5e-3)")
+sys.exit(rel > 5e-3)
+PY
+  for m in vit_b_16 vit_l_16; do
+    "$B" bench --what model --model "$W/$m.pt" --device cuda --precision bf16 --batch-size 256 --batches 10
+    run_model "$m-bf16" --model "$W/$m.pt" --precision bf16
+  done
+else
+  echo "torchvision is not installed here: TorchScript models not exported, not measured"
+fi
+
 section "slide-sized runs (scripts/gpu-longrun.sh)"
 scripts/gpu-longrun.sh "$OUT_DIR"
 if [ "$parity" -ne 0 ]; then
-  echo "GPU CHECKS FAILED (parity or archive section, above)"
+  echo "GPU CHECKS FAILED (parity, archive, format or --model section, above)"
   exit 1
 fi
 echo "done: every asserted GPU check passed"
