@@ -358,6 +358,24 @@ fn formats_beside_each_other_do_not_take_each_others_provenance() {
     assert!(!d.path().join("x.h5").exists());
     // Rerunning the same output is fine.
     extract_ok(&tiles, &csv, &[]);
+    // The same for join's cohort files.
+    let cohort = d.path().join("c.csv");
+    tilefeat()
+        .args(["join", "--quiet"])
+        .arg(&csv)
+        .arg("-o")
+        .arg(&cohort)
+        .assert()
+        .success();
+    tilefeat()
+        .args(["join", "--quiet"])
+        .arg(&csv)
+        .arg("-o")
+        .arg(d.path().join("c.parquet"))
+        .assert()
+        .code(6)
+        .stderr(predicate::str::contains("c.csv"));
+    assert!(!d.path().join("c.parquet").exists());
 }
 
 /// A run that fails mid-way leaves no HDF5 or Parquet file (nor a temporary one).

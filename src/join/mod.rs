@@ -151,6 +151,26 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
             ),
         ));
     }
+    // `c.csv` and `c.parquet` share `c.provenance.yaml`: one must not take the other's.
+    for ext in ["csv", "parquet"] {
+        let other = crate::output::side_file(&a.output, ext);
+        if other.file_name() != a.output.file_name()
+            && other.exists()
+            && provenance_path(&a.output).exists()
+        {
+            return Err(fail(
+                ExitKind::Output,
+                format!(
+                    "{} would replace {}, the provenance of {}: write the cohort to another \
+                     name, or remove {} first",
+                    a.output.display(),
+                    provenance_path(&a.output).display(),
+                    other.display(),
+                    other.display()
+                ),
+            ));
+        }
+    }
     // Pass 1: provenance only.
     let mut inputs = Vec::with_capacity(paths.len());
     let mut samples = std::collections::HashMap::new();
