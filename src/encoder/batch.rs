@@ -149,6 +149,36 @@ impl PixelBuf {
         (rows as i64 <= size[0] && rows * row_bytes <= self.len)
             .then(|| (tensor.narrow(0, 0, rows as i64), *pinned))
     }
+
+    /// A model worker's input: `n` tiles of `size` px, padded to `pad_to` rows where given
+    /// (one shape for cuDNN), as a u8 NHWC tensor on `device`. From page-locked memory the
+    /// upload is non-blocking: it may still read the buffer when this returns, so the buffer
+    /// goes back to the model stage (to be refilled) only with the batch's features, which
+    /// come after the upload on the worker's stream.
+    pub fn upload(
+        &mut self,
+        n: usize,
+        size: usize,
+        pad_to: Option<usize>,
+        device: Device,
+    ) -> anyhow::Result<Tensor> {
+        let row_bytes = size * size * 3;
+        anyhow::ensure!(
+            self.len() == n * row_bytes,
+            "batch of {n} tiles holds {} bytes, not {}",
+            self.len(),
+            n * row_bytes
+        );
+        let rows = pad_to.map_or(n, |p| p.max(n));
+        self.pad_to(rows * row_bytes);
+        let (staged, pinned) = self.rows(rows).ok_or_else(|| {
+            anyhow::anyhow!("internal error: a batch buffer that is not the model's")
+        })?;
+        Ok(match device {
+            Device::Cpu => staged,
+            d => staged.to_device_(d, Kind::Uint8, pinned, false),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -103,25 +103,7 @@ impl Encoder for NativeResNet {
     fn run(&self, pixels: &mut PixelBuf, n: usize) -> Result<Vec<f32>> {
         let _guard = tch::no_grad_guard();
         let opts = self.model.options();
-        let row_bytes = (self.size * self.size * 3) as usize;
-        anyhow::ensure!(
-            pixels.len() == n * row_bytes,
-            "batch of {n} tiles holds {} bytes, not {}",
-            pixels.len(),
-            n * row_bytes
-        );
-        let rows = self.pad_to.map_or(n, |p| p.max(n));
-        pixels.pad_to(rows * row_bytes);
-        let (staged, pinned) = pixels
-            .rows(rows)
-            .context("internal error: a batch buffer that is not the model's")?;
-        // From pinned memory the upload is non-blocking: it may still read the buffer when
-        // `to_device_` returns. The buffer goes back to the model stage (to be refilled) only
-        // with the features, which come after the upload on this thread's stream.
-        let input = match opts.device {
-            Device::Cpu => staged,
-            d => staged.to_device_(d, Kind::Uint8, pinned, false),
-        };
+        let input = pixels.upload(n, self.size as usize, self.pad_to, opts.device)?;
         let out = match opts.device {
             // On the CPU, one image at a time: oneDNN picks its kernels by the input's shape,
             // and a batch of 24 gave other last bits than a batch of 12, so features would

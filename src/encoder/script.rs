@@ -323,22 +323,7 @@ impl Encoder for ScriptEncoder {
     fn run(&self, pixels: &mut PixelBuf, n: usize) -> Result<Vec<f32>> {
         let _guard = tch::no_grad_guard();
         let m = &self.model;
-        let row_bytes = (m.size * m.size * 3) as usize;
-        anyhow::ensure!(
-            pixels.len() == n * row_bytes,
-            "batch of {n} tiles holds {} bytes, not {}",
-            pixels.len(),
-            n * row_bytes
-        );
-        let rows = m.pad_to.map_or(n, |p| p.max(n));
-        pixels.pad_to(rows * row_bytes);
-        let (staged, pinned) = pixels
-            .rows(rows)
-            .context("internal error: a batch buffer that is not the model's")?;
-        let input = match m.device {
-            Device::Cpu => staged,
-            d => staged.to_device_(d, Kind::Uint8, pinned, false),
-        };
+        let input = pixels.upload(n, m.size as usize, m.pad_to, m.device)?;
         let out = match m.device {
             // One tile per call on the CPU: rows never depend on the batch (see native.rs).
             Device::Cpu => Tensor::cat(
