@@ -59,11 +59,18 @@ fn bad_model_files_fail_with_exit_4_naming_them() {
         assert!(!out.exists());
     }
     // A malformed sidecar beside the model is named too.
-    std::fs::write(text.with_extension("json"), b"{\"size\": \"big\"}").unwrap();
-    extract_base(&tiles, &out)
-        .arg("--model")
-        .arg(&text)
-        .assert()
-        .code(4)
-        .stderr(predicate::str::contains("notes.json"));
+    for sidecar in [
+        r#"{"size": "big"}"#,
+        r#"{"tilefeat_encoder": 1, "size": 0, "mean": [0,0,0], "std": [1,1,1]}"#,
+        r#"{"tilefeat_encoder": 1, "size": 224, "mean": [0,0,0], "std": [1,0,1]}"#,
+        r#"{"tilefeat_encoder": 2, "size": 224, "mean": [0,0,0], "std": [1,1,1]}"#,
+    ] {
+        std::fs::write(text.with_extension("json"), sidecar).unwrap();
+        extract_base(&tiles, &out)
+            .arg("--model")
+            .arg(&text)
+            .assert()
+            .code(4)
+            .stderr(predicate::str::contains("notes.json"));
+    }
 }

@@ -83,6 +83,16 @@ impl Sidecar {
                 ),
             ));
         }
+        if !(16..=4096).contains(&s.size) {
+            return Err(fail(
+                ExitKind::Weights,
+                format!(
+                    "{}: size {} is not between 16 and 4096",
+                    p.display(),
+                    s.size
+                ),
+            ));
+        }
         if s.std.iter().any(|&v| v <= 0.0 || !v.is_finite())
             || s.mean.iter().any(|v| !v.is_finite())
         {
