@@ -9,6 +9,9 @@
  *                             a relative `tiles` path is resolved against the samplesheet's folder
  *   --tiles_glob 'root/*'     one sample per matching folder, the folder name being the sample ID
  *
+ * --model FILE.pt runs a TorchScript image encoder instead of the ResNet50 (not with --weights);
+ * its sidecar FILE.json, when there is one, is staged beside it.
+ *
  * --samples_per_task N > 1 runs N samples (in sample-ID order) per extract task, in one
  * tilefeat process (TILEFEAT_EXTRACT_BATCH); its outputs are re-keyed per sample, so the join
  * sees the same [ meta, file ] as with one sample per task (TILEFEAT_EXTRACT).
@@ -62,6 +65,14 @@ workflow {
     if ( (params.input ? 1 : 0) + (params.tiles_glob ? 1 : 0) != 1 ) {
         error "Give exactly one of --input (a samplesheet CSV with columns sample,tiles) or --tiles_glob 'root/*'"
     }
+    // --model (a TorchScript encoder) replaces the ResNet50, whose weights and layer do not
+    // apply to it (tilefeat would refuse them: exit 2).
+    if ( params.model && params.weights ) {
+        error "Give --model or --weights, not both: --model '${params.model}' replaces the ResNet50, so --weights '${params.weights}' (the ResNet50's weights) does not apply to it"
+    }
+    if ( params.model && params.layer != 'layer4' ) {
+        error "--layer ${params.layer} picks a ResNet50 stage: it does not apply to --model '${params.model}' (leave --layer at its default)"
+    }
 
     // [ meta, tile folder or archive ] per sample, built eagerly so that bad input fails before
     // any task runs.
@@ -97,6 +108,16 @@ workflow {
     // through ext.args (conf/modules.config); no --weights means the torchvision cache ($TORCH_HOME).
     def weights = (params.weights && !params.weights.toString().startsWith('random:')) ? file(params.weights, checkIfExists: true) : []
 
+    // Model (--model): a TorchScript encoder, staged into each task like the weights, and so is
+    // its sidecar when there is one (FILE.json: the model's name with .json for its extension;
+    // it sets the size and the normalization), beside it under the same stem, where tilefeat
+    // looks for it.
+    def model = params.model ? file(params.model, checkIfExists: true) : []
+    def model_sidecar = []
+    if ( model && model.resolveSibling(model.baseName + '.json').exists() ) {
+        model_sidecar = model.resolveSibling(model.baseName + '.json')
+    }
+
     // The feature cache is shared, mutable state: created here, passed as a string, never staged.
     def cache_dir = ''
     if ( params.cache_dir ) {
@@ -109,7 +130,7 @@ workflow {
     def ch_features = channel.empty()
     def ch_provenance = channel.empty()
     if ( params.samples_per_task == 1 ) {
-        TILEFEAT_EXTRACT( channel.fromList(samples), weights, cache_dir )
+        TILEFEAT_EXTRACT( channel.fromList(samples), weights, model, model_sidecar, cache_dir )
         ch_features = TILEFEAT_EXTRACT.out.features
         ch_provenance = TILEFEAT_EXTRACT.out.provenance
     } else {
@@ -124,7 +145,7 @@ workflow {
                 def id = ids.size() == 1 ? ids[0] : "${ids.first()}..${ids.last()}".toString()
                 [ [ id: id, samples: rows.collect { row -> row[0] } ], rows.collect { row -> row[1] } ]
             }
-        TILEFEAT_EXTRACT_BATCH( channel.fromList(batches), weights, cache_dir )
+        TILEFEAT_EXTRACT_BATCH( channel.fromList(batches), weights, model, model_sidecar, cache_dir )
         ch_features = perSample( TILEFEAT_EXTRACT_BATCH.out.features, [ '.csv', '.h5', '.parquet' ] )
         ch_provenance = perSample( TILEFEAT_EXTRACT_BATCH.out.provenance, [ '.provenance.yaml' ] )
         reportFailedSamples( TILEFEAT_EXTRACT_BATCH.out.failed )

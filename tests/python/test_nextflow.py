@@ -11,12 +11,17 @@
   (and the test profile's demo samples), each compared value for value with plain
   `tilefeat extract` / `tilefeat join` runs of the same samples. The module and the CLI
   therefore cannot drift apart. A missing binary or demo/tiles/ fails these tests (no skip).
+* --model: a tiny TorchScript encoder made in the test (torch, no download) and its sidecar,
+  staged as main.nf stages them, through both extract modules: byte for byte plain
+  `tilefeat extract --model`, the model in the provenance; --model with --weights (or a
+  non-default --layer) refused at start-up; the commands without --model unchanged.
 
 nf-test (nextflow/**/tests/*.nf.test) and real Nextflow runs need the Nextflow runtime and are
 not run here.
 """
 
 import csv
+import hashlib
 import importlib.util
 import json
 import os
@@ -27,10 +32,12 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 import zlib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import make_archive
 
@@ -302,6 +309,8 @@ def test_schema_and_config_agree():
         ({"cohort_id": "my cohort"}, "$.cohort_id: 'my cohort' does not match"),
         ({"samples_per_task": 8, "format": "h5", "cohort_format": "parquet"}, None),
         ({"format": "parquet"}, None),
+        ({"model": "/data/encoders/uni.pt"}, None),
+        ({"model": ""}, "$.model: '' does not match"),
         ({"samples_per_task": 0}, "$.samples_per_task: 0 is less than the minimum of 1"),
         ({"samples_per_task": 1.5}, "$.samples_per_task: 1.5 is not of type 'integer'"),
         ({"format": "tsv"}, "$.format: 'tsv' is not one of"),
@@ -353,8 +362,9 @@ _TOKEN = re.compile(
     re.VERBOSE,
 )
 
-# Methods the evaluator knows: list.join(sep), list.collect { x -> expression }.
-_METHODS = ("join", "collect")
+# Methods the evaluator knows: list.join(sep), list.collect { x -> expression },
+# list.findAll { x -> expression }, value.toString(), value.startsWith(prefix).
+_METHODS = ("join", "collect", "findAll", "toString", "startsWith")
 # Types `instanceof` knows.
 _TYPES = {"List": list, "Map": dict, "String": str}
 
@@ -534,7 +544,16 @@ class _Parser:
             separator = self.expr()
             self.take(")")
             return separator.join(_groovy_str(v) for v in target)
-        if method == "collect" and self.peek() == ("op", "{"):
+        if method == "toString" and self.peek() == ("op", "("):
+            self.take("(")
+            self.take(")")
+            return _groovy_str(target)  # null.toString() is 'null' in Groovy too
+        if method == "startsWith" and self.peek() == ("op", "("):
+            self.take("(")
+            prefix = self.expr()
+            self.take(")")
+            return str(target).startswith(prefix)
+        if method in ("collect", "findAll") and self.peek() == ("op", "{"):
             self.take("{")
             kind, parameter = self.take()
             if kind != "name" or "." in parameter:
@@ -548,7 +567,10 @@ class _Parser:
                 self.index += 1
             body = self.tokens[start : self.index]
             self.take("}")
-            return [_Parser(body, {**self.ctx, parameter: item}, self.source).parse() for item in target]
+            results = [_Parser(body, {**self.ctx, parameter: item}, self.source).parse() for item in target]
+            if method == "findAll":
+                return [item for item, keep in zip(target, results) if _truthy(keep)]
+            return results
         raise GroovyError(f"method call .{method}{self.peek()[1]}...: not supported in {self.source!r}")
 
     def primary(self):
@@ -583,9 +605,10 @@ class _Parser:
 
 
 def evaluate(expression, ctx):
-    """Evaluate the small Groovy subset the modules use: literals, GStrings, names,
-    ?: (elvis), ? : (ternary), ||, &&, ==, !=, !, instanceof List|Map|String, (...), [...],
-    list.join(sep) and list.collect { x -> expression }."""
+    """Evaluate the small Groovy subset the modules and conf/modules.config's ext.args use:
+    literals, GStrings, names, ?: (elvis), ? : (ternary), ||, &&, ==, !=, !,
+    instanceof List|Map|String, (...), [...], list.join(sep), list.collect { x -> expression },
+    list.findAll { x -> expression }, value.toString() and value.startsWith(prefix)."""
     return _Parser(_tokenize(expression), ctx, expression.strip()).parse()
 
 
@@ -661,6 +684,12 @@ def test_renderer_evaluates_groovy():
     assert evaluate("[one].collect { f -> f.name }", ctx) == ["inputs/a.csv"]  # TaskPath.name: the staged name
     assert evaluate("[one].collect { f -> f.fileName.name }", ctx) == ["a.csv"]
     assert evaluate("xs.collect { x -> [x, xs.collect { y -> y }] }", ctx) == [["p", ["p", "q"]], ["q", ["p", "q"]]]
+    # findAll, toString and startsWith, as conf/modules.config's ext.args and the extract modules use them
+    assert evaluate("[ a, b, 'c' ].findAll { x -> x }.join(' ')", ctx) == "x c"
+    ctx.update({"params": {"weights": "random:3", "model": None, "size": 224}})
+    assert evaluate("(params.weights && params.weights.toString().startsWith('random:')) ? 'r' : ''", ctx) == "r"
+    assert evaluate("params.model.toString().startsWith('random:')", ctx) is False  # null.toString() is 'null'
+    assert evaluate("(params.model && params.size == 224) ? '' : 'sized'", ctx) == "sized"
     assert _interpolate("a \\\\\n \\$HOME ${b} $b\\tz", ctx, triple=True) == "a \\\n $HOME x x\tz"
     with pytest.raises(GroovyError):
         evaluate("b.toUpperCase()", ctx)
@@ -726,8 +755,9 @@ def _stage(workdir, name, target):
 
 
 def _modules_config_args(process, params):
-    """The task.ext.args conf/modules.config gives `process`, for these params: each
-    `"--flag ${params.x}"` in its ext.args (--weights only for random:SEED)."""
+    """The task.ext.args conf/modules.config gives `process`, for these params: its ext.args
+    closure evaluated as Groovy would (--weights only for random:SEED; with a --model, the
+    ResNet50's defaults left out), and every flag it can pass (each `"--flag ${params.x}"`)."""
     text = RULES._strip_comments((NF / "conf" / "modules.config").read_text())
     block = RULES._block(text, rf"withName:\s*'{process}'")
     assert block is not None, f"conf/modules.config has no withName: '{process}'"
@@ -735,23 +765,22 @@ def _modules_config_args(process, params):
     assert ext_args, f"{process}: ext.args closure not found"
     pairs = re.findall(r'"(--[a-z][\w-]*) \$\{params\.(\w+)\}"', ext_args.group(1))
     assert pairs, f"{process}: no flags in ext.args"
-    args = []
     for flag, param in pairs:
-        value = params[param]
-        if param == "weights":
-            if value is not None and str(value).startswith("random:"):
-                args.append(f"{flag} {value}")
-            continue
-        assert value is not None, f"{process}: {flag} reads params.{param}, which has no default"
-        args.append(f"{flag} {value}")
-    return " ".join(args), [flag for flag, _ in pairs]
+        assert param == "weights" or params[param] is not None, f"{process}: {flag} reads params.{param}, which has no default"
+    args = evaluate(ext_args.group(1), {"params": params})
+    assert isinstance(args, str), f"{process}: ext.args gives {args!r}, not a string"
+    return args, [flag for flag, _ in pairs]
 
 
-def _extract_ctx(tiles_name, args, accelerator=None, weights=None, cache_dir="", staged=None):
+def _extract_ctx(tiles_name, args, accelerator=None, weights=None, cache_dir="", staged=None, model=None, model_sidecar=None):
     """Context of TILEFEAT_EXTRACT for sample `tiles_name`, its tiles staged as `staged`
-    (default: a folder named like the sample)."""
+    (default: a folder named like the sample); weights, model and model_sidecar are the staged
+    files' names ([] when not given, as main.nf passes them)."""
     ctx = _task(tiles_name, "TILEFEAT:TILEFEAT_EXTRACT", args=args, accelerator=accelerator)
-    ctx.update({"tiles": staged or tiles_name, "weights": weights if weights is not None else [], "cache_dir": cache_dir})
+    ctx.update({
+        "tiles": staged or tiles_name, "weights": weights if weights is not None else [],
+        "model": model or [], "model_sidecar": model_sidecar or [], "cache_dir": cache_dir,
+    })  # fmt: skip
     return ctx
 
 
@@ -1242,11 +1271,11 @@ def test_main_nf_batches_and_rekeys_per_sample():
     same way in both cases."""
     text = RULES._strip_comments((NF / "main.nf").read_text())
     for needed in (
-        "if ( params.samples_per_task == 1 ) {\n        TILEFEAT_EXTRACT( channel.fromList(samples), weights, cache_dir )",
+        "if ( params.samples_per_task == 1 ) {\n        TILEFEAT_EXTRACT( channel.fromList(samples), weights, model, model_sidecar, cache_dir )",
         ".toSorted { a, b -> a[0].id <=> b[0].id }\n            .collate( params.samples_per_task as int )",
         'def id = ids.size() == 1 ? ids[0] : "${ids.first()}..${ids.last()}".toString()',
         "[ [ id: id, samples: rows.collect { row -> row[0] } ], rows.collect { row -> row[1] } ]",
-        "TILEFEAT_EXTRACT_BATCH( channel.fromList(batches), weights, cache_dir )",
+        "TILEFEAT_EXTRACT_BATCH( channel.fromList(batches), weights, model, model_sidecar, cache_dir )",
         "ch_features = perSample( TILEFEAT_EXTRACT_BATCH.out.features, [ '.csv', '.h5', '.parquet' ] )",
         "ch_provenance = perSample( TILEFEAT_EXTRACT_BATCH.out.provenance, [ '.provenance.yaml' ] )",
         "reportFailedSamples( TILEFEAT_EXTRACT_BATCH.out.failed )",
@@ -1285,7 +1314,7 @@ def test_batch_module_config_matches_extract():
     assert _modules_config_args("TILEFEAT_EXTRACT_BATCH", params) == _modules_config_args("TILEFEAT_EXTRACT", params)
 
 
-def _batch_ctx(samples, staged, args, accelerator=None, weights=None, cache_dir="", format=None):
+def _batch_ctx(samples, staged, args, accelerator=None, weights=None, cache_dir="", format=None, model=None, model_sidecar=None):
     """Context of TILEFEAT_EXTRACT_BATCH: the batch meta as main.nf builds it, and its tiles
     as the script sees them (`staged`, one per sample: a list, or the one path of a
     single-sample batch, as Nextflow passes them)."""
@@ -1293,14 +1322,18 @@ def _batch_ctx(samples, staged, args, accelerator=None, weights=None, cache_dir=
     ctx = _task(batch_id, "TILEFEAT:TILEFEAT_EXTRACT_BATCH", args=args, accelerator=accelerator, format=format)
     ctx["meta"] = {"id": batch_id, "samples": [{"id": sample} for sample in samples]}
     paths = [StagedPath(name) for name in staged]
-    ctx.update({"tiles": paths if len(paths) > 1 else paths[0], "weights": weights or [], "cache_dir": cache_dir})
+    ctx.update({
+        "tiles": paths if len(paths) > 1 else paths[0], "weights": weights or [],
+        "model": model or [], "model_sidecar": model_sidecar or [], "cache_dir": cache_dir,
+    })  # fmt: skip
     return ctx
 
 
-def _run_batch(work, bin_dir, samples, params, weights=None, extra_args=""):
+def _run_batch(work, bin_dir, samples, params, weights=None, extra_args="", model=None, model_sidecar=None):
     """TILEFEAT_EXTRACT_BATCH's script for real on `samples` ({sample ID: tile folder or
     archive}, in the order main.nf gives them: sorted), each staged under the name Nextflow
-    gives it. Returns (script, completed process)."""
+    gives it, and so are the weights, model and model_sidecar files when given.
+    Returns (script, completed process)."""
     args, _ = _modules_config_args("TILEFEAT_EXTRACT_BATCH", params)
     format = params[_ext_format_param("TILEFEAT_EXTRACT_BATCH")]
     ids = sorted(samples)
@@ -1309,9 +1342,13 @@ def _run_batch(work, bin_dir, samples, params, weights=None, extra_args=""):
     work.mkdir(parents=True)
     for sample, name in zip(ids, staged):
         _stage(work, name, samples[sample])
-    if weights:
-        _stage(work, Path(weights).name, weights)
-    ctx = _batch_ctx(ids, staged, (args + " " + extra_args).strip(), weights=Path(weights).name if weights else None, format=format)
+    for staged_file in (weights, model, model_sidecar):
+        if staged_file:
+            _stage(work, Path(staged_file).name, staged_file)
+    ctx = _batch_ctx(
+        ids, staged, (args + " " + extra_args).strip(), weights=Path(weights).name if weights else None, format=format,
+        model=Path(model).name if model else None, model_sidecar=Path(model_sidecar).name if model_sidecar else None,
+    )  # fmt: skip
     script = render(BATCH_NF, "script", ctx)
     assert " ".join(f"--sample '{s}'" for s in ids) in script, script
     assert "--device cpu" in script and "--threads 2" in script and "--no-cache" in script, script
@@ -1613,3 +1650,231 @@ def test_stub_writes_every_declared_output(tmp_path, module_path, format):
     if module_path == BATCH_NF:
         assert (work / "sampleA.rejected.tsv").read_text() == "tile\treason\n"
         assert (work / "sampleA..sampleC.failed.tsv").read_text() == "sample\texit_status\terror\n"
+
+
+# ---------------------------------------------------------------------------------------
+# A TorchScript encoder instead of the ResNet50 (--model FILE.pt, its sidecar FILE.json)
+# ---------------------------------------------------------------------------------------
+
+TINY_SIDECAR = {
+    "tilefeat_encoder": 1, "name": "tiny", "source": "test", "size": 64, "mean": [0.5, 0.5, 0.5],
+    "std": [0.25, 0.25, 0.25], "output": "embedding", "output_dim": 8, "weights_sha256": None,
+}  # fmt: skip
+# What the pipeline's ext.args always passed (without --model it must stay so, byte for byte).
+DEFAULT_EXTRACT_ARGS = "--precision fp32 --layer layer4 --pool max --normalize tutorial --size 224 --batch-size 32 --on-error fail"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny TorchScript encoder made here, no download (8 features; seeded random init) and
+    its sidecar (64 x 64 tiles, mean 0.5, std 0.25): (model, sidecar), in a folder of their
+    own, as a user keeps them."""
+    import torch
+
+    folder = tmp_path_factory.mktemp("encoder")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    ).eval()
+    model = folder / "tiny.pt"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace/save: still what tilefeat reads
+        torch.jit.save(torch.jit.trace(net, torch.rand(2, 3, 64, 64)), str(model))
+    sidecar = folder / "tiny.json"
+    sidecar.write_text(json.dumps(TINY_SIDECAR))
+    return model, sidecar
+
+
+@pytest.fixture(scope="module")
+def tiny_plain(tmp_path_factory, tiny_model, demo_samples):
+    """Plain `tilefeat extract demo/tiles/S -o S.csv --model tiny.pt` (on CPU, as the module's
+    task without a GPU) for sampleA and sampleB: {sample: CSV}."""
+    model, _ = tiny_model
+    out = tmp_path_factory.mktemp("plain-model")
+    env = {k: v for k, v in os.environ.items() if k not in ("TILEFEAT_CACHE_DIR", "TILEFEAT_WEIGHTS")}
+    found = {}
+    for sample in ("sampleA", "sampleB"):
+        result = subprocess.run(
+            [str(TILEFEAT_BIN), "extract", str(demo_samples[sample]), "-o", str(out / f"{sample}.csv"), "--model", str(model),
+             "--device", "cpu"],
+            capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        found[sample] = out / f"{sample}.csv"
+    return found
+
+
+def _main_nf_model_files(model_param):
+    """main.nf's model inputs for --model `model_param`: (model, sidecar or None), the sidecar
+    being the model's sibling named after its base name (the name without its last
+    extension, as Nextflow's baseName) with .json, when it exists. Mirrors main.nf, whose code
+    is pinned here."""
+    text = RULES._strip_comments((NF / "main.nf").read_text())
+    for needed in (
+        "def model = params.model ? file(params.model, checkIfExists: true) : []",
+        "if ( model && model.resolveSibling(model.baseName + '.json').exists() ) {\n"
+        "        model_sidecar = model.resolveSibling(model.baseName + '.json')",
+    ):
+        assert needed in text, f"main.nf no longer has: {needed}"
+    if not model_param:
+        return None, None
+    model = Path(model_param)
+    assert model.is_file(), model  # checkIfExists
+    base = model.name.rpartition(".")[0] or model.name
+    sidecar = model.with_name(base + ".json")
+    return model, (sidecar if sidecar.exists() else None)
+
+
+def _main_nf_model_refusals(params):
+    """main.nf's start-up refusals that concern --model, evaluated for `params`: the messages
+    of the `if ( CONDITION ) { error "..." }` blocks whose condition reads params.model and
+    holds for these params (no Nextflow runtime here: the conditions are main.nf's own,
+    evaluated as Groovy would)."""
+    text = RULES._strip_comments((NF / "main.nf").read_text())
+    blocks = re.findall(r'^\s*if \( (.+?) \) \{\n\s*error "((?:\\.|[^"\\])*)"\n\s*\}', text, re.MULTILINE)
+    model_blocks = [(condition, message) for condition, message in blocks if "params.model" in condition]
+    assert len(model_blocks) == 2, model_blocks
+    ctx = {"params": params}
+    return [_interpolate(message, ctx) for condition, message in model_blocks if _truthy(evaluate(condition, ctx))]
+
+
+def test_model_args_leave_the_resnet50_defaults_out():
+    """conf/modules.config: without --model, ext.args is what it always was (and so is each
+    module's command, pinned here); with --model, --layer and the ResNet50's default
+    --normalize and --size are left out (the sidecar sets those), a non-default one is passed."""
+    for process in ("TILEFEAT_EXTRACT", "TILEFEAT_EXTRACT_BATCH"):
+        assert _modules_config_args(process, _default_params())[0] == DEFAULT_EXTRACT_ARGS
+        assert _modules_config_args(process, _default_params(weights="random:2"))[0] == DEFAULT_EXTRACT_ARGS + " --weights random:2"
+        assert _modules_config_args(process, _default_params(weights="/w/resnet50.pth"))[0] == DEFAULT_EXTRACT_ARGS
+        model = _default_params(model="/m/tiny.pt")
+        assert _modules_config_args(process, model)[0] == "--precision fp32 --pool max --batch-size 32 --on-error fail"
+        custom = dict(model, normalize="imagenet", size=96, pool="avg", precision="bf16")
+        assert _modules_config_args(process, custom)[0] == (
+            "--precision bf16 --pool avg --normalize imagenet --size 96 --batch-size 32 --on-error fail"
+        )
+    # the modules' commands without a model: byte for byte what they were before --model
+    script = render(EXTRACT_NF, "script", _extract_ctx("sampleA", DEFAULT_EXTRACT_ARGS, weights="resnet50.pth"))
+    assert script == (
+        "tilefeat extract \\\n    sampleA \\\n    --output sampleA.csv \\\n    --sample 'sampleA' \\\n"
+        "    --device cpu \\\n    --threads 2 \\\n    --weights resnet50.pth \\\n    --no-cache \\\n    --quiet \\\n"
+        f"    {DEFAULT_EXTRACT_ARGS}\n"
+    ), script
+    script = render(EXTRACT_NF, "script", _extract_ctx("sampleA", DEFAULT_EXTRACT_ARGS))
+    assert "    --threads 2 \\\n     \\\n    --no-cache \\\n" in script, script
+    script = render(BATCH_NF, "script", _batch_ctx(["a", "b"], ["tiles01/a", "tiles02/b"], DEFAULT_EXTRACT_ARGS))
+    assert (
+        "tilefeat extract \\\n    'tiles01/a' 'tiles02/b' \\\n    --outdir . \\\n    --sample 'a' --sample 'b' \\\n     \\\n"
+        "    --device cpu \\\n    --threads 2 \\\n     \\\n    --no-cache \\\n    --quiet \\\n"
+        f"    {DEFAULT_EXTRACT_ARGS} \\\n    2> a..b.extract.err || status=$?\n"
+    ) in script, script
+    # with a model: --model FILE, and nothing of the ResNet50's
+    for module_path, ctx in (
+        (EXTRACT_NF, _extract_ctx("sampleA", _modules_config_args("TILEFEAT_EXTRACT", model)[0], model="tiny.pt", model_sidecar="tiny.json")),
+        (BATCH_NF, _batch_ctx(["a"], ["tiles01/a"], _modules_config_args("TILEFEAT_EXTRACT_BATCH", model)[0], model="tiny.pt", model_sidecar="tiny.json")),
+    ):
+        script = render(module_path, "script", ctx)
+        assert "    --model tiny.pt \\\n" in script, script
+        assert not re.search(r"--(weights|layer|normalize|size)\b", script), script
+
+
+def test_model_params_refused_at_start_up(tiny_model):
+    """main.nf refuses --model with --weights (a file or random:SEED), and with a --layer
+    other than the default, before any task runs, saying why; --model alone, or --weights
+    alone, passes. Its sidecar is found as the model's sibling under the same stem."""
+    model, sidecar = tiny_model
+    for params in (_default_params(), _default_params(model=str(model)), _default_params(weights="random:0")):
+        assert _main_nf_model_refusals(params) == [], params
+    for weights in ("/shared/weights/resnet50-0676ba61.pth", "random:0"):
+        (refusal,) = _main_nf_model_refusals(_default_params(model=str(model), weights=weights))
+        assert refusal == (
+            f"Give --model or --weights, not both: --model '{model}' replaces the ResNet50, so --weights "
+            f"'{weights}' (the ResNet50's weights) does not apply to it"
+        ), refusal
+    (refusal,) = _main_nf_model_refusals(_default_params(model=str(model), layer="layer3"))
+    assert refusal.startswith(f"--layer layer3 picks a ResNet50 stage: it does not apply to --model '{model}'"), refusal
+    assert _main_nf_model_files(str(model)) == (model, sidecar)
+    assert _main_nf_model_files(None) == (None, None)
+
+
+@needs_binary
+def test_model_end_to_end(tmp_path, bin_dir, demo_samples, tiny_model, tiny_plain):
+    """--model through the module scripts, the model and its sidecar staged into the task as
+    main.nf passes them: one sample per task and two per task, each sample's CSV byte for
+    byte plain `tilefeat extract demo/tiles/S -o S.csv --model tiny.pt` (8 feature columns),
+    its provenance recording the model (file, sha256, sidecar) and the sidecar's 64 x 64
+    tiles; the join of them works. Without the sidecar staged, tilefeat would not see it."""
+    model, sidecar = tiny_model
+    params = _default_params(model=str(model))
+    staged_model, staged_sidecar = _main_nf_model_files(params["model"])
+    assert (staged_model, staged_sidecar) == (model, sidecar)
+    sha256 = hashlib.sha256(model.read_bytes()).hexdigest()
+
+    def check(sample, found):
+        assert found["features"].read_bytes() == tiny_plain[sample].read_bytes(), f"{sample}: the module's CSV differs from plain --model"
+        assert _read_rows(found["features"])[0] == ["tile", *map(str, range(8))]
+        provenance = yaml.safe_load(found["provenance"].read_text())
+        assert provenance["sample"] == sample
+        assert provenance["model"]["sha256"] == sha256, provenance["model"]
+        assert provenance["model"]["file"] == "tiny.pt" and provenance["model"]["sidecar"] == "tiny.json", provenance["model"]
+        assert provenance["model"]["name"] == "tiny" and provenance["settings"]["size"] == 64, provenance["settings"]
+        assert provenance["model"]["mean"] == [0.5] * 3 and provenance["model"]["std"] == [0.25] * 3
+
+    # one sample per task (TILEFEAT_EXTRACT)
+    args, _ = _modules_config_args("TILEFEAT_EXTRACT", params)
+    work = tmp_path / "extract-sampleA"
+    work.mkdir()
+    for target in (demo_samples["sampleA"], staged_model, staged_sidecar):
+        _stage(work, target.name, target)
+    script = render(EXTRACT_NF, "script", _extract_ctx("sampleA", args, model=staged_model.name, model_sidecar=staged_sidecar.name))
+    result = _run_task(script, work, bin_dir)
+    assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+    single = _collect_outputs(work, EXTRACT_NF, "sampleA")
+    check("sampleA", single)
+
+    # two samples per task (TILEFEAT_EXTRACT_BATCH)
+    samples = {s: demo_samples[s] for s in ("sampleA", "sampleB")}
+    ((batch_id, ids),) = _main_nf_batches(list(samples), 2)
+    work = tmp_path / batch_id
+    script, result = _run_batch(work, bin_dir, samples, params, model=staged_model, model_sidecar=staged_sidecar)
+    assert "--model tiny.pt" in script, script
+    assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+    assert _failed_rows(work, batch_id) == []
+    batched = _batch_outputs(work, ids, "csv")
+    for sample in ids:
+        check(sample, batched[sample])
+    cohort = _read_rows(_join(tmp_path / "join", bin_dir, batched, params))
+    assert cohort[0] == ["sample", "tile", *map(str, range(8))] and len(cohort) > 2
+
+    # the sidecar matters: a model staged without it is run at the defaults (224, tutorial)
+    work = tmp_path / "no-sidecar"
+    work.mkdir()
+    for target in (demo_samples["sampleA"], staged_model):
+        _stage(work, target.name, target)
+    script = render(EXTRACT_NF, "script", _extract_ctx("sampleA", args, model=staged_model.name))
+    result = _run_task(script, work, bin_dir)
+    assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+    provenance = yaml.safe_load((work / "sampleA.provenance.yaml").read_text())
+    assert "sidecar" not in provenance["model"] and provenance["settings"]["size"] == 224, provenance["model"]
+
+
+@needs_binary
+def test_model_with_weights_or_layer_fails_the_module(tmp_path, bin_dir, demo_samples, tiny_model):
+    """A pipeline that reuses the modules and gives them a model and weights (or --layer in
+    ext.args) gets tilefeat's usage error (exit 2), never one silently left out."""
+    model, sidecar = tiny_model
+    weights = tmp_path / "resnet50.pth"
+    weights.write_bytes(b"not read\n")
+    for name, staged, args in (
+        ("weights", (weights, model, sidecar), DEFAULT_EXTRACT_ARGS.replace(" --layer layer4", "")),
+        ("layer", (model, sidecar), "--layer layer4"),
+    ):
+        work = tmp_path / name
+        work.mkdir()
+        for target in (demo_samples["sampleA"], *staged):
+            _stage(work, target.name, target)
+        ctx = _extract_ctx("sampleA", args, weights=weights.name if weights in staged else None, model=model.name, model_sidecar=sidecar.name)
+        script = render(EXTRACT_NF, "script", ctx)
+        result = _run_task(script, work, bin_dir)
+        assert result.returncode == 2, f"{script}\n{result.stdout}\n{result.stderr}"
+        assert ("--weights does not apply" if name == "weights" else "cannot be used with '--layer") in result.stderr, result.stderr
+        assert not (work / "sampleA.csv").exists()

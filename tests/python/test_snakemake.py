@@ -18,6 +18,7 @@ explicit opt-out, reported as "opt-out: TILEFEAT_TEST_SLURM=0").
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -705,3 +706,167 @@ def test_formats_match_plain_extract(tiles, tmp_path, extract_format, join_forma
         table = pq.read_table(cohort)
         assert table.equals(pq.read_table(plain_cohort)), "the workflow's Parquet cohort differs"
         assert table.num_rows == sum(SAMPLES.values())
+
+
+# ------------------------------------------------------- a TorchScript encoder (extract.model)
+
+TINY_SIDECAR = {
+    "tilefeat_encoder": 1, "name": "tiny", "source": "test", "size": 64,
+    "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "output": "embedding",
+    "output_dim": 8, "weights_sha256": None,
+}  # fmt: skip
+DEMO = REPO / "demo" / "tiles"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny TorchScript encoder made here, no download (8 features; seeded random init),
+    with its sidecar tiny.json beside it (64 x 64 tiles, mean 0.5, std 0.25)."""
+    import warnings
+
+    import torch
+
+    folder = tmp_path_factory.mktemp("encoder")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    ).eval()
+    model = folder / "tiny.pt"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit: what tilefeat reads
+        torch.jit.save(torch.jit.trace(net, torch.rand(2, 3, 64, 64)), str(model))
+    (folder / "tiny.json").write_text(json.dumps(TINY_SIDECAR))
+    return model
+
+
+def model_config(path: Path, encoder: Path, sheet: Path, outdir="results", **extract) -> Path:
+    """A config with extract.model `encoder` (unless `extract` says otherwise) and no weights,
+    and the ResNet50 settings as the shipped config/config.yaml has them (layer4, tutorial,
+    224): the samples of `sheet`."""
+    settings = {"weights": "", "model": str(encoder), "layer": "layer4", "normalize": "tutorial"}
+    return write_config(
+        path, DEMO, tiles_root=None, samples=str(sheet), outdir=outdir,
+        extract={**settings, "size": 224, **extract},
+    )  # fmt: skip
+
+
+def demo_sheet(path: Path) -> Path:
+    if not DEMO.is_dir():
+        pytest.fail(f"{DEMO} is missing: it is tracked in git", pytrace=False)
+    path.write_text(f"sample,tiles\nsampleA,{DEMO / 'sampleA'}\nsampleB,{DEMO / 'sampleB'}\n")
+    return path
+
+
+def test_model_dry_run_and_refusals(tmp_path, tiny_model):
+    """extract.model reaches the command as `--model PATH`, with neither --weights nor the
+    ResNet50's --layer, --normalize tutorial and --size 224 (the sidecar sets those); a
+    normalize or size other than those is passed. The model and its sidecar are the jobs'
+    inputs. Without a model the command is what it was. With weights, or a layer other than
+    layer4, the model is refused before anything runs."""
+    sheet = demo_sheet(tmp_path / "samples.csv")
+    config = model_config(tmp_path / "model.yaml", tiny_model, sheet, pool="avg")
+    proc = snakemake(tmp_path, "--configfile", config, "-n", "-p", "--cores", "2")
+    extracts = [c for c in shell_commands(proc.stdout, str(BINARY)) if " extract " in c]
+    assert len(extracts) == 2, proc.stdout
+    for cmd in extracts:
+        assert f" --model {tiny_model} --device cpu --pool avg >> " in cmd, cmd
+        assert not re.search(r"--(weights|layer|normalize|size) ", cmd), cmd
+    sidecar = tiny_model.with_suffix(".json")
+    for sample in ("sampleA", "sampleB"):  # the jobs' inputs: tiles, model, sidecar
+        assert f"input: {DEMO / sample}, {tiny_model}, {sidecar}\n" in proc.stdout, proc.stdout
+    used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", " ".join(extracts)))
+    assert used <= cli_long_flags("ExtractArgs"), used - cli_long_flags("ExtractArgs")
+
+    config = model_config(
+        tmp_path / "custom.yaml", tiny_model, sheet, normalize="imagenet", size=96,
+        samples_per_job=2,
+    )  # fmt: skip
+    proc = snakemake(tmp_path, "--configfile", config, "-n", "-p", "--cores", "2")
+    (cmd,) = [c for c in shell_commands(proc.stdout, str(BINARY)) if " extract " in c]
+    assert "--outdir results/features --sample sampleA --sample sampleB " in cmd, cmd
+    assert f" --model {tiny_model} --device cpu --normalize imagenet --size 96 >> " in cmd, cmd
+
+    # no model: the ResNet50's settings are passed as they always were
+    config = model_config(tmp_path / "none.yaml", tiny_model, sheet, model="")
+    proc = snakemake(tmp_path, "--configfile", config, "-n", "-p", "--cores", "2")
+    extracts = [c for c in shell_commands(proc.stdout, str(BINARY)) if " extract " in c]
+    assert len(extracts) == 2, proc.stdout
+    for cmd in extracts:
+        assert " --threads 1 --device cpu --layer layer4 --normalize tutorial --size 224 >> " in cmd
+        assert "--model" not in cmd, cmd
+
+    bad = [
+        ({"weights": "random:0"},
+         f"config: extract.model ({str(tiny_model)!r}) and extract.weights ('random:0') "
+         "exclude each other: the model replaces the ResNet50, whose weights do not apply to it"),
+        ({"weights": "/refs/resnet50-0676ba61.pth"},
+         "and extract.weights ('/refs/resnet50-0676ba61.pth') exclude each other"),
+        ({"layer": "layer3"},
+         f"config: extract.layer 'layer3' picks a ResNet50 stage: it does not apply to "
+         f"extract.model ({str(tiny_model)!r})"),
+    ]  # fmt: skip
+    for i, (extract, message) in enumerate(bad):
+        config = model_config(tmp_path / f"bad{i}.yaml", tiny_model, sheet, **extract)
+        proc = snakemake(tmp_path, "--configfile", config, "-n", check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1, f"exit {proc.returncode} for {extract}:\n{out}"
+        assert "ValueError" in out and message in out, f"{extract}: {message!r} not in:\n{out}"
+
+
+@needs_binary
+def test_model_runs_match_plain_extract(tmp_path, tiny_model):
+    """The workflow for real with extract.model (and the shipped config's ResNet50 settings),
+    one job per sample and batched: each sample's CSV is byte for byte plain
+    `tilefeat extract demo/tiles/S -o x.csv --model tiny.pt` (8 feature columns), its
+    provenance records the model and its sidecar; editing the sidecar reruns the extraction."""
+    import hashlib
+
+    import yaml
+
+    sheet = demo_sheet(tmp_path / "samples.csv")
+    (tmp_path / "encoder").mkdir()  # a copy of its own: its sidecar is edited below
+    for source in (tiny_model, tiny_model.with_suffix(".json")):
+        shutil.copy(source, tmp_path / "encoder" / source.name)
+    tiny_model = tmp_path / "encoder" / tiny_model.name
+    sha256 = hashlib.sha256(tiny_model.read_bytes()).hexdigest()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for sample in ("sampleA", "sampleB"):
+        run(
+            [BINARY, "extract", DEMO / sample, "-o", plain / f"{sample}.csv",
+             "--model", tiny_model, "--device", "cpu"],
+            timeout=120,
+        )  # fmt: skip
+    for samples_per_job in (1, 2):
+        outdir = f"out{samples_per_job}"
+        config = model_config(
+            tmp_path / f"run{samples_per_job}.yaml", tiny_model, sheet, outdir=outdir,
+            samples_per_job=samples_per_job,
+        )  # fmt: skip
+        snakemake(tmp_path, "--configfile", config, "--cores", "2", timeout=240)
+        for sample in ("sampleA", "sampleB"):
+            features = tmp_path / outdir / "features" / f"{sample}.csv"
+            assert features.read_bytes() == (plain / f"{sample}.csv").read_bytes(), (
+                f"{sample} (samples_per_job {samples_per_job}): not plain --model's CSV"
+            )
+            assert read_csv(features)[0] == ["tile", *map(str, range(8))]
+            provenance = yaml.safe_load(features.with_suffix(".provenance.yaml").read_text())
+            assert provenance["model"]["sha256"] == sha256, provenance["model"]
+            assert provenance["model"]["file"] == str(tiny_model), provenance["model"]
+            assert provenance["model"]["sidecar"] == str(tiny_model.with_suffix(".json"))
+            assert provenance["settings"]["size"] == 64, provenance["settings"]
+        header, rows = read_csv(tmp_path / outdir / "cohort.csv")
+        assert header == ["sample", "tile", *map(str, range(8))] and rows
+
+    # the sidecar is an input: an edited one reruns both samples' extraction (Snakemake
+    # compares small inputs' checksums: a newer mtime alone would not)
+    proc = snakemake(tmp_path, "--configfile", tmp_path / "run1.yaml", "-n", "--cores", "2")
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout
+    sidecar = tiny_model.with_suffix(".json")
+    sidecar.write_text(json.dumps({**TINY_SIDECAR, "size": 48}))
+    proc = snakemake(tmp_path, "--configfile", tmp_path / "run1.yaml", "-n", "--cores", "2")
+    assert re.search(r"\nextract\s+2\b", proc.stdout), proc.stdout
+    assert f"Updated input files: {sidecar}" in proc.stdout, proc.stdout

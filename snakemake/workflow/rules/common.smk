@@ -121,6 +121,7 @@ SAMPLES = read_samples()
 # every flag here exists in src/cli.rs.
 EXTRACT_VALUE_FLAGS = {
     "weights": "--weights",
+    "model": "--model",
     "device": "--device",
     "batch_size": "--batch-size",
     "decode_threads": "--decode-threads",
@@ -143,12 +144,34 @@ if EXTRACT.get("cache_dir") and EXTRACT.get("no_cache"):
         "config: extract.cache_dir and extract.no_cache exclude each other"
     )
 
+# extract.model: a TorchScript encoder run instead of the ResNet50 (`--model FILE.pt`), whose
+# sidecar FILE.json (beside it, same stem) sets the tile size and the normalization. The
+# ResNet50's weights and layer do not apply to it (tilefeat refuses them, exit 2), and the
+# ResNet50's settings at these defaults are not passed with it, so that the sidecar's apply;
+# a normalize or size other than these is passed (and overrides the sidecar's).
+RESNET50_DEFAULTS = {"layer": "layer4", "normalize": "tutorial", "size": 224}
+MODEL = EXTRACT.get("model") or ""
+
+if MODEL and EXTRACT.get("weights"):
+    raise ValueError(
+        f"config: extract.model ({MODEL!r}) and extract.weights "
+        f"({EXTRACT['weights']!r}) exclude each other: the model replaces the ResNet50, "
+        'whose weights do not apply to it; set weights to ""'
+    )
+if MODEL and EXTRACT.get("layer") not in (None, "", RESNET50_DEFAULTS["layer"]):
+    raise ValueError(
+        f"config: extract.layer {EXTRACT['layer']!r} picks a ResNet50 stage: it does not "
+        f"apply to extract.model ({MODEL!r}); set layer to layer4 or null"
+    )
+
 
 def extract_options():
     """The configured `tilefeat extract` flags as one shell-quoted string."""
     args = []
     for key, flag in EXTRACT_VALUE_FLAGS.items():
         value = EXTRACT.get(key)
+        if MODEL and key in RESNET50_DEFAULTS and value == RESNET50_DEFAULTS[key]:
+            continue  # the ResNet50's default: the model's sidecar sets its own
         if value is not None and value != "":
             args += [flag, str(value)]
     for key, flag in EXTRACT_SWITCH_FLAGS.items():
@@ -165,6 +188,24 @@ def weights_input(wildcards):
     weights = EXTRACT.get("weights")
     if weights and not weights.startswith("random:"):
         return weights
+    return []
+
+
+def model_sidecar_path(model):
+    """Where tilefeat looks for a model's sidecar: FILE.pt -> FILE.json (the last extension
+    replaced, as Rust's Path::with_extension does)."""
+    return os.path.splitext(model)[0] + ".json"
+
+
+def model_input(wildcards):
+    """extract.model is an input (tracked: changing it reruns the extraction)."""
+    return MODEL or []
+
+
+def model_sidecar_input(wildcards):
+    """So is its sidecar, when it has one (tilefeat reads it from beside the model)."""
+    if MODEL and os.path.isfile(model_sidecar_path(MODEL)):
+        return model_sidecar_path(MODEL)
     return []
 
 

@@ -5,6 +5,8 @@ if EXTRACT["samples_per_job"] == 1:
         input:
             tiles=lambda wc: SAMPLES[wc.sample],
             weights=weights_input,
+            model=model_input,
+            model_sidecar=model_sidecar_input,
         output:
             features=f"{OUTDIR}/features/{{sample}}.{FORMAT}",
             provenance=f"{OUTDIR}/features/{{sample}}.provenance.yaml",
@@ -41,6 +43,8 @@ else:
             input:
                 tiles=[SAMPLES[s] for s in names],
                 weights=weights_input,
+                model=model_input,
+                model_sidecar=model_sidecar_input,
             output:
                 features=[f"{OUTDIR}/features/{s}.{FORMAT}" for s in names],
                 provenance=[f"{OUTDIR}/features/{s}.provenance.yaml" for s in names],

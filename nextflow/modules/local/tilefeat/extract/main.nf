@@ -1,5 +1,5 @@
-// TILEFEAT_EXTRACT: one sample's tile folder (or tile archive) -> per-tile ResNet50 features
-// (CSV; HDF5 or Parquet with task.ext.format).
+// TILEFEAT_EXTRACT: one sample's tile folder (or tile archive) -> per-tile ResNet50 features,
+// or a TorchScript model's (input `model`) (CSV; HDF5 or Parquet with task.ext.format).
 //
 // No conda/environment.yml: tilefeat is a Rust binary linked against libtorch and is not
 // packaged on Bioconda or conda-forge, so this module runs from the tilefeat container
@@ -12,6 +12,14 @@
 //   path weights                 : a torchvision .pth / .safetensors file, staged so the
 //                                  container sees it; pass [] to use the default weights
 //                                  (or `--weights random:SEED` through ext.args).
+//   path model                   : a TorchScript image encoder (FILE.pt, e.g. from
+//                                  scripts/export_encoder.py) run instead of the ResNet50
+//                                  (`--model`), staged like the weights; [] for the ResNet50.
+//                                  Not with weights (tilefeat refuses both, exit 2), nor with
+//                                  --layer in ext.args.
+//   path model_sidecar           : the model's sidecar FILE.json (the same stem as the model:
+//                                  it sets the size and the normalization), staged beside it,
+//                                  where tilefeat looks for it; [] when it has none.
 //   val cache_dir                : absolute path of a shared feature cache, passed as a
 //                                  string and NEVER staged (it is shared, mutable state);
 //                                  '' or null means `--no-cache`. The pipeline must make
@@ -35,6 +43,8 @@ process TILEFEAT_EXTRACT {
     input:
     tuple val(meta), path(tiles)
     path weights
+    path model
+    path model_sidecar
     val cache_dir
 
     output:
@@ -53,7 +63,10 @@ process TILEFEAT_EXTRACT {
     // Ask for CUDA only when the task was given a GPU; never rely on `auto`, so a GPU
     // job that lost its GPU fails (exit 5) instead of silently running on CPU.
     def device = task.accelerator ? 'cuda' : 'cpu'
-    def weights_arg = weights ? "--weights ${weights}" : ''
+    // The encoder's file: the ResNet50's weights, or a TorchScript model (whose sidecar,
+    // staged beside it, tilefeat reads by itself); neither for the defaults. Both: tilefeat
+    // refuses them (exit 2).
+    def encoder_arg = [ weights ? "--weights ${weights}" : '', model ? "--model ${model}" : '' ].findAll { arg -> arg }.join(' ')
     def cache_arg = cache_dir ? "--cache-dir '${cache_dir}'" : '--no-cache'
     """
     tilefeat extract \\
@@ -62,7 +75,7 @@ process TILEFEAT_EXTRACT {
         --sample '${meta.id}' \\
         --device ${device} \\
         --threads ${task.cpus} \\
-        ${weights_arg} \\
+        ${encoder_arg} \\
         ${cache_arg} \\
         --quiet \\
         ${args}

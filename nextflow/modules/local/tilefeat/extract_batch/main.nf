@@ -14,6 +14,9 @@
 //                                  staged in its own folder (tiles01/, tiles02/, ...), so two
 //                                  samples' folders may have the same name.
 //   path weights                 : as in TILEFEAT_EXTRACT ([] for the default weights).
+//   path model                   : as in TILEFEAT_EXTRACT (a TorchScript FILE.pt, [] for the
+//                                  ResNet50).
+//   path model_sidecar           : as in TILEFEAT_EXTRACT (its FILE.json, [] for none).
 //   val cache_dir                : as in TILEFEAT_EXTRACT (a string, never staged).
 //
 // A sample that fails on its own input or output (tilefeat exit 3 or 6: no tiles, a bad tile
@@ -38,6 +41,8 @@ process TILEFEAT_EXTRACT_BATCH {
     input:
     tuple val(meta), path(tiles, stageAs: 'tiles??/*')
     path weights
+    path model
+    path model_sidecar
     val cache_dir
 
     output:
@@ -56,7 +61,8 @@ process TILEFEAT_EXTRACT_BATCH {
     def format = task.ext.format ?: 'csv'
     // Ask for CUDA only when the task was given a GPU (as TILEFEAT_EXTRACT).
     def device = task.accelerator ? 'cuda' : 'cpu'
-    def weights_arg = weights ? "--weights ${weights}" : ''
+    // The encoder's file: the ResNet50's weights, or a TorchScript model (as TILEFEAT_EXTRACT).
+    def encoder_arg = [ weights ? "--weights ${weights}" : '', model ? "--model ${model}" : '' ].findAll { arg -> arg }.join(' ')
     def cache_arg = cache_dir ? "--cache-dir '${cache_dir}'" : '--no-cache'
     // csv is tilefeat's default: no --format then (the command of a csv run stays as it was)
     def format_arg = format == 'csv' ? '' : "--format ${format}"
@@ -76,7 +82,7 @@ process TILEFEAT_EXTRACT_BATCH {
         ${format_arg} \\
         --device ${device} \\
         --threads ${task.cpus} \\
-        ${weights_arg} \\
+        ${encoder_arg} \\
         ${cache_arg} \\
         --quiet \\
         ${args} \\
