@@ -133,7 +133,7 @@ fn every_format_holds_the_same_rows() {
     extract_ok(&tiles, &b, &["--sample", "B", "--coords", "auto"]);
     join_to(&[&a, &b], &cohort, &[]);
     assert!(std::fs::metadata(&cohort).unwrap().len() > 0);
-    let csv_cohort = d.path().join("cohort.csv");
+    let csv_cohort = d.path().join("cohort-csv.csv");
     join_to(&[&a, &b], &csv_cohort, &[]);
     assert!(read(&csv_cohort).starts_with("sample,tile,x,y,0,"));
     let agg = d.path().join("agg.parquet");

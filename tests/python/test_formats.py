@@ -99,9 +99,9 @@ def test_cohort_parquet_matches_cohort_csv(tilefeat, histolab_tiles, tmp_path):
                  "--quiet", "--coords", "auto")
         paths.append(p)
     tilefeat("join", *paths, "-o", tmp_path / "c.parquet", "--quiet")
-    tilefeat("join", *paths, "-o", tmp_path / "c.csv", "--quiet")
+    tilefeat("join", *paths, "-o", tmp_path / "c-csv.csv", "--quiet")
     par = pd.read_parquet(tmp_path / "c.parquet")
-    csv = pd.read_csv(tmp_path / "c.csv")
+    csv = pd.read_csv(tmp_path / "c-csv.csv")
     features = [str(k) for k in range(2048)]
     assert list(par.columns[:4]) == ["sample", "tile", "x", "y"]
     pd.testing.assert_frame_equal(par, csv.astype({c: np.float32 for c in features}))
