@@ -157,16 +157,24 @@ def test_dockerfile_structure(flavour):
     builder, weights, runtime = by_stage["builder"], by_stage["weights"], by_stage["runtime"]
 
     # The builder builds exactly the way CI and the README do, then stages the runtime files.
-    assert builder[0][1] == "rust:${RUST_VERSION}-bookworm"
+    assert builder[0][1] == "${BUILDER_IMAGE}"
+    assert ("ARG", "BUILDER_IMAGE=rust:${RUST_VERSION}-bookworm") in by_stage[""]
+    # rust:* images set ENV RUST_VERSION=1.95.0, which shadows any ARG RUST_VERSION in the
+    # stage: the builder checks rustc against versions.env instead of the build arg.
+    assert not any(k == "ARG" and rest.startswith("RUST_VERSION") for k, rest in builder)
+    assert '"RUST_VERSION=${RUST_VERSION}"' not in text
     runs = " ".join(rest for keyword, rest in builder if keyword == "RUN")
     assert re.search(r"(^|[\s&;])scripts/setup\.sh --build-only\b", runs), runs
     assert "containers/stage-runtime.sh /stage" in runs
     assert runs.index("scripts/setup.sh --build-only") < runs.index("containers/stage-runtime.sh /stage")
     assert 'grep -qx "${kv}" versions.env' in runs  # build args cannot silently disagree
+    assert 'case "$(rustc --version)" in "rustc ${rust_want}."*)' in runs
     if flavour == "cpu":
         assert ("ARG", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in builder
         assert 'TORCH_INDEX_URL="${TORCH_INDEX_URL}" scripts/setup.sh --build-only' in runs
         assert "torch.version.cuda is None" in runs
+        # the test-only escape hatch is off by default
+        assert ("ARG", "SKIP_CPU_WHEEL_CHECK=") in builder
     else:
         assert not any("TORCH_INDEX_URL" in rest for _, rest in builder)
         assert "torch.version.cuda == sys.argv[1]" in runs
@@ -174,7 +182,9 @@ def test_dockerfile_structure(flavour):
     # Weights: only through the checked stage, into TORCH_HOME's torchvision cache.
     assert ("COPY", "${WEIGHTS:-versions.env} /weights-in/") in weights
     weights_run = " ".join(rest for keyword, rest in weights if keyword == "RUN")
-    assert "sha256sum -c -" in weights_run and "0676ba61[0-9a-f]{56}" in weights_run
+    assert "sha256sum -c -" in weights_run and "'[0-9a-f]{64}'" in weights_run
+    assert '"${WEIGHTS_SHA256}" != "${WEIGHTS_SHA256_PREFIX}"*' in weights_run
+    assert ("ARG", "WEIGHTS_SHA256_PREFIX=0676ba61") in weights  # only the test overrides it
     assert "/weights-out/hub/checkpoints/resnet50-0676ba61.pth" in weights_run
     assert ("COPY", "--from=weights /weights-out/ /opt/tilefeat/torch/") in runtime
 
@@ -229,6 +239,10 @@ def test_build_context_is_what_the_builder_copies():
         assert source.rstrip("/") not in ignored, source
     for heavy in ("target", ".venv", ".git"):
         assert heavy in ignored, heavy
+    # scripts/test-containers.sh bakes generated weights from .containers-test/ (in the build
+    # context, out of git).
+    assert ".containers-test" not in ignored
+    assert "/.containers-test/" in (REPO / ".gitignore").read_text().splitlines()
     # The native Apptainer recipe builds from the same files.
     native = def_sections((CONTAINERS / "tilefeat-native.def").read_text())[0]["files"]
     assert [line.split()[0].rstrip("/") for line in native] == [s.rstrip("/") for s in sources]
@@ -319,7 +333,7 @@ def test_apptainer_recipe_structure(recipe):
 
 
 def test_scripts_pass_shellcheck():
-    scripts = [CONTAINERS / "entrypoint.sh", CONTAINERS / "stage-runtime.sh"]
+    scripts = [CONTAINERS / "entrypoint.sh", CONTAINERS / "stage-runtime.sh", REPO / "scripts/test-containers.sh"]
     for script in scripts:
         assert os.access(script, os.X_OK), f"{script} is not executable"
     result = subprocess.run([tool("shellcheck"), *map(str, scripts)], capture_output=True, text=True)

@@ -105,7 +105,7 @@ def check_dockerfiles(v: dict[str, str]) -> list[str]:
         for name, default in args:
             if name in v and default != v[name]:
                 problems.append(f"{rel(path)}: ARG {name}={default} != {name}={v[name]}")
-        for release in re.findall(r"^FROM\s+rust:\S+-(\w+)\s", text, re.M):
+        for release in re.findall(r"^(?:FROM\s+|ARG\s+BUILDER_IMAGE=)rust:\S+-(\w+)\s", text, re.M):
             if DEBIAN_PYTHON.get(release) != v["PYTHON_VERSION"]:
                 problems.append(
                     f"{rel(path)}: rust:*-{release} has python3 {DEBIAN_PYTHON.get(release)} != PYTHON_VERSION"

@@ -1,0 +1,500 @@
+#!/usr/bin/env bash
+# Build the container images and run them, with no Docker and no registry: buildah (chroot
+# isolation) from local stand-ins of the recipes' base images.
+#
+#   scripts/test-containers.sh              prepare the bases, build, run every check
+#   scripts/test-containers.sh --bases-only prepare (or refresh) the two base images only
+#
+# Steps (the last line printed says which passed):
+#   0. base images, cached: a Debian bookworm rootfs from `debootstrap --variant=minbase` (the
+#      mirror apt uses here) imported as the runtime base (stand-in for debian:bookworm-slim),
+#      and the same plus build tools and this machine's Rust RUST_VERSION toolchain as the
+#      builder base (stand-in for rust:RUST_VERSION-bookworm, with its CARGO_HOME, RUSTUP_HOME
+#      and ENV RUST_VERSION=x.y.z). The extra CA certificates this machine trusts
+#      (/usr/local/share/ca-certificates) go into both bases, never into the recipes.
+#   1. buildah bud of containers/Dockerfile.cpu and containers/Dockerfile, passing the bases as
+#      BUILDER_IMAGE / RUNTIME_IMAGE. The PyTorch CPU wheel index is not reachable here, so the
+#      CPU recipe gets TORCH_INDEX_URL=https://pypi.org/simple (the CUDA wheel) and
+#      SKIP_CPU_WHEEL_CHECK=1; the CPU-wheel path itself stays unverified.
+#   2. CPU image, as UID 10001 (the image's user) and as an arbitrary UID without a passwd entry:
+#      --version, info, `extract --weights random:0` of demo/tiles/sampleA (CSV byte-identical
+#      to the host binary's), `join`, `extract -o x.h5` (same HDF5 data as the host binary's),
+#      and Nextflow's `/bin/bash -ue .command.sh` through the entrypoint, .command.sh rendered
+#      from nextflow/modules/local/tilefeat/extract/main.nf as tests/python/test_nextflow.py does.
+#   3. CUDA image (no GPU needed): info says CUDA is unavailable, `extract --device cpu` gives
+#      the same bytes, `--device cuda` exits 5.
+#   4. Weights build args: a wrong WEIGHTS_SHA256 fails the build; the right one (a generated
+#      ResNet50 state dict standing in for torchvision's file, with the test-only
+#      WEIGHTS_SHA256_PREFIX) bakes it in, and `extract` without --weights finds it.
+#   5. Image sizes and build times.
+#
+# Needs root (buildah chroot isolation, debootstrap), buildah and debootstrap (installed with
+# apt-get when missing), the host binary (target/release/tilefeat, TILEFEAT_BIN) and the
+# project venv (.venv: torch, torchvision, h5py; scripts/setup.sh). Network: the Debian mirror,
+# PyPI and crates.io, from inside the builds.
+#
+# Caches (TILEFEAT_CONTAINER_CACHE, default ${XDG_CACHE_HOME:-$HOME/.cache}/tilefeat-containers):
+# the debootstrap rootfs; buildah's RUN --mount=type=cache folders (the recipes' pip cache and
+# cargo registry: TMPDIR is pointed there), seeded from ~/.cargo/registry; logs. The images and
+# their layers (--layers) stay in buildah's store, so a second run with unchanged sources reuses
+# every layer. Start from scratch: buildah rmi the localhost/tilefeat-test/* images and
+# delete the cache folder.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+# shellcheck disable=SC1091 # versions.env: KEY=VALUE lines
+. ./versions.env
+
+bases_only=0
+for arg in "$@"; do
+  case "$arg" in
+    --bases-only) bases_only=1 ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "test-containers.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+CACHE=${TILEFEAT_CONTAINER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tilefeat-containers}
+BIN=${TILEFEAT_BIN:-$REPO/target/release/tilefeat}
+PY=${TILEFEAT_PYTHON:-$REPO/.venv/bin/python}
+NS=localhost/tilefeat-test
+RUNTIME_BASE=$NS/debian:bookworm-slim
+BUILDER_BASE=$NS/rust:$RUST_VERSION-bookworm
+CPU_IMAGE=$NS/tilefeat:$TILEFEAT_VERSION-cpu
+CUDA_IMAGE=$NS/tilefeat:$TILEFEAT_VERSION-cuda$CUDA_VERSION
+WEIGHTS_IMAGE=$NS/tilefeat:$TILEFEAT_VERSION-cpu-weights
+# Build context path of the generated weights (must not be in .dockerignore; in .gitignore).
+WEIGHTS_DIR=.containers-test
+ARBITRARY_UID=4242:4242
+LOGS=$CACHE/logs
+# buildah keeps RUN --mount=type=cache folders in $TMPDIR/buildah-cache: keep them with
+# the other caches (and off a small /tmp).
+export TMPDIR=$CACHE/tmp
+export BUILDAH_ISOLATION=chroot
+ISO=(--isolation chroot)
+
+die() { echo "test-containers.sh: $*" >&2; exit 1; }
+log() { echo "==> $*"; }
+
+passed=() failed=() timings=()
+START=$SECONDS
+
+# check NAME COMMAND...: run COMMAND with errexit (in a subshell, so that a failure is
+# recorded and the script goes on), record PASS or FAIL.
+check() {
+  local name=$1 rc
+  shift
+  set +e
+  (set -e; "$@")
+  rc=$?
+  set -e
+  if [ "$rc" = 0 ]; then
+    passed+=("$name")
+    echo "PASS: $name"
+  else
+    failed+=("$name")
+    echo "FAIL: $name (exit $rc)" >&2
+  fi
+  return 0
+}
+
+summary() {
+  local total=$((SECONDS - START))
+  echo
+  echo "== timings"
+  printf '  %s\n' "${timings[@]}"
+  echo "== images"
+  buildah images --format '  {{.Name}}:{{.Tag}}  {{.Size}}' 2>/dev/null | grep -F "$NS/" || true
+  echo "== failed (${#failed[@]}):"
+  [ "${#failed[@]}" = 0 ] || printf '  %s\n' "${failed[@]}"
+  echo "test-containers.sh: ${#passed[@]} passed, ${#failed[@]} failed in ${total} s" \
+    "(passed: ${passed[*]:-none})"
+}
+
+# --- prerequisites ----------------------------------------------------------------------------
+
+[ "$(id -u)" = 0 ] || die "must run as root (buildah --isolation chroot, debootstrap)"
+missing=()
+for tool in buildah debootstrap; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing ${missing[*]} with apt-get"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null ||
+    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; } ||
+    die "could not install ${missing[*]}"
+fi
+mkdir -p "$CACHE" "$TMPDIR" "$LOGS"
+
+# The label that says which inputs an image was made from.
+KEY_LABEL=io.github.tilefeat.test.key
+image_key() {
+  buildah inspect --type image --format "{{ index .OCIv1.Config.Labels \"$KEY_LABEL\" }}" "$1" 2>/dev/null || true
+}
+
+# The Debian mirror apt already uses on this machine.
+debian_mirror() {
+  local m=""
+  if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+    m=$(awk '/^URIs:/ && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources)
+  fi
+  if [ -z "$m" ] && [ -f /etc/apt/sources.list ]; then
+    m=$(awk '$1 == "deb" && $2 !~ /^\[/ && $3 == "bookworm" {print $2; exit}' /etc/apt/sources.list)
+  fi
+  echo "${TILEFEAT_DEBIAN_MIRROR:-${m:-http://deb.debian.org/debian}}"
+}
+
+# --- 0. base images ---------------------------------------------------------------------------
+
+ROOTFS=$CACHE/bookworm-minbase.tar
+prepare_rootfs() {
+  [ -f "$ROOTFS" ] && return 0
+  local tmp=$CACHE/rootfs.tmp mirror
+  mirror=$(debian_mirror)
+  log "debootstrap --variant=minbase bookworm from $mirror (cached in $ROOTFS)"
+  rm -rf "$tmp"
+  debootstrap --variant=minbase bookworm "$tmp" "$mirror" >"$LOGS/debootstrap.log" 2>&1 ||
+    { tail -20 "$LOGS/debootstrap.log" >&2; die "debootstrap failed (log: $LOGS/debootstrap.log)"; }
+  # As debian:bookworm-slim: apt sources with the updates and security suites (this machine's,
+  # when it has a deb822 file), no package lists.
+  if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+    cp /etc/apt/sources.list.d/debian.sources "$tmp/etc/apt/sources.list.d/debian.sources"
+    rm -f "$tmp/etc/apt/sources.list"
+  fi
+  # The extra CAs this machine trusts (a TLS-inspecting proxy): without them pip and cargo fail
+  # inside the builds. The recipes' `apt-get install ca-certificates` keeps them in the bundle.
+  if compgen -G '/usr/local/share/ca-certificates/*' >/dev/null; then
+    mkdir -p "$tmp/usr/local/share/ca-certificates"
+    cp -a /usr/local/share/ca-certificates/. "$tmp/usr/local/share/ca-certificates/"
+  fi
+  rm -rf "$tmp"/var/lib/apt/lists/* "$tmp"/var/cache/apt/*.bin "$tmp"/var/cache/apt/archives/*.deb
+  tar -C "$tmp" --numeric-owner --exclude='./dev/*' --exclude='./proc/*' --exclude='./sys/*' \
+    -cf "$ROOTFS.partial" .
+  mv "$ROOTFS.partial" "$ROOTFS"
+  rm -rf "$tmp"
+}
+
+prepare_runtime_base() {
+  local key c
+  key="rootfs $(stat -c '%Y-%s' "$ROOTFS")"
+  [ "$(image_key "$RUNTIME_BASE")" = "$key" ] && return 0
+  log "importing the rootfs as $RUNTIME_BASE"
+  c=$(buildah from --pull=never scratch)
+  buildah add "$c" "$ROOTFS" / >/dev/null
+  buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    --cmd bash --label "$KEY_LABEL=$key" "$c"
+  buildah commit --rm -q "$c" "$RUNTIME_BASE" >/dev/null
+}
+
+# What rust:*-bookworm (buildpack-deps:bookworm) has that the build uses.
+BUILDER_PACKAGES=(build-essential pkg-config git curl ca-certificates python3 python3-venv
+  libssl-dev zlib1g-dev)
+prepare_builder_base() {
+  local key c sysroot rustc_version full toolchain d
+  command -v rustc >/dev/null 2>&1 || die "no rustc on this machine (the builder base copies its toolchain)"
+  rustc_version=$(rustc --version)
+  case "$rustc_version" in
+    "rustc $RUST_VERSION."*) ;;
+    *) die "this machine's $rustc_version is not RUST_VERSION=$RUST_VERSION (versions.env)" ;;
+  esac
+  full=$(echo "$rustc_version" | awk '{print $2}')
+  sysroot=$(rustc --print sysroot)
+  [ -x "$sysroot/bin/cargo" ] || die "no cargo in $sysroot/bin"
+  key="$(image_key "$RUNTIME_BASE") $rustc_version ${BUILDER_PACKAGES[*]}"
+  [ "$(image_key "$BUILDER_BASE")" = "$key" ] && return 0
+  log "making $BUILDER_BASE: build tools and Rust $full from $sysroot"
+  toolchain=/usr/local/rustup/toolchains/$full-x86_64-unknown-linux-gnu
+  c=$(buildah from --pull=never "$RUNTIME_BASE")
+  buildah run "${ISO[@]}" "$c" -- sh -c "apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -q --no-install-recommends ${BUILDER_PACKAGES[*]} && rm -rf /var/lib/apt/lists/*" \
+    >"$LOGS/builder-base.log" 2>&1 || { tail -20 "$LOGS/builder-base.log" >&2; die "apt-get in the builder base failed"; }
+  # The toolchain without its documentation (share/: ~800 MB).
+  for d in bin lib libexec etc; do
+    [ -d "$sysroot/$d" ] && buildah copy -q "$c" "$sysroot/$d" "$toolchain/$d" >/dev/null
+  done
+  # As the rust image: cargo, rustc, ... on PATH in $CARGO_HOME/bin (here links, not rustup).
+  buildah run "${ISO[@]}" "$c" -- sh -c "mkdir -p /usr/local/cargo/bin && ln -sf $toolchain/bin/* /usr/local/cargo/bin/ \
+    && chmod -R a+w /usr/local/cargo && export PATH=/usr/local/cargo/bin:\$PATH && cargo --version && rustc --version \
+    && curl -sSf -o /dev/null https://pypi.org/simple/pip/ && curl -sSf -o /dev/null https://index.crates.io/config.json" \
+    >>"$LOGS/builder-base.log" 2>&1 ||
+    { tail -20 "$LOGS/builder-base.log" >&2; die "the builder base cannot run cargo or reach PyPI/crates.io over HTTPS"; }
+  buildah config --env RUSTUP_HOME=/usr/local/rustup --env CARGO_HOME=/usr/local/cargo \
+    --env PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    --env RUST_VERSION="$full" --label "$KEY_LABEL=$key" "$c"
+  buildah commit --rm -q "$c" "$BUILDER_BASE" >/dev/null
+}
+
+# The recipes' cache mounts live under $TMPDIR/buildah-cache/<target> (as root); start the cargo
+# registry from this machine's (same cargo), so crates are not downloaded again.
+seed_caches() {
+  local registry=$TMPDIR/buildah-cache/usr/local/cargo/registry
+  if [ ! -d "$registry" ] && [ -d "$HOME/.cargo/registry" ]; then
+    mkdir -p "$registry"
+    cp -a "$HOME/.cargo/registry/." "$registry/" 2>/dev/null || true
+  fi
+}
+
+t0=$SECONDS
+prepare_rootfs
+prepare_runtime_base
+prepare_builder_base
+seed_caches
+timings+=("bases: $((SECONDS - t0)) s")
+if [ "$bases_only" = 1 ]; then
+  buildah images --format '{{.Name}}:{{.Tag}}  {{.Size}}' | grep -F "$NS/"
+  exit 0
+fi
+
+[ -x "$BIN" ] || die "$BIN not built (scripts/setup.sh --no-demo)"
+[ -x "$PY" ] || die "no $PY (scripts/setup.sh)"
+
+# --- 1. builds --------------------------------------------------------------------------------
+
+# build NAME DOCKERFILE TAG BUILD-ARG...: buildah bud with the local bases, timed and logged.
+build() {
+  local name=$1 file=$2 tag=$3 t rc arg
+  shift 3
+  local args=()
+  for arg in "$@"; do args+=(--build-arg "$arg"); done
+  t=$SECONDS
+  log "building $tag from $file (log: $LOGS/build-$name.log)"
+  set +e
+  # --format docker: the OCI format has no SHELL, and buildah would run the recipes' RUN lines
+  # (bash: pipefail, <<<, [[ ]]) with /bin/sh.
+  buildah bud "${ISO[@]}" --format docker "--layers=$LAYERS" --pull=never -f "$file" -t "$tag" \
+    --build-arg BUILDER_IMAGE="$BUILDER_BASE" --build-arg RUNTIME_IMAGE="$RUNTIME_BASE" \
+    "${args[@]}" . >"$LOGS/build-$name.log" 2>&1
+  rc=$?
+  set -e
+  timings+=("build $name: $((SECONDS - t)) s (exit $rc)")
+  if [ "$rc" != 0 ]; then tail -25 "$LOGS/build-$name.log" >&2; fi
+  return "$rc"
+}
+
+CPU_ARGS=(TORCH_INDEX_URL=https://pypi.org/simple SKIP_CPU_WHEEL_CHECK=1)
+# The CPU builds keep their layers (the weights builds and a second run reuse the ~11 GB
+# builder layer). The CUDA build does not (TILEFEAT_CUDA_LAYERS=true to keep them): committing
+# its own builder layer would need ~25 GB more disk.
+LAYERS=true
+check "build cpu image" build cpu containers/Dockerfile.cpu "$CPU_IMAGE" "${CPU_ARGS[@]}"
+
+# --- host references --------------------------------------------------------------------------
+
+WORK=$(mktemp -d "$CACHE/run.XXXXXX")
+CONTAINERS=()
+cleanup() {
+  local c
+  for c in "${CONTAINERS[@]}"; do buildah rm "$c" >/dev/null 2>&1 || true; done
+  rm -rf "$WORK" "${REPO:?}/$WEIGHTS_DIR"
+}
+trap cleanup EXIT
+# Any UID must be able to write the outputs.
+chmod 0777 "$WORK"
+TILES=$REPO/demo/tiles
+mkdir -p "$WORK/host"
+"$BIN" extract "$TILES/sampleA" -o "$WORK/host/sampleA.csv" --weights random:0 -q
+"$BIN" extract "$TILES/sampleB" -o "$WORK/host/sampleB.csv" --weights random:0 -q
+"$BIN" join "$WORK/host/sampleA.csv" "$WORK/host/sampleB.csv" -o "$WORK/host/cohort.csv" -q
+mkdir -p "$WORK/host/h5"
+"$BIN" extract "$TILES/sampleA" -o "$WORK/host/h5/x.h5" --weights random:0 -q
+
+# The Nextflow task script of TILEFEAT_EXTRACT, rendered as tests/python/test_nextflow.py does
+# (pipeline defaults, --weights random:0, no GPU), into a task folder: .command.sh plus the tiles
+# staged as a symlink (Nextflow mounts the inputs at their own paths).
+render_task() {
+  local dir=$1
+  mkdir -p "$dir"
+  ln -sfn "$TILES/sampleA" "$dir/sampleA"
+  "$PY" - "$REPO/tests/python" "$dir/.command.sh" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[1])
+import test_nextflow as nf  # noqa: E402
+
+args, _ = nf._modules_config_args("TILEFEAT_EXTRACT", nf._default_params(weights="random:0"))
+script = nf.render(nf.EXTRACT_NF, "script", nf._extract_ctx("sampleA", args))
+with open(sys.argv[2], "w") as f:
+    f.write("#!/bin/bash -ue\n" + script)
+PY
+  chmod -R a+rwX "$dir"
+}
+render_task "$WORK/host/nf"
+mkdir -p "$WORK/hostbin"
+ln -sf "$BIN" "$WORK/hostbin/tilefeat"
+(cd "$WORK/host/nf" && PATH="$WORK/hostbin:$PATH" bash -ue .command.sh >"$LOGS/nf-host.log" 2>&1) ||
+  { cat "$LOGS/nf-host.log" >&2; die "the rendered Nextflow task fails on the host"; }
+echo "--- rendered .command.sh:"
+cat "$WORK/host/nf/.command.sh"
+
+# --- running in an image ----------------------------------------------------------------------
+
+# container IMAGE: a working container of IMAGE (removed at exit), echoed.
+container() {
+  local c
+  c=$(buildah from --pull=never "$1")
+  CONTAINERS+=("$c")
+  echo "$c"
+}
+# crun CONTAINER USER DIR COMMAND...: run COMMAND in the container as USER, in DIR, with the
+# demo tiles (read-only) and the work folder mounted at their own paths. buildah run applies
+# no entrypoint: checks that need it name /usr/local/bin/tilefeat-entrypoint.
+crun() {
+  local c=$1 user=$2 dir=$3
+  shift 3
+  buildah run "${ISO[@]}" --user "$user" -v "$TILES:$TILES:ro" -v "$WORK:$WORK" \
+    --workingdir "$dir" "$c" -- "$@"
+}
+
+# same_h5 A B: the same datasets (names, dtypes, values) and file attributes.
+same_h5() {
+  "$PY" - "$1" "$2" <<'PY'
+import sys
+
+import h5py
+import numpy as np
+
+
+def walk(path):
+    out = {}
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                out[name] = (str(obj.dtype), np.asarray(obj[()]))
+        f.visititems(visit)
+        attrs = {k: str(v) for k, v in f.attrs.items()}
+    return out, attrs
+
+
+(a, a_attrs), (b, b_attrs) = walk(sys.argv[1]), walk(sys.argv[2])
+assert a and a.keys() == b.keys(), (a.keys(), b.keys())
+for k in a:
+    assert a[k][0] == b[k][0], (k, a[k][0], b[k][0])
+    assert np.array_equal(a[k][1], b[k][1]), k
+assert a_attrs == b_attrs, (a_attrs, b_attrs)
+print("same HDF5 content:", ", ".join(f"{k} {a[k][0]} {a[k][1].shape}" for k in sorted(a)))
+PY
+}
+
+# produces FILE HOSTFILE CONTAINER USER DIR COMMAND...: COMMAND succeeds in the container and
+# writes FILE, byte-identical to HOSTFILE.
+produces() {
+  local file=$1 host=$2
+  shift 2
+  crun "$@"
+  cmp "$file" "$host"
+}
+
+# cpu_checks CONTAINER USER LABEL
+cpu_checks() {
+  local c=$1 user=$2 label=$3 out=$WORK/cpu-$3
+  mkdir -p "$out"
+  chmod 0777 "$out"
+  check "cpu[$label] --version" version_is "$c" "$user"
+  check "cpu[$label] info" crun "$c" "$user" /data /usr/local/bin/tilefeat-entrypoint info
+  check "cpu[$label] extract csv == host" produces "$out/sampleA.csv" "$WORK/host/sampleA.csv" \
+    "$c" "$user" "$out" /usr/local/bin/tilefeat-entrypoint extract "$TILES/sampleA" -o "$out/sampleA.csv" --weights random:0 -q
+  check "cpu[$label] join == host" produces "$out/cohort.csv" "$WORK/host/cohort.csv" "$c" "$user" "$out" \
+    bash -c "tilefeat extract $TILES/sampleB -o $out/sampleB.csv --weights random:0 -q \
+      && tilefeat join $out/sampleA.csv $out/sampleB.csv -o $out/cohort.csv -q"
+  check "cpu[$label] extract h5 == host (static libhdf5)" h5_check "$c" "$user" "$out"
+  render_task "$out/nf"
+  check "cpu[$label] nextflow /bin/bash -ue .command.sh via entrypoint == host" \
+    produces "$out/nf/sampleA.csv" "$WORK/host/nf/sampleA.csv" \
+    "$c" "$user" "$out/nf" /usr/local/bin/tilefeat-entrypoint /bin/bash -ue .command.sh
+}
+version_is() {
+  local got
+  got=$(crun "$1" "$2" /data /usr/local/bin/tilefeat-entrypoint --version)
+  echo "$got"
+  [ "$got" = "tilefeat $TILEFEAT_VERSION" ]
+}
+h5_check() {
+  local c=$1 user=$2 out=$3
+  mkdir -p "$out/h5"
+  chmod 0777 "$out/h5"
+  crun "$c" "$user" "$out/h5" tilefeat extract "$TILES/sampleA" -o "$out/h5/x.h5" --weights random:0 -q
+  if cmp -s "$out/h5/x.h5" "$WORK/host/h5/x.h5"; then echo "HDF5 byte-identical"; fi
+  same_h5 "$out/h5/x.h5" "$WORK/host/h5/x.h5"
+  # nothing but the binary's own libraries: no libhdf5 in the image
+  crun "$c" "$user" / sh -c '! ldd /usr/local/bin/tilefeat | grep -i hdf5 && ! find / -xdev -name "libhdf5*" | grep .'
+}
+built() { ! printf '%s\n' "${failed[@]}" | grep -qxF "$1"; }
+
+if built "build cpu image"; then
+  c=$(container "$CPU_IMAGE")
+  cpu_checks "$c" 10001:10001 uid10001
+  cpu_checks "$c" "$ARBITRARY_UID" "uid${ARBITRARY_UID%%:*}"
+fi
+
+# --- 3. weights baked in ----------------------------------------------------------------------
+
+# expect_fail NAME PATTERN BUILD-ARG...: the CPU build fails, its log saying PATTERN.
+expect_fail() {
+  local name=$1 pattern=$2
+  shift 2
+  if build "$name" containers/Dockerfile.cpu "$NS/tilefeat:must-not-exist" "${CPU_ARGS[@]}" "$@"; then
+    echo "the build succeeded" >&2
+    return 1
+  fi
+  grep -- "$pattern" "$LOGS/build-$name.log"
+}
+if built "build cpu image"; then
+  mkdir -p "$WEIGHTS_DIR"
+  weights=$WEIGHTS_DIR/resnet50-standin.pth
+  # A ResNet50 state dict (random init, torchvision's layout) standing in for the real file.
+  "$PY" -c 'import sys, torch, torchvision
+torch.manual_seed(0)
+torch.save(torchvision.models.resnet50().state_dict(), sys.argv[1])' "$weights"
+  sha=$(sha256sum "$weights" | cut -d' ' -f1)
+  wrong=${sha:0:8}$(printf '%056d' 0)
+  check "weights: wrong SHA-256 fails the build" expect_fail weights-wrong-sha ": FAILED" \
+    WEIGHTS="$weights" WEIGHTS_SHA256="$wrong" WEIGHTS_SHA256_PREFIX="${sha:0:8}"
+  check "weights: SHA-256 not starting 0676ba61 fails the build" expect_fail weights-wrong-prefix \
+    "must be the full SHA-256" WEIGHTS="$weights" WEIGHTS_SHA256="$sha"
+  check "build cpu image with weights" build cpu-weights containers/Dockerfile.cpu "$WEIGHTS_IMAGE" \
+    "${CPU_ARGS[@]}" WEIGHTS="$weights" WEIGHTS_SHA256="$sha" WEIGHTS_SHA256_PREFIX="${sha:0:8}"
+  if built "build cpu image with weights"; then
+    "$BIN" extract "$TILES/sampleA" -o "$WORK/host/weights.csv" --weights "$REPO/$weights" -q
+    c=$(container "$WEIGHTS_IMAGE")
+    out=$WORK/weights
+    mkdir -p "$out"
+    chmod 0777 "$out"
+    check "weights: extract without --weights uses the baked-in file == host" produces \
+      "$out/weights.csv" "$WORK/host/weights.csv" "$c" "$ARBITRARY_UID" "$out" \
+      tilefeat extract "$TILES/sampleA" -o "$out/weights.csv" -q
+    check "weights: provenance names the baked-in file" \
+      grep -F /opt/tilefeat/torch/hub/checkpoints/resnet50-0676ba61.pth "$out/weights.provenance.yaml"
+  fi
+fi
+
+# --- 4. CUDA image ----------------------------------------------------------------------------
+
+cuda_info() {
+  local got
+  got=$(crun "$1" 10001:10001 /data /usr/local/bin/tilefeat-entrypoint info)
+  echo "$got"
+  grep -qx "cuda available: false" <<<"$got"
+}
+exits_5() {
+  local rc=0
+  crun "$@" || rc=$?
+  echo "exit status $rc"
+  [ "$rc" = 5 ]
+}
+LAYERS=${TILEFEAT_CUDA_LAYERS:-false}
+check "build cuda image" build cuda containers/Dockerfile "$CUDA_IMAGE"
+if built "build cuda image"; then
+  c=$(container "$CUDA_IMAGE")
+  out=$WORK/cuda
+  mkdir -p "$out"
+  chmod 0777 "$out"
+  check "cuda info: CUDA unavailable" cuda_info "$c"
+  check "cuda extract --device cpu == host" produces "$out/sampleA.csv" "$WORK/host/sampleA.csv" \
+    "$c" 10001:10001 "$out" tilefeat extract "$TILES/sampleA" -o "$out/sampleA.csv" --weights random:0 --device cpu -q
+  check "cuda extract --device cuda exits 5" exits_5 \
+    "$c" 10001:10001 "$out" tilefeat extract "$TILES/sampleA" -o "$out/gpu.csv" --weights random:0 --device cuda -q
+fi
+
+# --- 5. sizes, times, summary -----------------------------------------------------------------
+
+summary
+[ "${#failed[@]}" = 0 ]
