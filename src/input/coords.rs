@@ -297,9 +297,10 @@ pub fn find(mode: &CoordsMode, tiles: &[Tile]) -> Result<Option<Coords>, NoCoord
     }
 }
 
-/// Integer level-0 top-left corners, as HDF5's `coords` holds them: names in micrometres,
-/// or a centre without a known tile extent, cannot be converted (the error says why).
-pub fn level0_top_left(c: &Coords, size_level0: Option<u64>) -> Result<Vec<[i64; 2]>, String> {
+/// What to subtract from the names' x,y to get the integer level-0 top-left corners HDF5's
+/// `coords` holds (half the extent for a centre convention): names in micrometres or with
+/// fractions, or centres without a known tile extent, cannot be converted (the error says why).
+pub fn top_left_shift(c: &Coords, size_level0: Option<u64>) -> Result<i64, String> {
     if c.unit == Unit::Micrometres {
         return Err(format!(
             "tile names give micrometres ({}), not level-0 pixels: HDF5's `coords` would need \
@@ -326,6 +327,13 @@ pub fn level0_top_left(c: &Coords, size_level0: Option<u64>) -> Result<Vec<[i64;
             (size / 2) as i64
         }
     };
+    Ok(half)
+}
+
+/// The names' x,y as HDF5's integer level-0 top-left corners (see [`top_left_shift`]).
+#[cfg(test)]
+fn level0_top_left(c: &Coords, size_level0: Option<u64>) -> Result<Vec<[i64; 2]>, String> {
+    let half = top_left_shift(c, size_level0)?;
     Ok(c.xy
         .iter()
         .map(|&[x, y]| [x as i64 - half, y as i64 - half])

@@ -25,7 +25,7 @@ pub use csv::{csv_header, push_csv_field, push_features, CsvWriter};
 pub use format::Format;
 pub use lock::OutputLock;
 
-use crate::input::coords::{Coords, Origin};
+use crate::input::coords::Coords;
 
 /// One row of the feature file: a tile's name, its coordinates (as its name gives them) when
 /// the file has them, and its vector.
@@ -65,17 +65,7 @@ impl CoordsInfo {
     /// The layout of `coords`; `size_level0` is `--patch-size-level0`.
     pub fn of(c: &Coords, size_level0: Option<u64>) -> CoordsInfo {
         let size = size_level0.or(c.patch_size_level0);
-        let top_left_shift = crate::input::coords::level0_top_left(
-            &Coords {
-                xy: vec![],
-                ..c.clone()
-            },
-            size,
-        )
-        .map(|_| match c.origin {
-            Origin::TopLeft => 0,
-            Origin::Centre => size.map_or(0, |s| (s / 2) as i64),
-        });
+        let top_left_shift = crate::input::coords::top_left_shift(c, size);
         // A histolab tile cut at level 0 is as large as its extent; QuPath's is its extent over
         // the downsample (1 when the name leaves it out).
         let patch_size = match (size, c.patch_level, c.convention.as_str()) {
