@@ -227,8 +227,9 @@ def test_dockerfiles_differ_only_where_they_must():
 def test_build_context_is_what_the_builder_copies():
     """The builder copies only what the build needs; all of it exists and is not dockerignored."""
     sources = copy_sources(stages(DOCKERFILES["cuda"].read_text())["builder"])
-    assert sources == ["Cargo.toml", "Cargo.lock", "build.rs", "versions.env", "src/", "scripts/",
-                       "containers/stage-runtime.sh"], sources  # fmt: skip
+    # Only setup.sh of scripts/: an edit to another script keeps the builder's cached layers.
+    assert sources == ["Cargo.toml", "Cargo.lock", "build.rs", "versions.env", "src/",
+                       "scripts/setup.sh", "containers/stage-runtime.sh"], sources  # fmt: skip
     ignored = [
         line.strip().rstrip("/")
         for line in (REPO / ".dockerignore").read_text().splitlines()

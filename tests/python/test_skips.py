@@ -155,14 +155,22 @@ def fake_repo(tmp_path):
         f'exec "{sys.executable}" "$@"\n'
     )
     python.chmod(0o755)
+    # scripts/test-containers.sh stands in as: echo, exit $FAKE_CONTAINERS_STATUS.
+    containers = tmp_path / "scripts" / "test-containers.sh"
+    containers.write_text('#!/bin/sh\necho "containers ran"\nexit "$FAKE_CONTAINERS_STATUS"\n')
+    containers.chmod(0o755)
     (tmp_path / "step.sh").write_text("set -euo pipefail\n" + pytest_step())
     return tmp_path
 
 
-def run_step(fake_repo, output: str, status: int) -> subprocess.CompletedProcess:
+def run_step(
+    fake_repo, output: str, status: int, containers: int = 0, **env_extra: str
+) -> subprocess.CompletedProcess:
     (fake_repo / "fake-output.txt").write_text(output)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TILEFEAT_TEST_")}
-    env.update(FAKE_OUTPUT=str(fake_repo / "fake-output.txt"), FAKE_STATUS=str(status))
+    ours = ("TILEFEAT_TEST_", "TILEFEAT_SKIP_", "TILEFEAT_REQUIRE_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+    env.update(FAKE_OUTPUT=str(fake_repo / "fake-output.txt"), FAKE_STATUS=str(status),
+               FAKE_CONTAINERS_STATUS=str(containers), **env_extra)  # fmt: skip
     return subprocess.run(
         ["bash", "step.sh"], cwd=fake_repo, env=env, capture_output=True, text=True, timeout=60
     )
@@ -185,6 +193,24 @@ def test_test_sh_passes_allowed_and_keeps_pytest_status(fake_repo):
     # pytest's status wins over the skip check's
     result = run_step(fake_repo, pytest_output((1, "no torch in .venv"), final="1 skipped in 1s"), 3)
     assert result.returncode == 3 and "not allowed" in result.stderr, result.stdout + result.stderr
+
+
+def test_test_sh_runs_the_container_test_and_keeps_its_status(fake_repo):
+    ok = pytest_output()
+    result = run_step(fake_repo, ok, 0)
+    assert result.returncode == 0 and "containers ran" in result.stdout, result.stdout + result.stderr
+    result = run_step(fake_repo, ok, 0, containers=1)
+    assert result.returncode == 1, result.stdout + result.stderr
+    # 77: this machine cannot build images; said, not a failure
+    result = run_step(fake_repo, ok, 0, containers=77)
+    assert result.returncode == 0 and "SKIPPED: container images not built" in result.stdout, result.stdout
+    # run even when pytest failed, whose status wins
+    result = run_step(fake_repo, pytest_output(final="1 failed, 6 passed in 3.21s"), 1, containers=1)
+    assert result.returncode == 1 and "containers ran" in result.stdout, result.stdout + result.stderr
+    # skipped on purpose, loudly
+    result = run_step(fake_repo, ok, 0, containers=1, TILEFEAT_SKIP_CONTAINERS="1")
+    assert result.returncode == 0 and "containers ran" not in result.stdout, result.stdout
+    assert "SKIPPED: container images not built or run (TILEFEAT_SKIP_CONTAINERS is set)" in result.stdout
 
 
 # --- the skips in the tests themselves --------------------------------------------------------
