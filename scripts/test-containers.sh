@@ -31,8 +31,8 @@
 #   5. Image sizes and build times.
 #
 # Needs root (buildah chroot isolation, debootstrap), buildah and debootstrap (installed with
-# apt-get when missing), TILEFEAT_CONTAINER_MIN_FREE_GB (default 30) of free disk for buildah's
-# store and the cache (measured peak from scratch: 26 GB; 15 GB stay in the store), the host
+# apt-get when missing), TILEFEAT_CONTAINER_MIN_FREE_GB (default 35) of free disk for buildah's
+# store and the cache (measured peak from scratch: 29 GB; 16 GB stay in the store), the host
 # binary (target/release/tilefeat, TILEFEAT_BIN) and the project venv (.venv: torch,
 # torchvision, h5py; scripts/setup.sh). Network: the Debian mirror, PyPI and crates.io, from
 # inside the builds.
@@ -147,7 +147,7 @@ timing() { echo "$*" >>"$TIMINGS"; }
 
 # Free space, before anything is built: the images and their layers (buildah's store), and the
 # cache mounts (TMPDIR). The peak is measured in the header above.
-MIN_FREE_GB=${TILEFEAT_CONTAINER_MIN_FREE_GB:-30}
+MIN_FREE_GB=${TILEFEAT_CONTAINER_MIN_FREE_GB:-35}
 STORE=$(buildah info --format '{{ .store.GraphRoot }}' 2>/dev/null || echo /var/lib/containers/storage)
 mkdir -p "$STORE"
 for dir in "$STORE" "$TMPDIR"; do
