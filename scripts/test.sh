@@ -24,10 +24,10 @@ pytest_status=0
 skips_status=0
 .venv/bin/python scripts/check-skips.py --allow tests/python/allowed_skips.txt "$pytest_log" || skips_status=$?
 echo "==> containers (scripts/test-containers.sh)"
-# Builds both images with buildah (as root) and runs the checks in them: ~17 min and a 29 GB disk
-# peak from scratch, ~1.5 min when nothing the images are built from changed (measured). Exit 77: this
-# machine cannot build images (not root, no buildah, too little disk), said loudly, not a
-# failure unless TILEFEAT_REQUIRE_CONTAINERS=1. TILEFEAT_SKIP_CONTAINERS=1 skips it on purpose.
+# Builds both images with buildah (as root) and runs the checks in them: ~17 min and a 29 GB
+# disk peak from scratch, ~1.5 min when nothing the images are built from changed (measured).
+# Exit 77: this machine cannot build images (not root, no buildah, too little disk), said
+# loudly, not a failure unless TILEFEAT_REQUIRE_CONTAINERS=1. TILEFEAT_SKIP_CONTAINERS=1 skips it on purpose.
 containers_status=0
 if [ -n "${TILEFEAT_SKIP_CONTAINERS:-}" ]; then
   echo "SKIPPED: container images not built or run (TILEFEAT_SKIP_CONTAINERS is set)"
