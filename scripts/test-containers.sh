@@ -385,6 +385,12 @@ crun() {
     --workingdir "$dir" "$c" -- "$@"
 }
 
+# outdir DIR: a folder for a check's outputs, writable by whichever UID the container runs as.
+outdir() {
+  mkdir -p "$1"
+  chmod 0777 "$1"
+}
+
 # same_h5 A B: the same datasets (names, dtypes, values) and file attributes.
 same_h5() {
   "$PY" - "$1" "$2" <<'PY'
@@ -427,8 +433,7 @@ produces() {
 # cpu_checks CONTAINER USER LABEL
 cpu_checks() {
   local c=$1 user=$2 label=$3 out=$WORK/cpu-$3
-  mkdir -p "$out"
-  chmod 0777 "$out"
+  outdir "$out"
   check "cpu[$label] --version" version_is "$c" "$user"
   check "cpu[$label] info" crun "$c" "$user" /data /usr/local/bin/tilefeat-entrypoint info
   check "cpu[$label] extract csv == host" produces "$out/sampleA.csv" "$WORK/host/sampleA.csv" \
@@ -437,8 +442,7 @@ cpu_checks() {
     bash -c "tilefeat extract $TILES/sampleB -o $out/sampleB.csv --weights random:0 -q \
       && tilefeat join $out/sampleA.csv $out/sampleB.csv -o $out/cohort.csv -q"
   check "cpu[$label] extract h5 == host (static libhdf5)" h5_check "$c" "$user" "$out"
-  mkdir -p "$out/model"
-  chmod 0777 "$out/model"
+  outdir "$out/model"
   check "cpu[$label] extract --model (TorchScript) == host" produces "$out/model/sampleA.csv" \
     "$WORK/host/model/sampleA.csv" "$c" "$user" "$out/model" \
     tilefeat extract "$TILES/sampleA" -o "$out/model/sampleA.csv" --model "$WORK/model/trunk.pt" -q
@@ -455,8 +459,7 @@ version_is() {
 }
 h5_check() {
   local c=$1 user=$2 out=$3
-  mkdir -p "$out/h5"
-  chmod 0777 "$out/h5"
+  outdir "$out/h5"
   crun "$c" "$user" "$out/h5" tilefeat extract "$TILES/sampleA" -o "$out/h5/x.h5" --weights random:0 -q
   if cmp -s "$out/h5/x.h5" "$WORK/host/h5/x.h5"; then echo "HDF5 byte-identical"; fi
   same_h5 "$out/h5/x.h5" "$WORK/host/h5/x.h5"
@@ -502,8 +505,7 @@ torch.save(torchvision.models.resnet50().state_dict(), sys.argv[1])' "$weights"
     "$BIN" extract "$TILES/sampleA" -o "$WORK/host/weights.csv" --weights "$REPO/$weights" -q
     c=$(container "$WEIGHTS_IMAGE")
     out=$WORK/weights
-    mkdir -p "$out"
-    chmod 0777 "$out"
+    outdir "$out"
     check "weights: extract without --weights uses the baked-in file == host" produces \
       "$out/weights.csv" "$WORK/host/weights.csv" "$c" "$ARBITRARY_UID" "$out" \
       tilefeat extract "$TILES/sampleA" -o "$out/weights.csv" -q
@@ -530,8 +532,7 @@ check "build cuda image" build cuda containers/Dockerfile "$CUDA_IMAGE"
 if built "build cuda image"; then
   c=$(container "$CUDA_IMAGE")
   out=$WORK/cuda
-  mkdir -p "$out"
-  chmod 0777 "$out"
+  outdir "$out"
   check "cuda info: CUDA unavailable" cuda_info "$c"
   check "cuda extract --device cpu == host" produces "$out/sampleA.csv" "$WORK/host/sampleA.csv" \
     "$c" 10001:10001 "$out" tilefeat extract "$TILES/sampleA" -o "$out/sampleA.csv" --weights random:0 --device cpu -q
