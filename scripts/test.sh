@@ -8,12 +8,25 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh --no-demo
 export LIBTORCH_USE_PYTORCH=1
 export PATH="$PWD/.venv/bin:$PATH"
-echo "==> cargo fmt --check"
-cargo fmt --check
-echo "==> cargo clippy"
-cargo clippy --release --locked --all-targets -- -D warnings
-echo "==> cargo test"
-cargo test --release --locked
+# Every step runs even when an earlier one failed (cargo test with --no-fail-fast: every test
+# binary), so one log shows all that is wrong; the script then exits with the first failing
+# step's status, naming every failed step.
+failed=""
+first_status=0
+failed_step() { # NAME STATUS
+  failed="$failed $1 (exit $2);"
+  [ "$first_status" -ne 0 ] || first_status=$2
+}
+step() {
+  local name=$1 status=0
+  shift
+  echo "==> $name"
+  "$@" || status=$?
+  [ "$status" -eq 0 ] || failed_step "$name" "$status"
+}
+step "cargo fmt --check" cargo fmt --check
+step "cargo clippy" cargo clippy --release --locked --all-targets -- -D warnings
+step "cargo test" cargo test --release --locked --no-fail-fast
 echo "==> pytest"
 # A skip is a failure unless tests/python/allowed_skips.txt allows its reason (an opt-out
 # variable, a GPU): scripts/check-skips.py reads pytest's -ra summary, teed (still shown here).
@@ -38,6 +51,16 @@ else
     containers_status=0
   fi
 fi
-[ "$pytest_status" -eq 0 ] || exit "$pytest_status"
-[ "$skips_status" -eq 0 ] || exit "$skips_status"
-exit "$containers_status"
+failed=${failed:-}
+first_status=${first_status:-0}
+[ "$pytest_status" -eq 0 ] || failed="$failed pytest (exit $pytest_status);"
+[ "$first_status" -ne 0 ] || first_status=$pytest_status
+[ "$skips_status" -eq 0 ] || failed="$failed skip check (exit $skips_status);"
+[ "$first_status" -ne 0 ] || first_status=$skips_status
+[ "$containers_status" -eq 0 ] || failed="$failed containers (exit $containers_status);"
+[ "$first_status" -ne 0 ] || first_status=$containers_status
+if [ "$first_status" -ne 0 ]; then
+  echo "==> FAILED:$failed" >&2
+  exit "$first_status"
+fi
+echo "==> all passed"

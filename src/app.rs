@@ -9,6 +9,8 @@ use crate::error::{fail, ExitKind, WithKind};
 
 /// `tilefeat preprocess`: one tile through decode + resize, saved as PNG.
 fn preprocess(a: &crate::cli::PreprocessArgs) -> Result<()> {
+    // Regression: `preprocess t.png -o t.png` replaced the tile.
+    crate::output::refuse_overwriting_inputs(&[&a.output], &[&a.image])?;
     let bytes = std::fs::read(&a.image).map_err(|e| {
         fail(
             ExitKind::Input,

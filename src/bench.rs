@@ -109,7 +109,7 @@ fn pipeline(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     };
     let mut progress = Progress::new(tiles.len(), true);
     let t = Instant::now();
-    let st = pipeline(
+    let mut st = pipeline(
         &cfg,
         &*source,
         &tiles,
@@ -119,6 +119,9 @@ fn pipeline(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         &mut progress,
         dim,
     )?;
+    if let Some(file) = st.staged.take() {
+        file.commit()?;
+    }
     let secs = t.elapsed().as_secs_f64();
     let csv_mb = std::fs::metadata(&csv_path).map_or(0.0, |m| m.len() as f64 / 1e6);
     let stored = match cache {

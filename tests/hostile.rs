@@ -53,7 +53,9 @@ fn image_bombs_and_cut_jpegs_are_bad_tiles() {
     let mut forged = jpg.clone();
     forged[sof + 5..sof + 9].copy_from_slice(&[0xFF, 0xDC, 0xFF, 0xDC]); // 65500 x 65500
     std::fs::write(tiles.join("forged.jpg"), &forged).unwrap();
-    let mut half = jpg[..jpg.len() / 2].to_vec();
+    // Cut halfway through its scan (a one-colour tile's scan is short after long headers).
+    let sos = jpg.windows(2).position(|m| m == [0xFF, 0xDA]).unwrap();
+    let mut half = jpg[..(sos + jpg.len()) / 2].to_vec();
     half.extend_from_slice(&[0xFF, 0xD9]);
     std::fs::write(tiles.join("half.jpg"), &half).unwrap();
 
@@ -106,9 +108,13 @@ fn one_writer_per_output_and_join_checks_the_pair() {
             out.to_str().unwrap(),
         ])
         .args(["--weights", "random:0", "--quiet", "--threads", "1"])
+        .args(["--batch-size", "4"])
+        // Ten batches of at least 300 ms: still running while the others are refused,
+        // however fast the machine.
+        .env("TILEFEAT_TEST_BATCH_DELAY_MS", "300")
         .spawn()
         .unwrap();
-    let lock = d.path().join(".x.csv.tilefeat-lock");
+    let lock = d.path().join(".x.tilefeat-lock");
     let t = std::time::Instant::now();
     while !lock.exists() {
         assert!(
@@ -124,6 +130,14 @@ fn one_writer_per_output_and_join_checks_the_pair() {
         .stderr(predicate::str::contains(
             "being written by another tilefeat run",
         ));
+    // Regression: `-o x.h5` took another lock and both runs wrote `x.provenance.yaml`.
+    extract_cmd(&tiles, &d.path().join("x.h5"))
+        .assert()
+        .code(6)
+        .stderr(predicate::str::contains(
+            "being written by another tilefeat run",
+        ));
+    assert!(!d.path().join("x.h5").exists());
     assert!(first.wait().unwrap().success());
     assert!(!lock.exists(), "the lock goes with its run");
     let prov = provenance(&out);

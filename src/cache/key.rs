@@ -1,46 +1,12 @@
 //! What a cached vector is keyed by: the tile's SHA-256 and the [`Fingerprint`] of
-//! everything else that changes the numbers.
+//! everything else that changes the numbers (defined in `crate::fingerprint`, which the
+//! provenance and `join` share).
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::cli::{Layer, Normalize, Pool, Precision};
-
-/// Bumped whenever decoding or resizing changes in a way that changes pixels.
-pub const PREPROCESSING_VERSION: u32 = 1;
+pub use crate::fingerprint::{Fingerprint, PREPROCESSING_VERSION};
 
 pub type Hash32 = [u8; 32];
-
-/// Everything besides the tile bytes that changes the numbers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Fingerprint {
-    pub weights_sha256: String,
-    pub layer: Layer,
-    pub pool: Pool,
-    pub normalize: Normalize,
-    pub size: u32,
-    pub precision: Precision,
-    pub preprocessing_version: u32,
-    /// `nchw` when the network ran NCHW (its last bits differ from the NHWC default's by
-    /// ~1e-6); absent for NHWC, so the ids of NHWC fingerprints are those they always had.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub layout: Option<String>,
-    /// `torchscript` for a `--model` (whose file's SHA-256 is `weights_sha256`); absent for
-    /// the native ResNet50, whose fingerprints keep their ids.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub encoder: Option<String>,
-    /// `mean=R,G,B std=R,G,B` when the normalization is not one of `--normalize`'s.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mean_std: Option<String>,
-}
-
-impl Fingerprint {
-    /// Stable id: SHA-256 of the canonical YAML of the struct.
-    pub fn id(&self) -> Hash32 {
-        let yaml = serde_yaml::to_string(self).expect("fingerprint serializes");
-        Sha256::digest(yaml.as_bytes()).into()
-    }
-}
 
 /// The key of one cached vector.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]

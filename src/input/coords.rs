@@ -161,15 +161,40 @@ fn file_name(rel: &str) -> &str {
     rel.rsplit('/').next().unwrap_or(rel)
 }
 
-fn number(caps: &regex::Captures<'_>, group: &str) -> Option<(f64, bool)> {
-    let s = caps.name(group)?.as_str();
-    if let Ok(i) = s.parse::<i64>() {
-        return Some((i as f64, true));
+/// The largest magnitude a coordinate may have: every integer up to it is held exactly (as an
+/// f64 here, an int64 in HDF5 and Parquet); beyond it, 9007199254740993 would silently become
+/// ...992.
+pub const MAX_COORDINATE: f64 = 9_007_199_254_740_992.0; // 2^53
+
+/// A group's number and whether it is an integer: None when the group is missing or not a
+/// number, an error when it is a number no file could hold exactly.
+fn number(caps: &regex::Captures<'_>, group: &str) -> Result<Option<(f64, bool)>, String> {
+    let Some(s) = caps.name(group).map(|m| m.as_str()) else {
+        return Ok(None);
+    };
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    let (value, integral) = if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        // An integer is parsed as one (never through a float), then checked to be exact.
+        match s.parse::<i64>() {
+            Ok(i) if i.unsigned_abs() <= MAX_COORDINATE as u64 => {
+                return Ok(Some((i as f64, true)))
+            }
+            _ => (f64::INFINITY, true),
+        }
+    } else {
+        match s.parse::<f64>() {
+            Ok(v) => (v, false),
+            Err(_) => return Ok(None),
+        }
+    };
+    if !value.is_finite() || value.abs() > MAX_COORDINATE {
+        return Err(format!(
+            "coordinate {s} is out of range (at most 2^53 = {} in magnitude{})",
+            MAX_COORDINATE as u64,
+            if integral { "" } else { ", a finite number" }
+        ));
     }
-    s.parse::<f64>()
-        .ok()
-        .filter(|v| v.is_finite())
-        .map(|v| (v, false))
+    Ok(Some((value, integral)))
 }
 
 /// Per-tile facts a pattern gives: x, y, whether both are integers, extent, level.
@@ -181,22 +206,34 @@ struct Parsed {
     downsample: Option<f64>,
 }
 
-fn parse_name(re: &Regex, name: &str) -> Option<Parsed> {
-    let caps = re.captures(file_name(name))?;
-    let (x, xi) = number(&caps, "x")?;
-    let (y, yi) = number(&caps, "y")?;
+/// The facts `re` gives of a tile's name: None when it does not match, an error naming the
+/// tile when it matches with a number out of range.
+fn parse_name(re: &Regex, name: &str) -> Result<Option<Parsed>, String> {
+    let Some(caps) = re.captures(file_name(name)) else {
+        return Ok(None);
+    };
+    let in_tile = |e: String| format!("tile {name}: {e}");
+    let (Some((x, xi)), Some((y, yi))) = (
+        number(&caps, "x").map_err(in_tile)?,
+        number(&caps, "y").map_err(in_tile)?,
+    ) else {
+        return Ok(None);
+    };
     let size = match (caps.name("x1"), caps.name("w")) {
-        (Some(x1), _) => x1.as_str().parse::<u64>().ok()?.checked_sub(x as u64),
+        (Some(x1), _) => match x1.as_str().parse::<u64>() {
+            Ok(x1) => x1.checked_sub(x as u64),
+            Err(_) => return Err(in_tile(format!("extent {} is out of range", x1.as_str()))),
+        },
         (None, Some(w)) => w.as_str().parse::<u64>().ok(),
         _ => None,
     };
-    Some(Parsed {
+    Ok(Some(Parsed {
         xy: [x, y],
         integral: xi && yi,
         size,
         level: caps.name("level").and_then(|l| l.as_str().parse().ok()),
         downsample: caps.name("d").and_then(|d| d.as_str().parse().ok()),
-    })
+    }))
 }
 
 /// The same value for every tile, or None.
@@ -224,7 +261,7 @@ fn parse_all(re: &Regex, tiles: &[Tile], what: &str) -> Result<Vec<Parsed>, NoCo
     tiles
         .iter()
         .map(|t| {
-            parse_name(re, &t.rel).ok_or_else(|| {
+            parse_name(re, &t.rel).map_err(NoCoords)?.ok_or_else(|| {
                 NoCoords(format!(
                     "tile {} does not match {what} (no numeric x and y in its name)",
                     t.rel
@@ -254,39 +291,54 @@ pub fn find(mode: &CoordsMode, tiles: &[Tile]) -> Result<Option<Coords>, NoCoord
             if tiles.is_empty() {
                 return Ok(None);
             }
-            // The convention most tiles match, to name in the message if none matches all.
-            let mut best: Option<(usize, &Convention, &Tile)> = None;
-            for c in &CONVENTIONS {
-                let re = Regex::new(c.pattern).expect("built-in pattern compiles");
-                let missing = tiles.iter().filter(|t| parse_name(&re, &t.rel).is_none());
-                let mut missing = missing.peekable();
-                match missing.peek() {
-                    None => {
-                        let parsed = parse_all(&re, tiles, c.name)?;
-                        return Ok(Some(coords_from(
-                            c.name.to_string(),
-                            c.origin,
-                            c.unit,
-                            parsed,
-                        )));
-                    }
-                    Some(first) => {
-                        let first = *first;
-                        let matched = tiles.len() - missing.count();
-                        if matched > 0 && best.is_none_or(|(m, _, _)| matched > m) {
-                            best = Some((matched, c, first));
-                        }
-                    }
-                }
+            // Each tile's convention is the most specific one its name follows (a histolab
+            // name also follows slideflow's pattern, with other numbers): a convention is taken
+            // only when it is every tile's. Regression: histolab tiles and one slideflow tile
+            // all got slideflow's coordinates, histolab's top-left corners written as centres.
+            let res: Vec<Regex> = CONVENTIONS
+                .iter()
+                .map(|c| Regex::new(c.pattern).expect("built-in pattern compiles"))
+                .collect();
+            let of = |t: &Tile| res.iter().position(|re| re.is_match(file_name(&t.rel)));
+            let own: Vec<Option<usize>> = tiles.iter().map(of).collect();
+            if let Some(i) = own[0].filter(|&i| own.iter().all(|&o| o == Some(i))) {
+                let c = &CONVENTIONS[i];
+                let parsed = parse_all(&res[i], tiles, c.name)?;
+                return Ok(Some(coords_from(
+                    c.name.to_string(),
+                    c.origin,
+                    c.unit,
+                    parsed,
+                )));
             }
+            // The convention most tiles follow, and a tile that does not, for the message.
+            let mut counts = [0usize; CONVENTIONS.len()];
+            for i in own.iter().flatten() {
+                counts[*i] += 1;
+            }
+            let best = (0..counts.len())
+                .filter(|&i| counts[i] > 0)
+                .max_by_key(|&i| (counts[i], std::cmp::Reverse(i)));
             Err(NoCoords(match best {
-                Some((matched, c, tile)) => format!(
-                    "tile names mix conventions: {matched} of {} tiles are named as {} does, \
-                     but tile {} is not",
-                    tiles.len(),
-                    c.tool,
-                    tile.rel
-                ),
+                Some(i) => {
+                    let (t, other) = tiles
+                        .iter()
+                        .zip(&own)
+                        .find(|(_, o)| **o != Some(i))
+                        .expect("not every tile follows it");
+                    format!(
+                        "tile names mix conventions: {} of {} tiles are named as {} does, \
+                         but tile {} is {}",
+                        counts[i],
+                        tiles.len(),
+                        CONVENTIONS[i].tool,
+                        t.rel,
+                        match other {
+                            Some(o) => format!("named as {} does", CONVENTIONS[*o].tool),
+                            None => "not".to_string(),
+                        }
+                    )
+                }
                 None => format!(
                     "no tile name follows a known convention (histolab, QuPath, TRIDENT, \
                      STAMP, slideflow), e.g. {}; give --coords REGEX with groups x and y",
@@ -449,6 +501,64 @@ mod tests {
             find(&CoordsMode::None, &tiles(&["000000_x0_y0.png"])),
             Ok(None)
         );
+    }
+
+    /// Regression: histolab names also follow slideflow's pattern, so histolab tiles and one
+    /// slideflow tile all got slideflow's coordinates (exit 0).
+    #[test]
+    fn a_mix_of_histolab_and_slideflow_names_has_no_coordinates() {
+        let e = auto(&[
+            "tile_0_level0_1024-2048-1536-2560.png",
+            "tile_1_level0_0-512-512-1024.png",
+            "slide-1536-768.png",
+        ])
+        .unwrap_err();
+        assert!(
+            e.0.contains("2 of 3 tiles are named as histolab does")
+                && e.0
+                    .contains("slide-1536-768.png is named as slideflow does"),
+            "{}",
+            e.0
+        );
+        // Either convention alone still has its coordinates.
+        assert_eq!(
+            auto(&["tile_1_level0_0-512-512-1024.png"])
+                .unwrap()
+                .unwrap()
+                .convention,
+            "histolab"
+        );
+        assert_eq!(
+            auto(&["slide-1536-768.png"]).unwrap().unwrap().convention,
+            "slideflow"
+        );
+    }
+
+    /// Regression: coordinates went through f64 (9007199254740993 became ...992) and `1e20`
+    /// was taken, then refused by HDF5 as "fractional".
+    #[test]
+    fn coordinates_beyond_exact_integers_are_refused_naming_the_tile() {
+        let ok = auto(&["000000_x9007199254740992_y1.png"]).unwrap().unwrap();
+        assert_eq!(ok.xy, [[9007199254740992.0, 1.0]]);
+        assert!(ok.integral);
+        for name in [
+            "000000_x9007199254740993_y1.png",
+            "000000_x99999999999999999999_y1.png",
+            "tile_(1e20, 5.0).png",
+            "tile_(1e400, 5.0).png",
+        ] {
+            let e = auto(&[name]).unwrap_err();
+            assert!(
+                e.0.contains(name) && e.0.contains("out of range"),
+                "{}",
+                e.0
+            );
+        }
+        let mode = CoordsMode::Regex(r"r(?P<y>-?\d+)_c(?P<x>-?\d+)".into());
+        let e = find(&mode, &tiles(&["r-9223372036854775808_c0.png"])).unwrap_err();
+        assert!(e.0.contains("out of range"), "{}", e.0);
+        let c = find(&mode, &tiles(&["r-12_c3.png"])).unwrap().unwrap();
+        assert_eq!(c.xy, [[3.0, -12.0]]);
     }
 
     #[test]

@@ -34,7 +34,7 @@ impl TileSource for Folder {
     }
 
     fn read(&self, tile: &Tile) -> std::io::Result<Vec<u8>> {
-        std::fs::read(&tile.path)
+        read_regular(&tile.path)
     }
 }
 
@@ -100,15 +100,60 @@ pub fn find_tiles(dir: &Path) -> Result<Listing> {
                 ));
             }
         };
-        if !entry.file_type().is_file() {
+        let kind = entry.file_type();
+        if kind.is_dir() {
             continue;
         }
         if let Some(tile) = tile_at(dir, entry.path()) {
-            listing.tiles.push(tile);
+            // Regression: a FIFO (or a link to a device) named like a tile vanished from the
+            // counts; reading it could block forever or never end. It is a bad tile, unread.
+            let problem = (!kind.is_file())
+                .then(|| format!("not a regular file (a {}): not read", special_kind(kind)));
+            listing.tiles.push(Tile {
+                problem: tile.problem.or(problem),
+                ..tile
+            });
         }
     }
     listing.tiles.sort_by(|a, b| a.rel.cmp(&b.rel));
     Ok(listing)
+}
+
+/// What a file that is neither a regular file nor a folder is.
+fn special_kind(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_fifo() {
+        "FIFO"
+    } else if kind.is_socket() {
+        "socket"
+    } else if kind.is_block_device() {
+        "block device"
+    } else if kind.is_char_device() {
+        "character device"
+    } else {
+        "special file"
+    }
+}
+
+/// A tile's bytes, only if it is (still) a regular file: opened without blocking (a FIFO put
+/// in its place since the listing would otherwise wait for a writer forever), checked, read.
+fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not a regular file (a {})", special_kind(meta.file_type())),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len().min(super::MAX_MEMBER_BYTES) as usize);
+    f.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 fn is_symlink(p: &Path) -> bool {

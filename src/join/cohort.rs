@@ -11,7 +11,7 @@ use super::read::{Row, Values};
 use crate::error::{fail, ExitKind};
 use crate::output::csv::push_xy;
 use crate::output::parquet::{Columns, ParquetWriter};
-use crate::output::{csv_header, push_csv_field, push_features, AtomicFile, Format};
+use crate::output::{csv_header, push_csv_field, push_features, AtomicFile, Format, Staged};
 
 /// What the cohort file holds.
 pub(crate) struct Layout {
@@ -29,7 +29,8 @@ pub(crate) trait Cohort {
     fn needs_floats(&self) -> bool;
     /// One sample's aggregate row.
     fn aggregate(&mut self, sample: &str, n_tiles: usize, v: &[f32]) -> Result<()>;
-    fn commit(self: Box<Self>) -> Result<()>;
+    /// The complete file under its temporary name, renamed with its provenance.
+    fn finish(self: Box<Self>) -> Result<Staged>;
 }
 
 /// The cohort file at `path`, in the format its extension names (CSV or Parquet).
@@ -123,8 +124,8 @@ impl Cohort for CsvCohort {
         self.write_line()
     }
 
-    fn commit(self: Box<Self>) -> Result<()> {
-        self.file.commit()
+    fn finish(self: Box<Self>) -> Result<Staged> {
+        self.file.finish()
     }
 }
 
@@ -141,7 +142,7 @@ impl Cohort for ParquetWriter {
         self.push(&[sample], Some(n_tiles as i64), None, v)
     }
 
-    fn commit(self: Box<Self>) -> Result<()> {
-        self.finish().map(|_| ())
+    fn finish(self: Box<Self>) -> Result<Staged> {
+        ParquetWriter::finish(*self).map(|(staged, _)| staged)
     }
 }

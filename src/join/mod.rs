@@ -171,6 +171,23 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
             ));
         }
     }
+    // Regression: `join A.csv D.csv -o A.csv` replaced its own input, and `join H.h5 D.csv -o
+    // H.csv` replaced H.h5's provenance. Nothing this writes may be something it reads.
+    let read: Vec<PathBuf> = paths
+        .iter()
+        .flat_map(|p| {
+            [
+                p.clone(),
+                provenance_path(p),
+                crate::output::rejected_path(p),
+            ]
+        })
+        .chain(a.from_list.clone())
+        .collect();
+    crate::output::refuse_overwriting_inputs(
+        &[a.output.clone(), provenance_path(&a.output)],
+        &read,
+    )?;
     // Pass 1: provenance only.
     let mut inputs = Vec::with_capacity(paths.len());
     let mut samples = std::collections::HashMap::new();
@@ -328,7 +345,7 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
             tiles: rows,
         });
     }
-    cohort.commit()?;
+    let cohort = cohort.finish()?;
     let prov = JoinProvenance {
         warning: untrained.then(|| RANDOM_WEIGHTS_WARNING.to_string()),
         tilefeat_version: env!("CARGO_PKG_VERSION").into(),
@@ -350,7 +367,10 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
         text.push_str(&format!("# WARNING: {RANDOM_WEIGHTS_WARNING}\n"));
     }
     text.push_str(&serde_yaml::to_string(&prov)?);
-    crate::output::write_atomic(&provenance_path(&a.output), text.as_bytes())?;
+    // Both complete before either replaces what was there.
+    let prov = crate::output::stage(&provenance_path(&a.output), text.as_bytes())?;
+    cohort.commit()?;
+    prov.commit()?;
     if !a.quiet {
         writeln!(
             out,

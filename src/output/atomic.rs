@@ -1,6 +1,10 @@
 //! Atomic files: written to a temporary file in the destination folder and renamed over the
 //! final name only when complete and fsynced, so a crash, a full disk or a kill never leaves a
 //! half-written file under the final name. Temporaries of dead processes are removed.
+//!
+//! Files that belong together (a feature file and its side files) are first all written in
+//! full as [`Staged`] temporaries and only then renamed, one after the other: a failure while
+//! writing any of them (a full disk) leaves every previous file as it was.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -78,8 +82,14 @@ impl AtomicFile {
     }
 
     /// Flush, fsync and rename over the target.
-    pub fn commit(mut self) -> Result<()> {
-        let w = self.writer.take().expect("commit twice");
+    pub fn commit(self) -> Result<()> {
+        self.finish()?.commit()
+    }
+
+    /// Flush and fsync, leaving the complete file under its temporary name until
+    /// [`Staged::commit`].
+    pub fn finish(mut self) -> Result<Staged> {
+        let w = self.writer.take().expect("finish twice");
         let synced = w
             .into_inner()
             .map_err(|e| e.into_error())
@@ -90,9 +100,40 @@ impl AtomicFile {
             let _ = std::fs::remove_file(&self.tmp);
         }
         synced?;
+        Ok(Staged {
+            target: std::mem::take(&mut self.target),
+            tmp: Some(std::mem::take(&mut self.tmp)),
+        })
+    }
+}
+
+/// A complete, fsynced file under its temporary name, waiting for the files that go with it;
+/// dropped without [`Staged::commit`], it is removed and the target keeps what it had.
+#[derive(Debug)]
+pub struct Staged {
+    target: PathBuf,
+    tmp: Option<PathBuf>,
+}
+
+impl Staged {
+    /// Rename over the target.
+    pub fn commit(mut self) -> Result<()> {
+        let tmp = self.tmp.take().expect("commit once");
         // Regression: a failed rename (say, a folder where the file should go) left the
         // temporary file behind.
-        rename_over(&self.tmp, &self.target)
+        rename_over(&tmp, &self.target)
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(tmp) = &self.tmp {
+            let _ = std::fs::remove_file(tmp);
+        }
     }
 }
 
@@ -130,8 +171,9 @@ impl AtomicPath {
         &self.target
     }
 
-    /// Fsync the (closed) temporary file, hash it, and rename it over the target.
-    pub fn commit(mut self) -> Result<super::Committed> {
+    /// Fsync the (closed) temporary file and hash it; it is renamed over the target by
+    /// [`Staged::commit`].
+    pub fn finish(mut self) -> Result<(Staged, super::Committed)> {
         let hashed = (|| -> std::io::Result<super::Committed> {
             use sha2::{Digest, Sha256};
             let mut file = File::open(&self.tmp)?;
@@ -147,7 +189,13 @@ impl AtomicPath {
         .kind(ExitKind::Output);
         self.committed = true;
         match hashed {
-            Ok(c) => rename_over(&self.tmp, &self.target).map(|()| c),
+            Ok(c) => Ok((
+                Staged {
+                    target: self.target.clone(),
+                    tmp: Some(self.tmp.clone()),
+                },
+                c,
+            )),
             Err(e) => {
                 let _ = std::fs::remove_file(&self.tmp);
                 Err(e)
@@ -192,12 +240,17 @@ fn remove_stale_temps(target: &Path) {
 
 /// Write `contents` to `target` atomically.
 pub fn write_atomic(target: &Path, contents: &[u8]) -> Result<()> {
+    stage(target, contents)?.commit()
+}
+
+/// Write `contents` in full beside `target`, to be renamed over it by [`Staged::commit`].
+pub fn stage(target: &Path, contents: &[u8]) -> Result<Staged> {
     let mut f = AtomicFile::create(target)?;
     f.writer()
         .write_all(contents)
         .with_context(|| format!("cannot write {}", target.display()))
         .kind(ExitKind::Output)?;
-    f.commit()
+    f.finish()
 }
 
 #[cfg(test)]

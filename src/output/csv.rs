@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 
 use sha2::{Digest, Sha256};
 
-use super::{AtomicFile, Committed, FeatureRow, FeatureWriter, FileInfo, RowEncoder};
+use super::{AtomicFile, Committed, FeatureRow, FeatureWriter, FileInfo, RowEncoder, Staged};
 use crate::error::{ExitKind, WithKind};
 
 /// Append a CSV field, quoted only if it needs to be (RFC 4180).
@@ -110,15 +110,16 @@ impl FeatureWriter for CsvWriter {
         self.write(encoded)
     }
 
-    fn commit(self: Box<Self>) -> Result<Committed> {
+    fn finish(self: Box<Self>) -> Result<(Staged, Committed)> {
         let CsvWriter {
             file, sha, bytes, ..
         } = *self;
-        file.commit()?;
-        Ok(Committed {
+        let staged = file.finish()?;
+        let committed = Committed {
             sha256: hex::encode(sha.finalize()),
             bytes,
-        })
+        };
+        Ok((staged, committed))
     }
 }
 

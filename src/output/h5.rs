@@ -16,11 +16,22 @@ use hdf5::types::VarLenUnicode;
 use ndarray::{s, ArrayView1, ArrayView2};
 
 use super::atomic::AtomicPath;
-use super::{Committed, FeatureRow, FeatureWriter, FileInfo, NoEncoding, RowEncoder};
+use super::{Committed, FeatureRow, FeatureWriter, FileInfo, NoEncoding, RowEncoder, Staged};
 use crate::error::{fail, ExitKind};
 
-/// Rows per HDF5 chunk.
+/// Rows per chunk of `tiles` and `coords` (a few bytes a row).
 const CHUNK_ROWS: usize = 64;
+
+/// Bytes a chunk of `features` aims at. libhdf5 allocates whole chunks, so a sample's file
+/// is at least one chunk: at 64 KiB, 5 tiles of 2,048 floats take one chunk of 8 rows rather
+/// than one of 64 rows (512 KiB, five times the CSV); a wide row gets a chunk of its own.
+const CHUNK_BYTES: usize = 64 << 10;
+
+/// Rows per chunk of `features` for rows of `dim` floats: [`CHUNK_BYTES`] worth, at least
+/// one row, at most 1,024.
+fn feature_chunk_rows(dim: usize) -> usize {
+    (CHUNK_BYTES / (4 * dim.max(1))).clamp(1, 1024)
+}
 
 pub struct H5Writer {
     target: AtomicPath,
@@ -72,7 +83,7 @@ impl H5Writer {
         let dim = info.dim;
         let features = file
             .new_dataset::<f32>()
-            .chunk((CHUNK_ROWS, dim.max(1)))
+            .chunk((feature_chunk_rows(dim), dim.max(1)))
             .shape((0.., dim))
             .create("features")
             .map_err(&err)?;
@@ -168,8 +179,8 @@ impl FeatureWriter for H5Writer {
         Ok(())
     }
 
-    fn commit(mut self: Box<Self>) -> Result<Committed> {
-        let file = self.file.take().expect("commit once");
+    fn finish(mut self: Box<Self>) -> Result<(Staged, Committed)> {
+        let file = self.file.take().expect("finish once");
         let path = self.target.target().to_path_buf();
         // Every handle closed before the file is: libhdf5 flushes it then.
         let H5Writer {
@@ -183,6 +194,6 @@ impl FeatureWriter for H5Writer {
         file.close()
             .map_err(h5err(&path))
             .with_context(|| format!("cannot close {}", path.display()))?;
-        target.commit()
+        target.finish()
     }
 }

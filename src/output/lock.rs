@@ -1,6 +1,8 @@
-//! One writer per output: `extract` holds `.NAME.tilefeat-lock` beside its feature file from
+//! One writer per output: `extract` holds `.STEM.tilefeat-lock` beside its feature file from
 //! before the file is created until its provenance is written, so two runs on one `--output`
-//! cannot pair one run's features with the other's provenance. The lock is a file created
+//! cannot pair one run's features with the other's provenance. STEM is the name the side files
+//! share (`s` for `s.csv`, `s.h5` and `s.parquet`, which all write `s.provenance.yaml`), so the
+//! lock covers every file a run writes. The lock is a file created
 //! with `O_EXCL` (no `flock`, which NFS does not always honour), holding `host pid`; a lock
 //! left by a dead process of this host is taken over, one of another host is reported.
 
@@ -18,13 +20,14 @@ pub struct OutputLock {
     path: PathBuf,
 }
 
-/// The lock file of `output`.
+/// The lock file of `output` and its side files: `.s.tilefeat-lock` for `s.csv`, `s.h5`...
 pub fn lock_path(output: &Path) -> PathBuf {
-    let name = output
+    let shared = super::side_file(output, "tilefeat-lock");
+    let name = shared
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    output.with_file_name(format!(".{name}.tilefeat-lock"))
+    output.with_file_name(format!(".{name}"))
 }
 
 impl OutputLock {
@@ -139,5 +142,26 @@ mod tests {
         std::fs::write(lock_path(&out), "other-host 1\n").unwrap();
         let e = OutputLock::acquire(&out).unwrap_err();
         assert!(e.to_string().contains("process 1 on other-host"), "{e}");
+    }
+
+    /// Regression: `-o s.csv` and `-o s.h5` took different locks, both ran, and the one
+    /// provenance they share described the last; the CSV was orphaned.
+    #[test]
+    fn outputs_sharing_side_files_share_one_lock() {
+        let d = tempfile::tempdir().unwrap();
+        let csv = d.path().join("s.csv");
+        assert_eq!(lock_path(&csv), d.path().join(".s.tilefeat-lock"));
+        let _held = OutputLock::acquire(&csv).unwrap();
+        for other in ["s.h5", "s.hdf5", "s.parquet", "S.CSV.csv"] {
+            let other = d.path().join(other);
+            let shares =
+                crate::output::provenance_path(&other) == d.path().join("s.provenance.yaml");
+            assert_eq!(
+                OutputLock::acquire(&other).is_err(),
+                shares,
+                "{}",
+                other.display()
+            );
+        }
     }
 }

@@ -12,6 +12,7 @@ pub mod atomic;
 pub mod csv;
 pub mod format;
 pub mod h5;
+pub mod inputs;
 pub mod lock;
 pub mod parquet;
 pub mod provenance;
@@ -20,9 +21,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-pub use atomic::{write_atomic, AtomicFile, AtomicPath};
+pub use atomic::{stage, write_atomic, AtomicFile, AtomicPath, Staged};
 pub use csv::{csv_header, push_csv_field, push_features, CsvWriter};
 pub use format::Format;
+pub use inputs::refuse_overwriting_inputs;
 pub use lock::OutputLock;
 
 use crate::input::coords::Coords;
@@ -108,11 +110,12 @@ pub trait FeatureWriter: Send {
     fn encoder(&self) -> std::sync::Arc<dyn RowEncoder>;
     /// Append a group of rows, and their bytes as [`FeatureWriter::encoder`] made them.
     fn append(&mut self, encoded: &[u8], rows: &[FeatureRow<'_>]) -> Result<()>;
-    /// Finish the file and move it under its final name.
-    fn commit(self: Box<Self>) -> Result<Committed>;
+    /// Finish the file (complete and fsynced under its temporary name): it goes under its
+    /// final name with its side files, by [`Staged::commit`].
+    fn finish(self: Box<Self>) -> Result<(Staged, Committed)>;
 }
 
-/// A feature file in place: its SHA-256 (recorded in the provenance, checked by `join`) and
+/// A finished feature file: its SHA-256 (recorded in the provenance, checked by `join`) and
 /// size.
 #[derive(Debug, Clone, Default)]
 pub struct Committed {

@@ -17,7 +17,9 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use sha2::{Digest, Sha256};
 
-use super::{AtomicFile, Committed, FeatureRow, FeatureWriter, FileInfo, NoEncoding, RowEncoder};
+use super::{
+    AtomicFile, Committed, FeatureRow, FeatureWriter, FileInfo, NoEncoding, RowEncoder, Staged,
+};
 use crate::error::{fail, ExitKind};
 
 /// Rows per row group: 4,096 rows of 2,048 float32 are 32 MiB before compression.
@@ -238,16 +240,17 @@ impl ParquetWriter {
         self.writer.write(&batch).map_err(|e| perr(&self.path, e))
     }
 
-    /// Finish the file and move it under its final name.
-    pub fn finish(mut self) -> Result<Committed> {
+    /// Finish the file, complete under its temporary name until [`Staged::commit`].
+    pub fn finish(mut self) -> Result<(Staged, Committed)> {
         self.flush_rows()?;
         let path = self.path.clone();
         let Hashing { file, sha, bytes } = self.writer.into_inner().map_err(|e| perr(&path, e))?;
-        file.commit()?;
-        Ok(Committed {
+        let staged = file.finish()?;
+        let committed = Committed {
             sha256: hex::encode(sha.finalize()),
             bytes,
-        })
+        };
+        Ok((staged, committed))
     }
 }
 
@@ -270,7 +273,7 @@ impl FeatureWriter for ParquetWriter {
         Ok(())
     }
 
-    fn commit(self: Box<Self>) -> Result<Committed> {
-        self.finish()
+    fn finish(self: Box<Self>) -> Result<(Staged, Committed)> {
+        ParquetWriter::finish(*self)
     }
 }

@@ -10,8 +10,8 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::cache::Fingerprint;
 use crate::error::{ExitKind, WithKind};
+use crate::fingerprint::Fingerprint;
 
 pub const RANDOM_WEIGHTS_WARNING: &str =
     "RANDOM WEIGHTS: these features come from randomly initialised weights, NOT a trained model. \

@@ -31,6 +31,7 @@ pub mod sample;
 pub mod shared;
 pub mod stage;
 pub mod stage_clock;
+pub mod state;
 pub mod workers;
 pub mod writer;
 

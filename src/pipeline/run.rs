@@ -8,6 +8,7 @@ use crossbeam_channel::bounded;
 
 use super::decoders::{decode_loop, Item, WorkerTimes};
 use super::stage::ModelStage;
+use super::state::PipelineState;
 use super::workers::{Assignment, BatchDone, BatchJob, ModelWorkers};
 use super::writer::{format_loop, writer_loop, Formatted, RowNames, WriterMsg};
 use super::ExtractConfig;
@@ -15,23 +16,8 @@ use crate::cache::Cache;
 use crate::encoder::Encoder;
 use crate::error::{kind_of, ExitKind};
 use crate::input::{Tile, TileSource};
-use crate::output::provenance::{Skipped, Timings};
-use crate::output::{Committed, FeatureWriter};
+use crate::output::FeatureWriter;
 use crate::progress::Progress;
-
-/// What the pipeline hands back.
-#[derive(Default)]
-pub(crate) struct PipelineState {
-    pub written: usize,
-    pub computed: usize,
-    pub hits: usize,
-    pub skipped: Vec<Skipped>,
-    pub timings: Timings,
-    /// See `Provenance::steady_tiles_per_s`.
-    pub steady_tiles_per_s: Option<f64>,
-    /// The feature file, once in place.
-    pub committed: Committed,
-}
 
 /// [`pipeline_on`] with model workers of its own (started for this run, stopped after it).
 #[allow(clippy::too_many_arguments)]
@@ -181,7 +167,10 @@ pub(crate) fn pipeline_on(
         };
         state.timings.write = written.write;
         state.timings.format = written.format;
-        state.committed = written.committed.unwrap_or_default();
+        if let Some((staged, committed)) = written.committed {
+            state.staged = Some(staged);
+            state.committed = committed;
+        }
         Ok(state)
     })
 }
@@ -405,8 +394,11 @@ mod tests {
                         2048,
                     ),
                 };
-                r.map(|_| std::fs::read(path).unwrap())
-                    .map_err(|e| format!("{e:#}"))
+                r.map(|mut s| {
+                    s.staged.take().expect("finished").commit().unwrap();
+                    std::fs::read(path).unwrap()
+                })
+                .map_err(|e| format!("{e:#}"))
             };
             let workers = ModelWorkers::start(&model, Device::Cpu, 2);
             let mut results = Vec::new();

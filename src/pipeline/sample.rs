@@ -8,8 +8,9 @@ use std::time::Instant;
 
 use anyhow::Result;
 
-use super::run::{pipeline_on, PipelineState};
+use super::run::pipeline_on;
 use super::shared::{Session, SetupTimes, Shared};
+use super::state::PipelineState;
 use super::writer::RowNames;
 use super::{ExtractConfig, Failure};
 use crate::cache::{CacheCounters, Fingerprint};
@@ -81,6 +82,15 @@ pub(crate) fn extract_sample(
     // per output, until its provenance is written.
     let _lock = OutputLock::acquire(&cfg.output)?;
     check_side_files_free(&cfg.output)?;
+    // An output (or a side file) that is the archive read, or the model.
+    let written = [
+        cfg.output.clone(),
+        provenance_path(&cfg.output),
+        rejected_path(&cfg.output),
+    ];
+    let read =
+        std::iter::once(cfg.tile_dir.clone()).chain(cfg.model.as_ref().map(|m| m.path.clone()));
+    crate::output::refuse_overwriting_inputs(&written, &read.collect::<Vec<_>>())?;
     let dim = shared.feature_dim(cfg);
     let model = model_provenance(cfg, shared);
     let in_file = coords.in_file(cfg);
@@ -122,7 +132,8 @@ pub(crate) fn extract_sample(
         state.timings.setup_cache,
     ) = (setup.weights, setup.model, setup.cache);
     state.timings.pipeline = pipeline_start.elapsed().as_secs_f64();
-    // The CSV is in place: if what must go beside it cannot be written, take it back.
+    // The feature file is complete under a temporary name: it replaces the previous one only
+    // with its side files, once all three are written.
     finish_sample(
         cfg,
         session,
@@ -135,21 +146,18 @@ pub(crate) fn extract_sample(
         dim,
         (coords.provenance(cfg, in_file.is_some()), model),
     )
-    .inspect_err(|_| {
-        let _ = std::fs::remove_file(&cfg.output);
-        let _ = std::fs::remove_file(rejected_path(&cfg.output));
-    })
     .map(Some)
     .map_err(Failure::Sample)
 }
 
-/// A sample's side files once its CSV is committed: the cache synced, the rejected list and
-/// the provenance written.
+/// A sample's outputs once its feature file is complete: the cache synced, the rejected list
+/// and the provenance written, then all three renamed into place. A failure before the renames
+/// (a full disk) leaves the previous outputs as they were.
 #[allow(clippy::too_many_arguments)]
 fn finish_sample(
     cfg: &ExtractConfig,
     session: &Session,
-    state: PipelineState,
+    mut state: PipelineState,
     found: usize,
     before: Option<CacheCounters>,
     fingerprint: &Fingerprint,
@@ -183,7 +191,7 @@ fn finish_sample(
             s.reason.replace(['\t', '\n'], " ")
         ));
     }
-    crate::output::write_atomic(&rejected_path(&cfg.output), tsv.as_bytes())?;
+    let rejected = crate::output::stage(&rejected_path(&cfg.output), tsv.as_bytes())?;
 
     let elapsed = start.elapsed().as_secs_f64();
     let written = state.written;
@@ -264,11 +272,19 @@ fn finish_sample(
         steady_tiles_per_s: state.steady_tiles_per_s.map(round3),
         timings_s: state.timings.rounded(),
     };
-    crate::output::write_atomic(
+    let prov_file = crate::output::stage(
         &provenance_path(&cfg.output),
         provenance.to_yaml()?.as_bytes(),
     )?;
-    // The CSV was committed by the writer; all three files are now in place.
+    // Every file is complete: rename them, the provenance (which names the feature file's
+    // hash) last.
+    let features = state
+        .staged
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("internal error: no feature file to commit"))?;
+    features.commit()?;
+    rejected.commit()?;
+    prov_file.commit()?;
     Ok(Summary { provenance })
 }
 

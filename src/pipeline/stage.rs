@@ -10,8 +10,8 @@ use crossbeam_channel::{Receiver, Sender};
 use tch::Device;
 
 use super::decoders::{Item, Prepared, WorkerTimes};
-use super::run::PipelineState;
 use super::stage_clock::{BatchBack, StageClock};
+use super::state::PipelineState;
 use super::workers::{BatchDone, BatchJob};
 use super::writer::{OutRow, WriterMsg};
 use super::ExtractConfig;

@@ -12,7 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::cache::{Cache, Hash32};
 use crate::input::Tile;
-use crate::output::{Committed, FeatureRow, FeatureWriter, RowEncoder};
+use crate::output::{Committed, FeatureRow, FeatureWriter, RowEncoder, Staged};
 
 /// Messages to the formatting threads: groups of finished rows, numbered in tile order, then
 /// `Finish` with the number of groups. A channel closed without `Finish` means the run
@@ -109,7 +109,7 @@ pub(crate) fn format_loop(
 pub(crate) struct Written {
     pub write: f64,
     pub format: f64,
-    pub committed: Option<Committed>,
+    pub committed: Option<(Staged, Committed)>,
 }
 
 /// Writes the formatted groups in order (holding back those that come early), gives a credit
@@ -160,7 +160,7 @@ pub(crate) fn writer_loop(
         }
         if groups == Some(next) {
             let t = Instant::now();
-            let committed = file.commit()?;
+            let committed = file.finish()?;
             return Ok(Written {
                 write: busy + t.elapsed().as_secs_f64(),
                 format,
@@ -260,8 +260,10 @@ mod tests {
             });
             assert!(written.write >= 0.0 && written.format > 0.0);
             assert_eq!(written.committed.is_some(), finish);
-            if let Some(c) = &written.committed {
+            if let Some((staged, c)) = written.committed {
                 use sha2::{Digest, Sha256};
+                assert!(!out.exists(), "renamed only with its side files");
+                staged.commit().unwrap();
                 let bytes = std::fs::read(&out).unwrap();
                 assert_eq!(c.sha256, hex::encode(Sha256::digest(&bytes)));
                 assert_eq!(c.bytes, bytes.len() as u64);

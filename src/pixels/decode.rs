@@ -99,17 +99,49 @@ extern "C-unwind" fn jpeg_error_exit(cinfo: &mut mozjpeg_sys::jpeg_common_struct
     std::panic::resume_unwind(Box::new(jpeg_message(cinfo)));
 }
 
-/// Warnings libjpeg would print and go on from: those that mean the data ended before the
-/// last scan line ("premature end", after which libjpeg pads the image with gray) unwind as
-/// errors; the others (extraneous bytes, say) are ignored, as `cv2.imread` goes on too.
+/// Warnings libjpeg would print and go on from: the one that means the entropy-coded data
+/// ended before the last scan line ("premature end of data segment", after which libjpeg pads
+/// the image with gray) unwinds as an error; the others are ignored, as `cv2.imread` goes on
+/// too. Among those is "premature end of JPEG file" alone: the data ran out where libjpeg
+/// looked for a marker, as when only the end-of-image marker is missing (every scan line is
+/// there; OpenCV reads identical pixels). Data cut inside a scan always also needs bits that
+/// are not there, which is the error. A progressive JPEG cut between two scans is complete as
+/// far as libjpeg knows, but some coefficients never reached full precision
+/// ([`progression_incomplete`]): an error too.
 extern "C-unwind" fn jpeg_emit_message(cinfo: &mut mozjpeg_sys::jpeg_common_struct, level: i32) {
     // SAFETY: libjpeg calls this with its own, initialised error manager.
     let code = unsafe { cinfo.err.as_ref() }.map_or(0, |e| e.msg_code);
-    if level < 0 && (code == mozjpeg_sys::JWRN_JPEG_EOF || code == mozjpeg_sys::JWRN_HIT_MARKER) {
+    if level < 0 && code == mozjpeg_sys::JWRN_JPEG_EOF && progression_incomplete(cinfo) {
+        std::panic::resume_unwind(Box::new(
+            "JPEG data ends before its last scan (a progressive JPEG cut between scans)"
+                .to_string(),
+        ));
+    }
+    if level < 0 && code == mozjpeg_sys::JWRN_HIT_MARKER {
         std::panic::resume_unwind(Box::new(format!(
             "JPEG data ends before the last scan line ({})",
             jpeg_message(cinfo)
         )));
+    }
+}
+
+/// Whether a progressive JPEG being decoded still lacks bits of some coefficient: libjpeg's
+/// `coef_bits[c][k]` is -1 before any scan brought coefficient k of component c, then the
+/// point transform of the last scan that did, 0 once it is known in full. Never for a
+/// sequential JPEG (`coef_bits` is NULL).
+fn progression_incomplete(cinfo: &mut mozjpeg_sys::jpeg_common_struct) -> bool {
+    if cinfo.is_decompressor == 0 {
+        return false;
+    }
+    // SAFETY: a decompressor's common struct is the first field of its
+    // `jpeg_decompress_struct`; `coef_bits`, when not NULL, points to `num_components` arrays
+    // of DCTSIZE2 ints (jdinput.c).
+    unsafe {
+        let d = &*(cinfo as *mut mozjpeg_sys::jpeg_common_struct
+            as *const mozjpeg_sys::jpeg_decompress_struct);
+        let bits = d.coef_bits as *const [std::os::raw::c_int; 64];
+        !bits.is_null()
+            && (0..d.num_components.max(0) as usize).any(|c| (*bits.add(c)).iter().any(|&b| b != 0))
     }
 }
 
@@ -155,11 +187,6 @@ fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
 /// OpenCV configures it (ISLOW IDCT, fancy upsampling), so pixels match `cv2.imread` exactly;
 /// pure-Rust decoders differ by up to 4 levels in a quarter of the pixels.
 fn decode_jpeg(bytes: &[u8]) -> Result<Image, String> {
-    // libjpeg pads a truncated stream with gray and only warns; we refuse it instead.
-    let tail = &bytes[bytes.len().saturating_sub(64)..];
-    if !tail.windows(2).any(|w| w == [0xFF, 0xD9]) {
-        return Err("truncated JPEG (no end-of-image marker)".into());
-    }
     let orientation = ImageReader::with_format(Cursor::new(bytes), ImageFormat::Jpeg)
         .into_decoder()
         .ok()
@@ -367,11 +394,51 @@ mod tests {
         // A larger size than the data holds, within the limit: the data ends early.
         let e = decode_rgb(&forge_jpeg_size(jpg.clone(), 64, 640)).unwrap_err();
         assert!(e.contains("ends before the last scan line"), "{e}");
-        let mut half = jpg[..jpg.len() / 2].to_vec();
+        // Cut halfway through its scan, with an end marker appended and without.
+        let sos = jpg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+        let mut half = jpg[..(sos + jpg.len()) / 2].to_vec();
+        let e = decode_rgb(&half).unwrap_err();
+        assert!(e.contains("ends before the last scan line"), "{e}");
         half.extend_from_slice(&[0xFF, 0xD9]);
         let e = decode_rgb(&half).unwrap_err();
         assert!(e.contains("ends before the last scan line"), "{e}");
+        // Cut in its headers.
+        let e = decode_rgb(&jpg[..sos]).unwrap_err();
+        assert!(e.contains("missing SOS marker"), "{e}");
         assert_eq!(decode_rgb(&jpg).unwrap().data.len(), 64 * 64 * 3);
+    }
+
+    /// Regression: a JPEG missing only its end-of-image marker was refused; `cv2.imread`
+    /// reads it with the same pixels as the whole file.
+    #[test]
+    fn a_jpeg_missing_only_its_end_marker_is_read() {
+        for (w, h) in [(64, 64), (97, 131)] {
+            let jpg = encode_jpeg(w, h);
+            assert_eq!(&jpg[jpg.len() - 2..], [0xFF, 0xD9]);
+            let whole = decode_rgb(&jpg).unwrap();
+            let cut = decode_rgb(&jpg[..jpg.len() - 2]).unwrap();
+            assert_eq!(cut.data, whole.data, "{w}x{h}");
+        }
+        // Progressive: every scan there, only the end marker missing, is read; cut before
+        // its last scan (at a scan boundary, where libjpeg sees nothing wrong) it is not.
+        let jpg = encode_progressive_jpeg(96, 80);
+        let whole = decode_rgb(&jpg).unwrap();
+        assert_eq!(decode_rgb(&jpg[..jpg.len() - 2]).unwrap().data, whole.data);
+        let last_scan = jpg.windows(2).rposition(|w| w == [0xFF, 0xDA]).unwrap();
+        let e = decode_rgb(&jpg[..last_scan]).unwrap_err();
+        assert!(e.contains("cut between scans"), "{e}");
+    }
+
+    fn encode_progressive_jpeg(w: usize, h: usize) -> Vec<u8> {
+        let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+        c.set_size(w, h);
+        c.set_progressive_mode();
+        let mut c = c.start_compress(Vec::new()).unwrap();
+        let px: Vec<u8> = (0..w * h)
+            .flat_map(|i| [(i % w) as u8, (i / w) as u8, (i * 7 % 251) as u8])
+            .collect();
+        c.write_scanlines(&px).unwrap();
+        c.finish().unwrap()
     }
 
     /// OpenCV's formula: `k - ((255 - c) * k >> 8)` per channel (Adobe's inverted CMYK).

@@ -213,6 +213,36 @@ def test_test_sh_runs_the_container_test_and_keeps_its_status(fake_repo):
     assert "SKIPPED: container images not built or run (TILEFEAT_SKIP_CONTAINERS is set)" in result.stdout
 
 
+def test_test_sh_runs_every_step_when_an_early_one_fails(fake_repo):
+    """Regression: `cargo test` stopped at the first failing test binary and a failing step
+    stopped the script, so on an AMX CPU (one precision bound off) pytest and the container
+    checks never ran. Here `cargo fmt` and `cargo test` fail; every later step still runs, and
+    the script exits with the first failure's status, naming each."""
+    (fake_repo / "scripts" / "test.sh").write_text((REPO / "scripts" / "test.sh").read_text())
+    (fake_repo / "scripts" / "setup.sh").write_text("#!/bin/sh\nexit 0\n")
+    (fake_repo / "scripts" / "setup.sh").chmod(0o755)
+    log = fake_repo / "cargo.log"
+    cargo = fake_repo / ".venv" / "bin" / "cargo"
+    cargo.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> "{log}"\n'
+        'case "$1" in fmt) exit 3 ;; test) exit 101 ;; esac\n'
+        "exit 0\n"
+    )
+    cargo.chmod(0o755)
+    (fake_repo / "fake-output.txt").write_text(pytest_output())
+    ours = ("TILEFEAT_TEST_", "TILEFEAT_SKIP_", "TILEFEAT_REQUIRE_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+    env.update(FAKE_OUTPUT=str(fake_repo / "fake-output.txt"), FAKE_STATUS="0", FAKE_CONTAINERS_STATUS="0")
+    result = subprocess.run(["bash", "scripts/test.sh"], cwd=fake_repo, env=env, capture_output=True, text=True, timeout=60)
+    calls = log.read_text().splitlines()
+    assert [c.split()[0] for c in calls] == ["fmt", "clippy", "test"], calls
+    assert "--no-fail-fast" in calls[2].split(), calls[2]
+    assert "containers ran" in result.stdout, result.stdout
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "cargo fmt --check (exit 3)" in result.stderr and "cargo test (exit 101)" in result.stderr, result.stderr
+
+
 # --- the skips in the tests themselves --------------------------------------------------------
 
 
