@@ -90,7 +90,7 @@ fn pipeline(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         dim,
         ..Default::default()
     };
-    let csv = create_features(&csv_path, crate::output::Format::Csv, &info)?;
+    let csv = create_features(&csv_path, crate::output::Format::Csv, &info, &mut |_| ())?;
     // A fresh cache, so that every tile is hashed, missed and stored, as on a first run.
     let cache_dir = match &a.cache_dir {
         Some(parent) => Some(scratch_dir(parent).kind(ExitKind::Cache)?),

@@ -382,6 +382,24 @@ pub fn top_left_shift(c: &Coords, size_level0: Option<u64>) -> Result<i64, Strin
     Ok(half)
 }
 
+/// What to add to the names' x,y to get the integer level-0 tile centres slideflow's
+/// `.index.npz` holds (half the extent for a top-left convention), or why that cannot be done.
+pub fn centre_shift(c: &Coords, size_level0: Option<u64>) -> Result<i64, String> {
+    // The same conditions as for corners: pixels, integers, a known extent where needed.
+    top_left_shift(c, size_level0)?;
+    match c.origin {
+        Origin::Centre => Ok(0),
+        Origin::TopLeft => match size_level0.or(c.patch_size_level0) {
+            Some(size) => Ok((size / 2) as i64),
+            None => Err(format!(
+                "tile names give top-left corners ({}): slideflow's index holds tile centres, \
+                 which needs the tiles' extent in level-0 pixels: give --patch-size-level0 PX",
+                c.convention
+            )),
+        },
+    }
+}
+
 /// The names' x,y as HDF5's integer level-0 top-left corners (see [`top_left_shift`]).
 #[cfg(test)]
 fn level0_top_left(c: &Coords, size_level0: Option<u64>) -> Result<Vec<[i64; 2]>, String> {

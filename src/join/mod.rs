@@ -51,6 +51,7 @@ impl Input {
             Format::Csv => Box::new(read::CsvReader::open(&self.path, &expect)?),
             Format::H5 => Box::new(read::H5Reader::open(&self.path, &expect)?),
             Format::Parquet => Box::new(read::ParquetReader::open(&self.path, &expect)?),
+            Format::Pt => return Err(input_err(&self.path, PT_HAS_NO_NAMES)),
         })
     }
 }
@@ -110,6 +111,9 @@ fn input_paths(a: &JoinArgs) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
+const PT_HAS_NO_NAMES: &str = "is a .pt bag, which holds no tile names: join the sample's \
+     .csv, .h5 or .parquet (one extract can write a bag and either: `--format pt,h5`)";
+
 /// The format of an input, from its provenance (older ones, without the field: CSV), which
 /// its extension must not contradict.
 fn input_format(path: &Path, prov: &Provenance) -> Result<Format> {
@@ -117,6 +121,7 @@ fn input_format(path: &Path, prov: &Provenance) -> Result<Format> {
         None | Some("csv") => Format::Csv,
         Some("h5") => Format::H5,
         Some("parquet") => Format::Parquet,
+        Some("pt") => return Err(input_err(path, PT_HAS_NO_NAMES)),
         Some(other) => {
             return Err(input_err(
                 path,
@@ -369,8 +374,7 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
     text.push_str(&serde_yaml::to_string(&prov)?);
     // Both complete before either replaces what was there.
     let prov = crate::output::stage(&provenance_path(&a.output), text.as_bytes())?;
-    cohort.commit()?;
-    prov.commit()?;
+    cohort.and(prov).commit()?;
     if !a.quiet {
         writeln!(
             out,

@@ -100,38 +100,50 @@ impl AtomicFile {
             let _ = std::fs::remove_file(&self.tmp);
         }
         synced?;
-        Ok(Staged {
-            target: std::mem::take(&mut self.target),
-            tmp: Some(std::mem::take(&mut self.tmp)),
-        })
+        Ok(Staged::one(
+            std::mem::take(&mut self.tmp),
+            std::mem::take(&mut self.target),
+        ))
     }
 }
 
-/// A complete, fsynced file under its temporary name, waiting for the files that go with it;
-/// dropped without [`Staged::commit`], it is removed and the target keeps what it had.
+/// Complete, fsynced files under their temporary names, waiting for the files that go with
+/// them; dropped without [`Staged::commit`], they are removed and their targets keep what they
+/// had.
 #[derive(Debug)]
 pub struct Staged {
-    target: PathBuf,
-    tmp: Option<PathBuf>,
+    /// (temporary, target), renamed in this order.
+    files: Vec<(PathBuf, PathBuf)>,
 }
 
 impl Staged {
-    /// Rename over the target.
-    pub fn commit(mut self) -> Result<()> {
-        let tmp = self.tmp.take().expect("commit once");
-        // Regression: a failed rename (say, a folder where the file should go) left the
-        // temporary file behind.
-        rename_over(&tmp, &self.target)
+    fn one(tmp: PathBuf, target: PathBuf) -> Staged {
+        Staged {
+            files: vec![(tmp, target)],
+        }
     }
 
-    pub fn target(&self) -> &Path {
-        &self.target
+    /// These files and `other`'s, committed together (these first).
+    pub fn and(mut self, mut other: Staged) -> Staged {
+        self.files.append(&mut other.files);
+        self
+    }
+
+    /// Rename each over its target.
+    pub fn commit(mut self) -> Result<()> {
+        while !self.files.is_empty() {
+            let (tmp, target) = self.files.remove(0);
+            // Regression: a failed rename (say, a folder where the file should go) left the
+            // temporary file behind (the ones not yet renamed go on drop).
+            rename_over(&tmp, &target)?;
+        }
+        Ok(())
     }
 }
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        if let Some(tmp) = &self.tmp {
+        for (tmp, _) in &self.files {
             let _ = std::fs::remove_file(tmp);
         }
     }
@@ -189,13 +201,7 @@ impl AtomicPath {
         .kind(ExitKind::Output);
         self.committed = true;
         match hashed {
-            Ok(c) => Ok((
-                Staged {
-                    target: self.target.clone(),
-                    tmp: Some(self.tmp.clone()),
-                },
-                c,
-            )),
+            Ok(c) => Ok((Staged::one(self.tmp.clone(), self.target.clone()), c)),
             Err(e) => {
                 let _ = std::fs::remove_file(&self.tmp);
                 Err(e)

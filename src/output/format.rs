@@ -1,6 +1,6 @@
 //! Which format a feature file is written in: from `--format`, else from the output's
-//! extension (`.csv`, `.h5`/`.hdf5`, `.parquet`); any other extension is a usage error, so a
-//! file named `.h5` never holds CSV text.
+//! extension (`.csv`, `.h5`/`.hdf5`, `.parquet`, `.pt`); any other extension is a usage
+//! error, so a file named `.h5` never holds CSV text.
 
 use std::path::Path;
 
@@ -16,6 +16,9 @@ pub enum Format {
     H5,
     /// Parquet: `tile`, [`x`, `y`,] `0`..`D-1` float32, zstd.
     Parquet,
+    /// A `torch.save` bag for CLAM and slideflow: one float32 (N, D) tensor, with
+    /// `NAME.index.npz` (level-0 tile centres) beside it when the tiles have coordinates.
+    Pt,
 }
 
 impl Format {
@@ -26,6 +29,7 @@ impl Format {
             "csv" => Some(Format::Csv),
             "h5" | "hdf5" => Some(Format::H5),
             "parquet" => Some(Format::Parquet),
+            "pt" => Some(Format::Pt),
             _ => None,
         }
     }
@@ -36,6 +40,7 @@ impl Format {
             Format::Csv => "csv",
             Format::H5 => "h5",
             Format::Parquet => "parquet",
+            Format::Pt => "pt",
         }
     }
 
@@ -57,8 +62,8 @@ pub fn resolve(output: &Path, flag: Option<Format>) -> Result<Format, String> {
         (Some(ext), _) => Ok(ext),
         (None, Some(f)) => Ok(f),
         (None, None) => Err(format!(
-            "--output {}: unknown feature file extension; use .csv, .h5 (or .hdf5) or .parquet \
-             (or give --format csv|h5|parquet)",
+            "--output {}: unknown feature file extension; use .csv, .h5 (or .hdf5), .parquet \
+             or .pt (or give --format csv|h5|parquet|pt)",
             output.display()
         )),
     }
@@ -76,6 +81,7 @@ mod tests {
             ("d/a.h5", Format::H5),
             ("a.HDF5", Format::H5),
             ("a.parquet", Format::Parquet),
+            ("a.PT", Format::Pt),
         ] {
             assert_eq!(resolve(Path::new(p), None), Ok(f), "{p}");
         }

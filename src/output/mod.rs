@@ -16,6 +16,7 @@ pub mod inputs;
 pub mod lock;
 pub mod parquet;
 pub mod provenance;
+pub mod pt;
 
 use std::path::{Path, PathBuf};
 
@@ -57,6 +58,9 @@ pub struct CoordsInfo {
     /// To subtract from a name's x,y for HDF5's level-0 top-left corners, or why that cannot
     /// be done (micrometres; centres of unknown extent).
     pub top_left_shift: std::result::Result<i64, String>,
+    /// To add to a name's x,y for level-0 tile centres (slideflow's `.index.npz`), or why
+    /// that cannot be done.
+    pub centre_shift: std::result::Result<i64, String>,
     pub patch_size_level0: Option<u64>,
     /// The tiles' size in pixels at the level they were cut at, when known.
     pub patch_size: Option<u64>,
@@ -68,6 +72,7 @@ impl CoordsInfo {
     pub fn of(c: &Coords, size_level0: Option<u64>) -> CoordsInfo {
         let size = size_level0.or(c.patch_size_level0);
         let top_left_shift = crate::input::coords::top_left_shift(c, size);
+        let centre_shift = crate::input::coords::centre_shift(c, size);
         // A histolab tile cut at level 0 is as large as its extent; QuPath's is its extent over
         // the downsample (1 when the name leaves it out).
         let patch_size = match (size, c.patch_level, c.convention.as_str()) {
@@ -82,6 +87,7 @@ impl CoordsInfo {
             integral: c.integral,
             convention: c.convention.clone(),
             top_left_shift,
+            centre_shift,
             patch_size_level0: size,
             patch_size,
             patch_level: c.patch_level,
@@ -125,23 +131,26 @@ pub struct Committed {
 
 /// The feature file at `path` in `format`, ready for its rows: fails before any compute when
 /// it cannot be written.
+/// `warn` gets what the caller should tell the user (a `.pt` bag without its index).
 pub fn create_features(
     path: &Path,
     format: Format,
     info: &FileInfo,
+    warn: &mut dyn FnMut(String),
 ) -> Result<Box<dyn FeatureWriter>> {
     Ok(match format {
         Format::Csv => Box::new(CsvWriter::create(path, info)?),
         Format::H5 => Box::new(h5::H5Writer::create(path, info)?),
         Format::Parquet => Box::new(parquet::ParquetWriter::for_extract(path, info)?),
+        Format::Pt => Box::new(pt::PtWriter::create(path, info, warn)?),
     })
 }
 
-/// `x.csv` (or `.h5`, `.hdf5`, `.parquet`, any case) -> `x.<suffix>`; other names get
+/// `x.csv` (or `.h5`, `.hdf5`, `.parquet`, `.pt`, any case) -> `x.<suffix>`; other names get
 /// `.<suffix>` appended.
 pub fn side_file(output: &Path, suffix: &str) -> PathBuf {
     let s = output.to_string_lossy();
-    let stem = [".csv", ".h5", ".hdf5", ".parquet"].iter().find_map(|ext| {
+    let stem = [".csv", ".h5", ".hdf5", ".parquet", ".pt"].iter().find_map(|ext| {
         let cut = s.len().checked_sub(ext.len())?;
         (s.is_char_boundary(cut) && s[cut..].eq_ignore_ascii_case(ext)).then(|| &s[..cut])
     });

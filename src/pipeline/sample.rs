@@ -99,7 +99,12 @@ pub(crate) fn extract_sample(
         coords: in_file.map(|c| CoordsInfo::of(c, cfg.patch_size_level0)),
         attrs: file_attrs(cfg, &fingerprint),
     };
-    let file = create_features(&cfg.output, cfg.format, &info)?;
+    let quiet = cfg.quiet;
+    let file = create_features(&cfg.output, cfg.format, &info, &mut |w| {
+        if !quiet {
+            eprintln!("tilefeat: warning: {w}");
+        }
+    })?;
 
     shared.session(cfg, &fingerprint).map_err(Failure::Shared)?;
     let setup = std::mem::take(&mut shared.setup);
@@ -282,9 +287,7 @@ fn finish_sample(
         .staged
         .take()
         .ok_or_else(|| anyhow::anyhow!("internal error: no feature file to commit"))?;
-    features.commit()?;
-    rejected.commit()?;
-    prov_file.commit()?;
+    features.and(rejected).and(prov_file).commit()?;
     Ok(Summary { provenance })
 }
 
