@@ -411,10 +411,22 @@ fn a_damaged_tail_is_one_range_and_is_never_held_in_memory() {
     let (code, out, verify_damaged) = cache_measured("verify", &cache);
     assert_eq!(code, Some(7), "{}", head(&out));
     let damaged: Vec<&str> = out.lines().filter(|l| l.contains("DAMAGED")).collect();
-    assert_eq!(damaged.len(), 1, "one range, not one line per record:\n{}", head(&out));
-    let range = format!("bytes {good_len}..{} damaged ({TAIL} bytes", good_len + TAIL);
+    assert_eq!(
+        damaged.len(),
+        1,
+        "one range, not one line per record:\n{}",
+        head(&out)
+    );
+    let range = format!(
+        "bytes {good_len}..{} damaged ({TAIL} bytes",
+        good_len + TAIL
+    );
     assert!(damaged[0].contains(&range), "{}", damaged[0]);
-    assert!(out.contains(&format!("{stored} good records")), "{}", head(&out));
+    assert!(
+        out.contains(&format!("{stored} good records")),
+        "{}",
+        head(&out)
+    );
     // Holding the tail costs 64 MiB: allow half of that for everything else.
     let bound = (TAIL / 2 / 1024) as i64;
     assert!(
@@ -436,7 +448,11 @@ fn a_damaged_tail_is_one_range_and_is_never_held_in_memory() {
     );
     cache_cmd("verify", &cache).assert().success();
     let again = d.path().join("again.csv");
-    extract_ok(&demo_sample("sampleC"), &again, &args(&with_cache(&cache), &[]));
+    extract_ok(
+        &demo_sample("sampleC"),
+        &again,
+        &args(&with_cache(&cache), &[]),
+    );
     assert_eq!(prov_u64(&again, &["cache", "hits"]), stored);
 }
 
@@ -505,8 +521,9 @@ fn verify_cross_checks_index_entries_against_their_records() {
     e[1] = idx_entry(&e[1][..32], &e[1][32..64], o0, len(&e[1]));
     std::fs::write(&idx, [bytes[..16].to_vec(), e.concat()].concat()).unwrap();
     cache_cmd("verify", &cache).assert().code(7).stdout(
-        predicate::str::contains("2 index entries point at a record that fails its check")
-            .and(predicate::str::contains("record key does not match its index entry")),
+        predicate::str::contains("2 index entries point at a record that fails its check").and(
+            predicate::str::contains("record key does not match its index entry"),
+        ),
     );
 }
 
@@ -526,10 +543,9 @@ fn verify_reports_index_entries_with_absurd_lengths_or_offsets() {
     let beyond = idx_entry(&first[..32], &[2; 32], pack_len + 4096, len);
     std::fs::write(&idx, [bytes.clone(), absurd, beyond].concat()).unwrap();
     cache_cmd("verify", &cache).assert().code(7).stdout(
-        predicate::str::contains("1 index entries have an absurd offset or length")
-            .and(predicate::str::contains(
-                "1 index entries point beyond the end of the pack",
-            )),
+        predicate::str::contains("1 index entries have an absurd offset or length").and(
+            predicate::str::contains("1 index entries point beyond the end of the pack"),
+        ),
     );
 }
 
@@ -544,15 +560,22 @@ fn verify_reports_a_pack_without_index_and_an_index_without_pack() {
     std::fs::remove_file(packs[0].with_extension("idx")).unwrap();
     std::fs::remove_file(&packs[1]).unwrap();
     let name = |p: &Path| p.file_name().unwrap().to_str().unwrap().to_string();
-    let out = cache_cmd("verify", &cache).assert().code(7).get_output().stdout.clone();
+    let out = cache_cmd("verify", &cache)
+        .assert()
+        .code(7)
+        .get_output()
+        .stdout
+        .clone();
     let out = String::from_utf8(out).unwrap();
     assert!(
-        out.lines().any(|l| l.contains(&name(&packs[0])) && l.contains("a pack without its index")),
+        out.lines()
+            .any(|l| l.contains(&name(&packs[0])) && l.contains("a pack without its index")),
         "{out}"
     );
     assert!(
-        out.lines().any(|l| l.contains(&name(&packs[1].with_extension("idx")))
-            && l.contains("an index without its pack")),
+        out.lines()
+            .any(|l| l.contains(&name(&packs[1].with_extension("idx")))
+                && l.contains("an index without its pack")),
         "{out}"
     );
 }

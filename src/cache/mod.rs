@@ -177,7 +177,10 @@ impl Cache {
         let loc = *self.index.get(&short_key(tile))?;
         let result = if loc.len() > MAX_RECORD {
             // A damaged index entry: nothing is allocated for it.
-            Err(anyhow::anyhow!("absurd record length {} in the index", loc.len()))
+            Err(anyhow::anyhow!(
+                "absurd record length {} in the index",
+                loc.len()
+            ))
         } else {
             let mut buf = vec![0u8; loc.len()];
             let file = &self.files[loc.pack()];
