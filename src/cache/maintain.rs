@@ -216,6 +216,21 @@ fn walk_records(
                 pos += len as u64;
             }
             Rec::Incomplete => {
+                // A record running past the end: a torn tail, unless good records follow (its
+                // length field was damaged), which are then read, not dropped.
+                match r.next_good(pos + 1) {
+                    Err(e) => return Ok(Err(e)),
+                    Ok(Some(next)) => {
+                        scan.problem(format!(
+                            "{name}: bytes {pos}..{next} damaged ({} bytes, unreadable records; \
+                             at {pos}: a record length past the end of the pack)",
+                            next - pos
+                        ));
+                        pos = next;
+                        continue;
+                    }
+                    Ok(None) => {}
+                }
                 let msg = format!(
                     "{name}: incomplete record at offset {pos} ({} trailing bytes)",
                     r.len - pos
@@ -548,4 +563,44 @@ pub fn gc(dir: &Path, opts: &GcOptions, out: &mut dyn Write) -> Result<()> {
         live.len()
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A damaged length field in the middle of a pack (one that runs past its end) is a
+    /// damaged range, not a torn tail: gc keeps the records after it.
+    #[test]
+    fn records_after_a_damaged_length_are_kept() {
+        let d = tempfile::tempdir().unwrap();
+        init_dir(d.path()).unwrap();
+        let mut w = PackWriter::create(d.path()).unwrap();
+        for i in 0..3u8 {
+            assert!(w.put(&[7; 32], &[i; 32], &[i as f32; 4]).unwrap());
+        }
+        w.seal().unwrap();
+        let p = list_packs(d.path()).unwrap().remove(0);
+        let mut bytes = std::fs::read(&p.pack).unwrap();
+        // The first record's dimension: 4 -> 1000 (past the end, within MAX_DIM).
+        bytes[16 + 68..16 + 72].copy_from_slice(&1000u32.to_le_bytes());
+        std::fs::write(&p.pack, bytes).unwrap();
+        let mut out = Vec::new();
+        assert!(verify(d.path(), &mut out).is_err());
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("a record length past the end"), "{text}");
+        assert!(text.contains("2 good records"), "{text}");
+        let opts = GcOptions {
+            keep: vec![],
+            unused_since: None,
+            stale: Duration::from_secs(3600),
+        };
+        let mut out = Vec::new();
+        gc(d.path(), &opts, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("kept 2 records") && text.contains("1 damaged"),
+            "{text}"
+        );
+    }
 }
