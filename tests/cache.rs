@@ -3,8 +3,8 @@
 
 mod common;
 
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use common::*;
 use predicates::prelude::*;
@@ -312,5 +312,270 @@ fn one_miss_before_many_hits_does_not_hang() {
         &out,
         &reference,
         "149 hits and a miss equal a run without the cache",
+    );
+}
+
+/// `tilefeat cache SUB --cache-dir CACHE` with its data segment limited to 1 GiB (a regression
+/// that reads a whole pack, or `/dev/zero`, stops there instead of taking the machine's memory)
+/// and killed if still running after 300 s (a hang guard: opening a FIFO for reading blocks).
+/// Returns its exit code (`None`: killed by a signal), its stdout and its peak RSS in KiB.
+fn cache_measured(sub: &str, cache: &Path) -> (Option<i32>, String, i64) {
+    use std::os::unix::process::CommandExt;
+    let stdout = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("tilefeat"));
+    cmd.args(["cache", sub, "--cache-dir", cache.to_str().unwrap()])
+        .env_remove("TILEFEAT_CACHE_DIR")
+        .stdout(stdout.reopen().unwrap())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: only setrlimit (async-signal-safe) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 1 << 30,
+                rlim_max: 1 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_DATA, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    #[allow(clippy::zombie_processes)] // reaped by wait4 below, which also gives its rusage
+    let child = cmd.spawn().unwrap();
+    let pid = child.id() as i32;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut status = 0;
+    // SAFETY: wait4 on our own child, with a zeroed rusage to fill; kill of that child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if r == pid {
+            break;
+        }
+        assert_eq!(r, 0, "wait4");
+        if Instant::now() > deadline {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    let text = String::from_utf8_lossy(&std::fs::read(stdout.path()).unwrap()).into_owned();
+    (code, text, usage.ru_maxrss)
+}
+
+/// The first lines of a command's output, for a failure message.
+fn head(text: &str) -> String {
+    text.lines().take(12).collect::<Vec<_>>().join("\n")
+}
+
+/// A cache holding `samples`' tiles (one pack each), and the CSV of the last one.
+fn cache_of(d: &Path, samples: &[&str]) -> (PathBuf, PathBuf) {
+    let cache = d.join("cache");
+    let out = d.join("first.csv");
+    for s in samples {
+        extract_ok(&demo_sample(s), &out, &args(&with_cache(&cache), &[]));
+    }
+    (cache, out)
+}
+
+/// One index entry as the cache writes it: `fp | tile | offset | len | crc32`.
+fn idx_entry(fp: &[u8], tile: &[u8], offset: u64, len: u32) -> Vec<u8> {
+    let mut b = [fp, tile, &offset.to_le_bytes(), &len.to_le_bytes()].concat();
+    let c = crc32fast::hash(&b);
+    b.extend_from_slice(&c.to_le_bytes());
+    b
+}
+
+/// Regression (issue 8): a pack with a 64 MiB zero tail gave one DAMAGED line per 76 bytes
+/// (880k lines), all held in memory with the whole pack; now the damage is one byte range,
+/// and neither verify nor gc holds the tail.
+#[test]
+fn a_damaged_tail_is_one_range_and_is_never_held_in_memory() {
+    let d = tempfile::tempdir().unwrap();
+    let (cache, first) = cache_of(d.path(), &["sampleC"]);
+    let stored = prov_u64(&first, &["cache", "stored"]);
+    let clean = d.path().join("clean");
+    copy_dir(&cache, &clean);
+    copy_dir(&cache.join("packs"), &clean.join("packs"));
+    copy_dir(&cache.join("fingerprints"), &clean.join("fingerprints"));
+    let (code, out, verify_clean) = cache_measured("verify", &clean);
+    assert_eq!(code, Some(0), "{}", head(&out));
+    let pack = &pack_files(&cache)[0];
+    let good_len = std::fs::metadata(pack).unwrap().len();
+    const TAIL: u64 = 64 << 20;
+    let mut f = std::fs::OpenOptions::new().append(true).open(pack).unwrap();
+    for _ in 0..TAIL >> 20 {
+        std::io::Write::write_all(&mut f, &[0u8; 1 << 20]).unwrap();
+    }
+    drop(f);
+    let (code, out, verify_damaged) = cache_measured("verify", &cache);
+    assert_eq!(code, Some(7), "{}", head(&out));
+    let damaged: Vec<&str> = out.lines().filter(|l| l.contains("DAMAGED")).collect();
+    assert_eq!(
+        damaged.len(),
+        1,
+        "one range, not one line per record:\n{}",
+        head(&out)
+    );
+    let range = format!(
+        "bytes {good_len}..{} damaged ({TAIL} bytes",
+        good_len + TAIL
+    );
+    assert!(damaged[0].contains(&range), "{}", damaged[0]);
+    assert!(
+        out.contains(&format!("{stored} good records")),
+        "{}",
+        head(&out)
+    );
+    // Holding the tail costs 64 MiB: allow half of that for everything else.
+    let bound = (TAIL / 2 / 1024) as i64;
+    assert!(
+        verify_damaged - verify_clean < bound,
+        "verify: peak RSS {verify_damaged} KiB with the tail vs {verify_clean} KiB without"
+    );
+    // gc keeps every good record, drops the tail, in the same bound.
+    let (code, _, gc_clean) = cache_measured("gc", &clean);
+    assert_eq!(code, Some(0));
+    let (code, out, gc_damaged) = cache_measured("gc", &cache);
+    assert_eq!(code, Some(0), "{}", head(&out));
+    assert!(
+        out.contains(&format!("kept {stored} records")) && out.contains("1 damaged"),
+        "{out}"
+    );
+    assert!(
+        gc_damaged - gc_clean < bound,
+        "gc: peak RSS {gc_damaged} KiB with the tail vs {gc_clean} KiB without"
+    );
+    cache_cmd("verify", &cache).assert().success();
+    let again = d.path().join("again.csv");
+    extract_ok(
+        &demo_sample("sampleC"),
+        &again,
+        &args(&with_cache(&cache), &[]),
+    );
+    assert_eq!(prov_u64(&again, &["cache", "hits"]), stored);
+}
+
+/// Regression (issue 8): a pack symlinked to /dev/zero was read until the OOM killer came
+/// (22.8 GB), and a FIFO named like a pack blocked verify, gc and extract for ever. Neither
+/// is opened for reading now: verify reports them, gc leaves them alone, extract skips them.
+#[test]
+fn packs_that_are_not_regular_files_are_reported_and_never_read() {
+    let d = tempfile::tempdir().unwrap();
+    let (cache, first) = cache_of(d.path(), &["sampleC"]);
+    let stored = prov_u64(&first, &["cache", "stored"]);
+    let packs = cache.join("packs");
+    let real_idx = pack_files(&cache)[0].with_extension("idx");
+    let zero = packs.join("elsewhere-1-zero.pack");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    let fifo = packs.join("elsewhere-2-fifo.pack");
+    let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    for p in [&zero, &fifo] {
+        // Sealed, with the real pack's entries: gc and extract would both want to read them.
+        std::fs::copy(&real_idx, p.with_extension("idx")).unwrap();
+        std::fs::write(p.with_extension("sealed"), b"").unwrap();
+    }
+    let (code, out, _) = cache_measured("verify", &cache);
+    assert_eq!(code, Some(7), "{}", head(&out));
+    for (p, what) in [(&zero, "a symbolic link"), (&fifo, "a FIFO")] {
+        let name = p.file_name().unwrap().to_str().unwrap();
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("DAMAGED") && l.contains(name) && l.contains(what)),
+            "{name} reported as {what}:\n{}",
+            head(&out)
+        );
+    }
+    let (code, out, _) = cache_measured("gc", &cache);
+    assert_eq!(code, Some(0), "{}", head(&out));
+    assert_eq!(out.matches("left alone: ").count(), 2, "{out}");
+    assert!(out.contains(&format!("kept {stored} records")), "{out}");
+    assert!(std::fs::symlink_metadata(&zero).is_ok() && std::fs::symlink_metadata(&fifo).is_ok());
+    let again = d.path().join("again.csv");
+    extract_cmd(&demo_sample("sampleC"), &again)
+        .args(["--quiet", "--cache-dir", cache.to_str().unwrap()])
+        .timeout(Duration::from_secs(300))
+        .assert()
+        .success();
+    assert_eq!(prov_u64(&again, &["cache", "hits"]), stored);
+    assert_eq!(prov_u64(&again, &["cache", "damaged_records"]), 0);
+}
+
+/// Regression (issue 17): an index entry pointing at another key's record passed verify
+/// ("0 problems") while extract refused it.
+#[test]
+fn verify_cross_checks_index_entries_against_their_records() {
+    let d = tempfile::tempdir().unwrap();
+    let (cache, _) = cache_of(d.path(), &["sampleC"]);
+    let idx = pack_files(&cache)[0].with_extension("idx");
+    let bytes = std::fs::read(&idx).unwrap();
+    let mut e: Vec<Vec<u8>> = bytes[16..].chunks(80).map(<[u8]>::to_vec).collect();
+    assert!(e.len() >= 2);
+    // Swap the offsets of the first two entries (same length: same dimension).
+    let off = |x: &[u8]| u64::from_le_bytes(x[64..72].try_into().unwrap());
+    let len = |x: &[u8]| u32::from_le_bytes(x[72..76].try_into().unwrap());
+    let (o0, o1) = (off(&e[0]), off(&e[1]));
+    e[0] = idx_entry(&e[0][..32], &e[0][32..64], o1, len(&e[0]));
+    e[1] = idx_entry(&e[1][..32], &e[1][32..64], o0, len(&e[1]));
+    std::fs::write(&idx, [bytes[..16].to_vec(), e.concat()].concat()).unwrap();
+    cache_cmd("verify", &cache).assert().code(7).stdout(
+        predicate::str::contains("2 index entries point at a record that fails its check").and(
+            predicate::str::contains("record key does not match its index entry"),
+        ),
+    );
+}
+
+/// Regression (issue 17): index entries with an absurd length, or pointing past the end of
+/// the pack, were not reported as such.
+#[test]
+fn verify_reports_index_entries_with_absurd_lengths_or_offsets() {
+    let d = tempfile::tempdir().unwrap();
+    let (cache, _) = cache_of(d.path(), &["sampleC"]);
+    let pack = &pack_files(&cache)[0];
+    let idx = pack.with_extension("idx");
+    let bytes = std::fs::read(&idx).unwrap();
+    let first = &bytes[16..96];
+    let pack_len = std::fs::metadata(pack).unwrap().len();
+    let len = u32::from_le_bytes(first[72..76].try_into().unwrap());
+    let absurd = idx_entry(&first[..32], &[1; 32], 16, u32::MAX - 3);
+    let beyond = idx_entry(&first[..32], &[2; 32], pack_len + 4096, len);
+    std::fs::write(&idx, [bytes.clone(), absurd, beyond].concat()).unwrap();
+    cache_cmd("verify", &cache).assert().code(7).stdout(
+        predicate::str::contains("1 index entries have an absurd offset or length").and(
+            predicate::str::contains("1 index entries point beyond the end of the pack"),
+        ),
+    );
+}
+
+/// Regression (issue 17): a pack without its index was never reported (its records are never
+/// served), and an index without its pack stopped verify with a read error.
+#[test]
+fn verify_reports_a_pack_without_index_and_an_index_without_pack() {
+    let d = tempfile::tempdir().unwrap();
+    let (cache, _) = cache_of(d.path(), &["sampleA", "sampleB"]);
+    let packs = pack_files(&cache);
+    assert_eq!(packs.len(), 2);
+    std::fs::remove_file(packs[0].with_extension("idx")).unwrap();
+    std::fs::remove_file(&packs[1]).unwrap();
+    let name = |p: &Path| p.file_name().unwrap().to_str().unwrap().to_string();
+    let out = cache_cmd("verify", &cache)
+        .assert()
+        .code(7)
+        .get_output()
+        .stdout
+        .clone();
+    let out = String::from_utf8(out).unwrap();
+    assert!(
+        out.lines()
+            .any(|l| l.contains(&name(&packs[0])) && l.contains("a pack without its index")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.contains(&name(&packs[1].with_extension("idx")))
+                && l.contains("an index without its pack")),
+        "{out}"
     );
 }

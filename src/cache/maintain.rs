@@ -128,122 +128,253 @@ pub(crate) fn short_weights(w: &str) -> String {
     }
 }
 
+/// At most this many damaged ranges, and index entries of each kind, are described per pack
+/// (the rest are counted): what verify prints and holds does not grow with the damage.
+const LISTED: usize = 10;
+
 /// Result of scanning one pack.
+#[derive(Default)]
 pub(crate) struct PackScan {
-    pub(crate) good: Vec<(Hash32, Hash32, Vec<f32>)>,
+    pub(crate) good: u64,
+    /// Damaged ranges, truncated tails, unreadable files: each one problem.
+    pub(crate) damaged: u64,
     pub(crate) problems: Vec<String>,
     pub(crate) notes: Vec<String>,
+    /// Whether the whole pack was read (false: not a regular file, missing, or an I/O error).
+    pub(crate) complete: bool,
 }
 
-/// Walk a pack record by record, checking each one, and cross-check its index.
-pub(crate) fn scan_pack(p: &PackInfo, keep_records: bool) -> Result<PackScan> {
-    let data =
-        std::fs::read(&p.pack).with_context(|| format!("cannot read {}", p.pack.display()))?;
-    let mut scan = PackScan {
-        good: Vec::new(),
-        problems: Vec::new(),
-        notes: Vec::new(),
-    };
+impl PackScan {
+    fn problem(&mut self, msg: String) {
+        self.damaged += 1;
+        if self.problems.len() < LISTED {
+            self.problems.push(msg);
+        }
+    }
+}
+
+/// Walk a pack record by record, checking each one, handing every good record to `each`.
+/// Damage is summarised as byte ranges (reading goes on at the next good record). Memory is
+/// bounded by [`PackReader`]'s window whatever the pack holds. Errors only from `each`.
+pub(crate) fn scan_pack(
+    p: &PackInfo,
+    each: &mut dyn FnMut(Hash32, Hash32, Vec<f32>) -> Result<()>,
+) -> Result<(PackScan, Option<PackReader>)> {
+    let mut scan = PackScan::default();
     let name = p.pack.display();
-    if data.len() < PACK_MAGIC.len() || &data[..PACK_MAGIC.len()] != PACK_MAGIC {
-        scan.problems
-            .push(format!("{name}: not a tilefeat pack (bad header)"));
-        return Ok(scan);
+    let mut r = match PackReader::open(&p.pack) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            scan.problem(format!(
+                "{}: an index without its pack ({name} does not exist)",
+                p.idx.display()
+            ));
+            return Ok((scan, None));
+        }
+        Err(e) => {
+            scan.problem(format!("{name}: {e}"));
+            return Ok((scan, None));
+        }
+    };
+    let walked = walk_records(p, &mut r, &mut scan, each)?;
+    if let Err(e) = walked {
+        scan.problem(format!("{name}: cannot read: {e}"));
+        return Ok((scan, Some(r)));
     }
-    let mut pos = PACK_MAGIC.len();
-    let mut valid_offsets = HashSet::new();
-    while pos < data.len() {
-        let rest = &data[pos..];
-        let len = if rest.len() >= 72 {
-            RECORD_OVERHEAD + 4 * u32::from_le_bytes(rest[68..72].try_into()?) as usize
-        } else {
-            usize::MAX
+    scan.complete = true;
+    Ok((scan, Some(r)))
+}
+
+/// The record walk of [`scan_pack`]: the outer error is `each`'s, the inner one an I/O error.
+fn walk_records(
+    p: &PackInfo,
+    r: &mut PackReader,
+    scan: &mut PackScan,
+    each: &mut dyn FnMut(Hash32, Hash32, Vec<f32>) -> Result<()>,
+) -> Result<std::io::Result<()>> {
+    let name = p.pack.display();
+    let header = PACK_MAGIC.len() as u64;
+    let bad_header = r.len < header
+        || match r.get(0, PACK_MAGIC.len()) {
+            Ok(h) => h != PACK_MAGIC,
+            Err(e) => return Ok(Err(e)),
         };
-        if len > rest.len() {
-            let msg = format!(
-                "{name}: incomplete record at offset {pos} ({} trailing bytes)",
-                rest.len()
-            );
-            if p.sealed {
-                scan.problems.push(format!("{msg}: the pack was truncated"));
-            } else {
-                scan.notes
-                    .push(format!("{msg}: left by a killed writer, ignored"));
-            }
-            break;
-        }
-        match decode_record(&rest[..len], None) {
-            Ok((fp, tile, v)) => {
-                valid_offsets.insert(pos as u64);
-                if keep_records {
-                    scan.good.push((fp, tile, v));
-                }
-            }
-            Err(e) => scan
-                .problems
-                .push(format!("{name}: record at offset {pos}: {e:#}")),
-        }
-        pos += len;
+    if bad_header {
+        scan.problem(format!("{name}: not a tilefeat pack (bad header)"));
+        return Ok(Ok(()));
     }
-    match read_idx(&p.idx) {
-        Ok((entries, torn)) => {
-            if torn > 0 {
+    let mut pos = header;
+    while pos < r.len {
+        let rec = match r.record(pos) {
+            Ok(rec) => rec,
+            Err(e) => return Ok(Err(e)),
+        };
+        match rec {
+            Rec::Good(len, fp, tile, v) => {
+                scan.good += 1;
+                each(fp, tile, v)?;
+                pos += len as u64;
+            }
+            Rec::Incomplete => {
+                // A record running past the end: a torn tail, unless good records follow (its
+                // length field was damaged), which are then read, not dropped.
+                match r.next_good(pos + 1) {
+                    Err(e) => return Ok(Err(e)),
+                    Ok(Some(next)) => {
+                        scan.problem(format!(
+                            "{name}: bytes {pos}..{next} damaged ({} bytes, unreadable records; \
+                             at {pos}: a record length past the end of the pack)",
+                            next - pos
+                        ));
+                        pos = next;
+                        continue;
+                    }
+                    Ok(None) => {}
+                }
                 let msg = format!(
-                    "{}: {torn} torn bytes at the end of the index",
-                    p.idx.display()
+                    "{name}: incomplete record at offset {pos} ({} trailing bytes)",
+                    r.len - pos
                 );
                 if p.sealed {
-                    scan.problems.push(msg);
+                    scan.problem(format!("{msg}: the pack was truncated"));
                 } else {
-                    scan.notes.push(format!("{msg} (killed writer), ignored"));
+                    scan.notes
+                        .push(format!("{msg}: left by a killed writer, ignored"));
                 }
+                break;
             }
-            let bad = entries
-                .iter()
-                .filter(|e| !valid_offsets.contains(&e.offset))
-                .count();
-            if bad > 0 {
-                scan.problems.push(format!(
-                    "{}: {bad} index entries point at damaged or missing records",
-                    p.idx.display()
+            Rec::Bad(why) => {
+                let end = match r.next_good(pos + 1) {
+                    Ok(next) => next.unwrap_or(r.len),
+                    Err(e) => return Ok(Err(e)),
+                };
+                scan.problem(format!(
+                    "{name}: bytes {pos}..{end} damaged ({} bytes, unreadable records; at {pos}: {why})",
+                    end - pos
                 ));
+                pos = end;
             }
         }
-        Err(e) => scan.problems.push(format!("{}: {e:#}", p.idx.display())),
     }
-    Ok(scan)
+    Ok(Ok(()))
 }
 
-/// `tilefeat cache verify`: every record's checksum; error (exit 7) if anything is damaged.
+/// Cross-check every index entry against the record it points at (offset within the pack,
+/// sane length, key, length and CRC of the record there): one line per kind of disagreement.
+fn check_index(p: &PackInfo, r: &mut PackReader, scan: &mut PackScan) {
+    // reason -> (count, first entry number, its offset, its length)
+    let mut bad: BTreeMap<String, (u64, u64, u64, u32)> = BTreeMap::new();
+    let mut io_error = None;
+    let mut n = 0u64;
+    let result = scan_idx(&p.idx, |e| {
+        let k = n;
+        n += 1;
+        if io_error.is_some() {
+            return;
+        }
+        let len = e.len as usize;
+        let end = e.offset.saturating_add(e.len as u64);
+        let why = if e.offset < PACK_MAGIC.len() as u64
+            || len < RECORD_OVERHEAD
+            || (len - RECORD_OVERHEAD) % 4 != 0
+            || len > MAX_RECORD
+        {
+            Some("have an absurd offset or length".to_string())
+        } else if end > r.len && r.refresh_len().map_or(true, |l| end > l) {
+            Some("point beyond the end of the pack".to_string())
+        } else {
+            match r.get(e.offset, len) {
+                Ok(b) => decode_record(b, Some((&e.fp, &e.tile)))
+                    .err()
+                    .map(|x| format!("point at a record that fails its check ({x:#})")),
+                Err(x) => {
+                    io_error = Some(x);
+                    None
+                }
+            }
+        };
+        if let Some(why) = why {
+            let v = bad.entry(why).or_insert((0, k, e.offset, e.len));
+            v.0 += 1;
+        }
+    });
+    let idx = p.idx.display();
+    let torn = match result {
+        Ok(t) => t,
+        Err(e) => {
+            scan.problem(format!("{idx}: {e:#}"));
+            0
+        }
+    };
+    if let Some(e) = io_error {
+        scan.problem(format!("{}: cannot read: {e}", p.pack.display()));
+    }
+    if torn > 0 {
+        let msg = format!("{idx}: {torn} torn bytes at the end of the index");
+        if p.sealed {
+            scan.problem(msg);
+        } else {
+            scan.notes.push(format!("{msg} (killed writer), ignored"));
+        }
+    }
+    for (why, (count, k, offset, len)) in bad {
+        scan.problem(format!(
+            "{idx}: {count} index entries {why} (the first: entry {k}, offset {offset}, length {len})"
+        ));
+    }
+}
+
+/// `tilefeat cache verify`: every record's checksum, every index entry against its record,
+/// every pack with its index; error (exit 7) if anything is damaged.
 pub fn verify(dir: &Path, out: &mut dyn Write) -> Result<()> {
     require_cache_dir(dir)?;
     let packs = list_packs(dir).kind(ExitKind::Cache)?;
-    let (mut records, mut problems) = (0usize, Vec::new());
+    let orphans = orphan_packs(dir).kind(ExitKind::Cache)?;
+    let (mut records, mut damaged, mut problems) = (0u64, 0u64, Vec::new());
     for p in &packs {
-        let scan = scan_pack(p, true).kind(ExitKind::Cache)?;
-        records += scan.good.len();
+        let (mut scan, reader) = scan_pack(p, &mut |_, _, _| Ok(())).kind(ExitKind::Cache)?;
+        if let Some(mut r) = reader {
+            check_index(p, &mut r, &mut scan);
+        }
+        records += scan.good;
+        damaged += scan.damaged;
         for n in &scan.notes {
             writeln!(out, "note: {n}")?;
         }
+        let listed = scan.problems.len() as u64;
         problems.extend(scan.problems);
+        if scan.damaged > listed {
+            problems.push(format!(
+                "{}: {} more problems not listed",
+                p.pack.display(),
+                scan.damaged - listed
+            ));
+        }
+    }
+    for o in &orphans {
+        damaged += 1;
+        problems.push(format!(
+            "{}: a pack without its index (its records are never served; restore its .idx or \
+             remove it)",
+            o.display()
+        ));
     }
     for pr in &problems {
         writeln!(out, "DAMAGED: {pr}")?;
     }
     writeln!(
         out,
-        "verified {} packs, {records} good records, {} problems",
-        packs.len(),
-        problems.len()
+        "verified {} packs, {records} good records, {damaged} problems",
+        packs.len() + orphans.len(),
     )?;
-    if !problems.is_empty() {
+    if damaged > 0 {
         return Err(crate::error::fail(
             ExitKind::Cache,
             format!(
-                "cache {} has {} damaged pack(s) or record(s); damaged records are never served \
-                 (they are recomputed); `tilefeat cache gc` rewrites the cache without them",
+                "cache {} has {damaged} problem(s) (damaged records, index entries or packs); \
+                 damaged records are never served (they are recomputed); `tilefeat cache gc` \
+                 rewrites the cache without them",
                 dir.display(),
-                problems.len()
             ),
         ));
     }
@@ -299,17 +430,17 @@ pub fn gc(dir: &Path, opts: &GcOptions, out: &mut dyn Write) -> Result<()> {
         .into_iter()
         .partition(|p| writer_gone(p, opts.stale));
     // Resolve --keep prefixes against the fingerprints present.
-    let mut present: HashSet<String> = records.keys().cloned().collect();
-    let mut scans = Vec::new();
-    for p in &done {
-        let s = scan_pack(p, true).kind(ExitKind::Cache)?;
-        for (fp, _, _) in &s.good {
-            present.insert(hex::encode(fp));
-        }
-        scans.push(s);
-    }
     let mut keep_ids: Option<HashSet<String>> = None;
     if !opts.keep.is_empty() {
+        // A first pass over the packs, holding only the fingerprints seen (packs are
+        // streamed, never held).
+        let mut present: HashSet<String> = records.keys().cloned().collect();
+        for p in &done {
+            scan_pack(p, &mut |fp, _, _| {
+                present.insert(hex::encode(fp));
+                Ok(())
+            })?;
+        }
         let mut ids = HashSet::new();
         for k in &opts.keep {
             let m: Vec<&String> = present
@@ -356,17 +487,19 @@ pub fn gc(dir: &Path, opts: &GcOptions, out: &mut dyn Write) -> Result<()> {
     let (mut kept, mut dropped, mut dup, mut damaged) = (0u64, 0u64, 0u64, 0u64);
     let mut seen = HashSet::new();
     let mut kept_fps = HashSet::new();
-    for s in scans {
-        damaged += s.problems.len() as u64;
-        for (fp, tile, v) in s.good {
+    // Packs read to their end, whose good records are now in the new pack: only these go.
+    let mut compacted = Vec::new();
+    let mut left_alone = Vec::new();
+    for p in &done {
+        let (scan, _) = scan_pack(p, &mut |fp, tile, v| {
             let id = hex::encode(fp);
             if !wanted(&id) {
                 dropped += 1;
-                continue;
+                return Ok(());
             }
             if !seen.insert((fp, tile)) {
                 dup += 1;
-                continue;
+                return Ok(());
             }
             if writer.is_none() {
                 writer = Some(PackWriter::create(dir)?);
@@ -374,13 +507,25 @@ pub fn gc(dir: &Path, opts: &GcOptions, out: &mut dyn Write) -> Result<()> {
             writer.as_mut().unwrap().put(&fp, &tile, &v)?;
             kept_fps.insert(id);
             kept += 1;
+            Ok(())
+        })?;
+        if scan.complete {
+            damaged += scan.damaged;
+        }
+        let missing = !scan.complete && std::fs::symlink_metadata(&p.pack).is_err();
+        if scan.complete || missing {
+            // (An index whose pack is gone holds nothing to lose.)
+            compacted.push(p);
+        } else {
+            // Not a regular file, or unreadable: what it may hold is not lost by gc.
+            left_alone.extend(scan.problems);
         }
     }
     if let Some(w) = writer {
         w.seal()?;
     }
     // The compacted pack is sealed on disk: now the old ones can go.
-    for p in &done {
+    for p in &compacted {
         for ext in ["idx", "pack", "sealed"] {
             let f = packs_dir(dir).join(format!("{}.{ext}", p.stem));
             match std::fs::remove_file(&f) {
@@ -406,13 +551,56 @@ pub fn gc(dir: &Path, opts: &GcOptions, out: &mut dyn Write) -> Result<()> {
             let _ = std::fs::remove_file(dir.join("fingerprints").join(format!("{id}.yaml")));
         }
     }
+    for l in &left_alone {
+        writeln!(out, "gc: left alone: {l}")?;
+    }
     writeln!(
         out,
         "gc: compacted {} packs into {}: kept {kept} records, dropped {dropped} of unwanted fingerprints, \
          {dup} duplicates, {damaged} damaged; left {} packs of live writers alone",
-        done.len(),
+        compacted.len(),
         if kept > 0 { 1 } else { 0 },
         live.len()
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A damaged length field in the middle of a pack (one that runs past its end) is a
+    /// damaged range, not a torn tail: gc keeps the records after it.
+    #[test]
+    fn records_after_a_damaged_length_are_kept() {
+        let d = tempfile::tempdir().unwrap();
+        init_dir(d.path()).unwrap();
+        let mut w = PackWriter::create(d.path()).unwrap();
+        for i in 0..3u8 {
+            assert!(w.put(&[7; 32], &[i; 32], &[i as f32; 4]).unwrap());
+        }
+        w.seal().unwrap();
+        let p = list_packs(d.path()).unwrap().remove(0);
+        let mut bytes = std::fs::read(&p.pack).unwrap();
+        // The first record's dimension: 4 -> 1000 (past the end, within MAX_DIM).
+        bytes[16 + 68..16 + 72].copy_from_slice(&1000u32.to_le_bytes());
+        std::fs::write(&p.pack, bytes).unwrap();
+        let mut out = Vec::new();
+        assert!(verify(d.path(), &mut out).is_err());
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("a record length past the end"), "{text}");
+        assert!(text.contains("2 good records"), "{text}");
+        let opts = GcOptions {
+            keep: vec![],
+            unused_since: None,
+            stale: Duration::from_secs(3600),
+        };
+        let mut out = Vec::new();
+        gc(d.path(), &opts, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("kept 2 records") && text.contains("1 damaged"),
+            "{text}"
+        );
+    }
 }

@@ -113,8 +113,9 @@ impl Cache {
             .sum();
         index.reserve(upper.min(1 << 20) as usize);
         for p in packs {
-            // A pack removed by a concurrent gc between listing and opening: skip it.
-            let Ok(file) = File::open(&p.pack) else {
+            // A pack removed by a concurrent gc between listing and opening, or one that is not a
+            // regular file (a link to /dev/zero, a FIFO: never opened): skip it.
+            let Ok((file, _)) = open_regular(&p.pack) else {
                 continue;
             };
             let n = files.len() as u32;
@@ -174,12 +175,19 @@ impl Cache {
     /// The stored vector for a tile hash, checked; `None` on a miss or a damaged record.
     pub fn get(&self, tile: &Hash32) -> Option<Vec<f32>> {
         let loc = *self.index.get(&short_key(tile))?;
-        let mut buf = vec![0u8; loc.len()];
-        let file = &self.files[loc.pack()];
-        let result = file
-            .read_exact_at(&mut buf, loc.offset)
-            .map_err(anyhow::Error::from)
-            .and_then(|_| decode_record(&buf, Some((&self.fp, tile))));
+        let result = if loc.len() > MAX_RECORD {
+            // A damaged index entry: nothing is allocated for it.
+            Err(anyhow::anyhow!(
+                "absurd record length {} in the index",
+                loc.len()
+            ))
+        } else {
+            let mut buf = vec![0u8; loc.len()];
+            let file = &self.files[loc.pack()];
+            file.read_exact_at(&mut buf, loc.offset)
+                .map_err(anyhow::Error::from)
+                .and_then(|_| decode_record(&buf, Some((&self.fp, tile))))
+        };
         match result {
             Ok((_, _, v)) => Some(v),
             Err(e) => {

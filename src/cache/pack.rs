@@ -3,7 +3,8 @@
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, ErrorKind, Read, Write};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,6 +21,12 @@ pub(crate) const IDX_MAGIC: &[u8; 16] = b"TILEFEAT-IDX--01";
 pub(crate) const RECORD_MAGIC: u32 = 0x5446_5231; // "TFR1"
 pub(crate) const RECORD_OVERHEAD: usize = 4 + 32 + 32 + 4 + 4;
 pub(crate) const IDX_ENTRY: usize = 32 + 32 + 8 + 4 + 4;
+/// The longest vector the cache stores (4 Mi floats, a 16 MiB record): what reading one record
+/// may allocate is bounded, and a larger dimension in a record header or index entry is damage.
+pub(crate) const MAX_DIM: usize = 1 << 22;
+pub(crate) const MAX_RECORD: usize = RECORD_OVERHEAD + 4 * MAX_DIM;
+/// How much of a pack a scan reads at a time.
+const SCAN_CHUNK: usize = 1 << 20;
 /// fsync at most this often while running (kill -9 loses nothing written; this bounds what a
 /// power loss can take).
 pub(crate) const SYNC_EVERY: Duration = Duration::from_secs(5);
@@ -130,7 +137,9 @@ pub(crate) fn read_idx(path: &Path) -> Result<(Vec<IdxEntry>, usize)> {
 /// Stream an index file's valid entries to `each` (no list of them is built, so opening a
 /// million-entry cache does not hold a million entries twice); returns the torn byte count.
 pub(crate) fn scan_idx(path: &Path, mut each: impl FnMut(IdxEntry)) -> Result<usize> {
-    let mut f = BufReader::with_capacity(1 << 20, File::open(path)?);
+    let (file, len) = open_regular(path)?;
+    // Never past the length it had when opened (a file that grows is read as it was).
+    let mut f = BufReader::with_capacity(1 << 20, file.take(len));
     let mut magic = [0u8; 16];
     f.read_exact(&mut magic)?;
     if &magic != IDX_MAGIC {
@@ -150,10 +159,10 @@ pub(crate) fn scan_idx(path: &Path, mut each: impl FnMut(IdxEntry)) -> Result<us
             return Ok(0);
         }
         if got < IDX_ENTRY || crc(&buf[..76]) != u32::from_le_bytes(buf[76..80].try_into()?) {
-            // A torn or damaged entry: nothing after it can be trusted to be aligned.
-            let mut rest = Vec::new();
-            f.read_to_end(&mut rest)?;
-            return Ok(got + rest.len());
+            // A torn or damaged entry: nothing after it can be trusted to be aligned. Count
+            // the rest without holding it.
+            let rest = std::io::copy(&mut f, &mut std::io::sink())?;
+            return Ok(got + rest as usize);
         }
         each(IdxEntry {
             fp: buf[0..32].try_into()?,
@@ -200,6 +209,185 @@ pub(crate) fn list_packs(dir: &Path) -> Result<Vec<PackInfo>> {
     }
     out.sort_by(|a, b| a.stem.cmp(&b.stem));
     Ok(out)
+}
+
+/// Packs that have no index (never served: only an index makes a pack's records visible).
+pub(crate) fn orphan_packs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let pd = packs_dir(dir);
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(&pd) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", pd.display())),
+    };
+    for e in entries {
+        let e = e.with_context(|| format!("cannot list {}", pd.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_suffix(".pack") {
+            // A writer creates its pack just before its index: look again when asked.
+            if std::fs::symlink_metadata(pd.join(format!("{stem}.idx"))).is_err() {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const NOFOLLOW_NONBLOCK: i32 = libc::O_NOFOLLOW | libc::O_NONBLOCK;
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+const NOFOLLOW_NONBLOCK: i32 = 0; // the symlink_metadata check stands alone there
+
+/// What a path that is not a regular file is, in words.
+fn not_regular(t: std::fs::FileType) -> &'static str {
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Open a cache file for reading only if it is a regular file, and its length then: a
+/// symbolic link (to `/dev/zero`, say), a FIFO or a device is never opened for reading (a
+/// FIFO would block, a device never ends); the error says what it is
+/// (`ErrorKind::InvalidData`, or `NotFound` if it is not there).
+pub(crate) fn open_regular(path: &Path) -> std::io::Result<(File, u64)> {
+    let what = |t| {
+        std::io::Error::new(
+            ErrorKind::InvalidData,
+            format!("not a regular file ({}): not read", not_regular(t)),
+        )
+    };
+    let m = std::fs::symlink_metadata(path)?;
+    if !m.file_type().is_file() {
+        return Err(what(m.file_type()));
+    }
+    // Replaced since the look above: O_NOFOLLOW refuses a link, O_NONBLOCK keeps a FIFO from
+    // blocking, and what was opened is checked again.
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(NOFOLLOW_NONBLOCK)
+        .open(path)?;
+    let m = f.metadata()?;
+    if !m.file_type().is_file() {
+        return Err(what(m.file_type()));
+    }
+    Ok((f, m.len()))
+}
+
+/// What [`PackReader::record`] found at an offset.
+pub(crate) enum Rec {
+    /// A whole, checked record of this many bytes.
+    Good(usize, Hash32, Hash32, Vec<f32>),
+    /// The start of a record whose end is past the end of the pack (a killed writer's tail,
+    /// or a truncated pack).
+    Incomplete,
+    /// Not a record, or a damaged one.
+    Bad(String),
+}
+
+/// Reads a pack of known length through a bounded window: at most `MAX_RECORD + SCAN_CHUNK`
+/// bytes are held, however large or damaged the pack.
+pub(crate) struct PackReader {
+    file: File,
+    pub(crate) len: u64,
+    buf: Vec<u8>,
+    start: u64,
+}
+
+impl PackReader {
+    pub(crate) fn open(path: &Path) -> std::io::Result<PackReader> {
+        let (file, len) = open_regular(path)?;
+        Ok(PackReader {
+            file,
+            len,
+            buf: Vec::new(),
+            start: 0,
+        })
+    }
+
+    /// Take the pack's length again (a live writer's pack grows).
+    pub(crate) fn refresh_len(&mut self) -> std::io::Result<u64> {
+        self.len = self.len.max(self.file.metadata()?.len());
+        Ok(self.len)
+    }
+
+    /// Bytes `off..off + n`, which must lie within `len`, `n <= MAX_RECORD`.
+    pub(crate) fn get(&mut self, off: u64, n: usize) -> std::io::Result<&[u8]> {
+        debug_assert!(n <= MAX_RECORD && off + n as u64 <= self.len);
+        let end = off + n as u64;
+        if off < self.start || end > self.start + self.buf.len() as u64 {
+            let want = (n.max(SCAN_CHUNK) as u64).min(self.len - off) as usize;
+            self.buf.resize(want, 0);
+            self.start = off;
+            if let Err(e) = self.file.read_exact_at(&mut self.buf, off) {
+                self.buf.clear();
+                return Err(e);
+            }
+        }
+        let s = (off - self.start) as usize;
+        Ok(&self.buf[s..s + n])
+    }
+
+    /// The record at `off`, checked (magic, dimension, length, CRC).
+    pub(crate) fn record(&mut self, off: u64) -> std::io::Result<Rec> {
+        let rest = self.len.saturating_sub(off);
+        let head = self.get(off, rest.min(72) as usize)?;
+        let magic = RECORD_MAGIC.to_le_bytes();
+        let n = head.len().min(4);
+        if head[..n] != magic[..n] {
+            return Ok(Rec::Bad("bad record magic".into()));
+        }
+        if head.len() < 72 {
+            return Ok(Rec::Incomplete);
+        }
+        let dim = u32::from_le_bytes(head[68..72].try_into().expect("4 bytes")) as usize;
+        if dim > MAX_DIM {
+            return Ok(Rec::Bad(format!("absurd dimension {dim}")));
+        }
+        let len = RECORD_OVERHEAD + 4 * dim;
+        if len as u64 > rest {
+            return Ok(Rec::Incomplete);
+        }
+        Ok(match decode_record(self.get(off, len)?, None) {
+            Ok((fp, tile, v)) => Rec::Good(len, fp, tile, v),
+            Err(e) => Rec::Bad(format!("{e:#}")),
+        })
+    }
+
+    /// The offset of the first good record at or after `from`, if any: after damage, where
+    /// reading can go on. Looks for the record magic and checks what follows it.
+    pub(crate) fn next_good(&mut self, from: u64) -> std::io::Result<Option<u64>> {
+        let magic = RECORD_MAGIC.to_le_bytes();
+        let mut at = from;
+        while at + RECORD_OVERHEAD as u64 <= self.len {
+            let within = at >= self.start && at + 4 <= self.start + self.buf.len() as u64;
+            if !within {
+                self.get(at, ((self.len - at) as usize).min(SCAN_CHUNK))?;
+            }
+            let ahead = &self.buf[(at - self.start) as usize..];
+            match ahead.windows(4).position(|w| w == magic) {
+                None => at += (ahead.len() - 3) as u64,
+                Some(i) => {
+                    let cand = at + i as u64;
+                    if let Rec::Good(..) = self.record(cand)? {
+                        return Ok(Some(cand));
+                    }
+                    at = cand + 1;
+                }
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// Make sure `dir` is (or becomes) a cache directory.
@@ -261,9 +449,11 @@ impl PackWriter {
         })
     }
 
-    /// Buffer a record; false if this writer already stored that key.
+    /// Buffer a record; false if this writer already stored that key (or the vector is longer
+    /// than `MAX_DIM`).
     pub(crate) fn put(&mut self, fp: &Hash32, tile: &Hash32, features: &[f32]) -> Result<bool> {
-        if !self.seen.insert((*fp, *tile)) {
+        // A vector longer than any record read back may be is not cached (it is recomputed).
+        if features.len() > MAX_DIM || !self.seen.insert((*fp, *tile)) {
             return Ok(false);
         }
         let rec = encode_record(fp, tile, features);
@@ -340,3 +530,44 @@ impl PackWriter {
 
 // ---------------------------------------------------------------------------------------
 // Maintenance: stats, verify, gc.
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reading goes on after garbage in the middle of a pack, at the next good record.
+    #[test]
+    fn reader_resyncs_after_damage() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("p.pack");
+        let recs: Vec<Vec<u8>> = (0..3u8)
+            .map(|i| encode_record(&[i; 32], &[i; 32], &[i as f32; 5]))
+            .collect();
+        let garbage = [vec![0xab; 1000], RECORD_MAGIC.to_le_bytes().to_vec()].concat();
+        let bytes = [
+            PACK_MAGIC.to_vec(),
+            recs[0].clone(),
+            garbage.clone(),
+            recs[1].clone(),
+            recs[2].clone(),
+        ]
+        .concat();
+        std::fs::write(&path, &bytes).unwrap();
+        let mut r = PackReader::open(&path).unwrap();
+        assert_eq!(r.len, bytes.len() as u64);
+        let first = PACK_MAGIC.len() as u64;
+        assert!(matches!(r.record(first).unwrap(), Rec::Good(n, ..) if n == recs[0].len()));
+        let bad = first + recs[0].len() as u64;
+        assert!(matches!(r.record(bad).unwrap(), Rec::Bad(_)));
+        let next = bad + garbage.len() as u64;
+        assert_eq!(r.next_good(bad + 1).unwrap(), Some(next));
+        assert!(matches!(r.record(next).unwrap(), Rec::Good(_, fp, ..) if fp == [1; 32]));
+        let last = next + recs[1].len() as u64;
+        assert_eq!(r.next_good(last + 1).unwrap(), None);
+        // Not a regular file: never opened.
+        let link = d.path().join("l.pack");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let e = PackReader::open(&link).err().unwrap();
+        assert!(e.to_string().contains("a symbolic link"), "{e}");
+    }
+}
