@@ -112,7 +112,8 @@ fn input_paths(a: &JoinArgs) -> Result<Vec<PathBuf>> {
 }
 
 const PT_HAS_NO_NAMES: &str = "is a .pt bag, which holds no tile names: join the sample's \
-     .csv, .h5 or .parquet (one extract can write a bag and either: `--format pt,h5`)";
+     .csv, .h5 or .parquet (extract it as one of those too; with --cache-dir that second run \
+     is all cache hits)";
 
 /// The format of an input, from its provenance (older ones, without the field: CSV), which
 /// its extension must not contradict.

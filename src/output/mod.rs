@@ -150,10 +150,12 @@ pub fn create_features(
 /// `.<suffix>` appended.
 pub fn side_file(output: &Path, suffix: &str) -> PathBuf {
     let s = output.to_string_lossy();
-    let stem = [".csv", ".h5", ".hdf5", ".parquet", ".pt"].iter().find_map(|ext| {
-        let cut = s.len().checked_sub(ext.len())?;
-        (s.is_char_boundary(cut) && s[cut..].eq_ignore_ascii_case(ext)).then(|| &s[..cut])
-    });
+    let stem = [".csv", ".h5", ".hdf5", ".parquet", ".pt"]
+        .iter()
+        .find_map(|ext| {
+            let cut = s.len().checked_sub(ext.len())?;
+            (s.is_char_boundary(cut) && s[cut..].eq_ignore_ascii_case(ext)).then(|| &s[..cut])
+        });
     match stem {
         Some(stem) => PathBuf::from(format!("{stem}.{suffix}")),
         None => PathBuf::from(format!("{s}.{suffix}")),
