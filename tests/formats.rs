@@ -273,6 +273,52 @@ fn centre_and_micrometre_conventions() {
         .starts_with("\"tile_(0.5, 50.0).jpg\",0.5,50,"));
 }
 
+/// Regression: `join` put pixel and micrometre coordinates in one `x,y` column (exit 0), and
+/// top-left corners beside slideflow's centres. Inputs whose coordinates differ in origin or
+/// unit are refused, naming both samples; a cohort whose x,y agree records what they mean.
+#[test]
+fn join_refuses_coordinates_that_mean_different_things() {
+    let d = tempfile::tempdir().unwrap();
+    let hl = histolab_tiles(d.path(), 3);
+    let sf = named_tiles(d.path(), "slideflow", 3, |i| {
+        format!("s-{}-768.jpg", 256 + 512 * i)
+    });
+    let st = named_tiles(d.path(), "stamp", 3, |i| {
+        format!("tile_({}.5, 50.0).jpg", 100 * i)
+    });
+    let out = |n: &str| d.path().join(n);
+    extract_ok(&hl, &out("A.parquet"), &["--sample", "A", "--size", "32"]);
+    extract_ok(&sf, &out("B.parquet"), &["--sample", "B", "--size", "32"]);
+    extract_ok(&st, &out("C.parquet"), &["--sample", "C", "--size", "32"]);
+    extract_ok(&hl, &out("D.h5"), &["--sample", "D", "--size", "32"]);
+    for (other, what) in [
+        ("B.parquet", "centre in level-0 pixels"),
+        ("C.parquet", "top-left in micrometres"),
+    ] {
+        let cohort = out("c.csv");
+        let mut c = tilefeat();
+        c.arg("join")
+            .arg(out("A.parquet"))
+            .arg(out(other))
+            .arg("-o")
+            .arg(&cohort);
+        let (code, err) = stderr_of(&mut c);
+        assert_eq!(code, 3, "{err}");
+        assert!(
+            err.contains(what) && err.contains("sample A") && err.contains(other),
+            "{err}"
+        );
+        assert!(!cohort.exists());
+    }
+    // The same meaning (histolab top-left pixels, from Parquet and from HDF5): joined, and
+    // the cohort's provenance says what x,y are.
+    let cohort = out("ok.csv");
+    join_to(&[&out("A.parquet"), &out("D.h5")], &cohort, &[]);
+    let prov: serde_yaml::Value = serde_yaml::from_str(&read(&out("ok.provenance.yaml"))).unwrap();
+    assert_eq!(prov["coords_origin"].as_str(), Some("top-left"));
+    assert_eq!(prov["coords_unit"].as_str(), Some("level-0 pixels"));
+}
+
 /// Corrupt, truncated or foreign HDF5 and Parquet files given to `join`: exit 3 naming the
 /// file, no cohort written.
 #[test]

@@ -19,6 +19,8 @@ pub(crate) struct Layout {
     pub aggregate: bool,
     /// None: no coordinates; Some(integral).
     pub xy: Option<bool>,
+    /// A Parquet cohort's key-value metadata (fingerprint, dimension, coordinates' meaning).
+    pub metadata: Vec<(String, String)>,
 }
 
 /// A cohort file being written.
@@ -48,7 +50,11 @@ pub(crate) fn create(path: &Path, layout: &Layout) -> Result<Box<dyn Cohort>> {
                 xy_integral: layout.xy.filter(|_| !layout.aggregate),
                 dim: layout.dim,
             };
-            Ok(Box::new(ParquetWriter::create(path, columns)?))
+            Ok(Box::new(ParquetWriter::create(
+                path,
+                columns,
+                &layout.metadata,
+            )?))
         }
         _ => Err(fail(
             ExitKind::Usage,

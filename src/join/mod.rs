@@ -22,7 +22,9 @@ use serde::Serialize;
 
 use crate::cli::{Aggregate, JoinArgs};
 use crate::error::{fail, ExitKind, WithKind};
-use crate::output::provenance::{FingerprintInfo, Provenance, RANDOM_WEIGHTS_WARNING};
+use crate::output::provenance::{
+    CoordsProvenance, FingerprintInfo, Provenance, RANDOM_WEIGHTS_WARNING,
+};
 use crate::output::{provenance_path, Format};
 use read::{input_err, Expect, FeatureReader};
 
@@ -74,6 +76,11 @@ struct JoinProvenance {
     aggregate: String,
     format: String,
     coordinates: bool,
+    /// What the cohort's x,y are: the names' own (HDF5's corners turned back into them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    coords_origin: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    coords_unit: Option<String>,
     feature_dim: usize,
     fingerprint: FingerprintInfo,
     samples: usize,
@@ -263,14 +270,70 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
     if with_xy > 0 && with_xy < inputs.len() && !aggregate && !a.quiet {
         let without = inputs.iter().find(|i| i.xy().is_none()).expect("one lacks");
         eprintln!(
-            "tilefeat: warning: {} has no tile coordinates (but {with_xy} of {} inputs have):              the cohort file has none",
+            "tilefeat: warning: {} has no tile coordinates (but {with_xy} of {} inputs have): \
+             the cohort file has none",
             without.path.display(),
             inputs.len()
         );
     }
+    // One column x,y means one thing: regression, pixel and micrometre coordinates (and
+    // top-left corners beside slideflow's centres) went into one column with exit 0.
+    let meaning = |i: &Input| {
+        let c = i.prov.coords.as_ref();
+        let get = |f: fn(&CoordsProvenance) -> &Option<String>| {
+            c.and_then(|c| f(c).clone()).unwrap_or_default()
+        };
+        (get(|c| &c.origin), get(|c| &c.unit), get(|c| &c.convention))
+    };
+    let coords_meaning = match xy {
+        Some(_) => {
+            let (origin, unit, convention) = meaning(first);
+            if let Some(other) = inputs[1..]
+                .iter()
+                .find(|i| (&meaning(i).0, &meaning(i).1) != (&origin, &unit))
+            {
+                let (o, u, c) = meaning(other);
+                return Err(input_err(
+                    &other.path,
+                    format!(
+                        "its tile coordinates are {o} in {u} ({c}, sample {}) but those of {} are \
+                         {origin} in {unit} ({convention}, sample {}): one cohort's x,y must \
+                         mean one thing; join them in separate cohorts, or extract one again \
+                         with --coords none",
+                        other.prov.sample,
+                        first.path.display(),
+                        first.prov.sample
+                    ),
+                ));
+            }
+            Some((origin, unit))
+        }
+        None => None,
+    };
 
     // Pass 2: stream.
-    let layout = cohort::Layout { dim, aggregate, xy };
+    let mut metadata = vec![
+        ("fingerprint".to_string(), first.prov.fingerprint.id.clone()),
+        ("feature_dim".to_string(), dim.to_string()),
+        (
+            "aggregate".to_string(),
+            format!("{:?}", a.aggregate).to_lowercase(),
+        ),
+        (
+            "tilefeat_version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        ),
+    ];
+    if let Some((origin, unit)) = &coords_meaning {
+        metadata.push(("coords_origin".to_string(), origin.clone()));
+        metadata.push(("coords_unit".to_string(), unit.clone()));
+    }
+    let layout = cohort::Layout {
+        dim,
+        aggregate,
+        xy,
+        metadata,
+    };
     let mut cohort = cohort::create(&a.output, &layout)?;
     let mut total_rows = 0usize;
     let mut joined = Vec::new();
@@ -362,6 +425,8 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
             .as_str()
             .into(),
         coordinates: xy.is_some(),
+        coords_origin: coords_meaning.as_ref().map(|m| m.0.clone()),
+        coords_unit: coords_meaning.as_ref().map(|m| m.1.clone()),
         feature_dim: dim,
         fingerprint: first.prov.fingerprint.clone(),
         samples: inputs.len(),

@@ -55,6 +55,10 @@ pub struct CoordsInfo {
     /// x,y are whole numbers (written as integers).
     pub integral: bool,
     pub convention: String,
+    /// Where in the tile the names' x,y point (`top-left`, `centre`) and in what unit
+    /// (`level-0 pixels`, `micrometres`), as the provenance says them.
+    pub origin: String,
+    pub unit: String,
     /// To subtract from a name's x,y for HDF5's level-0 top-left corners, or why that cannot
     /// be done (micrometres; centres of unknown extent).
     pub top_left_shift: std::result::Result<i64, String>,
@@ -86,6 +90,8 @@ impl CoordsInfo {
         CoordsInfo {
             integral: c.integral,
             convention: c.convention.clone(),
+            origin: c.origin.as_str().into(),
+            unit: c.unit.as_str().into(),
             top_left_shift,
             centre_shift,
             patch_size_level0: size,

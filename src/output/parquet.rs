@@ -2,7 +2,8 @@
 //! fractional coordinates such as micrometres) when the tile names give coordinates, then
 //! `0`..`D-1` as float32, zstd-compressed, in the CSV's row order, so that
 //! `pandas.read_parquet(p).set_index("tile")` holds the CSV's values. Rows are written in row
-//! groups of [`ROW_GROUP`] as they come (memory does not grow with the tile count). `join`
+//! groups of [`row_group_rows`] (4,096 rows, fewer for rows wider than 2,048 floats: at most
+//! 32 MiB of features) as they come (memory does not grow with the tile count). `join`
 //! writes the same layout with a `sample` column in front ([`Columns`]).
 
 use std::io::Write;
@@ -22,8 +23,17 @@ use super::{
 };
 use crate::error::{fail, ExitKind};
 
-/// Rows per row group: 4,096 rows of 2,048 float32 are 32 MiB before compression.
+/// Rows per row group at most: 4,096 rows of 2,048 float32 are 32 MiB before compression.
 pub const ROW_GROUP: usize = 4096;
+
+/// Bytes of features a row group holds at most (in memory while it fills).
+const ROW_GROUP_BYTES: usize = 32 << 20;
+
+/// Rows per row group for rows of `dim` floats: at most [`ROW_GROUP`], and at most
+/// [`ROW_GROUP_BYTES`] of features (65,536 floats a row: 128 rows, not 1 GiB).
+pub fn row_group_rows(dim: usize) -> usize {
+    (ROW_GROUP_BYTES / (4 * dim.max(1))).clamp(1, ROW_GROUP)
+}
 
 /// The columns of a Parquet feature file: leading string columns (`tile`; `join` puts
 /// `sample` first), an optional int64 count (`n_tiles`, for `join --aggregate`), optional
@@ -112,7 +122,7 @@ impl Pending {
             xf: Float64Builder::new(),
             yf: Float64Builder::new(),
             features: (0..c.dim)
-                .map(|_| Float32Builder::with_capacity(ROW_GROUP))
+                .map(|_| Float32Builder::with_capacity(row_group_rows(c.dim)))
                 .collect(),
             rows: 0,
         }
@@ -148,10 +158,18 @@ impl Pending {
     }
 }
 
-fn properties() -> WriterProperties {
+/// The writer's settings; `metadata` goes into the file's key-value metadata (what made the
+/// features, and what the coordinates mean), which `pyarrow.parquet.read_metadata(p).metadata`
+/// returns.
+fn properties(metadata: &[(String, String)], dim: usize) -> WriterProperties {
+    let kv = metadata
+        .iter()
+        .map(|(k, v)| parquet::file::metadata::KeyValue::new(format!("tilefeat.{k}"), v.clone()))
+        .collect::<Vec<_>>();
     WriterProperties::builder()
+        .set_key_value_metadata((!kv.is_empty()).then_some(kv))
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .set_max_row_group_size(ROW_GROUP)
+        .set_max_row_group_size(row_group_rows(dim))
         // Features are not repeated values: dictionaries and statistics only cost space.
         .set_dictionary_enabled(false)
         .set_statistics_enabled(EnabledStatistics::None)
@@ -159,14 +177,18 @@ fn properties() -> WriterProperties {
 }
 
 impl ParquetWriter {
-    pub fn create(path: &std::path::Path, columns: Columns) -> Result<ParquetWriter> {
+    pub fn create(
+        path: &std::path::Path,
+        columns: Columns,
+        metadata: &[(String, String)],
+    ) -> Result<ParquetWriter> {
         let schema = columns.schema();
         let sink = Hashing {
             file: AtomicFile::create(path)?,
             sha: Sha256::new(),
             bytes: 0,
         };
-        let writer = ArrowWriter::try_new(sink, schema.clone(), Some(properties()))
+        let writer = ArrowWriter::try_new(sink, schema.clone(), Some(properties(metadata, columns.dim)))
             .map_err(|e| perr(path, e))?;
         Ok(ParquetWriter {
             path: path.to_path_buf(),
@@ -185,7 +207,16 @@ impl ParquetWriter {
             xy_integral: info.coords.as_ref().map(|c| c.integral),
             dim: info.dim,
         };
-        ParquetWriter::create(path, columns)
+        let mut metadata = info.attrs.clone();
+        metadata.push(("feature_dim".into(), info.dim.to_string()));
+        if let Some(c) = &info.coords {
+            metadata.extend([
+                ("coords_convention".to_string(), c.convention.clone()),
+                ("coords_origin".to_string(), c.origin.clone()),
+                ("coords_unit".to_string(), c.unit.clone()),
+            ]);
+        }
+        ParquetWriter::create(path, columns, &metadata)
     }
 
     /// One row: the string columns' values, the count (if the file has one), x,y (if it has
@@ -226,7 +257,7 @@ impl ParquetWriter {
             b.append_value(v);
         }
         p.rows += 1;
-        if p.rows == ROW_GROUP {
+        if p.rows == row_group_rows(self.columns.dim) {
             self.flush_rows()?;
         }
         Ok(())
@@ -275,5 +306,21 @@ impl FeatureWriter for ParquetWriter {
 
     fn finish(self: Box<Self>) -> Result<(Staged, Committed)> {
         ParquetWriter::finish(*self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_groups_are_bounded_in_bytes() {
+        assert_eq!(row_group_rows(2048), ROW_GROUP);
+        assert_eq!(row_group_rows(16), ROW_GROUP);
+        assert_eq!(row_group_rows(65_536), 128);
+        assert_eq!(row_group_rows(10_000_000), 1);
+        for dim in [1, 2048, 4096, 65_536] {
+            assert!(row_group_rows(dim) * dim * 4 <= ROW_GROUP_BYTES);
+        }
     }
 }

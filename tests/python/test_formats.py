@@ -106,3 +106,23 @@ def test_cohort_parquet_matches_cohort_csv(tilefeat, histolab_tiles, tmp_path):
     assert list(par.columns[:4]) == ["sample", "tile", "x", "y"]
     pd.testing.assert_frame_equal(par, csv.astype({c: np.float32 for c in features}))
     assert par["sample"].tolist() == ["A"] * N + ["B"] * N + ["C"] * N
+
+
+def test_parquet_files_carry_what_made_them(tilefeat, outputs, histolab_tiles, tmp_path):
+    """Issue 29: per-sample and cohort Parquet files carry the provenance essentials as
+    key-value metadata (read back with pyarrow), not only in the provenance file beside."""
+    meta = pq.read_metadata(outputs["parquet"]).metadata
+    kv = {k.decode(): v.decode() for k, v in meta.items() if k.startswith(b"tilefeat.")}
+    for key in ["encoder", "layer", "pool", "normalize", "size", "precision", "fingerprint",
+                "weights_sha256", "tilefeat_version", "sample", "feature_dim"]:
+        assert key in {k.removeprefix("tilefeat.") for k in kv}, (key, kv)
+    assert kv["tilefeat.feature_dim"] == "2048" and kv["tilefeat.layer"] == "layer4"
+    assert kv["tilefeat.coords_convention"] == "histolab"
+    assert kv["tilefeat.coords_origin"] == "top-left" and kv["tilefeat.coords_unit"] == "level-0 pixels"
+    cohort = tmp_path / "c.parquet"
+    tilefeat("join", outputs["parquet"], "-o", cohort, "--quiet")
+    ckv = {k.decode(): v.decode() for k, v in pq.read_metadata(cohort).metadata.items()}
+    assert ckv["tilefeat.fingerprint"] == kv["tilefeat.fingerprint"]
+    assert ckv["tilefeat.coords_origin"] == "top-left" and ckv["tilefeat.aggregate"] == "none"
+    # pandas still reads them as before.
+    assert len(pd.read_parquet(cohort)) == N
