@@ -221,6 +221,11 @@ pub struct ExtractArgs {
     #[arg(long, value_name = "FILE.pt", conflicts_with = "layer")]
     pub model: Option<PathBuf>,
 
+    /// Run a --model whose code calls operations that read or write files (refused by default:
+    /// a TorchScript model is code; only for models you trust).
+    #[arg(long, requires = "model")]
+    pub allow_unsafe_model: bool,
+
     /// Global spatial pooling of that output.
     #[arg(long, value_enum, default_value_t = Pool::Max)]
     pub pool: Pool,
@@ -427,6 +432,9 @@ pub struct BenchArgs {
     /// ResNet50, on batches of --batch-size.
     #[arg(long, value_name = "FILE.pt")]
     pub model: Option<PathBuf>,
+    /// Run a --model whose code calls file operations anyway (as `extract`).
+    #[arg(long, requires = "model")]
+    pub allow_unsafe_model: bool,
     /// Intra-op threads for libtorch [default: all cores].
     #[arg(long)]
     pub threads: Option<usize>,
