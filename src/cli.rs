@@ -13,7 +13,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// Per-tile ResNet50 deep features for computational pathology.
 ///
 /// Exit codes: 0 success, 1 internal error, 2 usage error, 3 bad input (tile folder, tile,
-/// CSV), 4 bad weights, 5 device unavailable, 6 cannot write output, 7 cache error.
+/// CSV), 4 bad weights or model, 5 device unavailable, 6 cannot write output, 7 cache
+/// error.
 #[derive(Debug, Parser)]
 #[command(
     name = "tilefeat",
@@ -22,7 +23,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     long_about = None,
     propagate_version = true,
     after_help = "Exit codes: 0 success, 1 internal error, 2 usage error, 3 bad input (tile folder, \
-                  tile, CSV), 4 bad weights, 5 device unavailable, 6 cannot write output, 7 cache error."
+                  tile, CSV), 4 bad weights or model, 5 device unavailable, 6 cannot write output, 7 cache \
+                  error."
 )]
 pub struct Cli {
     #[command(subcommand)]

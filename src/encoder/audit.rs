@@ -19,15 +19,19 @@
 use std::io::Read;
 
 /// The ops of libtorch's registry that touch files, by the name TorchScript code calls them
-/// with. Derived from `torch._C._jit_get_all_schemas()` (torch 2.11, 4,487 schemas): every op
-/// with a file-name argument (`aten::from_file(str filename, ...)`, `aten::save(t item, str
-/// filename)`) and the debug op that reads tensors from a store on disk. No op in the registry
-/// spawns a process or opens a socket by itself (the distributed ops need a process group,
-/// which TorchScript cannot create). tests/python/test_encoders.py checks the registry again.
+/// with. Derived from `torch._C._jit_get_all_schemas()` (torch 2.11, 4,487 schemas, and
+/// torchvision's, whose ops a libtorch with torchvision's library loaded would have): every
+/// op with a file-name argument (`aten::from_file(str filename, ...)`, `aten::save(t item, str
+/// filename)`, `image::read_file`, `image::write_file`) and the debug op that reads tensors
+/// from a store on disk. No op in the registry spawns a process or opens a socket by itself
+/// (the distributed ops need a process group, which TorchScript cannot create).
+/// tests/python/test_encoders.py checks the registry again.
 pub(crate) const FILE_OPS: &[(&str, &str)] = &[
     ("from_file", "aten::from_file"),
     ("save", "aten::save"),
     ("load_tensor", "debugprims::load_tensor"),
+    ("read_file", "image::read_file"),
+    ("write_file", "image::write_file"),
 ];
 
 /// Code larger than this (all `.py` entries together) is refused unread: real encoders hold
@@ -285,7 +289,7 @@ mod tests {
     #[test]
     fn ordinary_code_is_not_flagged() {
         let code = "class M(Module):\n  def forward(self, x: Tensor) -> Tensor:\n    \
-                    saved = torch.mean(x, [2, 3])  # not a save\n    \
+                    saved = torch.mean(x, [2, 3])  # a comment\n    \
                     _save_x = \"from_files\"\n    return torch.add(saved, 1)\n";
         assert!(ops(code).is_empty(), "{:?}", ops(code));
         // A literal that only looks like the start of one is not concatenated across a token.

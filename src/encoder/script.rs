@@ -208,13 +208,15 @@ impl ScriptModel {
                 ),
             ));
         }
-        let values = out
+        // As float32, as it will be written (a float64 1e300 is an infinity there).
+        let not_finite = out
             .f_to_kind(Kind::Float)
-            .and_then(|t| t.f_contiguous())
-            .and_then(|t| t.f_view([-1]))
-            .and_then(|t| Vec::<f32>::try_from(&t))
+            .and_then(|t| t.f_isfinite())
+            .and_then(|t| t.f_logical_not())
+            .and_then(|bad| out.f_to_kind(Kind::Float)?.f_masked_select(&bad))
             .map_err(|e| model_err(path, format!("output cannot be read: {}", short(&e))))?;
-        if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+        if not_finite.numel() > 0 {
+            let v = not_finite.f_double_value(&[0]).unwrap_or(f64::NAN) as f32;
             return Err(model_err(
                 path,
                 format!("output holds {v} for a blank tile (features must be finite numbers)"),
