@@ -1,5 +1,5 @@
 //! Black-box tests of `extract --model` that need no exported model (issue 20): usage errors
-//! and bad model files. tests/python/test_encoders.py exports real models and checks their
+//! and bad model files; and the native model's non-finite features (issue 13). tests/python/test_encoders.py exports real models and checks their
 //! features against PyTorch.
 
 mod common;

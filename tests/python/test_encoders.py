@@ -17,7 +17,13 @@
   random-init weights saved as a torchvision state dict) within 1e-5.
 * Bad models: not TorchScript (a plain state dict, a text file) -> exit 4 naming the file; a
   module that wants another input rank, one that returns (N,T,D) ("shape"), one that returns
-  NaN ("NaN") -> an error naming the file, no CSV, no panic.
+  NaN ("NaN") -> exit 4 naming the file, no CSV, no panic.
+* Hostile models (issues 12, 13): code that calls torch.from_file (in forward or in
+  __setstate__, which loading runs) or torch.save is refused with exit 4 before it runs, also
+  with --dry-run (the file it would touch is never created), and runs with
+  --allow-unsafe-model; complex, -inf, (N, 8, 0, 0), input-dependent widths and 10^7 features
+  are exit 4 naming the model (and the tile); 65,536 features work in CSV, HDF5 and Parquet;
+  FILE_OPS covers every file op of torch's registry.
 * CSV bytes do not depend on --batch-size (1/7/32) or --threads (1/2) with --model.
 
 The tilefeat tests need a binary with --model (TILEFEAT_BIN or target/release/tilefeat).
