@@ -271,7 +271,11 @@ fn model(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
         channels_last: a.layout == "nhwc",
     };
     let script = match &a.model {
-        Some(p) => Some(crate::encoder::script::ScriptModel::load(p, a.size)?),
+        Some(p) => Some(crate::encoder::script::ScriptModel::load(
+            p,
+            a.size,
+            a.allow_unsafe_model,
+        )?),
         None => None,
     };
     let model = ResNetTrunk::new(&random_state_dict(0, a.layer), a.layer, Pool::Max, opts)?;

@@ -13,7 +13,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// Per-tile ResNet50 deep features for computational pathology.
 ///
 /// Exit codes: 0 success, 1 internal error, 2 usage error, 3 bad input (tile folder, tile,
-/// CSV), 4 bad weights, 5 device unavailable, 6 cannot write output, 7 cache error.
+/// CSV), 4 bad weights or model, 5 device unavailable, 6 cannot write output, 7 cache
+/// error.
 #[derive(Debug, Parser)]
 #[command(
     name = "tilefeat",
@@ -22,7 +23,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     long_about = None,
     propagate_version = true,
     after_help = "Exit codes: 0 success, 1 internal error, 2 usage error, 3 bad input (tile folder, \
-                  tile, CSV), 4 bad weights, 5 device unavailable, 6 cannot write output, 7 cache error."
+                  tile, CSV), 4 bad weights or model, 5 device unavailable, 6 cannot write output, 7 cache \
+                  error."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -220,6 +222,11 @@ pub struct ExtractArgs {
     /// sidecar FILE.json beside it (from the export script) sets --size, --mean and --std.
     #[arg(long, value_name = "FILE.pt", conflicts_with = "layer")]
     pub model: Option<PathBuf>,
+
+    /// Run a --model whose code calls operations that read or write files (refused by default:
+    /// a TorchScript model is code; only for models you trust).
+    #[arg(long, requires = "model")]
+    pub allow_unsafe_model: bool,
 
     /// Global spatial pooling of that output.
     #[arg(long, value_enum, default_value_t = Pool::Max)]
@@ -427,6 +434,9 @@ pub struct BenchArgs {
     /// ResNet50, on batches of --batch-size.
     #[arg(long, value_name = "FILE.pt")]
     pub model: Option<PathBuf>,
+    /// Run a --model whose code calls file operations anyway (as `extract`).
+    #[arg(long, requires = "model")]
+    pub allow_unsafe_model: bool,
     /// Intra-op threads for libtorch [default: all cores].
     #[arg(long)]
     pub threads: Option<usize>,

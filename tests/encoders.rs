@@ -1,5 +1,5 @@
 //! Black-box tests of `extract --model` that need no exported model (issue 20): usage errors
-//! and bad model files. tests/python/test_encoders.py exports real models and checks their
+//! and bad model files; and the native model's non-finite features (issue 13). tests/python/test_encoders.py exports real models and checks their
 //! features against PyTorch.
 
 mod common;
@@ -73,4 +73,30 @@ fn bad_model_files_fail_with_exit_4_naming_them() {
             .code(4)
             .stderr(predicate::str::contains("notes.json"));
     }
+}
+
+/// The native ResNet50's features are checked as a --model's are: a `--std` so small that
+/// normalized pixels overflow (1e-40) gives infinities and NaN, which fail the run with exit 4
+/// naming the weights and the tile, and leave no feature file (they were written, exit 0).
+#[test]
+fn non_finite_features_of_the_native_model_fail_the_run() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = demo_sample("sampleC");
+    let out = d.path().join("o.csv");
+    extract_cmd(&tiles, &out)
+        .args([
+            "--mean",
+            "0.5,0.5,0.5",
+            "--std",
+            "1e-40,1e-40,1e-40",
+            "--threads",
+            "1",
+        ])
+        .assert()
+        .code(4)
+        .stderr(predicate::str::contains("weights random:0"))
+        .stderr(predicate::str::contains("not a finite number"))
+        .stderr(predicate::str::contains("model failed on tile"))
+        .stderr(predicate::str::contains("sampleC"));
+    assert!(!out.exists());
 }

@@ -7,7 +7,12 @@
 //! TorchScript model a user exports ([`script`]); [`AnyEncoder`] is either, as `extract`
 //! runs them. [`null::NullModel`] is a stand-in that costs nothing, for measuring the rest of
 //! the pipeline. Nothing here knows about tiles, files, caches or outputs.
+//!
+//! Every encoder's features are checked the same way ([`check_finite`]): a NaN or an infinity
+//! fails the run (exit 4, naming the model and, through the pipeline, the tile), never
+//! written. A feature dimension above [`MAX_FEATURE_DIM`] is refused when the model loads.
 
+pub mod audit;
 pub mod batch;
 pub mod native;
 pub mod null;
@@ -17,10 +22,46 @@ pub mod weights;
 
 use anyhow::Result;
 
+use crate::error::{fail, ExitKind};
+
 pub(crate) use batch::PixelBuf;
 pub(crate) use native::NativeResNet;
 pub(crate) use null::NullModel;
 pub(crate) use script::ScriptEncoder;
+
+/// The largest feature dimension a model may have: real encoders give at most 2,560 (Virchow;
+/// ResNet50 2,048), and a model that claims millions would write gigabytes per thousand tiles.
+/// CSV, HDF5 and Parquet are tested at this width (tests/python/test_encoders.py).
+pub const MAX_FEATURE_DIM: usize = 65_536;
+
+/// Row `0` (0-based) of a batch holds a feature that is not a finite number. It is the context
+/// of the model's error (exit 4), so the pipeline can name the tile of that row.
+#[derive(Debug, Clone, Copy)]
+pub struct NonFiniteRow(pub usize);
+
+impl std::fmt::Display for NonFiniteRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "row {} of the batch", self.0 + 1)
+    }
+}
+
+/// `features` are `dim` per tile: an error (exit 4) naming `model` (the model file, or the
+/// weights) and the first tile whose features hold a NaN or an infinity.
+pub fn check_finite(features: &[f32], dim: usize, model: &str) -> Result<()> {
+    let Some(k) = features.iter().position(|x| !x.is_finite()) else {
+        return Ok(());
+    };
+    let dim = dim.max(1);
+    Err(fail(
+        ExitKind::Weights,
+        format!(
+            "{model} gave a feature that is not a finite number: {} (feature {} of {dim})",
+            features[k],
+            k % dim,
+        ),
+    )
+    .context(NonFiniteRow(k / dim)))
+}
 
 /// What a model worker runs on each batch: the native ResNet50 ([`NativeResNet`]), or
 /// [`NullModel`] for `bench --what pipeline`, which measures everything else.

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use tch::{Device, Kind, Tensor};
 
 use super::resnet::{to_channels_last, ResNetTrunk};
-use super::{Encoder, PixelBuf};
+use super::{check_finite, Encoder, PixelBuf};
 
 /// Turns u8 NHWC batches into pooled features on the configured device.
 pub(crate) struct NativeResNet {
@@ -21,16 +21,19 @@ pub(crate) struct NativeResNet {
     /// Give each model worker a CUDA stream of its own on this device (the default; see
     /// `device::configure_cuda`).
     worker_stream: Option<usize>,
+    /// What its errors call it: the weights it was built from.
+    label: String,
 }
 
 impl NativeResNet {
-    /// `(mean, std)` per channel, on the 0-1 scale.
+    /// `(mean, std)` per channel, on the 0-1 scale; `weights` names them in errors.
     pub(crate) fn new(
         model: ResNetTrunk,
         (m, s): ([f32; 3], [f32; 3]),
         size: u32,
         pad_to: Option<usize>,
         worker_stream: Option<usize>,
+        weights: &str,
     ) -> NativeResNet {
         let dev = model.options().device;
         NativeResNet {
@@ -40,6 +43,7 @@ impl NativeResNet {
             size: size as i64,
             pad_to,
             worker_stream,
+            label: format!("the ResNet50 with weights {weights}"),
         }
     }
 }
@@ -71,6 +75,7 @@ impl Encoder for NativeResNet {
             size: self.size,
             pad_to: self.pad_to,
             worker_stream: self.worker_stream,
+            label: self.label.clone(),
         }
     }
 
@@ -98,8 +103,10 @@ impl Encoder for NativeResNet {
         }
     }
 
-    /// `pixels` holds `n` RGB tiles of size x size; returns `n * D` features. On the CPU each
-    /// tile goes through the network alone, so its features never depend on the batch.
+    /// `pixels` holds `n` RGB tiles of size x size; returns `n * D` features, all finite (a NaN
+    /// or an infinity, e.g. from a `--std` of 1e-40, is an error naming the weights). On the
+    /// CPU each tile goes through the network alone, so its features never depend on the
+    /// batch.
     fn run(&self, pixels: &mut PixelBuf, n: usize) -> Result<Vec<f32>> {
         let _guard = tch::no_grad_guard();
         let opts = self.model.options();
@@ -120,7 +127,9 @@ impl Encoder for NativeResNet {
         }
         .to_device(Device::Cpu);
         let flat = out.contiguous().view([-1]);
-        Vec::<f32>::try_from(&flat).context("cannot read features back from the model")
+        let v = Vec::<f32>::try_from(&flat).context("cannot read features back from the model")?;
+        check_finite(&v, v.len() / n.max(1), &self.label)?;
+        Ok(v)
     }
 }
 
@@ -158,7 +167,14 @@ mod tests {
                     .collect()
             })
             .collect();
-        let single = NativeResNet::new(model.shallow_clone(), ([0.5; 3], [0.5; 3]), 32, None, None);
+        let single = NativeResNet::new(
+            model.shallow_clone(),
+            ([0.5; 3], [0.5; 3]),
+            32,
+            None,
+            None,
+            "random:1",
+        );
         let alone: Vec<Vec<f32>> = tiles
             .iter()
             .map(|t| {
@@ -167,7 +183,7 @@ mod tests {
                 single.run(&mut b, 1).unwrap()
             })
             .collect();
-        let padded = NativeResNet::new(model, ([0.5; 3], [0.5; 3]), 32, Some(5), None);
+        let padded = NativeResNet::new(model, ([0.5; 3], [0.5; 3]), 32, Some(5), None, "random:1");
         // One buffer for every batch, as the model stage reuses them: a short batch after a
         // long one finds the old pixels beyond its tiles.
         let mut buf = padded.buffer(3);

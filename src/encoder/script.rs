@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::{CModule, Device, Kind, Tensor};
 
-use super::{Encoder, PixelBuf};
+use super::audit::audit;
+use super::{check_finite, Encoder, PixelBuf, MAX_FEATURE_DIM};
 use crate::cli::{Pool, Precision};
 use crate::error::{fail, ExitKind};
 
@@ -137,12 +138,39 @@ fn short(e: &tch::TchError) -> String {
 }
 
 impl ScriptModel {
-    /// Read `path`, load it as TorchScript on the CPU and run it once on a blank `size`
-    /// tile to learn its output: (N, D), or (N, C, H, W) to be pooled.
-    pub fn load(path: &Path, size: u32) -> Result<ScriptModel> {
+    /// Read `path`, check what its code calls ([`audit`]: file operations are refused unless
+    /// `allow_unsafe`), load it as TorchScript on the CPU and run it once on a blank `size`
+    /// tile to learn its output: (N, D), or (N, C, H, W) to be pooled; real, finite, D at most
+    /// [`MAX_FEATURE_DIM`].
+    pub fn load(path: &Path, size: u32, allow_unsafe: bool) -> Result<ScriptModel> {
         let bytes =
             std::fs::read(path).map_err(|e| model_err(path, format!("cannot read: {e}")))?;
         let sha256 = hex::encode(Sha256::digest(&bytes));
+        let calls =
+            audit(&bytes).map_err(|why| model_err(path, format!("{NOT_TORCHSCRIPT}: {why}")))?;
+        if !calls.is_empty() {
+            let list = calls
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            if !allow_unsafe {
+                return Err(model_err(
+                    path,
+                    format!(
+                        "its code calls operations that read or write files: {list}. A \
+                         TorchScript model is code and can read and write any file the user \
+                         can; tilefeat refuses it before running any of it. Only if you trust \
+                         where it came from: --allow-unsafe-model"
+                    ),
+                ));
+            }
+            eprintln!(
+                "tilefeat: warning: model {}: its code calls operations that read or write \
+                 files ({list}); running it anyway (--allow-unsafe-model)",
+                path.display()
+            );
+        }
         let module = load_module(path, &bytes, Device::Cpu, Kind::Float)?;
         let _guard = tch::no_grad_guard();
         let blank = Tensor::zeros([1, 3, size as i64, size as i64], (Kind::Float, Device::Cpu));
@@ -156,11 +184,9 @@ impl ScriptModel {
             )
         })?;
         let output_shape = out.size();
-        if out.isnan().any().int64_value(&[]) != 0 {
-            return Err(model_err(path, "output holds NaN for a blank tile"));
-        }
+        check_kind(&out).map_err(|m| model_err(path, m))?;
         let dim = match output_shape.as_slice() {
-            [1, d] | [1, d, _, _] if *d > 0 => *d as usize,
+            [1, d] | [1, d, _, _] if output_shape.iter().all(|&x| x > 0) => *d as usize,
             other => {
                 return Err(model_err(
                     path,
@@ -173,6 +199,29 @@ impl ScriptModel {
                 ))
             }
         };
+        if dim > MAX_FEATURE_DIM {
+            return Err(model_err(
+                path,
+                format!(
+                    "output has {dim} features per tile (shape {output_shape:?}); tilefeat \
+                     takes at most {MAX_FEATURE_DIM} (pathology encoders give up to 2,560)"
+                ),
+            ));
+        }
+        // As float32, as it will be written (a float64 1e300 is an infinity there).
+        let not_finite = out
+            .f_to_kind(Kind::Float)
+            .and_then(|t| t.f_isfinite())
+            .and_then(|t| t.f_logical_not())
+            .and_then(|bad| out.f_to_kind(Kind::Float)?.f_masked_select(&bad))
+            .map_err(|e| model_err(path, format!("output cannot be read: {}", short(&e))))?;
+        if not_finite.numel() > 0 {
+            let v = not_finite.f_double_value(&[0]).unwrap_or(f64::NAN) as f32;
+            return Err(model_err(
+                path,
+                format!("output holds {v} for a blank tile (features must be finite numbers)"),
+            ));
+        }
         Ok(ScriptModel {
             path: path.to_path_buf(),
             bytes: Arc::new(bytes),
@@ -180,6 +229,21 @@ impl ScriptModel {
             dim,
             output_shape,
         })
+    }
+}
+
+/// The start of the error for a file that is no TorchScript module.
+const NOT_TORCHSCRIPT: &str = "is not a TorchScript module (save one with torch.jit.trace or \
+                               torch.jit.script, then torch.jit.save; a state dict is not one)";
+
+/// Features must be real numbers: a complex output (which a cast would silently cut to its
+/// real part) is refused.
+fn check_kind(out: &Tensor) -> std::result::Result<(), String> {
+    match out.kind() {
+        k @ (Kind::ComplexHalf | Kind::ComplexFloat | Kind::ComplexDouble) => Err(format!(
+            "output is of type {k:?}; features must be real numbers (float)"
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -200,16 +264,7 @@ fn kind_of(precision: Precision) -> Kind {
 
 fn load_module(path: &Path, bytes: &[u8], device: Device, kind: Kind) -> Result<CModule> {
     let mut module = CModule::load_data_on_device(&mut std::io::Cursor::new(bytes), device)
-        .map_err(|e| {
-            model_err(
-                path,
-                format!(
-                    "is not a TorchScript module (save one with torch.jit.trace or \
-                     torch.jit.script, then torch.jit.save; a state dict is not one): {}",
-                    short(&e)
-                ),
-            )
-        })?;
+        .map_err(|e| model_err(path, format!("{NOT_TORCHSCRIPT}: {}", short(&e))))?;
     module.set_eval();
     if kind != Kind::Float {
         module.to(device, kind, false);
@@ -279,29 +334,43 @@ impl ScriptEncoder {
         })
     }
 
-    /// u8 NHWC on the device -> features (N, D) in f32.
+    /// u8 NHWC on the device -> features (N, D) in f32: the output's type and shape are
+    /// checked on every call (a model's width may depend on its input), before pooling.
     fn forward_u8(&self, input: &Tensor) -> Result<Tensor> {
         let m = &self.model;
+        let rows = input.size()[0];
         let x = input.permute([0, 3, 1, 2]).to_kind(Kind::Float);
         let x = (((x / 255.0) - &m.mean) / &m.std).contiguous();
         let out = self
             .module
             .forward_ts(&[x.to_kind(m.kind)])
             .map_err(|e| model_err(&m.path, format!("forward pass failed: {}", short(&e))))?;
-        let out = match out.size().as_slice() {
-            [_, _] => out,
-            [_, _, _, _] => match m.pool {
-                Pool::Max => out.amax([2, 3], false),
-                Pool::Avg => out.mean_dim([2i64, 3].as_slice(), false, out.kind()),
-            },
-            other => {
-                return Err(model_err(
-                    &m.path,
-                    format!("output has shape {other:?}; expected (N, D) or (N, C, H, W)"),
-                ))
-            }
+        check_kind(&out).map_err(|e| model_err(&m.path, e))?;
+        let size = out.size();
+        let fits = match size.as_slice() {
+            [n, d] => *n == rows && *d == m.dim as i64,
+            [n, d, h, w] => *n == rows && *d == m.dim as i64 && *h > 0 && *w > 0,
+            _ => false,
         };
-        Ok(out.to_kind(Kind::Float))
+        if !fits {
+            return Err(model_err(
+                &m.path,
+                format!(
+                    "output has shape {size:?} for a batch of {rows}; expected ({rows}, {}) or \
+                     ({rows}, {}, H, W) as for the blank tile it was checked on (a model whose \
+                     output shape depends on its input cannot be used)",
+                    m.dim, m.dim
+                ),
+            ));
+        }
+        let pooled = match (size.len(), m.pool) {
+            (2, _) => Ok(out),
+            (_, Pool::Max) => out.f_amax([2, 3], false),
+            (_, Pool::Avg) => out.f_mean_dim([2i64, 3].as_slice(), false, out.kind()),
+        };
+        pooled
+            .and_then(|t| t.f_to_kind(Kind::Float))
+            .map_err(|e| model_err(&m.path, format!("pooling failed: {}", short(&e))))
     }
 }
 
@@ -336,37 +405,30 @@ impl Encoder for ScriptEncoder {
         let input = pixels.upload(n, m.size as usize, m.pad_to, m.device)?;
         let out = match m.device {
             // One tile per call on the CPU: rows never depend on the batch (see native.rs).
-            Device::Cpu => Tensor::cat(
-                &(0..n as i64)
+            Device::Cpu => {
+                let rows = (0..n as i64)
                     .map(|i| self.forward_u8(&input.narrow(0, i, 1)))
-                    .collect::<Result<Vec<_>>>()?,
-                0,
-            ),
-            _ => self.forward_u8(&input)?.narrow(0, 0, n as i64),
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::f_cat(&rows, 0)
+            }
+            _ => self.forward_u8(&input)?.f_narrow(0, 0, n as i64),
         }
-        .to_device(Device::Cpu);
-        let size = out.size();
-        if size != [n as i64, m.dim as i64] {
+        .and_then(|t| t.f_to_device(Device::Cpu))
+        .and_then(|t| t.f_contiguous())
+        .and_then(|t| t.f_view([-1]))
+        .map_err(|e| model_err(&m.path, format!("features cannot be read: {}", short(&e))))?;
+        let v = Vec::<f32>::try_from(&out).context("cannot read features back from the model")?;
+        if v.len() != n * m.dim {
             return Err(model_err(
                 &m.path,
                 format!(
-                    "gave features of shape {size:?} for {n} tiles, expected [{n}, {}]",
+                    "gave {} features for {n} tiles, expected {n} x {}",
+                    v.len(),
                     m.dim
                 ),
             ));
         }
-        let flat = out.contiguous().view([-1]);
-        let v = Vec::<f32>::try_from(&flat).context("cannot read features back from the model")?;
-        if let Some(k) = v.iter().position(|x| x.is_nan()) {
-            return Err(model_err(
-                &m.path,
-                format!(
-                    "output holds NaN (feature {} of tile {} of a batch of {n})",
-                    k % m.dim,
-                    k / m.dim + 1
-                ),
-            ));
-        }
+        check_finite(&v, m.dim, &format!("model {}", m.path.display()))?;
         Ok(v)
     }
 }

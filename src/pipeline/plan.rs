@@ -48,6 +48,8 @@ pub(crate) fn gpu_decode_threads(threads: usize) -> usize {
 pub struct ModelSpec {
     pub path: PathBuf,
     pub sidecar: Option<(PathBuf, Sidecar)>,
+    /// `--allow-unsafe-model`: run it even if its code calls file operations.
+    pub allow_unsafe: bool,
 }
 
 /// Per-channel normalization, and whether it is one of `--normalize`'s (else it is part of
@@ -211,6 +213,7 @@ impl ExtractPlan {
                 Some(ModelSpec {
                     path: path.clone(),
                     sidecar,
+                    allow_unsafe: a.allow_unsafe_model,
                 })
             }
             None => None,

@@ -56,7 +56,7 @@ impl Shared {
             let t = Instant::now();
             self.weights = Some(match &cfg.model {
                 Some(m) => {
-                    let script = ScriptModel::load(&m.path, cfg.size)?;
+                    let script = ScriptModel::load(&m.path, cfg.size, m.allow_unsafe)?;
                     if let Some((p, sc)) = &m.sidecar {
                         if sc.output_dim.is_some_and(|d| d != script.dim) && !cfg.quiet {
                             eprintln!(
@@ -139,6 +139,7 @@ impl Shared {
                         cfg.size,
                         pad_to,
                         worker_stream,
+                        &cfg.weights.describe(),
                     ))
                 }
             };

@@ -306,17 +306,25 @@ impl<'a> ModelStage<'a> {
             first_in_sample: d.first_in_sample,
             tiles: d.features.as_ref().map_or(0, |f| f.len() / self.dim.max(1)),
         });
+        // The tile of a row the model got wrong (non-finite features), else the batch's first.
+        let bad_row = d.features.as_ref().err().and_then(|e| {
+            e.downcast_ref::<crate::encoder::NonFiniteRow>()
+                .map(|r| r.0)
+        });
         let feats = d.features.with_context(|| {
-            let first = self.pending.iter().find_map(|r| match r.state {
-                RowState::InBatch(id, _) if id == d.id => {
+            let tile = self.pending.iter().find_map(|r| match r.state {
+                RowState::InBatch(id, k) if id == d.id && bad_row.is_none_or(|b| b == k) => {
                     Some(self.tiles[r.idx].path.display().to_string())
                 }
                 _ => None,
             });
-            format!(
-                "model failed on the batch starting at {}",
-                first.unwrap_or_default()
-            )
+            match bad_row {
+                Some(_) => format!("model failed on tile {}", tile.unwrap_or_default()),
+                None => format!(
+                    "model failed on the batch starting at {}",
+                    tile.unwrap_or_default()
+                ),
+            }
         })?;
         self.results.insert(d.id, feats);
         Ok(())

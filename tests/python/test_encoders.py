@@ -17,7 +17,13 @@
   random-init weights saved as a torchvision state dict) within 1e-5.
 * Bad models: not TorchScript (a plain state dict, a text file) -> exit 4 naming the file; a
   module that wants another input rank, one that returns (N,T,D) ("shape"), one that returns
-  NaN ("NaN") -> an error naming the file, no CSV, no panic.
+  NaN ("NaN") -> exit 4 naming the file, no CSV, no panic.
+* Hostile models (issues 12, 13): code that calls torch.from_file (in forward or in
+  __setstate__, which loading runs) or torch.save is refused with exit 4 before it runs, also
+  with --dry-run (the file it would touch is never created), and runs with
+  --allow-unsafe-model; complex, -inf, (N, 8, 0, 0), input-dependent widths and 10^7 features
+  are exit 4 naming the model (and the tile); 65,536 features work in CSV, HDF5 and Parquet;
+  FILE_OPS covers every file op of torch's registry.
 * CSV bytes do not depend on --batch-size (1/7/32) or --threads (1/2) with --model.
 
 The tilefeat tests need a binary with --model (TILEFEAT_BIN or target/release/tilefeat).
@@ -496,26 +502,198 @@ def write_bad_model(kind: str, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind,exit_code,keyword", [
-    ("state_dict", 4, None),
-    ("text", 4, None),
-    ("rank_assert", None, None),
-    ("rank_bmm", None, None),
-    ("tokens", None, "shape"),
-    ("nan", None, "nan"),
+@pytest.mark.parametrize("kind,keyword", [
+    ("state_dict", "not a torchscript module"),
+    ("text", "not a torchscript module"),
+    ("rank_assert", "does not take"),
+    ("rank_bmm", "does not take"),
+    ("tokens", "shape"),
+    ("nan", "nan"),
 ])  # fmt: skip
-def test_bad_models_are_refused(tilefeat, tmp_path, kind, exit_code, keyword):
+def test_bad_models_are_refused(tilefeat, tmp_path, kind, keyword):
     model = write_bad_model(kind, tmp_path / f"bad_{kind}_model.pt")
     out = tmp_path / "o.csv"
     r = tilefeat("extract", SAMPLE_A, "--model", model, "-o", out, "--quiet", check=False)
-    assert r.returncode != 0, r.stderr
-    if exit_code is not None:
-        assert r.returncode == exit_code, r.stderr
-    assert r.returncode != 101 and "panicked" not in r.stderr, r.stderr  # an error, not a panic
+    assert r.returncode == 4, r.stderr  # README, exit codes: 4 = weights or model
+    assert "panicked" not in r.stderr, r.stderr  # an error, not a panic
     assert model.name in r.stderr, r.stderr
-    if keyword:
-        assert keyword in r.stderr.lower(), r.stderr
+    assert keyword in r.stderr.lower(), r.stderr
     assert not out.exists()
+
+
+# --- hostile models (issue 12: file operations; issue 13: outputs) ------------------------------
+
+
+def hostile_model(kind: str, path: Path, target: Path) -> Path:
+    """A TorchScript model that touches `target` (a file) or returns a bad output, exported with
+    torch.jit.script. The file operations make `target`'s bytes the features, so no compiler
+    pass can drop them."""
+    t = str(target)
+    src = {
+        # torch.from_file(shared=True) creates and maps `target` read-write: in forward...
+        "from_file": f"""
+class M(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = torch.from_file({t!r}, True, 16, dtype=torch.uint8).float()
+        return x.mean(dim=(2, 3)) + f[:3].unsqueeze(0) * 0
+""",
+        # ... or in __setstate__, which torch.jit.load runs while loading the file.
+        "setstate": f"""
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.k = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)) * self.k
+
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[int, bool]:
+        return (self.k, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, s: Tuple[int, bool]) -> None:
+        f = torch.from_file({t!r}, True, 16, dtype=torch.uint8)
+        self.k = s[0] + int(f.sum()) * 0
+        self.training = s[1]
+""",
+        # torch.save (aten::save) writes a file.
+        "save": f"""
+class M(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.mean(dim=(2, 3))
+        torch.save(y, {t!r})
+        return y
+""",
+        "complex": """
+class M(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.mean(dim=(2, 3))
+        return torch.complex(y, y)
+""",
+        # Finite on the blank tile it is checked with at load; -inf on the real tiles whose
+        # pixel (0, 0) is redder than pixel (5, 5) (the test computes which).
+        "inf": """
+class M(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.mean(dim=(2, 3))
+        return torch.where(x[0, 0, 0, 0] > x[0, 0, 5, 5], torch.full_like(y, -float("inf")), y)
+""",
+        "empty_map": """
+class M(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], 8, 0, 0)
+""",
+        # 6 features for the blank tile; 4 or 5 for a real one, as two of its pixels compare.
+        "width": """
+class M(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.mean(dim=(2, 3))
+        y = torch.cat([y, y], dim=1)
+        if bool(x.abs().amax() > 0):
+            return y[:, : 4 + int(x[0, 0, 0, 0] > x[0, 0, 5, 5])]
+        return y
+""",
+        "huge": """
+class M(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], 10_000_000)
+""",
+    }[kind]
+    module_file = path.with_suffix(".py")  # torch.jit.script reads the class's source
+    module_file.write_text("import torch\nfrom torch import nn\nfrom typing import Tuple\n" + src)
+    spec = importlib.util.spec_from_file_location(f"hostile_{kind}", module_file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.jit.script(mod.M()).save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind,op", [("from_file", "aten::from_file"), ("setstate", "aten::from_file"), ("save", "aten::save")])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_models_that_touch_files_are_refused_before_they_run(tilefeat, tmp_path, kind, op, dry_run):
+    target = tmp_path / "victim.bin"
+    model = hostile_model(kind, tmp_path / f"{kind}.pt", target)
+    if kind != "save":  # the exported file really does what it says when torch loads and runs it
+        torch.jit.load(str(model))(torch.zeros(1, 3, 16, 16))
+        assert target.exists()
+        target.unlink()
+    out = tmp_path / "o.csv"
+    args = ["extract", SAMPLE_A, "--model", model, "--size", 32, "-o", out, "--quiet"]
+    r = tilefeat(*args, *(["--dry-run"] if dry_run else []), check=False)
+    assert r.returncode == 4, r.stderr
+    assert model.name in r.stderr and op in r.stderr and "--allow-unsafe-model" in r.stderr, r.stderr
+    assert "/code/__torch__" in r.stderr, r.stderr  # the archive entry that calls it
+    assert not target.exists() and not out.exists()
+    if kind == "from_file" and not dry_run:
+        # The documented opt-in runs it, with a warning naming the op.
+        r = tilefeat(*args, "--allow-unsafe-model", check=False)
+        assert r.returncode == 0, r.stderr
+        assert op in r.stderr and "warning" in r.stderr, r.stderr
+        assert target.exists() and out.exists()
+
+
+@pytest.mark.parametrize("kind,keyword", [
+    ("complex", "complex"),
+    ("inf", "-inf"),
+    ("empty_map", "shape [1, 8, 0, 0]"),
+    ("width", "for a batch of 1; expected (1, 6)"),
+    ("huge", "at most 65536"),
+])  # fmt: skip
+def test_bad_outputs_are_refused(tilefeat, tmp_path, kind, keyword):
+    model = hostile_model(kind, tmp_path / f"{kind}.pt", tmp_path / "unused")
+    out = tmp_path / "out" / "o.parquet"
+    out.parent.mkdir()
+    r = tilefeat("extract", SAMPLE_A, "--model", model, "--size", 32, "-o", out, "--quiet", check=False)
+    assert r.returncode == 4, r.stderr
+    assert "panicked" not in r.stderr, r.stderr
+    assert model.name in r.stderr and keyword in r.stderr, r.stderr
+    if kind == "inf":  # the first tile (in tile order) whose features are not finite is named
+        bad = [p for p in find_tiles(SAMPLE_A) if (lambda x: x[0, 0, 0] > x[0, 5, 5])(preprocess(p, 32, *TUTORIAL))]
+        assert bad and len(bad) < len(find_tiles(SAMPLE_A)), bad  # some tiles, not all
+        assert f"model failed on tile {bad[0]}:" in r.stderr, (bad, r.stderr)
+    if kind == "width":  # found on a real tile: its batch is named
+        assert "model failed on the batch starting at" in r.stderr and "sampleA/tile_" in r.stderr, r.stderr
+    assert list(out.parent.iterdir()) == [], r.stderr  # no output, temp file or lock left
+
+
+def test_the_largest_feature_dimension_works_in_every_format(tilefeat, tmp_path):
+    """MAX_FEATURE_DIM (65,536) features per tile: CSV, HDF5 and Parquet write and read back."""
+    import h5py
+    import pandas as pd
+
+    dim = 65536
+    src = f"""
+class M(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)).repeat(1, {dim // 2})[:, :{dim}] + torch.arange({dim}).float() * 1e-3
+"""
+    module_file = tmp_path / "wide.py"
+    module_file.write_text("import torch\nfrom torch import nn\n" + src.replace("{dim // 2}", str(dim // 2)))
+    spec = importlib.util.spec_from_file_location("wide", module_file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = tmp_path / "wide.pt"
+    torch.jit.script(mod.M()).save(str(model))
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for name in sorted(p.name for p in SAMPLE_A.iterdir())[:3]:
+        shutil.copy(SAMPLE_A / name, tiles / name)
+    values = {}
+    for fmt in ("csv", "h5", "parquet"):
+        out = tmp_path / fmt / f"wide.{fmt}"  # a folder each: formats share side-file names
+        out.parent.mkdir()
+        tilefeat("extract", tiles, "--model", model, "--size", 32, "-o", out, "--quiet")
+        if fmt == "csv":
+            values[fmt] = read_features(out)[1]
+        elif fmt == "h5":
+            with h5py.File(out) as f:
+                values[fmt] = f["features"][:]
+        else:
+            values[fmt] = pd.read_parquet(out)[[str(i) for i in range(dim)]].to_numpy(dtype=np.float32)
+        assert values[fmt].shape == (3, dim), (fmt, values[fmt].shape)
+    np.testing.assert_array_equal(values["csv"], values["h5"])
+    np.testing.assert_array_equal(values["csv"], values["parquet"])
 
 
 def test_model_csv_bytes_do_not_depend_on_batch_or_threads(tilefeat, tmp_path, tiny, many_tiles):
@@ -531,3 +709,23 @@ def test_model_csv_bytes_do_not_depend_on_batch_or_threads(tilefeat, tmp_path, t
     check_csv(outs[0], names, 192)
     for (batch, threads), out in zip(runs[1:], outs[1:]):
         assert filecmp.cmp(outs[0], out, shallow=False), f"--batch-size {batch} --threads {threads} differs from --batch-size 1 --threads 2"
+
+
+def test_file_operation_list_covers_the_op_registry():
+    """Every op of this torch's registry (and torchvision's) that takes a file name, or whose name
+    says it loads, saves or opens something, is in src/encoder/audit.rs's FILE_OPS (a torch
+    upgrade that adds one fails here)."""
+    import re
+
+    import torchvision  # noqa: F401  (registers its image:: ops, two of which touch files)
+
+    listed = set(re.findall(r'\("\w+", "(\w+::\w+)"\)', (ROOT / "src" / "encoder" / "audit.rs").read_text()))
+    assert {"aten::from_file", "aten::save"} <= listed, listed
+    touching = set()
+    for schema in torch._C._jit_get_all_schemas():
+        strs = [a.name for a in schema.arguments if "str" in str(a.type)]
+        if any(re.search(r"file|path|dir$", a, re.I) for a in strs) or re.search(
+            r"(^|_)(load|save|open|file|exec|system|popen|spawn)(_|$)", schema.name.split("::")[1]
+        ):
+            touching.add(schema.name)
+    assert touching <= listed, sorted(touching - listed)
