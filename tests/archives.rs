@@ -272,3 +272,242 @@ fn bad_members_follow_on_error() {
         assert_eq!(read(&out).lines().count(), 1 + 4);
     }
 }
+
+/// Four real tiles of the test folder, as (member path, bytes).
+fn four_tiles(d: &Path) -> Vec<(String, Vec<u8>)> {
+    let dir = tile_folder(d);
+    members(&dir)
+        .into_iter()
+        .filter(|(n, _)| n.ends_with(".png") && !n.starts_with('.'))
+        .take(4)
+        .collect()
+}
+
+/// `extract` refuses `archive` (exit 3), naming it and saying each of `what`; nothing is
+/// written.
+#[track_caller]
+fn assert_refused(archive: &Path, out: &Path, what: &[&str]) {
+    let mut a = extract_cmd(archive, out)
+        .args(["--on-error", "skip"])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains(
+            archive.file_name().unwrap().to_str().unwrap(),
+        ));
+    for w in what {
+        a = a.stderr(predicate::str::contains(*w));
+    }
+    assert!(!out.exists());
+}
+
+/// A `.tar.gz` whose gzip trailer says its data is not what was compressed (a CRC-32 or
+/// length that differs), or that has no trailer at all, is refused like a truncated one: its
+/// bytes are not to be trusted.
+#[test]
+fn tar_gz_with_a_bad_or_missing_trailer_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let tgz = gzip(&tar_bytes(&four_tiles(d.path())));
+    let n = tgz.len();
+    let out = d.path().join("o.csv");
+    let mut bad_crc = tgz.clone();
+    bad_crc[n - 8] ^= 0x01;
+    let mut bad_len = tgz.clone();
+    bad_len[n - 1] ^= 0x01;
+    for (name, bytes, why) in [
+        ("crc.tgz", bad_crc, "CRC-32"),
+        ("len.tgz", bad_len, "length"),
+        ("notrailer.tgz", tgz[..n - 8].to_vec(), "trailer"),
+    ] {
+        let p = d.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        assert_refused(&p, &out, &["not a readable tar archive", why]);
+    }
+    // The same archive intact is read.
+    let p = d.path().join("ok.tgz");
+    std::fs::write(&p, &tgz).unwrap();
+    extract_ok(&p, &out, &[]);
+    assert_eq!(read(&out).lines().count(), 1 + 4);
+}
+
+/// A tar that ends before its end-of-archive blocks is truncated, wherever the cut falls: at
+/// a member boundary (fewer tiles would look like a whole slide), just before the blocks (every
+/// member there), or inside a member (the members after it would vanish under `--on-error
+/// skip`); plain or gzipped.
+#[test]
+fn tar_cut_anywhere_before_its_end_blocks_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let all = four_tiles(d.path());
+    let whole = tar_bytes(&all);
+    let first_two = tar_bytes(&all[..2]).len() - 1024; // two members, no end blocks
+    let out = d.path().join("o.csv");
+    for (name, cut) in [
+        ("boundary", first_two),
+        ("noend", whole.len() - 1024),
+        ("oneblock", whole.len() - 512),
+        ("inside", first_two + 512 + 100),
+    ] {
+        let plain = d.path().join(format!("{name}.tar"));
+        std::fs::write(&plain, &whole[..cut]).unwrap();
+        assert_refused(&plain, &out, &["not a readable tar archive", "truncated"]);
+        let gz = d.path().join(format!("{name}.tar.gz"));
+        std::fs::write(&gz, gzip(&whole[..cut])).unwrap();
+        assert_refused(&gz, &out, &["not a readable tar archive", "truncated"]);
+    }
+    // Whole, both are read (GNU tar pads with more zero blocks: also fine).
+    let mut padded = whole.clone();
+    padded.resize(whole.len().next_multiple_of(10240), 0);
+    for (name, bytes) in [("whole.tar", whole.clone()), ("padded.tgz", gzip(&padded))] {
+        let p = d.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        extract_ok(&p, &out, &[]);
+        assert_eq!(read(&out).lines().count(), 1 + 4, "{name}");
+    }
+}
+
+/// Peak RSS (KiB) of `extract ARCHIVE --on-error skip`, which must succeed.
+fn extract_peak_kib(archive: &Path, out: &Path) -> i64 {
+    #[allow(clippy::zombie_processes)] // reaped by wait4 below, which also gives its rusage
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("tilefeat"))
+        .args([
+            "extract",
+            archive.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .args(["--weights", "random:0", "--quiet", "--on-error", "skip"])
+        .args(["--size", "32", "--decode-threads", "2"])
+        .env_remove("TILEFEAT_CACHE_DIR")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: plain wait4 on our own child, with a zeroed rusage to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    assert_eq!(status, 0, "extract {} failed", archive.display());
+    usage.ru_maxrss // KiB on Linux
+}
+
+/// Members of a `.tar.gz` that declare more than a tile may hold (256 MiB) are bad tiles,
+/// passed over without being held in memory: three of them, stored before the real tiles
+/// (so reading those goes through them) and small on disk (zeros), cost no more memory than
+/// an archive without them. Holding even one would cost 256 MiB.
+#[test]
+fn oversize_tar_gz_members_are_skipped_without_buffering() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = four_tiles(d.path());
+    let oversize: u64 = (256 << 20) + (1 << 20);
+    let write_tgz = |path: &Path, bombs: usize| {
+        let gz = flate2::write::GzEncoder::new(
+            std::fs::File::create(path).unwrap(),
+            flate2::Compression::fast(),
+        );
+        let mut b = tar::Builder::new(gz);
+        for i in 0..bombs {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(oversize);
+            h.set_mode(0o644);
+            let zeros = std::io::Read::take(std::io::repeat(0), oversize);
+            b.append_data(&mut h, format!("zz_bomb_{i}.png"), zeros)
+                .unwrap();
+        }
+        for (name, bytes) in &tiles {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(bytes.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, name, bytes.as_slice()).unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap();
+    };
+    let (plain, bombs) = (d.path().join("plain.tgz"), d.path().join("bombs.tgz"));
+    write_tgz(&plain, 0);
+    write_tgz(&bombs, 3);
+    let on_disk = std::fs::metadata(&bombs).unwrap().len();
+    assert!(on_disk < 16 << 20, "small on disk: {on_disk} bytes");
+    let out = d.path().join("o.csv");
+    let without = extract_peak_kib(&plain, &out);
+    let with = extract_peak_kib(&bombs, &out);
+    let rejected = read(&out.with_extension("rejected.tsv"));
+    assert_eq!(rejected.matches("more than a tile may hold").count(), 3);
+    assert_eq!(read(&out).lines().count(), 1 + 4);
+    assert!(
+        with - without < 128 << 10,
+        "peak RSS {with} KiB with three oversize members vs {without} KiB without"
+    );
+}
+
+/// Byte offsets of every occurrence of `what` in `bytes`.
+fn occurrences(bytes: &[u8], what: &[u8]) -> Vec<usize> {
+    bytes
+        .windows(what.len())
+        .enumerate()
+        .filter(|(_, w)| *w == what)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Replace every `from` in `bytes` by `to` (same length): names in both the local and the
+/// central headers.
+fn patch(bytes: &mut [u8], from: &[u8], to: &[u8]) {
+    assert_eq!(from.len(), to.len());
+    let at = occurrences(bytes, from);
+    assert_eq!(at.len(), 2, "a local and a central header");
+    for i in at {
+        bytes[i..i + to.len()].copy_from_slice(to);
+    }
+}
+
+/// A zip with one name stored twice (two members, the central directory listing both) is
+/// refused, naming it: which copy is the tile is not for the reader to guess.
+#[test]
+fn zip_member_stored_twice_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let mut all = four_tiles(d.path());
+    all.push(("dup_1.png".into(), all[0].1.clone()));
+    all.push(("dup_2.png".into(), all[1].1.clone()));
+    let z = d.path().join("dup.zip");
+    write_zip(&z, &all, zip::CompressionMethod::Deflated);
+    let mut bytes = std::fs::read(&z).unwrap();
+    patch(&mut bytes, b"dup_2.png", b"dup_1.png");
+    std::fs::write(&z, bytes).unwrap();
+    assert_refused(&z, &d.path().join("o.csv"), &["dup_1.png", "appears twice"]);
+}
+
+/// Zip names are UTF-8 first, as Info-ZIP's `unzip` reads them: `zip` on Linux stores
+/// `café.png` without the UTF-8 flag, and the CSV names it as the folder does (not as CP437
+/// would, `caf├⌐.png`). A name that claims UTF-8 but is not is a bad tile.
+#[test]
+fn zip_names_without_the_utf8_flag_are_read_as_utf8() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("S1");
+    make_tiles(&dir, 3, 64);
+    std::fs::rename(dir.join("tile_001.png"), dir.join("café.png")).unwrap();
+    let reference = d.path().join("folder.csv");
+    extract_ok(&dir, &reference, &[]);
+    assert!(read(&reference).contains("\ncafé.png,"));
+    // Written with an ASCII name (no UTF-8 flag), then renamed in place to café.png.
+    let mut all = members(&dir);
+    for m in &mut all {
+        if m.0 == "café.png" {
+            m.0 = "caf__.png".into();
+        }
+    }
+    // And a member whose name has the flag (set for a non-ASCII name) but bytes that are not
+    // UTF-8.
+    all.push(("bad_é.png".into(), all[0].1.clone()));
+    let z = d.path().join("S1.zip");
+    write_zip(&z, &all, zip::CompressionMethod::Deflated);
+    let mut bytes = std::fs::read(&z).unwrap();
+    patch(&mut bytes, b"caf__.png", "café.png".as_bytes());
+    patch(&mut bytes, "bad_é.png".as_bytes(), b"bad_\xff\xfe.png");
+    std::fs::write(&z, bytes).unwrap();
+    let out = d.path().join("zip.csv");
+    extract_ok(&z, &out, &["--on-error", "skip"]);
+    assert_same(&out, &reference, "the zip's CSV and the folder's");
+    let rejected = read(&out.with_extension("rejected.tsv"));
+    assert!(
+        rejected.contains("bad_\\xff\\xfe.png\t") && rejected.contains("not valid UTF-8"),
+        "{rejected}"
+    );
+}

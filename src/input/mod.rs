@@ -11,6 +11,7 @@
 
 pub mod coords;
 pub mod folder;
+pub mod gz;
 pub mod tar;
 pub mod zip;
 

@@ -1,18 +1,22 @@
 //! Tiles from a `.zip` archive, read in place (never unpacked to disk). Members are read by
 //! their offsets from any thread at once (each read has its own handle on the file), so
 //! decode workers read a zip as fast as loose files. The central directory is read once, at
-//! open.
+//! open; a name it lists twice refuses the archive. Names are read as UTF-8 first, with or
+//! without the UTF-8 flag (Info-ZIP's `zip` on Linux leaves it unset), as CP437 only when
+//! they are not UTF-8 and do not claim to be; one that claims UTF-8 but is not is a bad tile.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Result;
 
-use super::{archive_error, member_tile, Listing, Tile, TileSource, MAX_MEMBER_BYTES};
+use super::{
+    archive_error, escape_non_utf8, member_tile, Listing, Tile, TileSource, MAX_MEMBER_BYTES,
+};
 
 /// A file read with positioned reads (`pread`): cloning it gives a handle with its own
 /// position on the same open file, so threads never share a cursor.
@@ -73,22 +77,70 @@ impl Zip {
     }
 }
 
+/// A member's name as bytes: as stored if it is UTF-8 (flag or not) or claims to be (then,
+/// not UTF-8, it is a bad tile); else as the zip reader decoded it (CP437).
+fn member_name<R: Read>(m: &zip::read::ZipFile<'_, R>) -> Vec<u8> {
+    let raw = m.name_raw();
+    // A name decoded as CP437 never holds U+FFFD; one with the UTF-8 flag that is not UTF-8
+    // is decoded with it.
+    if std::str::from_utf8(raw).is_ok() || m.name().contains('\u{FFFD}') {
+        raw.to_vec()
+    } else {
+        m.name().as_bytes().to_vec()
+    }
+}
+
+/// The names of the central directory's records, as stored, in order.
+fn central_names(zip: &zip::ZipArchive<PreadFile>) -> std::io::Result<Vec<Vec<u8>>> {
+    let mut file = zip.clone().into_inner();
+    file.seek(SeekFrom::Start(zip.central_directory_start()))?;
+    let mut r = BufReader::with_capacity(1 << 16, file);
+    let mut names = Vec::new();
+    let mut record = [0u8; 46];
+    loop {
+        r.read_exact(&mut record[..4])?;
+        if record[..4] != *b"PK\x01\x02" {
+            return Ok(names); // the end of central directory record(s)
+        }
+        r.read_exact(&mut record[4..])?;
+        let field = |at: usize| u16::from_le_bytes([record[at], record[at + 1]]) as usize;
+        let mut name = vec![0u8; field(28)];
+        r.read_exact(&mut name)?;
+        r.seek_relative((field(30) + field(32)) as i64)?;
+        names.push(name);
+    }
+}
+
 impl TileSource for Zip {
     fn list(&mut self) -> Result<Listing> {
         let bad = |why: String| archive_error(&self.path, why);
         let mut listing = Listing::default();
         let mut zip = self.archive.clone();
+        // The zip reader keeps one member per name (the last): a name stored twice is found
+        // by counting the central directory's records.
+        let stored =
+            central_names(&zip).map_err(|e| bad(format!("not a readable zip archive ({e})")))?;
+        if stored.len() != zip.len() {
+            let mut seen = std::collections::HashSet::new();
+            let why = match stored.iter().find(|n| !seen.insert(n.as_slice())) {
+                Some(twice) => format!("member {} appears twice", escape_non_utf8(twice)),
+                None => format!(
+                    "its central directory lists {} members under {} distinct names",
+                    stored.len(),
+                    zip.len()
+                ),
+            };
+            return Err(bad(why));
+        }
         for i in 0..zip.len() {
             let m = zip
                 .by_index_raw(i)
                 .map_err(|e| bad(format!("member {i} cannot be read ({e})")))?;
-            let name = m.name().to_string();
+            let name = member_name(&m);
             let regular = m.is_file() && !m.is_symlink();
             let size = m.size();
             drop(m);
-            let Some(tile) =
-                member_tile(&self.path, name.as_bytes(), regular, size).map_err(&bad)?
-            else {
+            let Some(tile) = member_tile(&self.path, &name, regular, size).map_err(&bad)? else {
                 continue;
             };
             if self.index.insert(tile.rel.clone(), i).is_some() {
