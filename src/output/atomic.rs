@@ -129,8 +129,20 @@ impl Staged {
         self
     }
 
-    /// Rename each over its target.
+    /// Rename each over its target. What would make a rename fail once others are done (a
+    /// folder where a file should go) is checked for every file first, so that the unit is
+    /// not left half-replaced (the folder is the same for all of them, so a rename that fails
+    /// for want of permission fails for the first).
     pub fn commit(mut self) -> Result<()> {
+        for (_, target) in &self.files {
+            if std::fs::symlink_metadata(target).is_ok_and(|m| m.is_dir()) {
+                return Err(anyhow::anyhow!(
+                    "cannot write {}: a folder is in the way",
+                    target.display()
+                ))
+                .kind(ExitKind::Output);
+            }
+        }
         while !self.files.is_empty() {
             let (tmp, target) = self.files.remove(0);
             // Regression: a failed rename (say, a folder where the file should go) left the
@@ -279,6 +291,34 @@ mod tests {
         );
         write_atomic(&t, b"whole").unwrap();
         assert_eq!(std::fs::read(&t).unwrap(), b"whole");
+    }
+
+    /// Files staged together are replaced together: one that cannot be renamed (a folder in
+    /// its place) leaves every target as it was and no temporary behind.
+    #[test]
+    fn staged_files_are_replaced_all_or_none() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a.csv"), d.path().join("a.provenance.yaml"));
+        std::fs::write(&a, "old").unwrap();
+        std::fs::create_dir(&b).unwrap();
+        let unit = stage(&a, b"new").unwrap().and(stage(&b, b"prov").unwrap());
+        let e = unit.commit().unwrap_err();
+        assert_eq!(crate::error::kind_of(&e), ExitKind::Output);
+        assert!(e.to_string().contains("a folder is in the way"), "{e}");
+        assert_eq!(std::fs::read_to_string(&a).unwrap(), "old");
+        assert_eq!(
+            std::fs::read_dir(d.path()).unwrap().count(),
+            2,
+            "no temporary left"
+        );
+        std::fs::remove_dir(&b).unwrap();
+        stage(&a, b"new")
+            .unwrap()
+            .and(stage(&b, b"prov").unwrap())
+            .commit()
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&a).unwrap(), "new");
+        assert_eq!(std::fs::read_to_string(&b).unwrap(), "prov");
     }
 
     #[test]

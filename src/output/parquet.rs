@@ -188,8 +188,12 @@ impl ParquetWriter {
             sha: Sha256::new(),
             bytes: 0,
         };
-        let writer = ArrowWriter::try_new(sink, schema.clone(), Some(properties(metadata, columns.dim)))
-            .map_err(|e| perr(path, e))?;
+        let writer = ArrowWriter::try_new(
+            sink,
+            schema.clone(),
+            Some(properties(metadata, columns.dim)),
+        )
+        .map_err(|e| perr(path, e))?;
         Ok(ParquetWriter {
             path: path.to_path_buf(),
             pending: Pending::new(&columns),

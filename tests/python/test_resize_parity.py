@@ -78,3 +78,22 @@ def test_pixel_formats_equal_opencv(tilefeat, tmp_path, kind):
     ref = reference_pixels(p, 224)
     diff = np.abs(ours.astype(int) - ref.astype(int))
     assert diff.max() == 0, f"{kind}: {(diff > 0).mean():.2%} pixels differ, max {diff.max()}"
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_jpeg_missing_only_its_end_marker_reads_as_opencv_reads_it(tilefeat, tmp_path, progressive):
+    """Issue 26 (18): a JPEG whose last two bytes (the end-of-image marker) are missing was
+    refused; cv2.imread reads it with the same pixels as the whole file, and so does tilefeat.
+    Cut anywhere inside its data, it is still refused."""
+    params = [cv2.IMWRITE_JPEG_QUALITY, 90, cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)]
+    ok, jpg = cv2.imencode(".jpg", source_image()[:300, :260], params)
+    assert ok and jpg.tobytes()[-2:] == b"\xff\xd9"
+    whole, cut = tmp_path / "whole.jpg", tmp_path / "cut.jpg"
+    whole.write_bytes(jpg.tobytes())
+    cut.write_bytes(jpg.tobytes()[:-2])
+    np.testing.assert_array_equal(cv2.imread(str(cut)), cv2.imread(str(whole)))
+    np.testing.assert_array_equal(tilefeat_pixels(tilefeat, cut, 224, tmp_path), reference_pixels(whole, 224))
+    half = tmp_path / "half.jpg"
+    half.write_bytes(jpg.tobytes()[: len(jpg) * 3 // 4])
+    r = tilefeat("preprocess", half, "-o", tmp_path / "h.png", check=False)
+    assert r.returncode == 3 and "JPEG data ends before" in r.stderr, r.stderr
