@@ -33,10 +33,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Turn one sample's tile folder into a per-tile feature CSV (or several folders, one CSV
-    /// each, in one process).
+    /// Turn one sample's tiles (a folder or a zip/tar archive) into a per-tile feature file:
+    /// CSV, HDF5, Parquet or a .pt bag (or several samples, one file each, in one process).
     Extract(ExtractArgs),
-    /// Join per-sample feature CSVs into one cohort CSV (streaming).
+    /// Join per-sample feature files (CSV, HDF5, Parquet) into one cohort CSV or Parquet
+    /// (streaming).
     Join(JoinArgs),
     /// Show tilefeat and libtorch versions, CUDA/cuDNN availability, devices and threads.
     Info,
@@ -50,7 +51,8 @@ pub enum Command {
         #[command(subcommand)]
         command: WeightsCommand,
     },
-    /// Measure: model-only throughput (the ceiling for `extract`), SHA-256 speed, cache opening.
+    /// Measure: model-only throughput (the ceiling for `extract`), decoding, the pipeline without
+    /// the network, SHA-256 speed, cache opening.
     Bench(BenchArgs),
     /// Write the exact pixels the network sees for one tile (decoded, resized; RGB PNG).
     Preprocess(PreprocessArgs),
@@ -157,7 +159,7 @@ pub struct ExtractArgs {
     )]
     pub output: Option<PathBuf>,
 
-    /// Output folder (created if missing): `SAMPLE.csv` (or .h5, .parquet: see --format),
+    /// Output folder (created if missing): `SAMPLE.csv` (or .h5, .parquet, .pt: see --format),
     /// with its provenance and rejected-tile list, for each tile folder, SAMPLE being its
     /// --sample or the folder's name.
     #[arg(long, value_name = "DIR")]

@@ -444,8 +444,9 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
     if !a.quiet {
         writeln!(
             out,
-            "tilefeat: joined {} samples, {total_rows} rows -> {}",
+            "tilefeat: joined {} sample{}, {total_rows} rows -> {}",
             inputs.len(),
+            if inputs.len() == 1 { "" } else { "s" },
             a.output.display()
         )?;
     }

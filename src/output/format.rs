@@ -13,6 +13,7 @@ pub enum Format {
     Csv,
     /// HDF5 as CLAM and TRIDENT read it: `features` (N, D) float32, `coords` (N, 2) int64,
     /// `tiles` (N,) strings.
+    #[value(alias = "hdf5")]
     H5,
     /// Parquet: `tile`, [`x`, `y`,] `0`..`D-1` float32, zstd.
     Parquet,
@@ -90,6 +91,8 @@ mod tests {
             .contains("unknown"));
         assert!(resolve(Path::new("a"), None).is_err());
         assert_eq!(resolve(Path::new("a"), Some(Format::H5)), Ok(Format::H5));
+        // `--format hdf5` as `.hdf5` is accepted (regression: only `h5` was).
+        assert_eq!(Format::from_str("hdf5", true), Ok(Format::H5));
         let e = resolve(Path::new("a.csv"), Some(Format::Parquet)).unwrap_err();
         assert!(e.contains("--format is parquet"), "{e}");
     }
