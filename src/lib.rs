@@ -7,6 +7,7 @@
 pub mod app;
 pub mod cli;
 pub mod error;
+pub mod file_kind;
 pub mod fingerprint;
 
 // The stages of `extract`'s data flow, in order: tiles in, pixels, the encoder, the

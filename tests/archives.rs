@@ -366,27 +366,15 @@ fn tar_cut_anywhere_before_its_end_blocks_is_refused() {
 
 /// Peak RSS (KiB) of `extract ARCHIVE --on-error skip`, which must succeed.
 fn extract_peak_kib(archive: &Path, out: &Path) -> i64 {
-    #[allow(clippy::zombie_processes)] // reaped by wait4 below, which also gives its rusage
-    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("tilefeat"))
-        .args([
-            "extract",
-            archive.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .args(["--weights", "random:0", "--quiet", "--on-error", "skip"])
-        .args(["--size", "32", "--decode-threads", "2"])
-        .env_remove("TILEFEAT_CACHE_DIR")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut status = 0;
-    // SAFETY: plain wait4 on our own child, with a zeroed rusage to fill.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    assert_eq!(pid, child.id() as i32);
-    assert_eq!(status, 0, "extract {} failed", archive.display());
-    usage.ru_maxrss // KiB on Linux
+    let mut args = vec![std::ffi::OsStr::new("extract"), archive.as_os_str()];
+    args.extend(["-o".as_ref(), out.as_os_str()]);
+    for a in ["--weights", "random:0", "--quiet", "--on-error", "skip"] {
+        args.push(a.as_ref());
+    }
+    for a in ["--size", "32", "--decode-threads", "2"] {
+        args.push(a.as_ref());
+    }
+    peak_rss_kib(&args)
 }
 
 /// Members of a `.tar.gz` that declare more than a tile may hold (256 MiB) are bad tiles,

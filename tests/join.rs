@@ -255,21 +255,18 @@ fn join_memory_does_not_grow_with_the_inputs() {
     let csv_mb = std::fs::metadata(&one).unwrap().len() as f64 / 1e6;
     let peak_kb = |inputs: &[PathBuf], how: &str| -> i64 {
         let out = d.path().join(format!("cohort-{how}-{}.csv", inputs.len()));
-        #[allow(clippy::zombie_processes)] // reaped by wait4 below, which also gives its rusage
-        let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("tilefeat"))
-            .arg("join")
-            .args(inputs)
-            .args(["-o", out.to_str().unwrap(), "--quiet", "--aggregate", how])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut status = 0;
-        // SAFETY: plain wait4 on our own child, with a zeroed rusage to fill.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-        assert_eq!(pid, child.id() as i32);
-        assert_eq!(status, 0, "join failed");
-        usage.ru_maxrss // KiB on Linux
+        let mut args = vec![std::ffi::OsStr::new("join")];
+        args.extend(inputs.iter().map(|p| p.as_os_str()));
+        for a in [
+            "-o".as_ref(),
+            out.as_os_str(),
+            "--quiet".as_ref(),
+            "--aggregate".as_ref(),
+            how.as_ref(),
+        ] {
+            args.push(a);
+        }
+        peak_rss_kib(&args)
     };
     for how in ["none", "mean"] {
         let (small, large) = (peak_kb(&inputs[..1], how), peak_kb(&inputs, how));

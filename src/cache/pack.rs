@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, ErrorKind, Read, Write};
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -239,23 +239,6 @@ const NOFOLLOW_NONBLOCK: i32 = libc::O_NOFOLLOW | libc::O_NONBLOCK;
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 const NOFOLLOW_NONBLOCK: i32 = 0; // the symlink_metadata check stands alone there
 
-/// What a path that is not a regular file is, in words.
-fn not_regular(t: std::fs::FileType) -> &'static str {
-    if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() || t.is_block_device() {
-        "a device"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
-    }
-}
-
 /// Open a cache file for reading only if it is a regular file, and its length then: a
 /// symbolic link (to `/dev/zero`, say), a FIFO or a device is never opened for reading (a
 /// FIFO would block, a device never ends); the error says what it is
@@ -264,7 +247,10 @@ pub(crate) fn open_regular(path: &Path) -> std::io::Result<(File, u64)> {
     let what = |t| {
         std::io::Error::new(
             ErrorKind::InvalidData,
-            format!("not a regular file ({}): not read", not_regular(t)),
+            format!(
+                "not a regular file ({}): not read",
+                crate::file_kind::describe(t)
+            ),
         )
     };
     let m = std::fs::symlink_metadata(path)?;

@@ -107,8 +107,12 @@ pub fn find_tiles(dir: &Path) -> Result<Listing> {
         if let Some(tile) = tile_at(dir, entry.path()) {
             // Regression: a FIFO (or a link to a device) named like a tile vanished from the
             // counts; reading it could block forever or never end. It is a bad tile, unread.
-            let problem = (!kind.is_file())
-                .then(|| format!("not a regular file (a {}): not read", special_kind(kind)));
+            let problem = (!kind.is_file()).then(|| {
+                format!(
+                    "not a regular file ({}): not read",
+                    crate::file_kind::describe(kind)
+                )
+            });
             listing.tiles.push(Tile {
                 problem: tile.problem.or(problem),
                 ..tile
@@ -117,22 +121,6 @@ pub fn find_tiles(dir: &Path) -> Result<Listing> {
     }
     listing.tiles.sort_by(|a, b| a.rel.cmp(&b.rel));
     Ok(listing)
-}
-
-/// What a file that is neither a regular file nor a folder is.
-fn special_kind(kind: std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if kind.is_fifo() {
-        "FIFO"
-    } else if kind.is_socket() {
-        "socket"
-    } else if kind.is_block_device() {
-        "block device"
-    } else if kind.is_char_device() {
-        "character device"
-    } else {
-        "special file"
-    }
 }
 
 /// A tile's bytes, only if it is (still) a regular file: opened without blocking (a FIFO put
@@ -148,7 +136,10 @@ fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
     if !meta.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("not a regular file (a {})", special_kind(meta.file_type())),
+            format!(
+                "not a regular file ({})",
+                crate::file_kind::describe(meta.file_type())
+            ),
         ));
     }
     let mut bytes = Vec::with_capacity(meta.len().min(super::MAX_MEMBER_BYTES) as usize);

@@ -143,3 +143,22 @@ pub fn assert_same(a: &Path, b: &Path, what: &str) {
         );
     }
 }
+
+/// Peak RSS (KiB) of `tilefeat ARGS`, which must succeed: the child is reaped with `wait4`,
+/// which reports its resource use (the memory tests bound this, never a time).
+pub fn peak_rss_kib(args: &[&std::ffi::OsStr]) -> i64 {
+    #[allow(clippy::zombie_processes)] // reaped by wait4 below, which also gives its rusage
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("tilefeat"))
+        .args(args)
+        .env_remove("TILEFEAT_CACHE_DIR")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: plain wait4 on our own child, with a zeroed rusage to fill.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    assert_eq!(status, 0, "tilefeat {args:?} failed");
+    usage.ru_maxrss // KiB on Linux
+}
