@@ -27,6 +27,7 @@ pub mod device;
 pub mod host;
 pub mod join;
 pub mod progress;
+pub mod zip_directory;
 
 /// Whether an environment switch that is off by default (`TILEFEAT_NO_HEAP_TUNING`,
 /// `TILEFEAT_CUDNN_BENCHMARK`, `TILEFEAT_CUDA_SLEEP`) is on (see [`switch_value`]).

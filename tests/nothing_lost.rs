@@ -170,6 +170,30 @@ fn preprocess_never_writes_over_its_tile() {
     assert!(out.exists());
 }
 
+/// Regression (review): `--weights w.pt -o w.pt` (`.pt` being a feature bag now) replaced the
+/// weights with the features; the model's sidecar and a bag's index are guarded the same way.
+#[test]
+fn extract_never_writes_over_its_weights() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("s");
+    make_tiles(&tiles, 2, 64);
+    let w = d.path().join("w.pt");
+    write_weights(&w, 3);
+    let bytes = std::fs::read(&w).unwrap();
+    extract_base(&tiles, &w)
+        .args([
+            "--weights",
+            w.to_str().unwrap(),
+            "--no-cache",
+            "--size",
+            "32",
+        ])
+        .assert()
+        .code(6)
+        .stderr(predicate::str::contains("is one of this command's inputs"));
+    assert_eq!(std::fs::read(&w).unwrap(), bytes);
+}
+
 /// An archive given as its own output (`--format csv` lets any name through) is refused.
 #[test]
 fn extract_never_writes_over_its_archive() {

@@ -11,34 +11,6 @@ use common::*;
 use predicates::prelude::*;
 use sha2::Digest;
 
-/// A complete ResNet50 state dict with seeded random values, as `.safetensors` (whatever the
-/// file's name: tilefeat reads the format from the bytes).
-fn write_weights(path: &Path, seed: u64) {
-    let sd = tilefeat::encoder::weights::random_state_dict(seed, tilefeat::cli::Layer::Layer4);
-    let data: Vec<(String, Vec<usize>, Vec<u8>)> = sd
-        .iter()
-        .map(|(k, t)| {
-            let shape: Vec<usize> = t.size().iter().map(|&s| s as usize).collect();
-            let v = Vec::<f32>::try_from(&t.flatten(0, -1)).unwrap();
-            (
-                k.clone(),
-                shape,
-                v.iter().flat_map(|f| f.to_le_bytes()).collect(),
-            )
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
-        .iter()
-        .map(|(k, shape, bytes)| {
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                    .unwrap();
-            (k.clone(), view)
-        })
-        .collect();
-    std::fs::write(path, safetensors::serialize(views, &None).unwrap()).unwrap();
-}
-
 fn sha256(path: &Path) -> String {
     hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
 }

@@ -57,6 +57,26 @@ impl std::fmt::Display for Finding {
 pub(crate) fn audit(bytes: &[u8]) -> Result<Vec<Finding>, String> {
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
         .map_err(|e| format!("not a zip archive ({e})"))?;
+    // Regression (review): a code file stored twice, a clean copy last, was audited as the
+    // zip crate reads it (the last copy) while libtorch's miniz may load the other.
+    let stored = crate::zip_directory::central_names(
+        std::io::Cursor::new(bytes),
+        zip.central_directory_start(),
+    )
+    .map_err(|e| format!("not a readable zip archive ({e})"))?;
+    if let Some(twice) = crate::zip_directory::stored_twice(&stored, true) {
+        return Err(format!(
+            "archive entry {} is stored twice (another reader could load the copy not checked)",
+            String::from_utf8_lossy(twice)
+        ));
+    }
+    if stored.len() != zip.len() {
+        return Err(format!(
+            "its central directory lists {} entries, the zip reader {}",
+            stored.len(),
+            zip.len()
+        ));
+    }
     let mut findings = Vec::new();
     let (mut files, mut total) = (0usize, 0u64);
     for i in 0..zip.len() {
@@ -283,6 +303,42 @@ mod tests {
         assert_eq!(
             ops("  ops.debugprims.load_tensor(\"a\")\n"),
             ["debugprims::load_tensor"]
+        );
+    }
+
+    /// Regression (review): a code file stored twice, the file operation in the copy the zip
+    /// crate does not read, passed the audit (libtorch's miniz may load that copy). Also when
+    /// the names differ only in case (miniz looks names up case-insensitively).
+    #[test]
+    fn a_code_file_stored_twice_is_refused() {
+        use std::io::Write;
+        let archive = |second: &str| {
+            let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+            let opts = zip::write::SimpleFileOptions::default();
+            w.start_file("m/code/__torch__/a.py", opts).unwrap();
+            w.write_all(b"  t = torch.from_file(p)\n").unwrap();
+            w.start_file("m/code/__torch__/b.py", opts).unwrap();
+            w.write_all(b"  return x\n").unwrap();
+            let mut bytes = w.finish().unwrap().into_inner();
+            // Rename b.py in its local header and its central directory record.
+            let at: Vec<usize> = (0..bytes.len() - 4)
+                .filter(|&i| &bytes[i..i + 4] == b"b.py")
+                .collect();
+            assert_eq!(at.len(), 2);
+            for i in at {
+                bytes[i..i + 4].copy_from_slice(second.as_bytes());
+            }
+            bytes
+        };
+        for second in ["a.py", "A.py"] {
+            let e = audit(&archive(second)).unwrap_err();
+            assert!(e.contains("stored twice"), "{second}: {e}");
+        }
+        // Distinct names: the file operation is found.
+        let ok = audit(&archive("c.py")).unwrap();
+        assert_eq!(
+            ok.iter().map(|f| f.op).collect::<Vec<_>>(),
+            ["aten::from_file"]
         );
     }
 

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -90,27 +90,6 @@ fn member_name<R: Read>(m: &zip::read::ZipFile<'_, R>) -> Vec<u8> {
     }
 }
 
-/// The names of the central directory's records, as stored, in order.
-fn central_names(zip: &zip::ZipArchive<PreadFile>) -> std::io::Result<Vec<Vec<u8>>> {
-    let mut file = zip.clone().into_inner();
-    file.seek(SeekFrom::Start(zip.central_directory_start()))?;
-    let mut r = BufReader::with_capacity(1 << 16, file);
-    let mut names = Vec::new();
-    let mut record = [0u8; 46];
-    loop {
-        r.read_exact(&mut record[..4])?;
-        if record[..4] != *b"PK\x01\x02" {
-            return Ok(names); // the end of central directory record(s)
-        }
-        r.read_exact(&mut record[4..])?;
-        let field = |at: usize| u16::from_le_bytes([record[at], record[at + 1]]) as usize;
-        let mut name = vec![0u8; field(28)];
-        r.read_exact(&mut name)?;
-        r.seek_relative((field(30) + field(32)) as i64)?;
-        names.push(name);
-    }
-}
-
 impl TileSource for Zip {
     fn list(&mut self) -> Result<Listing> {
         let bad = |why: String| archive_error(&self.path, why);
@@ -118,11 +97,13 @@ impl TileSource for Zip {
         let mut zip = self.archive.clone();
         // The zip reader keeps one member per name (the last): a name stored twice is found
         // by counting the central directory's records.
-        let stored =
-            central_names(&zip).map_err(|e| bad(format!("not a readable zip archive ({e})")))?;
+        let stored = crate::zip_directory::central_names(
+            zip.clone().into_inner(),
+            zip.central_directory_start(),
+        )
+        .map_err(|e| bad(format!("not a readable zip archive ({e})")))?;
         if stored.len() != zip.len() {
-            let mut seen = std::collections::HashSet::new();
-            let why = match stored.iter().find(|n| !seen.insert(n.as_slice())) {
+            let why = match crate::zip_directory::stored_twice(&stored, false) {
                 Some(twice) => format!("member {} appears twice", escape_non_utf8(twice)),
                 None => format!(
                     "its central directory lists {} members under {} distinct names",

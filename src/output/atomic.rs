@@ -112,14 +112,22 @@ impl AtomicFile {
 /// had.
 #[derive(Debug)]
 pub struct Staged {
-    /// (temporary, target), renamed in this order.
-    files: Vec<(PathBuf, PathBuf)>,
+    /// (temporary, target), renamed in this order; no temporary: the target is removed (a
+    /// side file the new unit does not have, which must not outlive the old one).
+    files: Vec<(Option<PathBuf>, PathBuf)>,
 }
 
 impl Staged {
     fn one(tmp: PathBuf, target: PathBuf) -> Staged {
         Staged {
-            files: vec![(tmp, target)],
+            files: vec![(Some(tmp), target)],
+        }
+    }
+
+    /// `target` removed when the unit is committed (if it is there).
+    pub fn removal(target: PathBuf) -> Staged {
+        Staged {
+            files: vec![(None, target)],
         }
     }
 
@@ -145,6 +153,16 @@ impl Staged {
         }
         while !self.files.is_empty() {
             let (tmp, target) = self.files.remove(0);
+            let Some(tmp) = tmp else {
+                match std::fs::remove_file(&target) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(e)
+                            .with_context(|| format!("cannot remove {}", target.display()))
+                            .kind(ExitKind::Output)
+                    }
+                    _ => continue,
+                }
+            };
             // Regression: a failed rename (say, a folder where the file should go) left the
             // temporary file behind (the ones not yet renamed go on drop).
             rename_over(&tmp, &target)?;
@@ -156,7 +174,9 @@ impl Staged {
 impl Drop for Staged {
     fn drop(&mut self) {
         for (tmp, _) in &self.files {
-            let _ = std::fs::remove_file(tmp);
+            if let Some(tmp) = tmp {
+                let _ = std::fs::remove_file(tmp);
+            }
         }
     }
 }

@@ -138,10 +138,13 @@ impl FeatureWriter for PtWriter {
             .sync_all()
             .map_err(|e| err(&e))?;
         let (staged, committed) = target.finish()?;
-        let staged = match index {
-            Some((centres, _)) => staged.and(write_index(&index_path(&path), &centres)?),
-            None => staged,
+        // Regression (review): with no index this time, the previous run's stayed beside
+        // the new bag (another N, other tiles), which slideflow would pair with it.
+        let index = match index {
+            Some((centres, _)) => write_index(&index_path(&path), &centres)?,
+            None => Staged::removal(index_path(&path)),
         };
+        let staged = staged.and(index);
         Ok((staged, committed))
     }
 }

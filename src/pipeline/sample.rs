@@ -82,15 +82,23 @@ pub(crate) fn extract_sample(
     // per output, until its provenance is written.
     let _lock = OutputLock::acquire(&cfg.output)?;
     check_side_files_free(&cfg.output)?;
-    // An output (or a side file) that is the archive read, or the model.
+    // An output (or a side file) that is the archive read, the weights, or the model or its
+    // sidecar (regression, review: `--weights w.pt -o w.pt` replaced the weights).
     let written = [
         cfg.output.clone(),
         provenance_path(&cfg.output),
         rejected_path(&cfg.output),
+        crate::output::pt::index_path(&cfg.output),
     ];
-    let read =
-        std::iter::once(cfg.tile_dir.clone()).chain(cfg.model.as_ref().map(|m| m.path.clone()));
-    crate::output::refuse_overwriting_inputs(&written, &read.collect::<Vec<_>>())?;
+    let mut read = vec![cfg.tile_dir.clone()];
+    if let crate::encoder::weights::WeightsSource::File(w) = &cfg.weights {
+        read.push(w.clone());
+    }
+    if let Some(m) = &cfg.model {
+        read.push(m.path.clone());
+        read.extend(m.sidecar.as_ref().map(|(p, _)| p.clone()));
+    }
+    crate::output::refuse_overwriting_inputs(&written, &read)?;
     let dim = shared.feature_dim(cfg);
     let model = model_provenance(cfg, shared);
     let in_file = coords.in_file(cfg);

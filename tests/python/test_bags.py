@@ -103,3 +103,15 @@ def test_join_refuses_a_bag_naming_why(tilefeat, bags, tmp_path):
     r = tilefeat("join", bags / "pt_files" / "S1.pt", "-o", tmp_path / "c.csv", check=False)
     assert r.returncode == 3 and "holds no tile names" in r.stderr, r.stderr
     assert not (tmp_path / "c.csv").exists()
+
+
+def test_a_bag_written_without_index_takes_the_old_index_away(tilefeat, tmp_path):
+    """Regression (review): a bag written again without coordinates left the previous run's
+    index beside it (another N, other tiles), which slideflow would pair with the new bag."""
+    tiles = named_tiles(tmp_path / "hl", lambda i: f"tile_{i}_level0_{i * 448}-0-{i * 448 + 448}-448.png")
+    common = ["--weights", "random:0", "--size", "64", "--quiet"]
+    tilefeat("extract", tiles, "-o", tmp_path / "S.pt", *common)
+    assert (tmp_path / "S.index.npz").exists()
+    tilefeat("extract", tiles, "-o", tmp_path / "S.pt", "--coords", "none", *common)
+    assert torch.load(tmp_path / "S.pt", weights_only=True).shape == (N, 2048)
+    assert not (tmp_path / "S.index.npz").exists()
