@@ -100,10 +100,15 @@ pub(crate) fn decode_record(
             bail!("record key does not match its index entry");
         }
     }
-    let feats = bytes[72..72 + 4 * dim]
+    let feats: Vec<f32> = bytes[72..72 + 4 * dim]
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect();
+    // Regression (review): every computed vector is checked to be finite, but a cached one
+    // (stored by a build before that check, or forged with a good checksum) was served as is.
+    if feats.iter().any(|v| !v.is_finite()) {
+        bail!("record holds a NaN or an infinity (never a valid feature)");
+    }
     Ok((fp, tile, feats))
 }
 
@@ -520,6 +525,18 @@ impl PackWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A record with a NaN or an infinity, checksum and all, is damaged: never served.
+    #[test]
+    fn records_with_non_finite_values_are_damaged() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let rec = encode_record(&[1; 32], &[2; 32], &[0.5, bad, 1.0]);
+            let e = decode_record(&rec, Some((&[1; 32], &[2; 32]))).unwrap_err();
+            assert!(e.to_string().contains("NaN or an infinity"), "{e}");
+        }
+        let rec = encode_record(&[1; 32], &[2; 32], &[0.5, -0.0, 1e38]);
+        assert_eq!(decode_record(&rec, None).unwrap().2, [0.5, -0.0, 1e38]);
+    }
 
     /// Reading goes on after garbage in the middle of a pack, at the next good record.
     #[test]

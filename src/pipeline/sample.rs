@@ -1,7 +1,7 @@
 //! One sample of an `extract` command: list its tiles, run the pipeline into its feature
-//! file, then write what goes beside it (the rejected list and the provenance). If those
-//! cannot be written, the feature file is taken back: a sample's outputs are all there or
-//! none is.
+//! file (complete under a temporary name), then write what goes beside it (the rejected list
+//! and the provenance), and only then rename all of them into place. If any cannot be
+//! written, none replaces the previous run's: a sample's outputs are all new or all old.
 
 use std::io::Write;
 use std::time::Instant;
