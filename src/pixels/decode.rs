@@ -105,16 +105,16 @@ extern "C-unwind" fn jpeg_error_exit(cinfo: &mut mozjpeg_sys::jpeg_common_struct
 /// too. Among those is "premature end of JPEG file" alone: the data ran out where libjpeg
 /// looked for a marker, as when only the end-of-image marker is missing (every scan line is
 /// there; OpenCV reads identical pixels). Data cut inside a scan always also needs bits that
-/// are not there, which is the error. A progressive JPEG cut between two scans is complete as
-/// far as libjpeg knows, but some coefficients never reached full precision
-/// ([`progression_incomplete`]): an error too.
+/// are not there, which is the error. A JPEG of several scans cut between two of them is
+/// complete as far as libjpeg knows, but some component never had its scan (sequential) or
+/// some coefficients never reached full precision (progressive) ([`scans_incomplete`]): an
+/// error too.
 extern "C-unwind" fn jpeg_emit_message(cinfo: &mut mozjpeg_sys::jpeg_common_struct, level: i32) {
     // SAFETY: libjpeg calls this with its own, initialised error manager.
     let code = unsafe { cinfo.err.as_ref() }.map_or(0, |e| e.msg_code);
-    if level < 0 && code == mozjpeg_sys::JWRN_JPEG_EOF && progression_incomplete(cinfo) {
+    if level < 0 && code == mozjpeg_sys::JWRN_JPEG_EOF && scans_incomplete(cinfo) {
         std::panic::resume_unwind(Box::new(
-            "JPEG data ends before its last scan (a progressive JPEG cut between scans)"
-                .to_string(),
+            "JPEG data ends before its last scan (cut between scans)".to_string(),
         ));
     }
     if level < 0 && code == mozjpeg_sys::JWRN_HIT_MARKER {
@@ -125,23 +125,30 @@ extern "C-unwind" fn jpeg_emit_message(cinfo: &mut mozjpeg_sys::jpeg_common_stru
     }
 }
 
-/// Whether a progressive JPEG being decoded still lacks bits of some coefficient: libjpeg's
+/// Whether a JPEG being decoded still lacks data of some component. Progressive: libjpeg's
 /// `coef_bits[c][k]` is -1 before any scan brought coefficient k of component c, then the
-/// point transform of the last scan that did, 0 once it is known in full. Never for a
-/// sequential JPEG (`coef_bits` is NULL).
-fn progression_incomplete(cinfo: &mut mozjpeg_sys::jpeg_common_struct) -> bool {
+/// point transform of the last scan that did, 0 once it is known in full. Sequential
+/// (`coef_bits` NULL): each component is coded in one scan, and libjpeg latches its
+/// quantization table (`quant_table`, NULL until then) when the first scan holding it starts,
+/// so a component without one never had its scan (regression, review: a non-interleaved
+/// baseline JPEG cut after its Y scan was read with flat chroma).
+fn scans_incomplete(cinfo: &mut mozjpeg_sys::jpeg_common_struct) -> bool {
     if cinfo.is_decompressor == 0 {
         return false;
     }
     // SAFETY: a decompressor's common struct is the first field of its
     // `jpeg_decompress_struct`; `coef_bits`, when not NULL, points to `num_components` arrays
-    // of DCTSIZE2 ints (jdinput.c).
+    // of DCTSIZE2 ints (jdinput.c); `comp_info` to `num_components` component records once
+    // the frame header is read (NULL before).
     unsafe {
         let d = &*(cinfo as *mut mozjpeg_sys::jpeg_common_struct
             as *const mozjpeg_sys::jpeg_decompress_struct);
+        let n = d.num_components.max(0) as usize;
         let bits = d.coef_bits as *const [std::os::raw::c_int; 64];
-        !bits.is_null()
-            && (0..d.num_components.max(0) as usize).any(|c| (*bits.add(c)).iter().any(|&b| b != 0))
+        if !bits.is_null() {
+            return (0..n).any(|c| (*bits.add(c)).iter().any(|&b| b != 0));
+        }
+        !d.comp_info.is_null() && (0..n).any(|c| (*d.comp_info.add(c)).quant_table.is_null())
     }
 }
 
@@ -427,6 +434,79 @@ mod tests {
         let last_scan = jpg.windows(2).rposition(|w| w == [0xFF, 0xDA]).unwrap();
         let e = decode_rgb(&jpg[..last_scan]).unwrap_err();
         assert!(e.contains("cut between scans"), "{e}");
+    }
+
+    /// Regression (review): a sequential JPEG whose components each have a scan of their own
+    /// (non-interleaved), cut after the first scan, was read with the missing components flat.
+    #[test]
+    fn a_sequential_jpeg_cut_between_its_scans_is_refused() {
+        let jpg = encode_non_interleaved_jpeg(64, 48);
+        let sos: Vec<usize> = (0..jpg.len() - 1)
+            .filter(|&i| jpg[i..i + 2] == [0xFF, 0xDA])
+            .collect();
+        assert_eq!(sos.len(), 3, "one scan per component");
+        let whole = decode_rgb(&jpg).unwrap();
+        assert_eq!(decode_rgb(&jpg[..jpg.len() - 2]).unwrap().data, whole.data);
+        for cut in [sos[1], sos[2]] {
+            let e = decode_rgb(&jpg[..cut]).unwrap_err();
+            assert!(e.contains("cut between scans"), "{e}");
+        }
+    }
+
+    /// A baseline JPEG with one scan per component (what libjpeg writes for a scan script of
+    /// three one-component scans), through libjpeg's own compressor.
+    fn encode_non_interleaved_jpeg(w: u32, h: u32) -> Vec<u8> {
+        use mozjpeg_sys::*;
+        let px: Vec<u8> = (0..w * h)
+            .flat_map(|i| [(i % w * 4) as u8, (i / w * 5) as u8, (i * 7 % 251) as u8])
+            .collect();
+        let scans: Vec<jpeg_scan_info> = (0..3)
+            .map(|c| jpeg_scan_info {
+                comps_in_scan: 1,
+                component_index: [c, 0, 0, 0],
+                Ss: 0,
+                Se: 63,
+                Ah: 0,
+                Al: 0,
+            })
+            .collect();
+        // SAFETY: the usual libjpeg compression sequence on zeroed, then initialised,
+        // structs; the scan script and the pixels outlive the compression; the output buffer
+        // is libjpeg's (malloc'd), copied then freed.
+        unsafe {
+            let mut err: jpeg_error_mgr = std::mem::zeroed();
+            let mut c: jpeg_compress_struct = std::mem::zeroed();
+            c.common.err = jpeg_std_error(&mut err);
+            jpeg_CreateCompress(
+                &mut c,
+                JPEG_LIB_VERSION,
+                std::mem::size_of::<jpeg_compress_struct>(),
+            );
+            let (mut buf, mut size): (*mut u8, std::os::raw::c_ulong) = (std::ptr::null_mut(), 0);
+            jpeg_mem_dest(&mut c, &mut buf, &mut size);
+            c.image_width = w;
+            c.image_height = h;
+            c.input_components = 3;
+            c.in_color_space = J_COLOR_SPACE::JCS_RGB;
+            jpeg_c_set_int_param(
+                &mut c,
+                J_INT_PARAM::JINT_COMPRESS_PROFILE,
+                JCP_FASTEST as i32,
+            );
+            jpeg_set_defaults(&mut c);
+            c.num_scans = 3;
+            c.scan_info = scans.as_ptr();
+            jpeg_start_compress(&mut c, 1);
+            for row in px.chunks_exact(w as usize * 3) {
+                let ptr = row.as_ptr();
+                jpeg_write_scanlines(&mut c, &ptr, 1);
+            }
+            jpeg_finish_compress(&mut c);
+            let out = std::slice::from_raw_parts(buf, size as usize).to_vec();
+            jpeg_destroy_compress(&mut c);
+            libc::free(buf.cast());
+            out
+        }
     }
 
     fn encode_progressive_jpeg(w: usize, h: usize) -> Vec<u8> {

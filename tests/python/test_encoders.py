@@ -648,7 +648,8 @@ def test_bad_outputs_are_refused(tilefeat, tmp_path, kind, keyword):
     assert r.returncode == 4, r.stderr
     assert "panicked" not in r.stderr, r.stderr
     assert model.name in r.stderr and keyword in r.stderr, r.stderr
-    if kind == "inf":  # the first tile (in tile order) whose features are not finite is named
+    if kind == "inf":  # the first tile of the failing batch whose features are not finite is
+        # named (one batch here: with several, the batch that fails first is reported)
         bad = [p for p in find_tiles(SAMPLE_A) if (lambda x: x[0, 0, 0] > x[0, 5, 5])(preprocess(p, 32, *TUTORIAL))]
         assert bad and len(bad) < len(find_tiles(SAMPLE_A)), bad  # some tiles, not all
         assert f"model failed on tile {bad[0]}:" in r.stderr, (bad, r.stderr)
