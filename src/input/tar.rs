@@ -368,6 +368,21 @@ fn take_member(reader: &mut GzReader, m: &Member) -> std::io::Result<Vec<u8>> {
 mod tests {
     use super::*;
 
+    /// A tar of `members` (in the order given) and that tar gzip-compressed.
+    fn tar_and_gz<'a>(members: impl Iterator<Item = (&'a str, &'a [u8])>) -> (Vec<u8>, Vec<u8>) {
+        let mut b = ::tar::Builder::new(Vec::new());
+        for (name, bytes) in members {
+            let mut h = ::tar::Header::new_gnu();
+            h.set_size(bytes.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, name, bytes).unwrap();
+        }
+        let plain = b.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &plain).unwrap();
+        (plain, gz.finish().unwrap())
+    }
+
     /// A `.tar.gz` whose members are stored out of name order, read in name order from
     /// several threads with room for only two members to wait: members dropped from memory
     /// are read again by restarting the stream, and every read returns its own bytes (twice
@@ -378,17 +393,14 @@ mod tests {
         let members: Vec<(String, Vec<u8>)> = (0..12)
             .map(|i| (format!("t{i:02}.png"), vec![i as u8; 1000 + i * 10]))
             .collect();
-        let mut b = ::tar::Builder::new(Vec::new());
-        for (name, bytes) in members.iter().rev() {
-            let mut h = ::tar::Header::new_gnu();
-            h.set_size(bytes.len() as u64);
-            h.set_mode(0o644);
-            b.append_data(&mut h, name, bytes.as_slice()).unwrap();
-        }
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut gz, &b.into_inner().unwrap()).unwrap();
+        let (_, gz) = tar_and_gz(
+            members
+                .iter()
+                .rev()
+                .map(|(n, b)| (n.as_str(), b.as_slice())),
+        );
         let path = d.path().join("s.tgz");
-        std::fs::write(&path, gz.finish().unwrap()).unwrap();
+        std::fs::write(&path, gz).unwrap();
         let mut tar = Tar::open(&path, true).unwrap();
         tar.waiting_cap = 2500; // two members
         let tiles = tar.list().unwrap().tiles;
@@ -417,17 +429,9 @@ mod tests {
     #[test]
     fn an_empty_member_can_be_read_twice() {
         let d = tempfile::tempdir().unwrap();
-        let mut b = ::tar::Builder::new(Vec::new());
-        for (name, bytes) in [("a.png", &b""[..]), ("b.png", &b"xyz"[..])] {
-            let mut h = ::tar::Header::new_gnu();
-            h.set_size(bytes.len() as u64);
-            h.set_mode(0o644);
-            b.append_data(&mut h, name, bytes).unwrap();
-        }
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut gz, &b.into_inner().unwrap()).unwrap();
+        let (_, gz) = tar_and_gz([("a.png", &b""[..]), ("b.png", &b"xyz"[..])].into_iter());
         let path = d.path().join("e.tgz");
-        std::fs::write(&path, gz.finish().unwrap()).unwrap();
+        std::fs::write(&path, gz).unwrap();
         let mut tar = Tar::open(&path, true).unwrap();
         let tiles = tar.list().unwrap().tiles;
         for t in [
@@ -458,18 +462,14 @@ mod tests {
                 (format!("t{i:02}.png"), bytes)
             })
             .collect();
-        let mut b = ::tar::Builder::new(Vec::new());
-        for (name, bytes) in members.iter().rev() {
-            let mut h = ::tar::Header::new_gnu();
-            h.set_size(bytes.len() as u64);
-            h.set_mode(0o644);
-            b.append_data(&mut h, name, bytes.as_slice()).unwrap();
-        }
-        let plain = b.into_inner().unwrap();
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut gz, &plain).unwrap();
+        let (plain, gz) = tar_and_gz(
+            members
+                .iter()
+                .rev()
+                .map(|(n, b)| (n.as_str(), b.as_slice())),
+        );
         let path = d.path().join("s.tgz");
-        std::fs::write(&path, gz.finish().unwrap()).unwrap();
+        std::fs::write(&path, gz).unwrap();
         let mut tar = Tar::open(&path, true).unwrap();
         tar.waiting_cap = 48 << 10;
         tar.checkpoint_every = 16 << 10;
