@@ -288,11 +288,11 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
     let coords_meaning = match xy {
         Some(_) => {
             let (origin, unit, convention) = meaning(first);
-            if let Some(other) = inputs[1..]
+            let differs = inputs[1..]
                 .iter()
-                .find(|i| (&meaning(i).0, &meaning(i).1) != (&origin, &unit))
-            {
-                let (o, u, c) = meaning(other);
+                .map(|i| (i, meaning(i)))
+                .find(|(_, m)| (&m.0, &m.1) != (&origin, &unit));
+            if let Some((other, (o, u, c))) = differs {
                 return Err(input_err(
                     &other.path,
                     format!(

@@ -11,8 +11,9 @@ use anyhow::Result;
 
 use crate::error::{fail, ExitKind};
 
-/// Fail (exit 6) if any of `outputs` is the same file as any of `inputs`; `what` says which
-/// command's output it is, for the message. Paths that do not exist are never the same file.
+/// Fail (exit 6), naming the output (and the input it is, when spelt otherwise), if any of
+/// `outputs` is the same file as any of `inputs`. Paths that do not exist are never the same
+/// file.
 pub fn refuse_overwriting_inputs<P: AsRef<Path>, Q: AsRef<Path>>(
     outputs: &[P],
     inputs: &[Q],
