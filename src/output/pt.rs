@@ -10,11 +10,12 @@
 //!
 //! When the tiles have coordinates, `NAME.index.npz` goes beside it (numpy's `savez` layout:
 //! `arr_0`, int64 (N, 2) level-0 tile centres, which slideflow's loaders read), committed
-//! with the bag. The pickle is written here by hand, with only the opcodes `torch.save` uses
+//! with the bag; without coordinates, a previous run's index is removed in the same commit.
+//! The pickle is written here by hand, with only the opcodes `torch.save` uses
 //! for a tensor, all of them allowed by `weights_only=True`.
 
 use std::fs::File;
-use std::io::{BufWriter, Seek, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
@@ -166,7 +167,6 @@ fn write_index(path: &Path, centres: &[[i64; 2]]) -> Result<Staged> {
         zip.write_all(&npy).map_err(|e| perr(path, e))?;
         zip.finish().map_err(|e| perr(path, e))?;
     }
-    buf.rewind().expect("in memory");
     super::atomic::stage(path, buf.get_ref())
 }
 
