@@ -20,8 +20,8 @@ use crate::error::{fail, ExitKind};
 use crate::input;
 use crate::input::coords::{self, Coords};
 use crate::output::provenance::{
-    CacheInfo, CoordsProvenance, Counts, FingerprintInfo, ModelProvenance, Provenance, Settings,
-    WeightsInfo, RANDOM_WEIGHTS_WARNING,
+    BagProvenance, CacheInfo, CoordsProvenance, Counts, FingerprintInfo, ModelProvenance,
+    Provenance, Settings, WeightsInfo, RANDOM_WEIGHTS_WARNING,
 };
 use crate::output::{
     create_features, provenance_path, rejected_path, CoordsInfo, FileInfo, Format, OutputLock,
@@ -81,15 +81,19 @@ pub(crate) fn extract_sample(
     // Fail early, before any compute, if the outputs cannot be written; one run at a time
     // per output, until its provenance is written.
     let _lock = OutputLock::acquire(&cfg.output)?;
+    let _bag_lock = cfg.bag.as_deref().map(OutputLock::acquire).transpose()?;
     check_side_files_free(&cfg.output)?;
     // An output (or a side file) that is the archive read, the weights, or the model or its
     // sidecar (regression, review: `--weights w.pt -o w.pt` replaced the weights).
-    let written = [
+    let mut written = vec![
         cfg.output.clone(),
         provenance_path(&cfg.output),
         rejected_path(&cfg.output),
         crate::output::pt::index_path(&cfg.output),
     ];
+    if let Some(bag) = &cfg.bag {
+        written.extend([bag.clone(), crate::output::pt::index_path(bag)]);
+    }
     let mut read = vec![cfg.tile_dir.clone()];
     if let crate::encoder::weights::WeightsSource::File(w) = &cfg.weights {
         read.push(w.clone());
@@ -104,15 +108,20 @@ pub(crate) fn extract_sample(
     let in_file = coords.in_file(cfg);
     let info = FileInfo {
         dim,
-        coords: in_file.map(|c| CoordsInfo::of(c, cfg.patch_size_level0)),
+        coords: in_file.map(|c| CoordsInfo::of(c, cfg.patch_size_level0, cfg.slide_mpp)),
         attrs: file_attrs(cfg, &fingerprint),
     };
     let quiet = cfg.quiet;
-    let file = create_features(&cfg.output, cfg.format, &info, &mut |w| {
+    let mut warn = |w: String| {
         if !quiet {
             eprintln!("tilefeat: warning: {w}");
         }
-    })?;
+    };
+    let mut file = create_features(&cfg.output, cfg.format, &info, &mut warn)?;
+    if let Some(bag) = &cfg.bag {
+        let pt = create_features(bag, Format::Pt, &info, &mut warn)?;
+        file = Box::new(crate::output::pair::Pair::new(file, pt));
+    }
 
     shared.session(cfg, &fingerprint).map_err(Failure::Shared)?;
     let setup = std::mem::take(&mut shared.setup);
@@ -231,6 +240,15 @@ fn finish_sample(
         coords,
         output_sha256: Some(state.committed.sha256.clone()),
         output_bytes: Some(state.committed.bytes),
+        bag: cfg
+            .bag
+            .as_ref()
+            .zip(state.committed.companion.as_ref())
+            .map(|(p, c)| BagProvenance {
+                path: p.display().to_string(),
+                sha256: c.sha256.clone(),
+                bytes: c.bytes,
+            }),
         cpu: (cfg.device == tch::Device::Cpu).then(CpuInfo::detect),
         device: device_name(cfg.device),
         feature_dim: dim,
@@ -326,6 +344,7 @@ impl SampleCoords {
                 in_output: in_file,
                 integral: c.integral,
                 patch_size_level0: cfg.patch_size_level0.or(c.patch_size_level0),
+                slide_mpp: cfg.slide_mpp,
                 patch_level: c.patch_level,
                 missing: None,
             },
@@ -336,6 +355,7 @@ impl SampleCoords {
                 in_output: false,
                 integral: false,
                 patch_size_level0: None,
+                slide_mpp: cfg.slide_mpp,
                 patch_level: None,
                 missing: self.missing.clone(),
             },
