@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use super::run::pipeline_on;
 use super::shared::{Session, SetupTimes, Shared};
@@ -16,7 +16,7 @@ use super::{ExtractConfig, Failure};
 use crate::cache::{CacheCounters, Fingerprint};
 use crate::cpu::CpuInfo;
 use crate::device::device_name;
-use crate::error::{fail, ExitKind};
+use crate::error::{fail, ExitKind, WithKind};
 use crate::input;
 use crate::input::coords::{self, Coords};
 use crate::output::provenance::{
@@ -80,6 +80,18 @@ pub(crate) fn extract_sample(
     }
     // Fail early, before any compute, if the outputs cannot be written; one run at a time
     // per output, until its provenance is written.
+    // Like --outdir's, --output's folder is made (`--output features/S1.csv` in a new
+    // project), and CLAM's h5_files/ and pt_files/.
+    for file in [Some(cfg.output.as_path()), cfg.bag.as_deref()]
+        .into_iter()
+        .flatten()
+    {
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create the folder of {}", file.display()))
+                .kind(ExitKind::Output)?;
+        }
+    }
     let _lock = OutputLock::acquire(&cfg.output)?;
     let _bag_lock = cfg.bag.as_deref().map(OutputLock::acquire).transpose()?;
     check_side_files_free(&cfg.output)?;
