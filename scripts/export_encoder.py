@@ -408,10 +408,13 @@ def export_module(
     weights: str | Path | None = None,
     notes: str = "",
     tolerance: float = TOLERANCE,
+    random_init: int | None = None,
 ) -> dict:
     """Trace `module` on (N,3,size,size) float32 CPU input, save it to `output` (.pt) and the
     sidecar beside it (.json), after checking the reloaded file against eager. Returns the
-    sidecar. Raises ExportError (and leaves no file behind) when the check fails."""
+    sidecar. Raises ExportError (and leaves no file behind) when the check fails.
+    `random_init` is the seed of a random initialisation: tilefeat's provenance then says the
+    features are not trained ones."""
     output = Path(output)
     if output.suffix != ".pt":
         raise ExportError(f"--output {output}: must end in .pt (the sidecar is FILE.json beside FILE.pt)")
@@ -443,6 +446,7 @@ def export_module(
             "output": kind,
             "output_dim": dim,
             "weights_sha256": sha256_file(weights) if weights else None,
+            "random_init": random_init,
             "exported_with": _versions(),
             "notes": notes,
         }
@@ -572,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         export_module(
             module, args.output, size=int(size), mean=mean, std=std,
             name=args.name or defaults.get("name") or model_name, source=defaults.get("source", source),
-            weights=args.weights, notes=notes,
+            weights=args.weights, notes=notes, random_init=seed,
         )  # fmt: skip
         if args.save_state_dict:
             save_state_dict(source_model, args.save_state_dict, defaults.get("_extra_state"))

@@ -229,7 +229,7 @@ fn finish_sample(
 
     let elapsed = start.elapsed().as_secs_f64();
     let written = state.written;
-    let trained = !cfg.weights.is_random();
+    let trained = !cfg.untrained();
     let cuda = session.cuda.as_ref();
     let provenance = Provenance {
         warning: (!trained).then(|| RANDOM_WEIGHTS_WARNING.to_string()),
@@ -265,9 +265,11 @@ fn finish_sample(
         device: device_name(cfg.device),
         feature_dim: dim,
         settings: Settings {
-            layer: cfg.layer,
+            // A --model has no ResNet layer, and numbers (its sidecar's, or --mean/--std)
+            // instead of a --normalize name: neither is recorded for what did not apply.
+            layer: cfg.model.is_none().then_some(cfg.layer),
             pool: cfg.pool,
-            normalize: cfg.normalize,
+            normalize: (!cfg.mean_std.custom).then_some(cfg.normalize),
             mean_std: cfg.mean_std.custom.then(|| cfg.mean_std.describe()),
             size: cfg.size,
             precision: cfg.precision,
@@ -491,6 +493,7 @@ fn file_attrs(cfg: &ExtractConfig, fingerprint: &Fingerprint) -> Vec<(String, St
         ("precision", cfg.precision.to_string()),
         ("fingerprint", hex::encode(fingerprint.id())),
         ("weights_sha256", fingerprint.weights_sha256.clone()),
+        ("trained", (!cfg.untrained()).to_string()),
         ("tilefeat_version", env!("CARGO_PKG_VERSION").to_string()),
         ("sample", cfg.sample.clone()),
     ]
