@@ -34,8 +34,26 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-from torch import nn
+
+def _project_python() -> None:
+    """Run as written (`scripts/export_encoder.py ...`) by a python without torch, go on in
+    the project's venv, which scripts/setup.sh made and which has it; else say what to do."""
+    if importlib.util.find_spec("torch") is not None:
+        return
+    venv = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "python"
+    if venv.exists() and Path(sys.prefix).resolve() != venv.parents[1].resolve():
+        os.execv(venv, [str(venv), str(Path(__file__).resolve()), *sys.argv[1:]])
+    sys.exit(
+        f"export_encoder.py: {sys.executable} has no torch: run scripts/setup.sh (which makes "
+        ".venv), or pip install torch torchvision timm"
+    )
+
+
+if __name__ == "__main__":
+    _project_python()
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 SIDECAR_VERSION = 1
 TOLERANCE = 1e-5  # max |traced - eager| / max |eager| on the verification batch

@@ -284,6 +284,23 @@ def test_help_explains_with_examples():
     assert r.returncode == 2 and "--random-init" in r.stderr
 
 
+def test_runs_as_written_from_a_python_without_torch(tmp_path):
+    """Regression (issue 28): `scripts/export_encoder.py ...` as the README writes it ran the
+    system python (`#!/usr/bin/env python3`), which has no torch. Run by one, it goes on in the
+    project's venv; with no venv beside it, it says what to do."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", bare], check=True)
+    python = bare / "bin" / "python"
+    assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
+    r = subprocess.run([python, SCRIPT, "--help"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "examples:" in r.stdout, r.stderr
+    lone = tmp_path / "scripts" / "export_encoder.py"
+    lone.parent.mkdir()
+    shutil.copy(SCRIPT, lone)
+    r = subprocess.run([python, lone, "--help"], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "has no torch" in r.stderr and "setup.sh" in r.stderr, r.stderr
+
+
 def test_resnet50_trunk_export(trunk):
     pt, sd = trunk
     assert_sidecar(pt, name="resnet50_trunk", source="torchvision", size=224, mean=TUTORIAL[0], std=TUTORIAL[1],
