@@ -208,9 +208,11 @@ pub struct ExtractArgs {
     #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda|cuda:N")]
     pub device: String,
 
-    /// Tiles per model batch.
-    #[arg(long, default_value_t = 32, value_name = "N")]
-    pub batch_size: usize,
+    /// Tiles per model batch [default: 32 on a GPU; 4 on the CPU, where each tile is computed
+    /// on its own whatever the batch (the rows are the same), so that progress and the first
+    /// rows come sooner].
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<usize>,
 
     /// CPU threads in total [default: all cores, or the Slurm/cgroup allocation].
     #[arg(long, value_name = "N")]

@@ -32,10 +32,12 @@ fn quiet_prints_nothing() {
     );
 }
 
-/// A run of about 13 s (each batch held 1 s by the test switch) logs its progress once,
-/// at 10 s, as a plain line, then its summary.
+/// A run of about 13 s (each batch held 1 s by the test switch) off a terminal: a start line
+/// naming the sample, a first progress line after 2 s (before, a log stayed silent until the
+/// first rows, 12-31 s), then one every 10 s, each with elapsed time, a rounded rate and an
+/// ETA; the summary at the end (regression, issue 28).
 #[test]
-fn a_log_line_every_10_s_off_a_terminal() {
+fn progress_lines_at_a_steady_interval_off_a_terminal() {
     let d = tempfile::tempdir().unwrap();
     let tiles = d.path().join("s");
     make_tiles(&tiles, 13, 40);
@@ -50,16 +52,32 @@ fn a_log_line_every_10_s_off_a_terminal() {
     let secs = t.elapsed().as_secs_f64();
     assert!(secs > 12.0, "the run took {secs:.1} s");
     let err = String::from_utf8(o.stderr).unwrap();
-    let progress: Vec<&str> = err.lines().filter(|l| l.contains("/13 tiles (")).collect();
-    assert_eq!(
-        progress.len(),
-        1,
-        "one line per 10 s in a {secs:.0} s run:\n{err}"
-    );
+    let start = err
+        .lines()
+        .position(|l| l.starts_with("tilefeat: sample s: 13 tiles -> "))
+        .expect("a start line");
     assert!(
-        progress[0].starts_with("tilefeat: ") && progress[0].contains("tiles/s"),
-        "{err}"
+        err.contains("(resnet50 layer4 max on cpu, fp32, batch 1)")
+            && err.lines().position(|l| l.contains("/13 tiles (")) > Some(start),
+        "the start line, before any progress:\n{err}"
     );
+    let progress: Vec<&str> = err.lines().filter(|l| l.contains("/13 tiles (")).collect();
+    // At 2 s, 12 s, 22 s, ...: as many as the run's length allows (one more or less for
+    // the start-up before the first).
+    let expected = 1 + ((secs - 2.0) / 10.0).floor() as usize;
+    assert!(
+        progress.len() + 1 >= expected && progress.len() <= expected,
+        "{} lines in a {secs:.1} s run:\n{err}",
+        progress.len()
+    );
+    let shape = regex::Regex::new(
+        r"^tilefeat: \d+/13 tiles \(\d+%\), \d+s elapsed, \d+\.\d tiles/s, ETA (\?|\d+s), \d+ cached$",
+    )
+    .unwrap();
+    for l in &progress {
+        assert!(shape.is_match(l), "{l:?}");
+    }
+    assert!(progress.len() >= 2, "{err}");
     assert!(
         err.contains("13 tiles (13 computed, 0 cached, 0 skipped)"),
         "{err}"
@@ -67,5 +85,42 @@ fn a_log_line_every_10_s_off_a_terminal() {
     assert!(
         !err.contains('\r') && !err.contains("\x1b["),
         "no terminal bar in a log"
+    );
+}
+
+/// On a terminal (a pseudo-terminal made by `script`): a bar that moves tile by tile (with
+/// `--batch-size 1`; on the CPU the default batch of 4 moves it every 4 tiles), with the
+/// elapsed time and a rounded rate, and no plain progress lines.
+#[test]
+fn a_bar_that_moves_on_a_terminal() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("s");
+    make_tiles(&tiles, 6, 40);
+    let out = d.path().join("x.csv");
+    let cmd = format!(
+        "{} extract {} -o {} --weights random:0 --size 32 --batch-size 1 --threads 1",
+        assert_cmd::cargo::cargo_bin("tilefeat").display(),
+        tiles.display(),
+        out.display()
+    );
+    let o = std::process::Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .env("TILEFEAT_TEST_BATCH_DELAY_MS", "700")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}");
+    for n in 1..=5 {
+        assert!(
+            text.contains(&format!(" {n}/6 tiles")),
+            "position {n}/6:\n{text:?}"
+        );
+    }
+    assert!(text.contains("[00:00:0"), "elapsed time:\n{text:?}");
+    let rate = regex::Regex::new(r"\d+\.\d tiles/s, ETA ").unwrap();
+    assert!(rate.is_match(&text), "{text:?}");
+    assert!(
+        !text.contains("/6 tiles ("),
+        "no log lines on a terminal:\n{text:?}"
     );
 }

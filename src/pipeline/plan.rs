@@ -16,6 +16,14 @@ use crate::error::{fail, ExitKind, WithKind};
 use crate::input::coords::CoordsMode;
 use crate::output::Format;
 
+/// `--batch-size` by default on a GPU.
+pub const GPU_BATCH: usize = 32;
+
+/// `--batch-size` by default on the CPU: each tile is computed on its own there (one image
+/// per forward call, so the rows do not depend on the batch), so a batch only decides how
+/// often rows come back; 4 keeps the progress moving and costs nothing measurable.
+pub const CPU_BATCH: usize = 4;
+
 /// `--batch-size`: 1 to 4096 (`extract` and `bench`).
 pub(crate) fn check_batch_size(n: usize) -> Result<()> {
     if n == 0 || n > 4096 {
@@ -221,7 +229,9 @@ impl ExtractPlan {
     /// Check every flag and resolve defaults; nothing heavy happens here.
     pub fn from_cli_arguments(a: &ExtractArgs) -> Result<ExtractPlan> {
         let usage = |m: String| fail(ExitKind::Usage, m);
-        check_batch_size(a.batch_size)?;
+        if let Some(n) = a.batch_size {
+            check_batch_size(n)?;
+        }
         let model = match &a.model {
             Some(path) => {
                 // TILEFEAT_WEIGHTS in the environment is for the ResNet; only the flag conflicts.
@@ -399,6 +409,10 @@ impl ExtractPlan {
                 a.decode_threads.unwrap_or(gpu_decode_threads(threads)),
             ),
         };
+        let batch_size = a.batch_size.unwrap_or(match device {
+            Device::Cpu => CPU_BATCH,
+            _ => GPU_BATCH,
+        });
         let samples = named
             .into_iter()
             .map(|(tile_dir, sample, output)| ExtractConfig {
@@ -417,7 +431,7 @@ impl ExtractPlan {
                 sample,
                 weights: weights.clone(),
                 device,
-                batch_size: a.batch_size,
+                batch_size,
                 torch_threads,
                 decode_threads,
                 precision: a.precision,

@@ -141,6 +141,18 @@ pub(crate) fn extract_sample(
     let cache = session.cache.as_ref();
     let before = cache.map(|c| c.counters());
 
+    if !cfg.quiet {
+        eprintln!(
+            "tilefeat: sample {}: {} tiles -> {} ({} on {}, {}, batch {})",
+            cfg.sample,
+            tiles.len(),
+            cfg.output.display(),
+            encoder_description(cfg),
+            device_name(cfg.device),
+            cfg.precision,
+            cfg.batch_size
+        );
+    }
     let mut progress = Progress::new(tiles.len(), cfg.quiet);
     let pipeline_start = Instant::now();
     let names = RowNames {
@@ -447,6 +459,18 @@ fn encoder_name(cfg: &ExtractConfig) -> String {
             let name = m.sidecar.as_ref().and_then(|(_, s)| s.name.clone());
             format!("torchscript:{}", name.unwrap_or_else(|| file.into_owned()))
         }
+    }
+}
+
+/// What computes the features, in words: `resnet50 layer4 max` or `torchscript:NAME`.
+fn encoder_description(cfg: &ExtractConfig) -> String {
+    match cfg.model {
+        None => format!(
+            "resnet50 {} {}",
+            layer_name(cfg),
+            format!("{:?}", cfg.pool).to_lowercase()
+        ),
+        Some(_) => encoder_name(cfg),
     }
 }
 
