@@ -579,3 +579,81 @@ fn verify_reports_a_pack_without_index_and_an_index_without_pack() {
         "{out}"
     );
 }
+
+/// Regression (issue 28): a cache on a disk that fills up stopped the run (exit 7). Storing
+/// now stops with one warning and the run goes on: the features are the no-cache run's byte
+/// for byte, the provenance says why nothing more was stored, and what was stored before the
+/// disk filled is still served. The disk is a real tmpfs in a private mount namespace (needs
+/// root, as CI has), too small for the run's vectors (20 tiles of 2,048 floats: 160 KiB).
+#[test]
+fn a_full_cache_disk_warns_and_the_run_goes_on() {
+    use std::process::Command as Std;
+    if !Std::new("unshare")
+        .args(["-m", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        panic!("this test needs `unshare -m` (util-linux) and root, to fill a real tmpfs");
+    }
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("s");
+    make_tiles(&tiles, 20, 64);
+    let reference = d.path().join("ref.csv");
+    extract_ok(&tiles, &reference, &["--no-cache", "--size", "32"]);
+    let disk = d.path().join("disk");
+    let out = d.path().join("out");
+    std::fs::create_dir_all(&disk).unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    let bin = assert_cmd::cargo::cargo_bin("tilefeat");
+    // Two runs on the same small disk: the first fills it, the second finds it full.
+    let run = |name: &str| {
+        format!(
+            "{bin} extract {tiles} -o {out}/{name}.csv --weights random:0 --size 32 \
+             --cache-dir {disk}/cache 2> {out}/{name}.err; echo $? > {out}/{name}.rc",
+            bin = bin.display(),
+            tiles = tiles.display(),
+            out = out.display(),
+            disk = disk.display(),
+        )
+    };
+    let script = format!(
+        "mount -t tmpfs -o size=96k tmpfs {disk} && {} && {}",
+        run("a"),
+        run("b"),
+        disk = disk.display()
+    );
+    let o = Std::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for name in ["a", "b"] {
+        let err = std::fs::read_to_string(out.join(format!("{name}.err"))).unwrap();
+        let rc = std::fs::read_to_string(out.join(format!("{name}.rc"))).unwrap();
+        assert_eq!(rc.trim(), "0", "run {name}: {err}");
+        assert_same(&out.join(format!("{name}.csv")), &reference, name);
+        assert!(
+            err.contains("cannot store vectors") && err.contains("No space left on device"),
+            "run {name}: {err}"
+        );
+        assert_eq!(
+            err.matches("cannot store vectors").count(),
+            1,
+            "one warning: {err}"
+        );
+        let prov = provenance(&out.join(format!("{name}.csv")));
+        let why = prov["cache"]["store_failed"].as_str().unwrap_or("");
+        assert!(
+            why.contains("No space left on device"),
+            "run {name}: {prov:?}"
+        );
+    }
+    // What the first run stored before the disk filled is served to the second (at least
+    // what it counted as stored: vectors whose index entries were not all written are not).
+    let stored = prov_u64(&out.join("a.csv"), &["cache", "stored"]);
+    let hits = prov_u64(&out.join("b.csv"), &["cache", "hits"]);
+    assert!(
+        stored > 0 && hits >= stored && hits < 20,
+        "stored {stored}, hits {hits}"
+    );
+}

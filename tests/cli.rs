@@ -143,11 +143,14 @@ fn missing_empty_and_non_folder_inputs_exit_3() {
 #[test]
 fn unwritable_output_exit_6() {
     let d = tempfile::tempdir().unwrap();
-    let out = d.path().join("missing-dir").join("x.csv");
+    // A missing folder is made (`the_outputs_folder_is_made`); a file where it should be
+    // cannot be.
+    std::fs::write(d.path().join("a-file"), "x").unwrap();
+    let out = d.path().join("a-file").join("x.csv");
     extract_cmd(&demo_sample("sampleC"), &out)
         .assert()
         .code(6)
-        .stderr(predicate::str::contains("missing-dir"));
+        .stderr(predicate::str::contains("a-file"));
     extract_cmd(&demo_sample("sampleC"), d.path())
         .assert()
         .code(6)

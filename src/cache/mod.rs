@@ -92,6 +92,12 @@ pub struct Cache {
     pub(crate) damaged: Mutex<Vec<String>>,
     pub(crate) torn_index_bytes: u64,
     pub(crate) stored: std::sync::atomic::AtomicU64,
+    /// Why storing stopped (a full disk, a quota, a folder this user cannot write): lookups
+    /// go on, new vectors are not stored (see [`Cache::stop_storing`]).
+    pub(crate) store_failed: Mutex<Option<String>>,
+    /// Vectors put since the last flush that wrote their index entries: not stored for sure
+    /// until it does (if it fails, `stored` takes them back).
+    pub(crate) unflushed: std::sync::atomic::AtomicU64,
 }
 
 impl Cache {
@@ -148,8 +154,13 @@ impl Cache {
             damaged: Mutex::new(Vec::new()),
             torn_index_bytes: torn,
             stored: Default::default(),
+            store_failed: Mutex::new(None),
+            unflushed: Default::default(),
         };
-        cache.touch_fingerprint()?;
+        if let Err(e) = cache.touch_fingerprint() {
+            let mut w = cache.writer.lock().unwrap();
+            cache.stop_storing(&mut w, e);
+        }
         Ok(cache)
     }
 
@@ -201,42 +212,88 @@ impl Cache {
         }
     }
 
-    /// Append a computed vector (buffered until [`Cache::flush`]).
+    /// A store that failed (a full disk, a quota, a folder this user cannot write) stops
+    /// storing for the rest of the process, with one warning: the run goes on, its features
+    /// are as good, only its new vectors are not cached. The pack being written is left as
+    /// a killed process leaves one (what was complete stays readable).
+    fn stop_storing(&self, writer: &mut Option<PackWriter>, e: anyhow::Error) {
+        let why = format!("{e:#}");
+        eprintln!(
+            "tilefeat: warning: cache {}: cannot store vectors ({why}); going on without \
+             storing (lookups still served; this run's new vectors are not cached)",
+            self.dir.display()
+        );
+        *writer = None;
+        // Those not flushed are not findable (their index entries were never written).
+        let lost = self.unflushed.swap(0, std::sync::atomic::Ordering::Relaxed);
+        self.stored
+            .fetch_sub(lost, std::sync::atomic::Ordering::Relaxed);
+        *self.store_failed.lock().unwrap() = Some(why);
+    }
+
+    /// Why storing stopped, if it did.
+    pub fn store_failed(&self) -> Option<String> {
+        self.store_failed.lock().unwrap().clone()
+    }
+
+    /// Append a computed vector (buffered until [`Cache::flush`]); nothing once storing
+    /// stopped.
     pub fn put(&self, tile: &Hash32, features: &[f32]) -> Result<()> {
         let mut w = self.writer.lock().unwrap();
-        if w.is_none() {
-            *w = Some(PackWriter::create(&self.dir)?);
+        if self.store_failed.lock().unwrap().is_some() {
+            return Ok(());
         }
-        let w = w.as_mut().unwrap();
-        if w.put(&self.fp, tile, features)? {
-            self.stored
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stored = match w.as_mut() {
+            Some(pw) => pw.put(&self.fp, tile, features),
+            None => PackWriter::create(&self.dir).and_then(|mut pw| {
+                let r = pw.put(&self.fp, tile, features);
+                *w = Some(pw);
+                r
+            }),
+        };
+        match stored {
+            Ok(true) => {
+                self.stored
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.unflushed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(false) => {}
+            Err(e) => self.stop_storing(&mut w, e),
         }
         Ok(())
     }
 
     /// Write buffered records, then their index entries.
     pub fn flush(&self) -> Result<()> {
-        if let Some(w) = self.writer.lock().unwrap().as_mut() {
-            w.flush(false)?;
-        }
-        Ok(())
+        self.flush_as(false)
     }
 
     /// Write buffered records and their index entries, and fsync both: what was stored so
     /// far survives a crash (the pack stays open for more).
     pub fn sync(&self) -> Result<()> {
-        if let Some(w) = self.writer.lock().unwrap().as_mut() {
-            w.flush(true)?;
+        self.flush_as(true)
+    }
+
+    fn flush_as(&self, durable: bool) -> Result<()> {
+        let mut w = self.writer.lock().unwrap();
+        match w.as_mut().map(|pw| pw.flush(durable)) {
+            Some(Err(e)) => self.stop_storing(&mut w, e),
+            Some(Ok(())) => self
+                .unflushed
+                .store(0, std::sync::atomic::Ordering::Relaxed),
+            None => {}
         }
         Ok(())
     }
 
     /// Flush, fsync and seal this process's pack.
     pub fn close(&self) -> Result<CacheCounters> {
-        if let Some(w) = self.writer.lock().unwrap().take() {
-            w.seal()?;
+        let mut w = self.writer.lock().unwrap();
+        if let Some(Err(e)) = w.take().map(PackWriter::seal) {
+            self.stop_storing(&mut w, e);
         }
+        drop(w);
         Ok(self.counters())
     }
 

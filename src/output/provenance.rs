@@ -72,6 +72,9 @@ pub struct CacheInfo {
     pub misses: usize,
     pub stored: u64,
     pub damaged_records: u64,
+    /// Why the cache stopped storing vectors (a full disk, a quota): the run went on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_failed: Option<String>,
 }
 
 /// Seconds spent per stage, summed over the threads doing it; `startup` and `pipeline` are

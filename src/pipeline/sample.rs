@@ -13,7 +13,7 @@ use super::shared::{Session, SetupTimes, Shared};
 use super::state::PipelineState;
 use super::writer::RowNames;
 use super::{ExtractConfig, Failure};
-use crate::cache::{CacheCounters, Fingerprint};
+use crate::cache::{Cache, CacheCounters, Fingerprint};
 use crate::cpu::CpuInfo;
 use crate::device::device_name;
 use crate::error::{fail, ExitKind, WithKind};
@@ -320,6 +320,7 @@ fn finish_sample(
             misses: if cache.is_some() { state.computed } else { 0 },
             stored,
             damaged_records,
+            store_failed: cache.and_then(Cache::store_failed),
         },
         cuda_waits: cuda.map(|c| c.waits.clone()),
         cuda_streams: cuda.map(|c| c.streams.clone()),
