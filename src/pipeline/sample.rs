@@ -45,7 +45,12 @@ pub(crate) fn extract_sample(
     // This sample's start-up reports the shared set-up it paid for itself (not what an earlier
     // sample that then failed paid).
     shared.setup = SetupTimes::default();
-    let mut source = input::open(&cfg.tile_dir)?;
+    let request = input::slide::GridRequest {
+        slide_mpp: cfg.slide_mpp,
+        ..cfg.slide_grid.clone()
+    };
+    let mut source = input::open(&cfg.tile_dir, &request)?;
+    // A tissue filter, when there is one, drops a slide's grid tiles here, before listing.
     let listing = input::list_some_tiles(&mut *source, &cfg.tile_dir)?;
     for w in &listing.warnings {
         if !cfg.quiet {
@@ -53,16 +58,26 @@ pub(crate) fn extract_sample(
         }
     }
     let tiles = listing.tiles;
+    let slide = source.slide_info();
     let coords = sample_coords(cfg, &tiles)?;
+    // A slide's tiles are its grid's extent in level 0, whatever --patch-size-level0 says.
+    let patch_size_level0 = slide
+        .as_ref()
+        .map(|s| s.patch_size_level0)
+        .or(cfg.patch_size_level0);
     let weights_id = shared.weights(cfg).map_err(Failure::Shared)?.id.clone();
     let fingerprint = cfg.fingerprint(&weights_id);
     if cfg.dry_run {
         writeln!(
             out,
-            "dry run: sample {} — {} tiles in {} -> {} ({}, coordinates: {}); device {}, precision {}, batch {}, {} torch + {} decode threads; weights {} (sha256 {}); fingerprint {}",
+            "dry run: sample {} — {} tiles in {}{} -> {} ({}, coordinates: {}); device {}, precision {}, batch {}, {} torch + {} decode threads; weights {} (sha256 {}); fingerprint {}",
             cfg.sample,
             tiles.len(),
             cfg.tile_dir.display(),
+            slide.as_ref().map_or(String::new(), |s| format!(
+                " (slide: {} level-0 {} µm/px from {}; {} px tiles at {} µm/px, {}, read from level {} as {} px, {} level-0 px a side)",
+                s.vendor, s.mpp, s.mpp_source, s.patch_size, s.target_mpp, s.target, s.level, s.read_size, s.patch_size_level0
+            )),
             cfg.output.display(),
             cfg.format.as_str(),
             coords.found.as_ref().map_or("none", |c| c.convention.as_str()),
@@ -104,7 +119,7 @@ pub(crate) fn extract_sample(
     let in_file = coords.in_file(cfg);
     let info = FileInfo {
         dim,
-        coords: in_file.map(|c| CoordsInfo::of(c, cfg.patch_size_level0)),
+        coords: in_file.map(|c| CoordsInfo::of(c, patch_size_level0)),
         attrs: file_attrs(cfg, &fingerprint),
     };
     let quiet = cfg.quiet;
@@ -157,7 +172,11 @@ pub(crate) fn extract_sample(
         start,
         command,
         dim,
-        (coords.provenance(cfg, in_file.is_some()), model),
+        (
+            coords.provenance(cfg, in_file.is_some(), patch_size_level0),
+            model,
+            source.slide_info(),
+        ),
     )
     .map(Some)
     .map_err(Failure::Sample)
@@ -177,7 +196,11 @@ fn finish_sample(
     start: Instant,
     command: Vec<String>,
     dim: usize,
-    (coords, model): (Option<CoordsProvenance>, Option<ModelProvenance>),
+    (coords, model, slide): (
+        Option<CoordsProvenance>,
+        Option<ModelProvenance>,
+        Option<input::slide::SlideInfo>,
+    ),
 ) -> Result<Summary> {
     let cache = session.cache.as_ref();
     // What this sample stored is on disk before its provenance says so.
@@ -227,6 +250,7 @@ fn finish_sample(
             .to_string(),
         output: cfg.output.display().to_string(),
         model,
+        slide,
         format: Some(cfg.format.as_str().to_string()),
         coords,
         output_sha256: Some(state.committed.sha256.clone()),
@@ -314,7 +338,12 @@ impl SampleCoords {
             .filter(|_| cfg.format != Format::Csv || cfg.coords_explicit)
     }
 
-    fn provenance(&self, cfg: &ExtractConfig, in_file: bool) -> Option<CoordsProvenance> {
+    fn provenance(
+        &self,
+        cfg: &ExtractConfig,
+        in_file: bool,
+        patch_size_level0: Option<u64>,
+    ) -> Option<CoordsProvenance> {
         if cfg.coords == coords::CoordsMode::None {
             return None;
         }
@@ -325,7 +354,7 @@ impl SampleCoords {
                 unit: Some(c.unit.as_str().into()),
                 in_output: in_file,
                 integral: c.integral,
-                patch_size_level0: cfg.patch_size_level0.or(c.patch_size_level0),
+                patch_size_level0: patch_size_level0.or(c.patch_size_level0),
                 patch_level: c.patch_level,
                 missing: None,
             },
