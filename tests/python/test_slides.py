@@ -96,8 +96,9 @@ def test_slide_features_equal_the_reference_tile_folder(tilefeat, slides, tmp_pa
     assert "content_sha256" not in s, "a run without a cache must not hash the slide"
 
     # HDF5: the coordinates are the reference grid's level-0 top-left corners.
-    tilefeat("extract", slides[name], "-o", tmp_path / "slide.h5", *flags, *common)
-    with h5py.File(tmp_path / "slide.h5") as f:
+    (tmp_path / "h5").mkdir()
+    tilefeat("extract", slides[name], "-o", tmp_path / "h5" / "slide.h5", *flags, *common)
+    with h5py.File(tmp_path / "h5" / "slide.h5") as f:
         assert f["coords"][:].tolist() == [list(p) for p in xy]
         csv_rows = np.loadtxt(tmp_path / "slide.csv", delimiter=",", skiprows=1, usecols=range(1, 2049), dtype=np.float32)
         np.testing.assert_array_equal(f["features"][:], csv_rows)
