@@ -389,12 +389,13 @@ impl ExtractPlan {
                         .with_context(|| format!("cannot resolve tile folder {}", dir.display()))
                         .kind(ExitKind::Input)?;
                     // An archive's sample is its name without the archive suffix; a slide's,
-                    // without its extension.
+                    // its name as given (a link's, in a sample sheet of links) without its
+                    // extension.
                     let stem = crate::input::archive_kind(&abs)
                         .filter(|_| abs.is_file())
                         .map(|(_, stem)| std::ffi::OsString::from(stem))
                         .or_else(|| {
-                            let name = abs.file_name()?.to_str()?;
+                            let name = dir.file_name()?.to_str()?;
                             crate::input::slide::is_slide(&abs)
                                 .then(|| crate::input::slide::sample_name(name).into())
                         });

@@ -179,3 +179,31 @@ def test_an_unreadable_region_is_a_bad_tile_and_the_rest_read_on(tilefeat, slide
     tilefeat("extract", slides["aperio.svs"], "-o", tmp_path / "ok.csv", *args)
     ok = (tmp_path / "ok.csv").read_text().splitlines()
     assert (tmp_path / "s.csv").read_text().splitlines() == [ok[0], *ok[2:]]
+
+
+def test_without_openslide_slides_say_how_to_get_it_and_tile_folders_run(tilefeat, slides, tmp_path):
+    import os
+
+    env = {**os.environ, "TILEFEAT_OPENSLIDE": str(tmp_path / "missing" / "libopenslide.so.1")}
+    r = tilefeat("extract", slides["aperio.svs"], "-o", tmp_path / "a.csv", "--weights", "random:0",
+                 check=False, env=env)
+    assert r.returncode == 3, r.stderr
+    assert "aperio.svs" in r.stderr and "TILEFEAT_OPENSLIDE" in r.stderr and "openslide-bin" in r.stderr, r.stderr
+    assert not (tmp_path / "a.csv").exists()
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    cv2.imwrite(str(tiles / "a.png"), np.full((64, 64, 3), 128, np.uint8))
+    tilefeat("extract", tiles, "-o", tmp_path / "t.csv", "--weights", "random:0", "--quiet", env=env)
+    assert (tmp_path / "t.csv").exists()
+
+
+def test_several_slides_are_named_after_their_files(tilefeat, slides, tmp_path):
+    ome = tmp_path / "s1.ome.tiff"
+    ome.symlink_to(slides["generic.tiff"])
+    r = tilefeat("extract", slides["aperio.svs"], ome, "--outdir", tmp_path / "out", "--weights", "random:0",
+                 "--dry-run", "--magnification", "10")
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2, r.stdout
+    assert "sample aperio — 2 tiles" in lines[0] and "out/aperio.csv" in lines[0], lines[0]
+    assert "sample s1 — " in lines[1] and "out/s1.csv" in lines[1], lines[1]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
