@@ -150,13 +150,13 @@ pub struct ExtractArgs {
     pub tile_dirs: Vec<PathBuf>,
 
     /// Output feature file (one tile folder), replaced atomically; its extension sets the
-    /// format: .csv, .h5/.hdf5 (CLAM/TRIDENT layout) or .parquet. The provenance
+    /// format: .csv, .h5/.hdf5 (CLAM/TRIDENT layout), .parquet or .pt. The provenance
     /// (`OUT.provenance.yaml`) and the rejected-tile list (`OUT.rejected.tsv`) are written
     /// beside it.
     #[arg(
         short,
         long,
-        value_name = "OUT.csv|OUT.h5|OUT.parquet",
+        value_name = "OUT.csv|OUT.h5|OUT.parquet|OUT.pt",
         required_unless_present = "outdir",
         conflicts_with = "outdir"
     )]
@@ -164,11 +164,15 @@ pub struct ExtractArgs {
 
     /// Output folder (created if missing): `SAMPLE.csv` (or .h5, .parquet, .pt: see --format),
     /// with its provenance and rejected-tile list, for each tile folder, SAMPLE being its
-    /// --sample or the folder's name.
+    /// --sample or the folder's name. With --format clam: `h5_files/SAMPLE.h5` and
+    /// `pt_files/SAMPLE.pt`, as CLAM's training reads them.
     #[arg(long, value_name = "DIR")]
     pub outdir: Option<PathBuf>,
 
-    /// Feature file format [default: from --output's extension; csv with --outdir].
+    /// Feature file format [default: from --output's extension; csv with --outdir]. For the
+    /// MIL tools: `h5` (TRIDENT; CLAM's heatmaps), `clam` (CLAM's h5_files/ + pt_files/,
+    /// with --outdir), `pt` (slideflow: SAMPLE.pt + SAMPLE.index.npz), `stamp` (STAMP's
+    /// HDF5 layout, coordinates in micrometres: needs --slide-mpp for pixel tile names).
     #[arg(long, value_enum)]
     pub format: Option<crate::output::Format>,
 
@@ -185,6 +189,13 @@ pub struct ExtractArgs {
     /// the top-left corners HDF5's `coords` holds, and is recorded as `patch_size_level0`.
     #[arg(long, value_name = "PX")]
     pub patch_size_level0: Option<u64>,
+
+    /// The slide's micrometres per pixel at level 0 (full resolution), e.g. 0.25 for a 40x
+    /// scan: converts micrometre tile names (STAMP) to level-0 pixels for HDF5 and pixel
+    /// names to micrometres for --format stamp, and gives `level0_magnification` (10 / F).
+    /// For a slide: instead of the resolution it records (none, or a wrong one).
+    #[arg(long, value_name = "F")]
+    pub slide_mpp: Option<f64>,
 
     /// Sample ID recorded in the provenance (and with --outdir, the output's name) [default:
     /// the tile folder's name]. With several tile folders: once per folder, in their order.
@@ -301,11 +312,6 @@ pub struct ExtractArgs {
     /// overlapping tiles) [default: the patch size].
     #[arg(long, value_name = "PX")]
     pub stride: Option<u32>,
-
-    /// Slides: level 0's resolution in µm/px, instead of the one the slide records (for a
-    /// slide without one, or with a wrong one).
-    #[arg(long, value_name = "F")]
-    pub slide_mpp: Option<f64>,
 }
 
 /// `R,G,B`: three finite numbers.

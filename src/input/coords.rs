@@ -349,64 +349,147 @@ pub fn find(mode: &CoordsMode, tiles: &[Tile]) -> Result<Option<Coords>, NoCoord
     }
 }
 
-/// What to subtract from the names' x,y to get the integer level-0 top-left corners HDF5's
-/// `coords` holds (half the extent for a centre convention): names in micrometres or with
-/// fractions, or centres without a known tile extent, cannot be converted (the error says why).
-pub fn top_left_shift(c: &Coords, size_level0: Option<u64>) -> Result<i64, String> {
-    if c.unit == Unit::Micrometres {
-        return Err(format!(
-            "tile names give micrometres ({}), not level-0 pixels: HDF5's `coords` would need \
-             the slide's microns per pixel; write CSV or Parquet, or use --coords none",
-            c.convention
-        ));
+/// How a name's x,y become integer level-0 pixels: `round(v / per_pixel) + shift`, where
+/// `per_pixel` is the names' unit per level-0 pixel (1 for pixels, the slide's microns per
+/// pixel for micrometres) and `shift` moves a centre to a corner or back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ToLevel0 {
+    pub per_pixel: f64,
+    pub shift: i64,
+}
+
+impl ToLevel0 {
+    pub fn apply(&self, v: f64) -> i64 {
+        (v / self.per_pixel).round() as i64 + self.shift
     }
-    if !c.integral {
-        return Err(format!(
+}
+
+/// How a name's x,y become micrometres from the slide's top-left corner to the tile's:
+/// `(v + shift) * per_unit` (STAMP's `coords`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ToMicrons {
+    pub per_unit: f64,
+    pub shift: f64,
+}
+
+impl ToMicrons {
+    pub fn apply(&self, v: f64) -> f64 {
+        (v + self.shift) * self.per_unit
+    }
+}
+
+/// The names' unit per level-0 pixel: 1 for pixels (which must be whole), `slide_mpp` for
+/// micrometres (which need it).
+fn per_pixel(c: &Coords, slide_mpp: Option<f64>) -> Result<f64, String> {
+    match c.unit {
+        Unit::Micrometres => slide_mpp.ok_or_else(|| {
+            format!(
+                "tile names give micrometres ({}), not level-0 pixels: give --slide-mpp F (the \
+                 slide's micrometres per pixel at level 0) to convert them, or write CSV or \
+                 Parquet, or use --coords none",
+                c.convention
+            )
+        }),
+        Unit::Level0Pixels if !c.integral => Err(format!(
             "tile names give fractional coordinates ({}), HDF5's `coords` holds integer pixels",
             c.convention
-        ));
+        )),
+        Unit::Level0Pixels => Ok(1.0),
     }
-    let half = match c.origin {
+}
+
+/// The tiles' extent in level-0 pixels, or why a conversion that needs it cannot be done.
+fn extent(c: &Coords, size_level0: Option<u64>, needed_for: &str) -> Result<u64, String> {
+    size_level0.or(c.patch_size_level0).ok_or_else(|| {
+        format!(
+            "tile names give {} ({}): {needed_for}, which needs the tiles' extent in level-0 \
+             pixels: give --patch-size-level0 PX",
+            match c.origin {
+                Origin::Centre => "tile centres",
+                Origin::TopLeft => "top-left corners",
+            },
+            c.convention
+        )
+    })
+}
+
+/// The integer level-0 top-left corners HDF5's `coords` holds (half the extent off a
+/// centre): names with fractions, micrometres without `slide_mpp`, or centres without a known
+/// tile extent cannot be converted (the error says why).
+pub fn top_left(
+    c: &Coords,
+    size_level0: Option<u64>,
+    slide_mpp: Option<f64>,
+) -> Result<ToLevel0, String> {
+    let per_pixel = per_pixel(c, slide_mpp)?;
+    let shift = match c.origin {
         Origin::TopLeft => 0,
         Origin::Centre => {
-            let size = size_level0.or(c.patch_size_level0).ok_or_else(|| {
-                format!(
-                    "tile names give tile centres ({}): HDF5's `coords` are top-left corners, \
-                     which needs the tiles' extent in level-0 pixels: give --patch-size-level0 PX",
-                    c.convention
-                )
-            })?;
-            (size / 2) as i64
+            -((extent(c, size_level0, "HDF5's `coords` are top-left corners")? / 2) as i64)
         }
     };
-    Ok(half)
+    Ok(ToLevel0 { per_pixel, shift })
 }
 
-/// What to add to the names' x,y to get the integer level-0 tile centres slideflow's
-/// `.index.npz` holds (half the extent for a top-left convention), or why that cannot be done.
-pub fn centre_shift(c: &Coords, size_level0: Option<u64>) -> Result<i64, String> {
-    // The same conditions as for corners: pixels, integers, a known extent where needed.
-    top_left_shift(c, size_level0)?;
-    match c.origin {
-        Origin::Centre => Ok(0),
-        Origin::TopLeft => match size_level0.or(c.patch_size_level0) {
-            Some(size) => Ok((size / 2) as i64),
-            None => Err(format!(
-                "tile names give top-left corners ({}): slideflow's index holds tile centres, \
-                 which needs the tiles' extent in level-0 pixels: give --patch-size-level0 PX",
+/// The integer level-0 tile centres slideflow's `.index.npz` holds (half the extent on from a
+/// top-left corner), or why they cannot be had.
+pub fn centre(
+    c: &Coords,
+    size_level0: Option<u64>,
+    slide_mpp: Option<f64>,
+) -> Result<ToLevel0, String> {
+    // The same conditions as for corners: a known unit, integers, a known extent where needed.
+    let corner = top_left(c, size_level0, slide_mpp)?;
+    let shift = match c.origin {
+        Origin::Centre => 0,
+        Origin::TopLeft => {
+            (extent(c, size_level0, "slideflow's index holds tile centres")? / 2) as i64
+        }
+    };
+    Ok(ToLevel0 {
+        per_pixel: corner.per_pixel,
+        shift,
+    })
+}
+
+/// Micrometre top-left corners (STAMP's `coords`): names in micrometres as they are, pixel
+/// names times `slide_mpp` (which they then need), centres moved by half the extent.
+pub fn microns(
+    c: &Coords,
+    size_level0: Option<u64>,
+    slide_mpp: Option<f64>,
+) -> Result<ToMicrons, String> {
+    let per_unit = match (c.unit, slide_mpp) {
+        (Unit::Micrometres, _) => 1.0,
+        (Unit::Level0Pixels, Some(mpp)) => mpp,
+        (Unit::Level0Pixels, None) => {
+            return Err(format!(
+                "tile names give level-0 pixels ({}): micrometres need the slide's \
+                 micrometres per pixel at level 0: give --slide-mpp F",
                 c.convention
-            )),
-        },
-    }
+            ))
+        }
+    };
+    let shift = match c.origin {
+        Origin::TopLeft => 0.0,
+        Origin::Centre => {
+            -((extent(c, size_level0, "STAMP's `coords` are top-left corners")? / 2) as f64)
+        }
+    };
+    Ok(ToMicrons { per_unit, shift })
 }
 
-/// The names' x,y as HDF5's integer level-0 top-left corners (see [`top_left_shift`]).
+/// The names' x,y as HDF5's integer level-0 top-left corners (see [`top_left`]).
 #[cfg(test)]
-fn level0_top_left(c: &Coords, size_level0: Option<u64>) -> Result<Vec<[i64; 2]>, String> {
-    let half = top_left_shift(c, size_level0)?;
+fn level0_top_left(
+    c: &Coords,
+    size_level0: Option<u64>,
+    slide_mpp: Option<f64>,
+) -> Result<Vec<[i64; 2]>, String> {
+    let t = top_left(c, size_level0, slide_mpp)?;
     Ok(c.xy
         .iter()
-        .map(|&[x, y]| [x as i64 - half, y as i64 - half])
+        .map(|&[x, y]| [t.apply(x), t.apply(y)])
         .collect())
 }
 
@@ -600,15 +683,42 @@ mod tests {
     #[test]
     fn level0_top_left_conversion() {
         let sf = auto(&["s-1536-768.jpg"]).unwrap().unwrap();
-        assert!(level0_top_left(&sf, None)
+        assert!(level0_top_left(&sf, None, None)
             .unwrap_err()
             .contains("--patch-size-level0"));
-        assert_eq!(level0_top_left(&sf, Some(512)).unwrap(), [[1280, 512]]);
+        assert_eq!(
+            level0_top_left(&sf, Some(512), None).unwrap(),
+            [[1280, 512]]
+        );
         let st = auto(&["tile_(1.0, 2.0).jpg"]).unwrap().unwrap();
-        assert!(level0_top_left(&st, None)
-            .unwrap_err()
-            .contains("micrometres"));
+        let e = level0_top_left(&st, None, None).unwrap_err();
+        assert!(
+            e.contains("micrometres") && e.contains("--slide-mpp"),
+            "{e}"
+        );
         let tr = auto(&["000003_x7_y9.png"]).unwrap().unwrap();
-        assert_eq!(level0_top_left(&tr, None).unwrap(), [[7, 9]]);
+        assert_eq!(level0_top_left(&tr, None, None).unwrap(), [[7, 9]]);
+        // A slide's mpp turns STAMP's micrometres into pixels (rounded), and changes nothing
+        // for pixel names.
+        let st = auto(&["tile_(256.0, 512.25).jpg"]).unwrap().unwrap();
+        assert_eq!(
+            level0_top_left(&st, None, Some(0.5)).unwrap(),
+            [[512, 1025]]
+        );
+        assert_eq!(level0_top_left(&tr, None, Some(0.5)).unwrap(), [[7, 9]]);
+        // Centres for slideflow's index; micrometres for STAMP.
+        let c = centre(&tr, Some(10), None).unwrap();
+        assert_eq!([c.apply(7.0), c.apply(9.0)], [12, 14]);
+        assert!(centre(&tr, None, None)
+            .unwrap_err()
+            .contains("--patch-size-level0"));
+        assert!(microns(&tr, None, None)
+            .unwrap_err()
+            .contains("--slide-mpp"));
+        let m = microns(&tr, None, Some(0.25)).unwrap();
+        assert_eq!([m.apply(7.0), m.apply(9.0)], [1.75, 2.25]);
+        let m = microns(&sf, Some(512), Some(0.5)).unwrap();
+        assert_eq!(m.apply(1536.0), 640.0);
+        assert_eq!(microns(&st, None, None).unwrap().apply(512.25), 512.25);
     }
 }

@@ -54,6 +54,7 @@ impl Input {
             Format::H5 => Box::new(read::H5Reader::open(&self.path, &expect)?),
             Format::Parquet => Box::new(read::ParquetReader::open(&self.path, &expect)?),
             Format::Pt => return Err(input_err(&self.path, PT_HAS_NO_NAMES)),
+            Format::Stamp | Format::Clam => return Err(input_err(&self.path, STAMP_IS_NOT_JOINED)),
         })
     }
 }
@@ -122,6 +123,10 @@ const PT_HAS_NO_NAMES: &str = "is a .pt bag, which holds no tile names: join the
      .csv, .h5 or .parquet (extract it as one of those too; with --cache-dir that second run \
      is all cache hits)";
 
+const STAMP_IS_NOT_JOINED: &str = "is in STAMP's layout (coordinates in micrometres): join \
+     the sample's .csv, .h5 or .parquet (extract it as one of those too; with --cache-dir that \
+     second run is all cache hits)";
+
 /// The format of an input, from its provenance (older ones, without the field: CSV), which
 /// its extension must not contradict.
 fn input_format(path: &Path, prov: &Provenance) -> Result<Format> {
@@ -130,6 +135,7 @@ fn input_format(path: &Path, prov: &Provenance) -> Result<Format> {
         Some("h5") => Format::H5,
         Some("parquet") => Format::Parquet,
         Some("pt") => return Err(input_err(path, PT_HAS_NO_NAMES)),
+        Some("stamp") => return Err(input_err(path, STAMP_IS_NOT_JOINED)),
         Some(other) => {
             return Err(input_err(
                 path,
@@ -230,9 +236,23 @@ pub fn run(a: &JoinArgs, out: &mut dyn Write) -> Result<()> {
                 ),
             ));
         }
+        let format = input_format(p, &prov)?;
+        let micrometres = prov.coords.as_ref().is_some_and(|c| {
+            c.in_output
+                && c.unit.as_deref() == Some(crate::input::coords::Unit::Micrometres.as_str())
+        });
+        if format == Format::H5 && micrometres {
+            // Its `coords` are the names' micrometres turned into pixels with --slide-mpp,
+            // rounded: they cannot be given back as the names said them.
+            return Err(input_err(
+                p,
+                "holds micrometre tile names converted to level-0 pixels (--slide-mpp): join \
+                 the sample's .csv or .parquet, which keep the names' x,y",
+            ));
+        }
         inputs.push(Input {
             path: p.clone(),
-            format: input_format(p, &prov)?,
+            format,
             prov,
         });
     }

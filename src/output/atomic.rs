@@ -227,6 +227,7 @@ impl AtomicPath {
             Ok(super::Committed {
                 sha256: hex::encode(sha.finalize()),
                 bytes,
+                companion: None,
             })
         })()
         .with_context(|| format!("cannot write {}", self.target.display()))

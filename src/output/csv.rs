@@ -118,6 +118,7 @@ impl FeatureWriter for CsvWriter {
         let committed = Committed {
             sha256: hex::encode(sha.finalize()),
             bytes,
+            companion: None,
         };
         Ok((staged, committed))
     }

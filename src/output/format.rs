@@ -1,6 +1,8 @@
 //! Which format a feature file is written in: from `--format`, else from the output's
 //! extension (`.csv`, `.h5`/`.hdf5`, `.parquet`, `.pt`); any other extension is a usage
-//! error, so a file named `.h5` never holds CSV text.
+//! error, so a file named `.h5` never holds CSV text. Two formats are a tool's layout rather
+//! than an extension: `stamp` (an `.h5` file in STAMP's layout) and `clam` (CLAM's folders,
+//! `h5_files/` and `pt_files/`, under `--outdir`).
 
 use std::path::Path;
 
@@ -20,6 +22,13 @@ pub enum Format {
     /// A `torch.save` bag for CLAM and slideflow: one float32 (N, D) tensor, with
     /// `NAME.index.npz` (level-0 tile centres) beside it when the tiles have coordinates.
     Pt,
+    /// HDF5 as STAMP reads it (`.h5`): `feats` (= `features`), `coords` in micrometres,
+    /// `feat_type`, `unit`, `tile_size_um`; needs --slide-mpp unless the names give
+    /// micrometres.
+    Stamp,
+    /// CLAM's layout under --outdir: `h5_files/SAMPLE.h5` and `pt_files/SAMPLE.pt`, both
+    /// from one computation.
+    Clam,
 }
 
 impl Format {
@@ -35,18 +44,23 @@ impl Format {
         }
     }
 
-    /// The extension `--outdir` names files with.
+    /// The extension `--outdir` names files with (CLAM's layout: its HDF5 file's).
     pub fn extension(self) -> &'static str {
         match self {
             Format::Csv => "csv",
-            Format::H5 => "h5",
+            Format::H5 | Format::Stamp | Format::Clam => "h5",
             Format::Parquet => "parquet",
             Format::Pt => "pt",
         }
     }
 
+    /// The name `--format` takes and the provenance records.
     pub fn as_str(self) -> &'static str {
-        self.extension()
+        match self {
+            Format::Stamp => "stamp",
+            Format::Clam => "clam",
+            f => f.extension(),
+        }
     }
 }
 
@@ -54,6 +68,12 @@ impl Format {
 /// the extension. The error is the message for a usage error.
 pub fn resolve(output: &Path, flag: Option<Format>) -> Result<Format, String> {
     match (Format::from_path(output), flag) {
+        (_, Some(Format::Clam)) => Err(format!(
+            "--format clam writes CLAM's folders (h5_files/SAMPLE.h5 and pt_files/SAMPLE.pt): \
+             give --outdir DIR instead of --output {}",
+            output.display()
+        )),
+        (Some(Format::H5), Some(Format::Stamp)) => Ok(Format::Stamp),
         (Some(ext), Some(f)) if ext != f => Err(format!(
             "--output {} names a {} file but --format is {}",
             output.display(),
@@ -64,7 +84,7 @@ pub fn resolve(output: &Path, flag: Option<Format>) -> Result<Format, String> {
         (None, Some(f)) => Ok(f),
         (None, None) => Err(format!(
             "--output {}: unknown feature file extension; use .csv, .h5 (or .hdf5), .parquet \
-             or .pt (or give --format csv|h5|parquet|pt)",
+             or .pt (or give --format csv|h5|parquet|pt|stamp)",
             output.display()
         )),
     }
@@ -95,5 +115,18 @@ mod tests {
         assert_eq!(Format::from_str("hdf5", true), Ok(Format::H5));
         let e = resolve(Path::new("a.csv"), Some(Format::Parquet)).unwrap_err();
         assert!(e.contains("--format is parquet"), "{e}");
+        // STAMP's layout is an HDF5 file; CLAM's is folders, only under --outdir.
+        assert_eq!(
+            resolve(Path::new("a.h5"), Some(Format::Stamp)),
+            Ok(Format::Stamp)
+        );
+        assert_eq!(
+            resolve(Path::new("a"), Some(Format::Stamp)),
+            Ok(Format::Stamp)
+        );
+        let e = resolve(Path::new("a.csv"), Some(Format::Stamp)).unwrap_err();
+        assert!(e.contains("--format is stamp"), "{e}");
+        let e = resolve(Path::new("a.h5"), Some(Format::Clam)).unwrap_err();
+        assert!(e.contains("--outdir"), "{e}");
     }
 }

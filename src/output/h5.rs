@@ -1,13 +1,23 @@
-//! HDF5 feature files, laid out as CLAM's and TRIDENT's feature loaders read them:
-//! `features` float32 (N, D), `coords` int64 (N, 2) level-0 top-left corners (when the tile
-//! names give them), `tiles` (N,) UTF-8 strings, all in the CSV's row order. The file's
-//! attributes say what made the features (encoder, layer, pooling, fingerprint, weights,
-//! tilefeat version, sample); `coords` carries `patch_size`, `patch_level` and
-//! `patch_size_level0` where the names give them, as CLAM's and TRIDENT's writers do.
+//! HDF5 feature files, in one of two layouts ([`H5Layout`]).
 //!
-//! The datasets are chunked and grow as rows come, so memory does not depend on the tile
-//! count. libhdf5 writes a temporary file beside the output; it is closed, fsynced, hashed
-//! and renamed over the final name only when every row is in ([`AtomicPath`]).
+//! CLAM's and TRIDENT's (`.h5`, the default): `features` float32 (N, D), `coords` int64 (N, 2)
+//! level-0 top-left corners (when the tile names give them), `tiles` (N,) UTF-8 strings, all
+//! in the CSV's row order. `coords` carries what their readers use where it is known:
+//! `patch_size`, `patch_level`, `patch_size_level0`, and with `--slide-mpp`
+//! `level0_magnification` and `target_magnification`.
+//!
+//! STAMP's (`--format stamp`): the same `features` and `tiles`, `feats` a hard link to
+//! `features` (the same bytes under STAMP's name), `coords` float64 micrometre top-left
+//! corners, and the root attributes STAMP's `get_coords` and `detect_feature_type` read:
+//! `feat_type = "tile"`, `unit = "um"`, `tile_size_um`, `tile_size_px` (when known). It is
+//! only written when the micrometres are known: STAMP takes pixel coordinates without `unit`
+//! on a 224 grid as its historic format and silently rescales them by 256/224.
+//!
+//! The file's attributes say what made the features (encoder, layer, pooling, fingerprint,
+//! weights, tilefeat version, sample). The datasets are chunked and grow as rows come, so
+//! memory does not depend on the tile count. libhdf5 writes a temporary file beside the
+//! output; it is closed, fsynced, hashed and renamed over the final name only when every row
+//! is in ([`AtomicPath`]).
 
 use std::str::FromStr;
 
@@ -18,6 +28,22 @@ use ndarray::{s, ArrayView1, ArrayView2};
 use super::atomic::AtomicPath;
 use super::{Committed, FeatureRow, FeatureWriter, FileInfo, NoEncoding, RowEncoder, Staged};
 use crate::error::{fail, ExitKind};
+use crate::input::coords::{ToLevel0, ToMicrons};
+
+/// Which tools' layout an HDF5 file follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum H5Layout {
+    /// CLAM's and TRIDENT's: `coords` in level-0 pixels.
+    Clam,
+    /// STAMP's: `feats`, `coords` in micrometres, its root attributes.
+    Stamp,
+}
+
+/// `coords` as written: level-0 pixels or micrometres.
+enum CoordsOut {
+    Pixels(hdf5::Dataset, ToLevel0),
+    Microns(hdf5::Dataset, ToMicrons),
+}
 
 /// Rows per chunk of `tiles` and `coords` (a few bytes a row).
 const CHUNK_ROWS: usize = 64;
@@ -37,7 +63,7 @@ pub struct H5Writer {
     target: AtomicPath,
     file: Option<hdf5::File>,
     features: hdf5::Dataset,
-    coords: Option<(hdf5::Dataset, i64)>,
+    coords: Option<CoordsOut>,
     tiles: hdf5::Dataset,
     dim: usize,
     rows: usize,
@@ -63,19 +89,28 @@ fn int_attr(loc: &hdf5::Location, name: &str, value: i64) -> hdf5::Result<()> {
     loc.new_attr::<i64>().create(name)?.write_scalar(&value)
 }
 
+fn float_attr(loc: &hdf5::Location, name: &str, value: f64) -> hdf5::Result<()> {
+    loc.new_attr::<f64>().create(name)?.write_scalar(&value)
+}
+
 impl H5Writer {
-    /// The HDF5 file at `path` (a temporary beside it until committed), with its datasets and
-    /// attributes made: fails before any compute when it cannot be written, or when the tile
-    /// names' coordinates cannot be made level-0 top-left pixels.
-    pub fn create(path: &std::path::Path, info: &FileInfo) -> Result<H5Writer> {
-        let shift = match &info.coords {
-            Some(c) => Some(c.top_left_shift.clone().map_err(|why| {
-                fail(
-                    ExitKind::Input,
-                    format!("cannot write {} as HDF5: {why}", path.display()),
-                )
-            })?),
-            None => None,
+    /// The HDF5 file at `path` (a temporary beside it until committed) in `layout`, with its
+    /// datasets and attributes made: fails before any compute when it cannot be written, or
+    /// when the tile names' coordinates cannot be had in the layout's unit.
+    pub fn create(path: &std::path::Path, info: &FileInfo, layout: H5Layout) -> Result<H5Writer> {
+        let refuse = |why: String| {
+            fail(
+                ExitKind::Input,
+                format!("cannot write {} as HDF5: {why}", path.display()),
+            )
+        };
+        let stamp = match layout {
+            H5Layout::Clam => None,
+            H5Layout::Stamp => Some(stamp_coords(info).map_err(refuse)?),
+        };
+        let pixels = match (&info.coords, layout) {
+            (Some(c), H5Layout::Clam) => Some(c.top_left.clone().map_err(refuse)?),
+            _ => None,
         };
         let target = AtomicPath::create(path)?;
         let err = h5err(path);
@@ -93,27 +128,57 @@ impl H5Writer {
             .shape(0..)
             .create("tiles")
             .map_err(&err)?;
-        let coords = match (&info.coords, shift) {
-            (Some(c), Some(shift)) => {
+        let coords = match (&info.coords, pixels, stamp) {
+            (Some(c), Some(to), _) => {
                 let ds = file
                     .new_dataset::<i64>()
                     .chunk((CHUNK_ROWS, 2))
                     .shape((0.., 2))
                     .create("coords")
                     .map_err(&err)?;
-                let size = c.patch_size_level0;
                 for (name, value) in [
                     ("patch_size", c.patch_size),
-                    ("patch_size_level0", size),
+                    ("patch_size_level0", c.patch_size_level0),
                     ("patch_level", c.patch_level.map(u64::from)),
                 ] {
                     if let Some(v) = value {
                         int_attr(&ds, name, v as i64).map_err(&err)?;
                     }
                 }
+                let (level0, target) = c.magnifications();
+                for (name, value) in [
+                    ("level0_magnification", level0),
+                    ("target_magnification", target),
+                    ("mpp", c.slide_mpp),
+                ] {
+                    if let Some(v) = value {
+                        float_attr(&ds, name, v).map_err(&err)?;
+                    }
+                }
                 str_attr(&ds, "convention", &c.convention).map_err(&err)?;
                 str_attr(&ds, "origin", "top-left, level-0 pixels").map_err(&err)?;
-                Some((ds, shift))
+                Some(CoordsOut::Pixels(ds, to))
+            }
+            (Some(c), None, Some((to, tile_size_um))) => {
+                let ds = file
+                    .new_dataset::<f64>()
+                    .chunk((CHUNK_ROWS, 2))
+                    .shape((0.., 2))
+                    .create("coords")
+                    .map_err(&err)?;
+                str_attr(&ds, "convention", &c.convention).map_err(&err)?;
+                str_attr(&ds, "origin", "top-left, micrometres").map_err(&err)?;
+                file.link_hard("features", "feats").map_err(&err)?;
+                str_attr(&file, "feat_type", "tile").map_err(&err)?;
+                str_attr(&file, "unit", "um").map_err(&err)?;
+                float_attr(&file, "tile_size_um", tile_size_um).map_err(&err)?;
+                if let Some(px) = c.patch_size {
+                    int_attr(&file, "tile_size_px", px as i64).map_err(&err)?;
+                }
+                if let Some(mpp) = c.slide_mpp {
+                    float_attr(&file, "mpp", mpp).map_err(&err)?;
+                }
+                Some(CoordsOut::Microns(ds, to))
             }
             _ => None,
         };
@@ -131,6 +196,28 @@ impl H5Writer {
             rows: 0,
         })
     }
+}
+
+/// What STAMP's layout needs: micrometre corners and the tiles' side in micrometres, or why
+/// they cannot be had (with the flag that gives them).
+fn stamp_coords(info: &FileInfo) -> std::result::Result<(ToMicrons, f64), String> {
+    let c = info.coords.as_ref().ok_or(
+        "STAMP's layout needs tile coordinates, and the tile names give none (see --coords)",
+    )?;
+    let to = c.microns.clone()?;
+    let size = c
+        .tile_size_um()
+        .ok_or_else(|| match (c.slide_mpp, c.patch_size_level0) {
+            (None, _) => "STAMP's layout needs the tiles' size in micrometres: give --slide-mpp F \
+                 (the slide's micrometres per pixel at level 0)"
+                .to_string(),
+            _ => {
+                "STAMP's layout needs the tiles' size in micrometres: give --patch-size-level0 PX \
+                 (their extent in level-0 pixels; with --slide-mpp that is their size)"
+                    .to_string()
+            }
+        })?;
+    Ok((to, size))
 }
 
 impl FeatureWriter for H5Writer {
@@ -165,15 +252,29 @@ impl FeatureWriter for H5Writer {
         self.tiles
             .write_slice(ArrayView1::from(&names), s![start..end])
             .map_err(&err)?;
-        if let Some((ds, shift)) = &self.coords {
-            let mut xy = Vec::with_capacity(rows.len() * 2);
-            for r in rows {
-                let [x, y] = r.xy.context("internal error: a row without coordinates")?;
-                xy.extend([x as i64 - shift, y as i64 - shift]);
+        let xy = |r: &FeatureRow<'_>| r.xy.context("internal error: a row without coordinates");
+        match &self.coords {
+            Some(CoordsOut::Pixels(ds, to)) => {
+                let mut v = Vec::with_capacity(rows.len() * 2);
+                for r in rows {
+                    let [x, y] = xy(r)?;
+                    v.extend([to.apply(x), to.apply(y)]);
+                }
+                ds.resize((end, 2)).map_err(&err)?;
+                let view = ArrayView2::from_shape((rows.len(), 2), &v).expect("rows x 2");
+                ds.write_slice(view, s![start..end, ..]).map_err(&err)?;
             }
-            ds.resize((end, 2)).map_err(&err)?;
-            let view = ArrayView2::from_shape((rows.len(), 2), &xy).expect("rows x 2");
-            ds.write_slice(view, s![start..end, ..]).map_err(&err)?;
+            Some(CoordsOut::Microns(ds, to)) => {
+                let mut v = Vec::with_capacity(rows.len() * 2);
+                for r in rows {
+                    let [x, y] = xy(r)?;
+                    v.extend([to.apply(x), to.apply(y)]);
+                }
+                ds.resize((end, 2)).map_err(&err)?;
+                let view = ArrayView2::from_shape((rows.len(), 2), &v).expect("rows x 2");
+                ds.write_slice(view, s![start..end, ..]).map_err(&err)?;
+            }
+            None => {}
         }
         self.rows = end;
         Ok(())

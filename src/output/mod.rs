@@ -14,6 +14,7 @@ pub mod format;
 pub mod h5;
 pub mod inputs;
 pub mod lock;
+pub mod pair;
 pub mod parquet;
 pub mod provenance;
 pub mod pt;
@@ -28,7 +29,7 @@ pub use format::Format;
 pub use inputs::refuse_overwriting_inputs;
 pub use lock::OutputLock;
 
-use crate::input::coords::Coords;
+use crate::input::coords::{Coords, ToLevel0, ToMicrons};
 
 /// One row of the feature file: a tile's name, its coordinates (as its name gives them) when
 /// the file has them, and its vector.
@@ -59,12 +60,15 @@ pub struct CoordsInfo {
     /// (`level-0 pixels`, `micrometres`), as the provenance says them.
     pub origin: String,
     pub unit: String,
-    /// To subtract from a name's x,y for HDF5's level-0 top-left corners, or why that cannot
-    /// be done (micrometres; centres of unknown extent).
-    pub top_left_shift: std::result::Result<i64, String>,
-    /// To add to a name's x,y for level-0 tile centres (slideflow's `.index.npz`), or why
-    /// that cannot be done.
-    pub centre_shift: std::result::Result<i64, String>,
+    /// A name's x,y to HDF5's level-0 top-left corners, or why that cannot be done
+    /// (micrometres without the slide's mpp; centres of unknown extent).
+    pub top_left: std::result::Result<ToLevel0, String>,
+    /// A name's x,y to level-0 tile centres (slideflow's `.index.npz`), or why not.
+    pub centre: std::result::Result<ToLevel0, String>,
+    /// A name's x,y to micrometre top-left corners (STAMP's `coords`), or why not.
+    pub microns: std::result::Result<ToMicrons, String>,
+    /// `--slide-mpp`: the slide's micrometres per pixel at level 0.
+    pub slide_mpp: Option<f64>,
     pub patch_size_level0: Option<u64>,
     /// The tiles' size in pixels at the level they were cut at, when known.
     pub patch_size: Option<u64>,
@@ -72,32 +76,54 @@ pub struct CoordsInfo {
 }
 
 impl CoordsInfo {
-    /// The layout of `coords`; `size_level0` is `--patch-size-level0`.
-    pub fn of(c: &Coords, size_level0: Option<u64>) -> CoordsInfo {
+    /// The layout of `coords`; `size_level0` is `--patch-size-level0`, `slide_mpp`
+    /// `--slide-mpp`.
+    pub fn of(c: &Coords, size_level0: Option<u64>, slide_mpp: Option<f64>) -> CoordsInfo {
         let size = size_level0.or(c.patch_size_level0);
-        let top_left_shift = crate::input::coords::top_left_shift(c, size);
-        let centre_shift = crate::input::coords::centre_shift(c, size);
         // A histolab tile cut at level 0 is as large as its extent; QuPath's is its extent over
-        // the downsample (1 when the name leaves it out).
+        // the downsample (1 when the name leaves it out), and at the full resolution (level 0)
+        // when that is 1.
+        let downsample = c.downsample.unwrap_or(1.0);
         let patch_size = match (size, c.patch_level, c.convention.as_str()) {
             (Some(s), Some(0), "histolab") => Some(s),
-            (Some(s), None, "qupath") => {
-                let d = c.downsample.unwrap_or(1.0);
-                (d > 0.0 && (s as f64 / d).fract() == 0.0).then(|| (s as f64 / d) as u64)
-            }
+            (Some(s), None, "qupath") => (downsample > 0.0
+                && (s as f64 / downsample).fract() == 0.0)
+                .then(|| (s as f64 / downsample) as u64),
             _ => None,
+        };
+        let patch_level = match c.convention.as_str() {
+            "qupath" if downsample == 1.0 => Some(0),
+            _ => c.patch_level,
         };
         CoordsInfo {
             integral: c.integral,
             convention: c.convention.clone(),
             origin: c.origin.as_str().into(),
             unit: c.unit.as_str().into(),
-            top_left_shift,
-            centre_shift,
+            top_left: crate::input::coords::top_left(c, size, slide_mpp),
+            centre: crate::input::coords::centre(c, size, slide_mpp),
+            microns: crate::input::coords::microns(c, size, slide_mpp),
+            slide_mpp,
             patch_size_level0: size,
             patch_size,
-            patch_level: c.patch_level,
+            patch_level,
         }
+    }
+
+    /// The tiles' side in micrometres, when their extent and the slide's mpp are known.
+    pub fn tile_size_um(&self) -> Option<f64> {
+        Some(self.patch_size_level0? as f64 * self.slide_mpp?)
+    }
+
+    /// The slide's magnification at level 0 by the usual convention (10 / mpp: 0.25 um/px is
+    /// 40x), and the tiles' (level 0's times their size over their extent), when known.
+    pub fn magnifications(&self) -> (Option<f64>, Option<f64>) {
+        let level0 = self.slide_mpp.map(|m| 10.0 / m);
+        let target = match (level0, self.patch_size, self.patch_size_level0) {
+            (Some(m), Some(p), Some(e)) if e > 0 => Some(m * p as f64 / e as f64),
+            _ => None,
+        };
+        (level0, target)
     }
 }
 
@@ -133,6 +159,8 @@ pub trait FeatureWriter: Send {
 pub struct Committed {
     pub sha256: String,
     pub bytes: u64,
+    /// The file written with it from the same rows (CLAM's layout: the `.pt` bag).
+    pub companion: Option<Box<Committed>>,
 }
 
 /// The feature file at `path` in `format`, ready for its rows: fails before any compute when
@@ -146,9 +174,28 @@ pub fn create_features(
 ) -> Result<Box<dyn FeatureWriter>> {
     Ok(match format {
         Format::Csv => Box::new(CsvWriter::create(path, info)?),
-        Format::H5 => Box::new(h5::H5Writer::create(path, info)?),
+        Format::H5 => {
+            if let Some(c) = info
+                .coords
+                .as_ref()
+                .filter(|c| c.patch_size_level0.is_none())
+            {
+                warn(format!(
+                    "{}: the tiles' extent is unknown ({} names do not give it): TRIDENT's \
+                     heatmaps and CLAM's patch readers need `patch_size_level0`; give \
+                     --patch-size-level0 PX",
+                    path.display(),
+                    c.convention
+                ));
+            }
+            Box::new(h5::H5Writer::create(path, info, h5::H5Layout::Clam)?)
+        }
+        Format::Stamp => Box::new(h5::H5Writer::create(path, info, h5::H5Layout::Stamp)?),
         Format::Parquet => Box::new(parquet::ParquetWriter::for_extract(path, info)?),
         Format::Pt => Box::new(pt::PtWriter::create(path, info, warn)?),
+        Format::Clam => anyhow::bail!(
+            "internal error: CLAM's layout is an HDF5 file and a .pt bag, created one by one"
+        ),
     })
 }
 

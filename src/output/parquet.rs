@@ -284,6 +284,7 @@ impl ParquetWriter {
         let committed = Committed {
             sha256: hex::encode(sha.finalize()),
             bytes,
+            companion: None,
         };
         Ok((staged, committed))
     }

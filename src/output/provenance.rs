@@ -181,6 +181,9 @@ pub struct Provenance {
     pub output_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_bytes: Option<u64>,
+    /// CLAM's layout: the `.pt` bag written from the same rows as the feature file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bag: Option<BagProvenance>,
     pub device: String,
     /// On the CPU: its model and the instruction sets that decide bf16/fp16 speed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -211,6 +214,14 @@ pub struct Provenance {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steady_tiles_per_s: Option<f64>,
     pub timings_s: Timings,
+}
+
+/// A `.pt` bag written beside the feature file (CLAM's `pt_files/`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BagProvenance {
+    pub path: String,
+    pub sha256: String,
+    pub bytes: u64,
 }
 
 /// A `--model`'s file, its hash, sidecar and output.
@@ -246,6 +257,9 @@ pub struct CoordsProvenance {
     pub integral: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patch_size_level0: Option<u64>,
+    /// `--slide-mpp`: the slide's micrometres per pixel at level 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slide_mpp: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patch_level: Option<u32>,
     /// Why there are none (a tile whose name does not match).

@@ -25,6 +25,7 @@ use zip::{CompressionMethod, ZipWriter};
 use super::atomic::{AtomicPath, Staged};
 use super::{Committed, FeatureRow, FeatureWriter, FileInfo, NoEncoding, RowEncoder};
 use crate::error::{fail, ExitKind};
+use crate::input::coords::ToLevel0;
 
 /// The folder every record of the zip lives in (`torch.save` to a buffer names it so).
 const ARCHIVE: &str = "archive";
@@ -34,8 +35,8 @@ pub struct PtWriter {
     zip: ZipWriter<BufWriter<File>>,
     dim: usize,
     rows: u64,
-    /// Level-0 centres for the index, and what to add to a name's x,y for them.
-    index: Option<(Vec<[i64; 2]>, i64)>,
+    /// Level-0 centres for the index, and how a name's x,y become them.
+    index: Option<(Vec<[i64; 2]>, ToLevel0)>,
 }
 
 fn perr(path: &Path, e: impl std::fmt::Display) -> anyhow::Error {
@@ -57,8 +58,8 @@ impl PtWriter {
     /// index is written then).
     pub fn create(path: &Path, info: &FileInfo, warn: &mut dyn FnMut(String)) -> Result<Self> {
         let index = match &info.coords {
-            Some(c) => match &c.centre_shift {
-                Ok(shift) => Some((Vec::new(), *shift)),
+            Some(c) => match &c.centre {
+                Ok(to) => Some((Vec::new(), *to)),
                 Err(why) => {
                     warn(format!(
                         "{}: no {} beside it (slideflow needs it): {why}",
@@ -101,11 +102,11 @@ impl FeatureWriter for PtWriter {
                 path.display()
             );
             bytes.extend(r.features.iter().flat_map(|f| f.to_le_bytes()));
-            if let Some((centres, shift)) = &mut self.index {
+            if let Some((centres, to)) = &mut self.index {
                 let [x, y] = r
                     .xy
                     .ok_or_else(|| anyhow::anyhow!("internal error: a row without coordinates"))?;
-                centres.push([x as i64 + *shift, y as i64 + *shift]);
+                centres.push([to.apply(x), to.apply(y)]);
             }
         }
         self.zip.write_all(&bytes).map_err(|e| perr(&path, e))?;

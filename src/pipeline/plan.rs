@@ -155,6 +155,11 @@ pub struct ExtractConfig {
     pub coords: CoordsMode,
     pub coords_explicit: bool,
     pub patch_size_level0: Option<u64>,
+    /// `--slide-mpp`: the slide's micrometres per pixel at level 0.
+    pub slide_mpp: Option<f64>,
+    /// CLAM's layout: the `.pt` bag written beside the HDF5 `output` from the same rows
+    /// (`pt_files/SAMPLE.pt` for `h5_files/SAMPLE.h5`).
+    pub bag: Option<PathBuf>,
     pub sample: String,
     pub weights: WeightsSource,
     pub device: Device,
@@ -178,8 +183,6 @@ pub struct ExtractConfig {
     pub profile: bool,
     /// Slides: the resolution, patch size and stride of the grid.
     pub slide_grid: GridRequest,
-    /// `--slide-mpp`: level 0's µm/px for slides (instead of their own).
-    pub slide_mpp: Option<f64>,
 }
 
 /// `--mpp`/`--magnification`, `--patch-size` and `--stride`, checked: the grid slides get. Any of
@@ -249,15 +252,30 @@ fn slide_grid(a: &ExtractArgs) -> Result<GridRequest> {
     })
 }
 
-/// `--slide-mpp`: 0.01 to 100 µm/px.
-fn check_slide_mpp(v: Option<f64>) -> Result<Option<f64>> {
-    match v {
-        Some(m) if !(m.is_finite() && (0.01..=100.0).contains(&m)) => Err(fail(
-            ExitKind::Usage,
-            format!("--slide-mpp {m}: must be between 0.01 and 100 µm/px"),
-        )),
-        _ => Ok(v),
+/// Micrometres per pixel a slide's level 0 may have: 0.01 (beyond any optical scanner) to 100
+/// (a 0.1x overview); a 72-dpi image's 352.78 is not a slide's.
+pub const SLIDE_MPP_RANGE: std::ops::RangeInclusive<f64> = 0.01..=100.0;
+
+/// `--slide-mpp`: finite and in [`SLIDE_MPP_RANGE`].
+fn check_slide_mpp(mpp: f64) -> std::result::Result<(), String> {
+    if mpp.is_finite() && SLIDE_MPP_RANGE.contains(&mpp) {
+        Ok(())
+    } else {
+        Err(format!(
+            "--slide-mpp {mpp}: not a slide's micrometres per pixel at level 0 (expected {} to \
+             {}; e.g. 0.25 for a 40x scan, 0.5 for 20x)",
+            SLIDE_MPP_RANGE.start(),
+            SLIDE_MPP_RANGE.end()
+        ))
     }
+}
+
+/// CLAM's `pt_files/SAMPLE.pt` for its `h5_files/SAMPLE.h5`.
+fn clam_bag(h5: &Path) -> PathBuf {
+    let folder = h5.parent().and_then(Path::parent).unwrap_or(Path::new(""));
+    folder
+        .join("pt_files")
+        .join(h5.with_extension("pt").file_name().unwrap_or_default())
 }
 
 /// A validated `extract` command: one configuration per tile folder, in the order given, alike
@@ -377,8 +395,10 @@ impl ExtractPlan {
         if a.patch_size_level0 == Some(0) {
             return Err(usage("--patch-size-level0 must be at least 1".into()));
         }
+        if let Some(mpp) = a.slide_mpp {
+            check_slide_mpp(mpp).map_err(usage)?;
+        }
         let slide_grid = slide_grid(a)?;
-        let slide_mpp = check_slide_mpp(a.slide_mpp)?;
         // Names and outputs first: usage errors before the weights and the device are looked at.
         let mut named: Vec<(PathBuf, String, PathBuf)> = Vec::with_capacity(n);
         for (k, dir) in a.tile_dirs.iter().enumerate() {
@@ -425,7 +445,10 @@ impl ExtractPlan {
                             "--sample {sample:?} cannot name a file in --outdir"
                         )));
                     }
-                    d.join(format!("{sample}.{}", format.extension()))
+                    match format {
+                        Format::Clam => d.join("h5_files").join(format!("{sample}.h5")),
+                        _ => d.join(format!("{sample}.{}", format.extension())),
+                    }
                 }
                 (None, None) => unreachable!("clap requires --output or --outdir"),
             };
@@ -458,12 +481,18 @@ impl ExtractPlan {
         let samples = named
             .into_iter()
             .map(|(tile_dir, sample, output)| ExtractConfig {
+                bag: (format == Format::Clam).then(|| clam_bag(&output)),
                 tile_dir,
                 output,
-                format,
+                // CLAM's layout is an HDF5 file with a bag beside it.
+                format: match format {
+                    Format::Clam => Format::H5,
+                    f => f,
+                },
                 coords: coords.clone(),
                 coords_explicit: a.coords.is_some(),
                 patch_size_level0: a.patch_size_level0,
+                slide_mpp: a.slide_mpp,
                 sample,
                 weights: weights.clone(),
                 device,
@@ -489,7 +518,6 @@ impl ExtractPlan {
                 quiet: a.quiet,
                 profile: a.profile,
                 slide_grid: slide_grid.clone(),
-                slide_mpp,
             })
             .collect();
         Ok(ExtractPlan {
@@ -518,6 +546,8 @@ impl ExtractConfig {
             coords: CoordsMode::None,
             coords_explicit: false,
             patch_size_level0: None,
+            slide_mpp: None,
+            bag: None,
             sample: "bench".into(),
             weights: WeightsSource::Random(0),
             device: Device::Cpu,
@@ -539,7 +569,6 @@ impl ExtractConfig {
             quiet: true,
             profile: false,
             slide_grid: GridRequest::default(),
-            slide_mpp: None,
         }
     }
 

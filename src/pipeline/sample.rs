@@ -20,8 +20,8 @@ use crate::error::{fail, ExitKind};
 use crate::input;
 use crate::input::coords::{self, Coords};
 use crate::output::provenance::{
-    CacheInfo, CoordsProvenance, Counts, FingerprintInfo, ModelProvenance, Provenance, Settings,
-    WeightsInfo, RANDOM_WEIGHTS_WARNING,
+    BagProvenance, CacheInfo, CoordsProvenance, Counts, FingerprintInfo, ModelProvenance,
+    Provenance, Settings, WeightsInfo, RANDOM_WEIGHTS_WARNING,
 };
 use crate::output::{
     create_features, provenance_path, rejected_path, CoordsInfo, FileInfo, Format, OutputLock,
@@ -60,11 +60,13 @@ pub(crate) fn extract_sample(
     let tiles = listing.tiles;
     let slide = source.slide_info();
     let coords = sample_coords(cfg, &tiles)?;
-    // A slide's tiles are its grid's extent in level 0, whatever --patch-size-level0 says.
+    // A slide's tiles are its grid's extent in level 0, whatever --patch-size-level0 says, and
+    // its level 0 is the resolution it was read at (its own, or --slide-mpp).
     let patch_size_level0 = slide
         .as_ref()
         .map(|s| s.patch_size_level0)
         .or(cfg.patch_size_level0);
+    let slide_mpp = slide.as_ref().map(|s| s.mpp).or(cfg.slide_mpp);
     let weights_id = shared.weights(cfg).map_err(Failure::Shared)?.id.clone();
     let fingerprint = cfg.fingerprint(&weights_id);
     if cfg.dry_run {
@@ -96,15 +98,19 @@ pub(crate) fn extract_sample(
     // Fail early, before any compute, if the outputs cannot be written; one run at a time
     // per output, until its provenance is written.
     let _lock = OutputLock::acquire(&cfg.output)?;
+    let _bag_lock = cfg.bag.as_deref().map(OutputLock::acquire).transpose()?;
     check_side_files_free(&cfg.output)?;
     // An output (or a side file) that is the archive read, the weights, or the model or its
     // sidecar (regression, review: `--weights w.pt -o w.pt` replaced the weights).
-    let written = [
+    let mut written = vec![
         cfg.output.clone(),
         provenance_path(&cfg.output),
         rejected_path(&cfg.output),
         crate::output::pt::index_path(&cfg.output),
     ];
+    if let Some(bag) = &cfg.bag {
+        written.extend([bag.clone(), crate::output::pt::index_path(bag)]);
+    }
     let mut read = vec![cfg.tile_dir.clone()];
     if let crate::encoder::weights::WeightsSource::File(w) = &cfg.weights {
         read.push(w.clone());
@@ -119,15 +125,29 @@ pub(crate) fn extract_sample(
     let in_file = coords.in_file(cfg);
     let info = FileInfo {
         dim,
-        coords: in_file.map(|c| CoordsInfo::of(c, patch_size_level0)),
+        coords: in_file.map(|c| {
+            let mut info = CoordsInfo::of(c, patch_size_level0, slide_mpp);
+            // A slide's tiles: the patch size at the level read (TRIDENT's and CLAM's
+            // `patch_size`, `patch_level`).
+            if let Some(s) = &slide {
+                info.patch_size = Some(u64::from(s.patch_size));
+                info.patch_level = u32::try_from(s.level).ok();
+            }
+            info
+        }),
         attrs: file_attrs(cfg, &fingerprint),
     };
     let quiet = cfg.quiet;
-    let file = create_features(&cfg.output, cfg.format, &info, &mut |w| {
+    let mut warn = |w: String| {
         if !quiet {
             eprintln!("tilefeat: warning: {w}");
         }
-    })?;
+    };
+    let mut file = create_features(&cfg.output, cfg.format, &info, &mut warn)?;
+    if let Some(bag) = &cfg.bag {
+        let pt = create_features(bag, Format::Pt, &info, &mut warn)?;
+        file = Box::new(crate::output::pair::Pair::new(file, pt));
+    }
 
     shared.session(cfg, &fingerprint).map_err(Failure::Shared)?;
     let setup = std::mem::take(&mut shared.setup);
@@ -173,7 +193,7 @@ pub(crate) fn extract_sample(
         command,
         dim,
         (
-            coords.provenance(cfg, in_file.is_some(), patch_size_level0),
+            coords.provenance(cfg, in_file.is_some(), (patch_size_level0, slide_mpp)),
             model,
             source.slide_info(),
         ),
@@ -255,6 +275,15 @@ fn finish_sample(
         coords,
         output_sha256: Some(state.committed.sha256.clone()),
         output_bytes: Some(state.committed.bytes),
+        bag: cfg
+            .bag
+            .as_ref()
+            .zip(state.committed.companion.as_ref())
+            .map(|(p, c)| BagProvenance {
+                path: p.display().to_string(),
+                sha256: c.sha256.clone(),
+                bytes: c.bytes,
+            }),
         cpu: (cfg.device == tch::Device::Cpu).then(CpuInfo::detect),
         device: device_name(cfg.device),
         feature_dim: dim,
@@ -342,7 +371,7 @@ impl SampleCoords {
         &self,
         cfg: &ExtractConfig,
         in_file: bool,
-        patch_size_level0: Option<u64>,
+        (patch_size_level0, slide_mpp): (Option<u64>, Option<f64>),
     ) -> Option<CoordsProvenance> {
         if cfg.coords == coords::CoordsMode::None {
             return None;
@@ -355,6 +384,7 @@ impl SampleCoords {
                 in_output: in_file,
                 integral: c.integral,
                 patch_size_level0: patch_size_level0.or(c.patch_size_level0),
+                slide_mpp,
                 patch_level: c.patch_level,
                 missing: None,
             },
@@ -365,6 +395,7 @@ impl SampleCoords {
                 in_output: false,
                 integral: false,
                 patch_size_level0: None,
+                slide_mpp,
                 patch_level: None,
                 missing: self.missing.clone(),
             },

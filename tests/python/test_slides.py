@@ -100,6 +100,12 @@ def test_slide_features_equal_the_reference_tile_folder(tilefeat, slides, tmp_pa
     tilefeat("extract", slides[name], "-o", tmp_path / "h5" / "slide.h5", *flags, *common)
     with h5py.File(tmp_path / "h5" / "slide.h5") as f:
         assert f["coords"][:].tolist() == [list(p) for p in xy]
+        attrs = dict(f["coords"].attrs)
+        assert (attrs["patch_size"], attrs["patch_level"], attrs["mpp"]) == (patch, level, 0.25), attrs
+        assert attrs["patch_size_level0"] == s["patch_size_level0"] == rnd(patch * mpp / 0.25)
+        assert xy[1][0] - xy[0][0] == s["step_level0"] == rnd((stride or patch) * mpp / 0.25)
+        assert attrs["level0_magnification"] == 40.0
+        assert attrs["target_magnification"] == pytest.approx(10 / mpp, rel=5e-3)
         csv_rows = np.loadtxt(tmp_path / "slide.csv", delimiter=",", skiprows=1, usecols=range(1, 2049), dtype=np.float32)
         np.testing.assert_array_equal(f["features"][:], csv_rows)
 
