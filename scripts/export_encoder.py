@@ -34,8 +34,26 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-from torch import nn
+
+def _project_python() -> None:
+    """Run as written (`scripts/export_encoder.py ...`) by a python without torch, go on in
+    the project's venv, which scripts/setup.sh made and which has it; else say what to do."""
+    if importlib.util.find_spec("torch") is not None:
+        return
+    venv = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "python"
+    if venv.exists() and Path(sys.prefix).resolve() != venv.parents[1].resolve():
+        os.execv(venv, [str(venv), str(Path(__file__).resolve()), *sys.argv[1:]])
+    sys.exit(
+        f"export_encoder.py: {sys.executable} has no torch: run scripts/setup.sh (which makes "
+        ".venv), or pip install torch torchvision timm"
+    )
+
+
+if __name__ == "__main__":
+    _project_python()
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 SIDECAR_VERSION = 1
 TOLERANCE = 1e-5  # max |traced - eager| / max |eager| on the verification batch
@@ -408,10 +426,13 @@ def export_module(
     weights: str | Path | None = None,
     notes: str = "",
     tolerance: float = TOLERANCE,
+    random_init: int | None = None,
 ) -> dict:
     """Trace `module` on (N,3,size,size) float32 CPU input, save it to `output` (.pt) and the
     sidecar beside it (.json), after checking the reloaded file against eager. Returns the
-    sidecar. Raises ExportError (and leaves no file behind) when the check fails."""
+    sidecar. Raises ExportError (and leaves no file behind) when the check fails.
+    `random_init` is the seed of a random initialisation: tilefeat's provenance then says the
+    features are not trained ones."""
     output = Path(output)
     if output.suffix != ".pt":
         raise ExportError(f"--output {output}: must end in .pt (the sidecar is FILE.json beside FILE.pt)")
@@ -443,6 +464,7 @@ def export_module(
             "output": kind,
             "output_dim": dim,
             "weights_sha256": sha256_file(weights) if weights else None,
+            "random_init": random_init,
             "exported_with": _versions(),
             "notes": notes,
         }
@@ -572,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         export_module(
             module, args.output, size=int(size), mean=mean, std=std,
             name=args.name or defaults.get("name") or model_name, source=defaults.get("source", source),
-            weights=args.weights, notes=notes,
+            weights=args.weights, notes=notes, random_init=seed,
         )  # fmt: skip
         if args.save_state_dict:
             save_state_dict(source_model, args.save_state_dict, defaults.get("_extra_state"))

@@ -110,12 +110,29 @@ fn archives_give_the_folders_csv_and_share_its_cache() {
     std::fs::write(&tgz, gzip(&tar_bytes(&reversed))).unwrap();
     let tgz2 = arch.join("S5.tgz");
     std::fs::write(&tgz2, gzip(&tar_bytes(&all))).unwrap();
+    // The usual `zip -r S6.zip S1` (and `tar czf S7.tar.gz S1`): every member under one
+    // top-level folder, with the folders' own entries. It reads as that folder (regression,
+    // issue 28: the folder's name was in every tile name, so the CSV differed).
+    let mut in_folder: Vec<(String, Vec<u8>)> =
+        vec![("S1/".into(), vec![]), ("S1/sub/".into(), vec![])];
+    in_folder.extend(all.iter().map(|(n, b)| (format!("S1/{n}"), b.clone())));
+    let zip_r = arch.join("S6.zip");
+    write_zip(&zip_r, &in_folder, zip::CompressionMethod::Deflated);
+    let tar_r = arch.join("S7.tar.gz");
+    let files: Vec<(String, Vec<u8>)> = in_folder
+        .iter()
+        .filter(|(n, _)| !n.ends_with('/'))
+        .cloned()
+        .collect();
+    std::fs::write(&tar_r, gzip(&tar_bytes(&files))).unwrap();
     for (archive, sample) in [
         (&zip_stored, "S1"),
         (&zip_deflated, "S2"),
         (&plain, "S3"),
         (&tgz, "S4"),
         (&tgz2, "S5"),
+        (&zip_r, "S6"),
+        (&tar_r, "S7"),
     ] {
         let out = d.path().join(format!("{sample}.csv"));
         extract_ok(
@@ -173,7 +190,18 @@ fn archives_give_the_folders_csv_and_share_its_cache() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     left.sort();
-    assert_eq!(left, ["S1.zip", "S2.ZIP", "S3.tar", "S4.tar.gz", "S5.tgz"]);
+    assert_eq!(
+        left,
+        [
+            "S1.zip",
+            "S2.ZIP",
+            "S3.tar",
+            "S4.tar.gz",
+            "S5.tgz",
+            "S6.zip",
+            "S7.tar.gz"
+        ]
+    );
 }
 
 #[test]

@@ -811,6 +811,28 @@ fn an_unwritable_sample_output_does_not_stop_the_others() {
     assert!(outdir.join("sampleB.provenance.yaml").is_file());
 }
 
+/// `--output features/S1.csv` in a new project makes its folder, as `--outdir` does
+/// (regression, issue 28: the README's command exited 6 "folder features does not exist");
+/// a file in the way of the folder is still an output error naming it.
+#[test]
+fn the_outputs_folder_is_made() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("features/new/S1.csv");
+    extract_ok(&demo_sample("sampleA"), &out, &[]);
+    assert!(out.is_file() && d.path().join("features/new/S1.provenance.yaml").is_file());
+    std::fs::write(d.path().join("file"), "not a folder").unwrap();
+    extract_cmd(&demo_sample("sampleA"), &d.path().join("file/S1.csv"))
+        .assert()
+        .code(6)
+        .stderr(predicate::str::contains("file/S1.csv"));
+    // A dry run makes nothing.
+    extract_cmd(&demo_sample("sampleA"), &d.path().join("dry/S1.csv"))
+        .arg("--dry-run")
+        .assert()
+        .success();
+    assert!(!d.path().join("dry").exists());
+}
+
 /// What every sample shares failing (here the cache) stops the command at once: no sample
 /// runs without it, none is written.
 #[test]

@@ -44,6 +44,10 @@ pub struct Sidecar {
     pub output_dim: Option<usize>,
     #[serde(default)]
     pub weights_sha256: Option<String>,
+    /// The seed of a random initialisation (`export_encoder.py --random-init`): the features
+    /// are not trained ones.
+    #[serde(default)]
+    pub random_init: Option<u64>,
 }
 
 /// `model.pt` -> `model.json`.

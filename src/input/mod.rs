@@ -180,6 +180,38 @@ pub fn list_some_tiles(source: &mut dyn TileSource, path: &Path) -> Result<Listi
     Ok(listing)
 }
 
+/// The one folder every tile of an archive lies in, with its `/` (`S1/` for the usual
+/// `zip -r S1.zip S1`), if there is one: the archive then reads as that folder, so its tile
+/// names are the folder's. None when a tile lies at the top or the tiles span folders.
+pub fn single_top_folder(tiles: &[Tile]) -> Option<String> {
+    let first = tiles.first()?.rel.split_once('/')?.0;
+    let prefix = format!("{first}/");
+    tiles
+        .iter()
+        .all(|t| t.rel.starts_with(&prefix))
+        .then_some(prefix)
+}
+
+/// Tile names without the archive's [`single_top_folder`] (if any), and the index by name
+/// rebuilt to match (each name maps to what its full name mapped to).
+pub fn strip_top_folder<V: Copy>(
+    tiles: &mut [Tile],
+    index: &mut std::collections::HashMap<String, V>,
+) {
+    let Some(prefix) = single_top_folder(tiles) else {
+        return;
+    };
+    let mut stripped = std::collections::HashMap::with_capacity(index.len());
+    for t in tiles.iter_mut() {
+        let short = t.rel[prefix.len()..].to_string();
+        if let Some(v) = index.get(&t.rel) {
+            stripped.insert(short.clone(), *v);
+        }
+        t.rel = short;
+    }
+    *index = stripped;
+}
+
 /// An input error (exit 3) about the archive at `path`.
 pub fn archive_error(path: &Path, why: impl std::fmt::Display) -> anyhow::Error {
     fail(
@@ -299,6 +331,32 @@ mod tests {
         assert_eq!(kind("S1.Zip"), Some((ArchiveKind::Zip, "S1".into())));
         assert_eq!(kind("S1"), None);
         assert_eq!(kind(".zip"), None);
+    }
+
+    #[test]
+    fn an_archive_of_one_folder_reads_as_that_folder() {
+        let tiles = |names: &[&str]| -> Vec<Tile> {
+            names
+                .iter()
+                .map(|n| Tile::new(PathBuf::from(n), n.to_string()))
+                .collect()
+        };
+        let mut t = tiles(&["S1/a.png", "S1/sub/b.png"]);
+        let mut index: std::collections::HashMap<String, usize> =
+            [("S1/a.png".to_string(), 7), ("S1/sub/b.png".to_string(), 9)].into();
+        strip_top_folder(&mut t, &mut index);
+        let names: Vec<&str> = t.iter().map(|t| t.rel.as_str()).collect();
+        assert_eq!(names, ["a.png", "sub/b.png"]);
+        assert_eq!((index["a.png"], index["sub/b.png"], index.len()), (7, 9, 2));
+        // A tile at the top, or tiles in two folders: names as stored.
+        for names in [
+            &["a.png", "S1/b.png"][..],
+            &["S1/a.png", "S2/b.png"],
+            &["S1a.png"],
+        ] {
+            assert_eq!(single_top_folder(&tiles(names)), None, "{names:?}");
+        }
+        assert_eq!(single_top_folder(&[]), None);
     }
 
     #[test]

@@ -150,6 +150,7 @@ impl Tar {
             listing.tiles.push(tile);
         }
         listing.tiles.sort_by(|a, b| a.rel.cmp(&b.rel));
+        super::strip_top_folder(&mut listing.tiles, &mut self.index);
         for (rank, t) in listing.tiles.iter().enumerate() {
             self.members[self.index[&t.rel]].rank = rank;
         }

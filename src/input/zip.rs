@@ -130,6 +130,7 @@ impl TileSource for Zip {
             listing.tiles.push(tile);
         }
         listing.tiles.sort_by(|a, b| a.rel.cmp(&b.rel));
+        super::strip_top_folder(&mut listing.tiles, &mut self.index);
         Ok(listing)
     }
 

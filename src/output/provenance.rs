@@ -29,9 +29,13 @@ pub struct WeightsInfo {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settings {
-    pub layer: crate::cli::Layer,
+    /// The ResNet stage pooled (absent for a `--model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<crate::cli::Layer>,
     pub pool: crate::cli::Pool,
-    pub normalize: crate::cli::Normalize,
+    /// `--normalize`'s name (absent when the mean and std are numbers: `mean_std`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalize: Option<crate::cli::Normalize>,
     /// `mean=R,G,B std=R,G,B` when given as numbers (--mean/--std, or a model's sidecar):
     /// then `normalize` does not apply.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -79,16 +79,9 @@ pub fn run(
 ) -> Result<()> {
     let start = Instant::now();
     if let Some(d) = plan.outdir.as_ref().filter(|_| !plan.samples[0].dry_run) {
-        // The folder, and CLAM's h5_files/ and pt_files/ in it.
-        let first = &plan.samples[0];
-        let folders = [Some(d.as_path()), first.output.parent()]
-            .into_iter()
-            .chain([first.bag.as_deref().and_then(std::path::Path::parent)]);
-        for folder in folders.flatten() {
-            std::fs::create_dir_all(folder)
-                .with_context(|| format!("cannot create --outdir {}", folder.display()))
-                .kind(ExitKind::Output)?;
-        }
+        std::fs::create_dir_all(d)
+            .with_context(|| format!("cannot create --outdir {}", d.display()))
+            .kind(ExitKind::Output)?;
     }
     let mut shared = Shared::default();
     let several = plan.samples.len() > 1;

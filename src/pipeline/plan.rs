@@ -572,6 +572,17 @@ impl ExtractConfig {
         }
     }
 
+    /// Whether the features are not trained ones: `random:SEED` weights, or a `--model`
+    /// whose sidecar says it was exported with a random initialisation.
+    pub fn untrained(&self) -> bool {
+        self.weights.is_random()
+            || self
+                .model
+                .as_ref()
+                .and_then(|m| m.sidecar.as_ref())
+                .is_some_and(|(_, s)| s.random_init.is_some())
+    }
+
     /// `--coords` as given (or its default).
     pub(crate) fn coords_flag(&self) -> &str {
         match &self.coords {

@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use super::run::pipeline_on;
 use super::shared::{Session, SetupTimes, Shared};
@@ -16,7 +16,7 @@ use super::{ExtractConfig, Failure};
 use crate::cache::{CacheCounters, Fingerprint};
 use crate::cpu::CpuInfo;
 use crate::device::device_name;
-use crate::error::{fail, ExitKind};
+use crate::error::{fail, ExitKind, WithKind};
 use crate::input;
 use crate::input::coords::{self, Coords};
 use crate::output::provenance::{
@@ -97,6 +97,18 @@ pub(crate) fn extract_sample(
     }
     // Fail early, before any compute, if the outputs cannot be written; one run at a time
     // per output, until its provenance is written.
+    // Like --outdir's, --output's folder is made (`--output features/S1.csv` in a new
+    // project), and CLAM's h5_files/ and pt_files/.
+    for file in [Some(cfg.output.as_path()), cfg.bag.as_deref()]
+        .into_iter()
+        .flatten()
+    {
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create the folder of {}", file.display()))
+                .kind(ExitKind::Output)?;
+        }
+    }
     let _lock = OutputLock::acquire(&cfg.output)?;
     let _bag_lock = cfg.bag.as_deref().map(OutputLock::acquire).transpose()?;
     check_side_files_free(&cfg.output)?;
@@ -251,7 +263,7 @@ fn finish_sample(
 
     let elapsed = start.elapsed().as_secs_f64();
     let written = state.written;
-    let trained = !cfg.weights.is_random();
+    let trained = !cfg.untrained();
     let cuda = session.cuda.as_ref();
     let provenance = Provenance {
         warning: (!trained).then(|| RANDOM_WEIGHTS_WARNING.to_string()),
@@ -288,9 +300,11 @@ fn finish_sample(
         device: device_name(cfg.device),
         feature_dim: dim,
         settings: Settings {
-            layer: cfg.layer,
+            // A --model has no ResNet layer, and numbers (its sidecar's, or --mean/--std)
+            // instead of a --normalize name: neither is recorded for what did not apply.
+            layer: cfg.model.is_none().then_some(cfg.layer),
             pool: cfg.pool,
-            normalize: cfg.normalize,
+            normalize: (!cfg.mean_std.custom).then_some(cfg.normalize),
             mean_std: cfg.mean_std.custom.then(|| cfg.mean_std.describe()),
             size: cfg.size,
             precision: cfg.precision,
@@ -519,6 +533,7 @@ fn file_attrs(cfg: &ExtractConfig, fingerprint: &Fingerprint) -> Vec<(String, St
         ("precision", cfg.precision.to_string()),
         ("fingerprint", hex::encode(fingerprint.id())),
         ("weights_sha256", fingerprint.weights_sha256.clone()),
+        ("trained", (!cfg.untrained()).to_string()),
         ("tilefeat_version", env!("CARGO_PKG_VERSION").to_string()),
         ("sample", cfg.sample.clone()),
     ]

@@ -50,7 +50,7 @@ pub(crate) struct Session {
 impl Shared {
     pub(crate) fn weights(&mut self, cfg: &ExtractConfig) -> Result<&Weights> {
         if self.weights.is_none() {
-            if cfg.weights.is_random() && !cfg.quiet {
+            if cfg.untrained() && !cfg.quiet {
                 eprintln!("tilefeat: WARNING: {RANDOM_WEIGHTS_WARNING}");
             }
             let t = Instant::now();

@@ -43,6 +43,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 import torch
 from torch import nn
 
@@ -53,7 +54,7 @@ SCRIPT = ROOT / "scripts" / "export_encoder.py"
 SAMPLE_A = ROOT / "demo" / "tiles" / "sampleA"
 SIDECAR_KEYS = [
     "tilefeat_encoder", "name", "source", "size", "mean", "std", "output", "output_dim",
-    "weights_sha256", "exported_with", "notes",
+    "weights_sha256", "random_init", "exported_with", "notes",
 ]  # fmt: skip
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 TUTORIAL = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
@@ -283,6 +284,23 @@ def test_help_explains_with_examples():
     assert r.returncode == 2 and "--random-init" in r.stderr
 
 
+def test_runs_as_written_from_a_python_without_torch(tmp_path):
+    """Regression (issue 28): `scripts/export_encoder.py ...` as the README writes it ran the
+    system python (`#!/usr/bin/env python3`), which has no torch. Run by one, it goes on in the
+    project's venv; with no venv beside it, it says what to do."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", bare], check=True)
+    python = bare / "bin" / "python"
+    assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
+    r = subprocess.run([python, SCRIPT, "--help"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "examples:" in r.stdout, r.stderr
+    lone = tmp_path / "scripts" / "export_encoder.py"
+    lone.parent.mkdir()
+    shutil.copy(SCRIPT, lone)
+    r = subprocess.run([python, lone, "--help"], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "has no torch" in r.stderr and "setup.sh" in r.stderr, r.stderr
+
+
 def test_resnet50_trunk_export(trunk):
     pt, sd = trunk
     assert_sidecar(pt, name="resnet50_trunk", source="torchvision", size=224, mean=TUTORIAL[0], std=TUTORIAL[1],
@@ -294,6 +312,30 @@ def test_resnet50_trunk_export(trunk):
     # The random init is meant to be non-trivial: BatchNorm statistics are not (0, 1).
     state = torch.load(sd, weights_only=True)
     assert state["bn1.running_var"].std() > 0.1 and state["layer4.2.bn3.running_mean"].abs().max() > 0.05
+
+
+def test_random_init_models_are_not_called_trained(tilefeat, tmp_path, trunk, models):
+    """Regression (issue 28): a --model exported with --random-init gave `trained: true`, no
+    warning, and ResNet-only settings (layer4, tutorial) beside the model's own mean/std."""
+    import h5py
+
+    pt, sd = trunk
+    assert sidecar(pt)["random_init"] == 3
+    r = tilefeat("extract", SAMPLE_A, "--model", pt, "-o", tmp_path / "r.h5")
+    assert "NOT a trained model" in r.stderr, r.stderr
+    prov = yaml.safe_load((tmp_path / "r.provenance.yaml").read_text())
+    assert prov["weights"]["trained"] is False and "NOT a trained model" in prov["warning"]
+    assert "layer" not in prov["settings"] and "normalize" not in prov["settings"]
+    assert prov["settings"]["mean_std"].startswith("mean=")
+    with h5py.File(tmp_path / "r.h5", "r") as f:
+        assert f.attrs["trained"] == "false" and f.attrs["layer"] == "output"
+    # The same weights exported from the file (no --random-init): trained as far as it knows.
+    pt2 = models / "trunk_trained.pt"
+    export("torchvision-resnet50-trunk", "--weights", sd, "--normalize", "tutorial", "-o", pt2)
+    assert sidecar(pt2)["random_init"] is None
+    tilefeat("extract", SAMPLE_A, "--model", pt2, "-o", tmp_path / "t.csv", "--quiet")
+    prov = yaml.safe_load((tmp_path / "t.provenance.yaml").read_text())
+    assert prov["weights"]["trained"] is True and "warning" not in prov
 
 
 def test_resnet50_trunk_from_weights_file(trunk, models):
