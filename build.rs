@@ -11,6 +11,10 @@
 //! `nvidia-cuda-runtime` and `nvidia-cuda-crt`, which scripts/setup.sh installs; else
 //! `CUDA_HOME`), it also compiles `src/cuda/streams.cpp`, a shim
 //! over `c10::cuda` streams (tch has none), and sets `cfg(tilefeat_cuda_streams)`.
+//!
+//! OpenSlide is not linked: it is loaded at run time, when a slide is opened
+//! (`src/input/slide/openslide.rs`). Where the Python that torch-sys uses has `openslide-bin`,
+//! its folder is baked in (`TILEFEAT_OPENSLIDE_BIN_DIR`) as a place to look; never an error.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -33,6 +37,10 @@ fn main() {
         cuda_streams_shim(&lib_dir);
     }
     println!("cargo:rustc-env=TILEFEAT_LIBTORCH_LIB={lib_dir}");
+    println!(
+        "cargo:rustc-env=TILEFEAT_OPENSLIDE_BIN_DIR={}",
+        openslide_bin_dir().unwrap_or_default()
+    );
     println!(
         "cargo:rustc-env=TILEFEAT_LIBTORCH_VERSION={}",
         libtorch_version(&lib_dir)
@@ -109,6 +117,30 @@ fn cuda_streams_shim(lib_dir: &str) {
     println!("cargo:rustc-link-lib=dylib=c10_cuda");
     println!("cargo:rustc-link-lib=dylib=c10");
     println!("cargo:rustc-cfg=tilefeat_cuda_streams");
+}
+
+/// The folder of the `openslide-bin` wheel (its `libopenslide.so.1`) in the Python torch-sys
+/// uses (`LIBTORCH_USE_PYTORCH`: `python3` on the PATH, or `PYTHON_SYS_EXECUTABLE`), if any.
+fn openslide_bin_dir() -> Option<String> {
+    println!("cargo:rerun-if-env-changed=PYTHON_SYS_EXECUTABLE");
+    println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
+    let python = std::env::var("PYTHON_SYS_EXECUTABLE").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(python)
+        .args([
+            "-c",
+            "import openslide_bin, os; print(os.path.dirname(openslide_bin.__file__))",
+        ])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let dir = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    let lib = std::path::Path::new(&dir).join("libopenslide.so.1");
+    if !lib.exists() {
+        return None;
+    }
+    println!("cargo:rerun-if-changed={}", lib.display());
+    Some(dir)
 }
 
 /// The version of the libtorch in `lib_dir`: pip's `torch/version.py` or the zip's

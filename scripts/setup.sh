@@ -59,6 +59,16 @@ if [ "$mode" != build-only ]; then
   "$VENV/bin/pip" install -q -r requirements-dev.txt
 fi
 
+# Slides: OpenSlide is loaded at run time from the openslide-bin wheel (one self-contained
+# libopenslide.so.1), which the build finds in the venv; tile folders never need it. Pinned in
+# requirements-dev.txt (test tools share the pin); also in --build-only mode (containers).
+openslide_pin=$(grep -E '^openslide-bin==' requirements-dev.txt 2>/dev/null | cut -d' ' -f1 || true)
+if ! "$VENV/bin/python" -c "import openslide_bin" 2>/dev/null; then
+  echo "==> installing ${openslide_pin:-openslide-bin} into $VENV (OpenSlide, to read slides)"
+  "$VENV/bin/pip" install -q "${openslide_pin:-openslide-bin}" ||
+    echo "==> warning: could not install openslide-bin: slides will need TILEFEAT_OPENSLIDE" >&2
+fi
+
 # nasm: libjpeg-turbo's SIMD kernels (JPEG decoding about 2x faster, same pixels). Without it
 # the build still works, with a warning; `tilefeat info` says which build you have.
 if ! command -v nasm >/dev/null 2>&1; then

@@ -42,7 +42,7 @@ fn bench_tiles(a: &BenchArgs, what: &str) -> Result<(PathBuf, Box<dyn TileSource
         .clone()
         .ok_or_else(|| fail(ExitKind::Usage, format!("--what {what} needs --tiles DIR")))?;
     check_size(a.size)?;
-    let mut source = crate::input::open(&dir)?;
+    let mut source = crate::input::open(&dir, &Default::default())?;
     let tiles = crate::input::list_some_tiles(&mut *source, &dir)?.tiles;
     for t in &tiles {
         let _ = source.read(t);

@@ -31,6 +31,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of `extract`'s many flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Turn one sample's tiles (a folder or a zip/tar archive) into a per-tile feature file:
@@ -140,7 +142,8 @@ makes the GPU model workers share the device's default stream (default: a stream
 pub struct ExtractArgs {
     /// Folder holding one sample's tiles (searched recursively), or an archive of them read
     /// in place: .zip, .tar, .tar.gz, .tgz (the sample is then named after the archive,
-    /// without its suffix). Several (with --outdir) are extracted one after the other in one
+    /// without its suffix), or a whole-slide image read through OpenSlide (.svs, .ndpi,
+    /// .mrxs, .tiff, ...; any other file: see --mpp, --patch-size). Several (with --outdir) are extracted one after the other in one
     /// process, which sets the weights, the model and the GPU up once: on a GPU that saves
     /// seconds per sample.
     #[arg(required = true, value_name = "TILE_DIR")]
@@ -190,6 +193,7 @@ pub struct ExtractArgs {
     /// The slide's micrometres per pixel at level 0 (full resolution), e.g. 0.25 for a 40x
     /// scan: converts micrometre tile names (STAMP) to level-0 pixels for HDF5 and pixel
     /// names to micrometres for --format stamp, and gives `level0_magnification` (10 / F).
+    /// For a slide: instead of the resolution it records (none, or a wrong one).
     #[arg(long, value_name = "F")]
     pub slide_mpp: Option<f64>,
 
@@ -291,6 +295,25 @@ pub struct ExtractArgs {
     /// No progress output (errors are still printed).
     #[arg(short, long)]
     pub quiet: bool,
+
+    /// Slides: read tiles at F µm/px [default: --magnification 20, i.e. 0.5 µm/px].
+    #[arg(long, value_name = "F", conflicts_with = "magnification")]
+    pub mpp: Option<f64>,
+
+    /// Slides: read tiles at the resolution of an M x objective, 10/M µm/px (20: 0.5 µm/px,
+    /// 40: 0.25) [default: 20].
+    #[arg(long, value_name = "M")]
+    pub magnification: Option<f64>,
+
+    /// Slides: a tile's side in pixels at that resolution (then resized to --size) [default:
+    /// 256].
+    #[arg(long, value_name = "PX")]
+    pub patch_size: Option<u32>,
+
+    /// Slides: the step between tiles in pixels at that resolution (less than --patch-size:
+    /// overlapping tiles) [default: the patch size].
+    #[arg(long, value_name = "PX")]
+    pub stride: Option<u32>,
 }
 
 /// `R,G,B`: three finite numbers.

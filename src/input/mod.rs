@@ -1,8 +1,9 @@
 //! Where a sample's tiles come from: a source lists them once, in the output's row order,
 //! and the decode workers read each tile's bytes from it, in any order, from any thread.
 //!
-//! A source is a folder ([`folder::Folder`]), a zip archive ([`zip::Zip`]) or a tar archive,
-//! plain or gzip-compressed ([`tar::Tar`]); archives are read in place, never unpacked. A
+//! A source is a folder ([`folder::Folder`]), a zip archive ([`zip::Zip`]), a tar archive,
+//! plain or gzip-compressed ([`tar::Tar`]), or a whole-slide image whose tiles are regions
+//! read through OpenSlide ([`slide::Slide`]); archives are read in place, never unpacked. A
 //! tile is named by its path relative to the source, `/`-separated (for an archive, its
 //! member path): that name is the `tile` column of every output, and the row order is its
 //! byte order. Only the bytes matter to the numbers (the cache keys by content), so the same
@@ -12,6 +13,7 @@
 pub mod coords;
 pub mod folder;
 pub mod gz;
+pub mod slide;
 pub mod tar;
 pub mod zip;
 
@@ -83,12 +85,34 @@ pub struct Listing {
     pub warnings: Vec<String>,
 }
 
+/// What a source gives for one tile: its file's bytes (decoded by the pipeline), or pixels
+/// already (a slide's region, read and resized by the source).
+pub enum TileData {
+    Encoded(Vec<u8>),
+    /// 8-bit RGB.
+    Rgb(crate::pixels::Image),
+}
+
 /// A sample's tiles.
 pub trait TileSource: Sync {
     /// Every tile, sorted by name (called once, before any read).
     fn list(&mut self) -> Result<Listing>;
     /// One tile's bytes (called from the decode workers).
     fn read(&self, tile: &Tile) -> std::io::Result<Vec<u8>>;
+    /// One tile's bytes or pixels (called from the decode workers): its bytes unless the
+    /// source makes pixels itself.
+    fn read_data(&self, tile: &Tile) -> std::io::Result<TileData> {
+        self.read(tile).map(TileData::Encoded)
+    }
+    /// A tile's content key, when the source knows one without reading the tile (a slide's
+    /// region); None: the key is the SHA-256 of the bytes [`TileSource::read`] gives.
+    fn cache_key(&self, _tile: &Tile) -> Option<std::io::Result<[u8; 32]>> {
+        None
+    }
+    /// The slide the tiles come from, for the provenance.
+    fn slide_info(&self) -> Option<slide::SlideInfo> {
+        None
+    }
 }
 
 /// A member larger than this is not a tile (a zip bomb's declared size, say): a bad tile.
@@ -121,14 +145,16 @@ pub fn archive_kind(path: &Path) -> Option<(ArchiveKind, String)> {
         .map(|(suffix, kind)| (*kind, name[..name.len() - suffix.len()].to_string()))
 }
 
-/// The source a `TILE_DIR` argument names: a folder, or an archive by its suffix.
-pub fn open(path: &Path) -> Result<Box<dyn TileSource>> {
+/// The source a `TILE_DIR` argument names: a folder, an archive by its suffix, or any other
+/// regular file as a slide (its tiles as `slide` asks).
+pub fn open(path: &Path, slide: &slide::GridRequest) -> Result<Box<dyn TileSource>> {
     match archive_kind(path) {
         Some((ArchiveKind::Zip, _)) if path.is_file() => Ok(Box::new(zip::Zip::open(path)?)),
         Some((ArchiveKind::Tar, _)) if path.is_file() => Ok(Box::new(tar::Tar::open(path, false)?)),
         Some((ArchiveKind::TarGz, _)) if path.is_file() => {
             Ok(Box::new(tar::Tar::open(path, true)?))
         }
+        _ if slide::is_slide(path) => Ok(Box::new(slide::Slide::open(path, slide)?)),
         _ => Ok(Box::new(folder::Folder::new(path))),
     }
 }

@@ -172,6 +172,9 @@ pub struct Provenance {
     /// `--model`: the TorchScript file that made the features (absent for the ResNet50).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<ModelProvenance>,
+    /// The slide the tiles were read from (absent for a tile folder or an archive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slide: Option<crate::input::slide::SlideInfo>,
     /// The feature file's format: csv, h5 or parquet (absent in files before formats: csv).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,

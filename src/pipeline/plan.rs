@@ -14,6 +14,7 @@ use crate::encoder::script::Sidecar;
 use crate::encoder::weights::{self, WeightsSource};
 use crate::error::{fail, ExitKind, WithKind};
 use crate::input::coords::CoordsMode;
+use crate::input::slide::GridRequest;
 use crate::output::Format;
 
 /// `--batch-size` by default on a GPU.
@@ -188,6 +189,75 @@ pub struct ExtractConfig {
     pub dry_run: bool,
     pub quiet: bool,
     pub profile: bool,
+    /// Slides: the resolution, patch size and stride of the grid.
+    pub slide_grid: GridRequest,
+}
+
+/// `--mpp`/`--magnification`, `--patch-size` and `--stride`, checked: the grid slides get. Any of
+/// them given with a tile folder or an archive is a usage error (they would be ignored).
+fn slide_grid(a: &ExtractArgs) -> Result<GridRequest> {
+    let usage = |m: String| fail(ExitKind::Usage, m);
+    let given = [
+        a.mpp.map(|_| "--mpp"),
+        a.magnification.map(|_| "--magnification"),
+        a.patch_size.map(|_| "--patch-size"),
+        a.stride.map(|_| "--stride"),
+    ];
+    if let Some(flag) = given.iter().flatten().next() {
+        if let Some(dir) = a
+            .tile_dirs
+            .iter()
+            .find(|d| !crate::input::slide::is_slide(d))
+        {
+            return Err(usage(format!(
+                "{flag} is for slides, but {} is a tile folder or an archive, whose tiles are \
+                 used as they are: leave {flag} out (or extract slides and tile folders in \
+                 separate commands)",
+                dir.display()
+            )));
+        }
+    }
+    let (target_mpp, asked) = match (a.mpp, a.magnification) {
+        (Some(_), Some(_)) => {
+            return Err(usage("--mpp and --magnification: give one".into()));
+        }
+        (Some(m), None) => {
+            if !(m.is_finite() && (0.01..=100.0).contains(&m)) {
+                return Err(usage(format!(
+                    "--mpp {m}: must be between 0.01 and 100 µm/px"
+                )));
+            }
+            (m, format!("--mpp {m}"))
+        }
+        (None, Some(x)) => {
+            if !(x.is_finite() && (0.1..=1000.0).contains(&x)) {
+                return Err(usage(format!(
+                    "--magnification {x}: must be between 0.1 and 1000 (10/M µm/px)"
+                )));
+            }
+            (10.0 / x, format!("--magnification {x}"))
+        }
+        (None, None) => (0.5, "--magnification 20 (default)".to_string()),
+    };
+    let patch = a.patch_size.unwrap_or(256);
+    if !(16..=8192).contains(&patch) {
+        return Err(usage(format!(
+            "--patch-size {patch}: must be between 16 and 8192 pixels"
+        )));
+    }
+    let stride = a.stride.unwrap_or(patch);
+    if !(1..=65536).contains(&stride) {
+        return Err(usage(format!(
+            "--stride {stride}: must be between 1 and 65536 pixels"
+        )));
+    }
+    Ok(GridRequest {
+        target_mpp,
+        asked,
+        patch,
+        stride,
+        slide_mpp: None,
+    })
 }
 
 /// Micrometres per pixel a slide's level 0 may have: 0.01 (beyond any optical scanner) to 100
@@ -281,10 +351,11 @@ impl ExtractPlan {
             )));
         }
         for dir in &a.tile_dirs {
-            let archive = crate::input::archive_kind(dir).is_some() && dir.is_file();
-            if !dir.is_dir() && !archive {
+            // Any other regular file is a slide (OpenSlide says whether it is one).
+            if !dir.is_dir() && !dir.is_file() {
                 let why = if dir.exists() {
-                    "is not a directory, nor a .zip, .tar, .tar.gz or .tgz archive"
+                    "is not a directory, an archive (.zip, .tar, .tar.gz, .tgz) or a slide \
+                     file"
                 } else {
                     "does not exist"
                 };
@@ -337,6 +408,7 @@ impl ExtractPlan {
         if let Some(mpp) = a.slide_mpp {
             check_slide_mpp(mpp).map_err(usage)?;
         }
+        let slide_grid = slide_grid(a)?;
         // Names and outputs first: usage errors before the weights and the device are looked at.
         let mut named: Vec<(PathBuf, String, PathBuf)> = Vec::with_capacity(n);
         for (k, dir) in a.tile_dirs.iter().enumerate() {
@@ -346,10 +418,17 @@ impl ExtractPlan {
                     let abs = std::fs::canonicalize(dir)
                         .with_context(|| format!("cannot resolve tile folder {}", dir.display()))
                         .kind(ExitKind::Input)?;
-                    // An archive's sample is its name without the archive suffix.
+                    // An archive's sample is its name without the archive suffix; a slide's,
+                    // its name as given (a link's, in a sample sheet of links) without its
+                    // extension.
                     let stem = crate::input::archive_kind(&abs)
                         .filter(|_| abs.is_file())
-                        .map(|(_, stem)| std::ffi::OsString::from(stem));
+                        .map(|(_, stem)| std::ffi::OsString::from(stem))
+                        .or_else(|| {
+                            let name = dir.file_name()?.to_str()?;
+                            crate::input::slide::is_slide(&abs)
+                                .then(|| crate::input::slide::sample_name(name).into())
+                        });
                     let name = stem.unwrap_or_else(|| abs.file_name().unwrap_or_default().into());
                     match name.to_str() {
                         Some("") => "sample".into(),
@@ -452,6 +531,7 @@ impl ExtractPlan {
                 dry_run: a.dry_run,
                 quiet: a.quiet,
                 profile: a.profile,
+                slide_grid: slide_grid.clone(),
             })
             .collect();
         Ok(ExtractPlan {
@@ -502,6 +582,7 @@ impl ExtractConfig {
             dry_run: false,
             quiet: true,
             profile: false,
+            slide_grid: GridRequest::default(),
         }
     }
 

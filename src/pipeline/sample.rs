@@ -45,7 +45,12 @@ pub(crate) fn extract_sample(
     // This sample's start-up reports the shared set-up it paid for itself (not what an earlier
     // sample that then failed paid).
     shared.setup = SetupTimes::default();
-    let mut source = input::open(&cfg.tile_dir)?;
+    let request = input::slide::GridRequest {
+        slide_mpp: cfg.slide_mpp,
+        ..cfg.slide_grid.clone()
+    };
+    let mut source = input::open(&cfg.tile_dir, &request)?;
+    // A tissue filter, when there is one, drops a slide's grid tiles here, before listing.
     let listing = input::list_some_tiles(&mut *source, &cfg.tile_dir)?;
     for w in &listing.warnings {
         if !cfg.quiet {
@@ -53,16 +58,28 @@ pub(crate) fn extract_sample(
         }
     }
     let tiles = listing.tiles;
+    let slide = source.slide_info();
     let coords = sample_coords(cfg, &tiles)?;
+    // A slide's tiles are its grid's extent in level 0, whatever --patch-size-level0 says, and
+    // its level 0 is the resolution it was read at (its own, or --slide-mpp).
+    let patch_size_level0 = slide
+        .as_ref()
+        .map(|s| s.patch_size_level0)
+        .or(cfg.patch_size_level0);
+    let slide_mpp = slide.as_ref().map(|s| s.mpp).or(cfg.slide_mpp);
     let weights_id = shared.weights(cfg).map_err(Failure::Shared)?.id.clone();
     let fingerprint = cfg.fingerprint(&weights_id);
     if cfg.dry_run {
         writeln!(
             out,
-            "dry run: sample {} — {} tiles in {} -> {} ({}, coordinates: {}); device {}, precision {}, batch {}, {} torch + {} decode threads; weights {} (sha256 {}); fingerprint {}",
+            "dry run: sample {} — {} tiles in {}{} -> {} ({}, coordinates: {}); device {}, precision {}, batch {}, {} torch + {} decode threads; weights {} (sha256 {}); fingerprint {}",
             cfg.sample,
             tiles.len(),
             cfg.tile_dir.display(),
+            slide.as_ref().map_or(String::new(), |s| format!(
+                " (slide: {} level-0 {} µm/px from {}; {} px tiles at {} µm/px, {}, read from level {} as {} px, {} level-0 px a side)",
+                s.vendor, s.mpp, s.mpp_source, s.patch_size, s.target_mpp, s.target, s.level, s.read_size, s.patch_size_level0
+            )),
             cfg.output.display(),
             cfg.format.as_str(),
             coords.found.as_ref().map_or("none", |c| c.convention.as_str()),
@@ -120,7 +137,16 @@ pub(crate) fn extract_sample(
     let in_file = coords.in_file(cfg);
     let info = FileInfo {
         dim,
-        coords: in_file.map(|c| CoordsInfo::of(c, cfg.patch_size_level0, cfg.slide_mpp)),
+        coords: in_file.map(|c| {
+            let mut info = CoordsInfo::of(c, patch_size_level0, slide_mpp);
+            // A slide's tiles: the patch size at the level read (TRIDENT's and CLAM's
+            // `patch_size`, `patch_level`).
+            if let Some(s) = &slide {
+                info.patch_size = Some(u64::from(s.patch_size));
+                info.patch_level = u32::try_from(s.level).ok();
+            }
+            info
+        }),
         attrs: file_attrs(cfg, &fingerprint),
     };
     let quiet = cfg.quiet;
@@ -190,7 +216,11 @@ pub(crate) fn extract_sample(
         start,
         command,
         dim,
-        (coords.provenance(cfg, in_file.is_some()), model),
+        (
+            coords.provenance(cfg, in_file.is_some(), (patch_size_level0, slide_mpp)),
+            model,
+            source.slide_info(),
+        ),
     )
     .map(Some)
     .map_err(Failure::Sample)
@@ -210,7 +240,11 @@ fn finish_sample(
     start: Instant,
     command: Vec<String>,
     dim: usize,
-    (coords, model): (Option<CoordsProvenance>, Option<ModelProvenance>),
+    (coords, model, slide): (
+        Option<CoordsProvenance>,
+        Option<ModelProvenance>,
+        Option<input::slide::SlideInfo>,
+    ),
 ) -> Result<Summary> {
     let cache = session.cache.as_ref();
     // What this sample stored is on disk before its provenance says so.
@@ -260,6 +294,7 @@ fn finish_sample(
             .to_string(),
         output: cfg.output.display().to_string(),
         model,
+        slide,
         format: Some(cfg.format.as_str().to_string()),
         coords,
         output_sha256: Some(state.committed.sha256.clone()),
@@ -359,7 +394,12 @@ impl SampleCoords {
             .filter(|_| cfg.format != Format::Csv || cfg.coords_explicit)
     }
 
-    fn provenance(&self, cfg: &ExtractConfig, in_file: bool) -> Option<CoordsProvenance> {
+    fn provenance(
+        &self,
+        cfg: &ExtractConfig,
+        in_file: bool,
+        (patch_size_level0, slide_mpp): (Option<u64>, Option<f64>),
+    ) -> Option<CoordsProvenance> {
         if cfg.coords == coords::CoordsMode::None {
             return None;
         }
@@ -370,8 +410,8 @@ impl SampleCoords {
                 unit: Some(c.unit.as_str().into()),
                 in_output: in_file,
                 integral: c.integral,
-                patch_size_level0: cfg.patch_size_level0.or(c.patch_size_level0),
-                slide_mpp: cfg.slide_mpp,
+                patch_size_level0: patch_size_level0.or(c.patch_size_level0),
+                slide_mpp,
                 patch_level: c.patch_level,
                 missing: None,
             },
@@ -382,7 +422,7 @@ impl SampleCoords {
                 in_output: false,
                 integral: false,
                 patch_size_level0: None,
-                slide_mpp: cfg.slide_mpp,
+                slide_mpp,
                 patch_level: None,
                 missing: self.missing.clone(),
             },

@@ -1,0 +1,158 @@
+"""Test slides made from the shared IHC image (tifffile + imagecodecs), small enough for CI.
+
+    python tests/python/make_slides.py OUTDIR
+
+writes, in OUTDIR:
+* `aperio.svs`: an Aperio-like SVS (ImageDescription `Aperio Image Library ...|AppMag = 40|MPP
+  = 0.25`), 3000 x 2000 px, levels at downsamples 1, 4 and ~16, tiled JPEG in RGB;
+* `generic.tiff`: a generic pyramidal TIFF (levels 1, 2, 4), resolution tags 40000 px/cm
+  (0.25 µm/px);
+* `single.tiff`: one level, 1200 x 900 px, 20000 px/cm (0.5 µm/px);
+* `dpi72.tiff`: one level with a 72-dpi resolution (352.78 µm/px: not a microscope's);
+* `corrupt.svs`: `aperio.svs` with level 0's first JPEG tile (level-0 x, y < 256) zeroed.
+
+Level 0 is the IHC image tiled with flips, shifted so that tiles never line up with it. JPEG
+in RGB (`compression="jpeg"`, photometric RGB): `photometric="ycbcr"` would make tifffile take
+the pixels as YCbCr already (wrong colours).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+
+ROOT = Path(__file__).resolve().parents[2]
+MPP = 0.25
+
+
+def source_rgb() -> np.ndarray:
+    for p in (ROOT.parent / "shared" / "data" / "ihc.png", ROOT / "demo" / "ihc.png"):
+        if p.exists():
+            return cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)
+    raise FileNotFoundError("ihc.png not found in ../shared/data or demo/")
+
+
+def canvas(width: int, height: int) -> np.ndarray:
+    """The IHC image tiled (flipped in turn) over width x height, shifted by (137, 59)."""
+    im = source_rgb()
+    h, w = im.shape[:2]
+    rows = []
+    for r in range(height // h + 2):
+        row = []
+        for c in range(width // w + 2):
+            t = im
+            if c % 2:
+                t = t[:, ::-1]
+            if r % 2:
+                t = t[::-1]
+            row.append(t)
+        rows.append(np.concatenate(row, axis=1))
+    big = np.concatenate(rows, axis=0)
+    return np.ascontiguousarray(big[59 : 59 + height, 137 : 137 + width])
+
+
+def pyramid(level0: np.ndarray, downsamples: list[int]) -> list[np.ndarray]:
+    h, w = level0.shape[:2]
+    out = [level0]
+    for d in downsamples[1:]:
+        out.append(cv2.resize(level0, (max(1, round(w / d)), max(1, round(h / d))), interpolation=cv2.INTER_AREA))
+    return out
+
+
+def write_svs(path: Path) -> None:
+    level0 = canvas(3000, 2000)
+    levels = pyramid(level0, [1, 4, 16])
+    h, w = level0.shape[:2]
+    desc = (
+        f"Aperio Image Library v12.0.15\r\n{w}x{h} [0,0 {w}x{h}] (256x256) JPEG/RGB Q=90"
+        f"|AppMag = 40|StripeWidth = 1000|ScanScope ID = TILEFEAT|Filename = aperio|MPP = {MPP}"
+    )
+    with tifffile.TiffWriter(path, bigtiff=False) as tif:
+        for k, lv in enumerate(levels):
+            tif.write(
+                lv,
+                tile=(256, 256),
+                compression="jpeg",
+                compressionargs={"level": 90},
+                photometric="rgb",
+                description=desc if k == 0 else f"Aperio Image Library v12.0.15\r\n{w}x{h} -> {lv.shape[1]}x{lv.shape[0]}",
+                metadata=None,
+                subfiletype=0 if k == 0 else 1,
+            )
+
+
+def write_tiff(path: Path, level0: np.ndarray, downsamples: list[int], resolution, unit: str) -> None:
+    with tifffile.TiffWriter(path) as tif:
+        for k, lv in enumerate(pyramid(level0, downsamples)):
+            tif.write(
+                lv,
+                tile=(256, 256),
+                compression="jpeg",
+                compressionargs={"level": 90},
+                photometric="rgb",
+                resolution=resolution,
+                resolutionunit=unit,
+                metadata=None,
+                subfiletype=0 if k == 0 else 1,
+            )
+
+
+def corrupt_copy(src: Path, dst: Path, page: int = 0, tile: int = 0) -> None:
+    """`src` with one tile's compressed bytes zeroed (not a JPEG any more)."""
+    import shutil
+
+    shutil.copyfile(src, dst)
+    with tifffile.TiffFile(dst) as t:
+        offset, count = t.pages[page].dataoffsets[tile], t.pages[page].databytecounts[tile]
+    with open(dst, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(count))
+
+
+def make_all(out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    names = ("aperio.svs", "generic.tiff", "single.tiff", "dpi72.tiff", "corrupt.svs")
+    paths = {name: out / name for name in names}
+    write_svs(paths["aperio.svs"])
+    corrupt_copy(paths["aperio.svs"], paths["corrupt.svs"])
+    write_tiff(paths["generic.tiff"], canvas(2048, 1536), [1, 2, 4], (1e4 / MPP, 1e4 / MPP), "CENTIMETER")
+    write_tiff(paths["single.tiff"], canvas(1200, 900), [1], (2e4, 2e4), "CENTIMETER")
+    write_tiff(paths["dpi72.tiff"], canvas(1024, 768), [1], (72, 72), "INCH")
+    return paths
+
+
+def check(paths: dict[str, Path]) -> None:
+    """openslide-python opens each one and says what it should."""
+    import openslide
+
+    s = openslide.OpenSlide(paths["aperio.svs"])
+    assert s.properties["openslide.vendor"] == "aperio", s.properties["openslide.vendor"]
+    assert float(s.properties["openslide.mpp-x"]) == MPP
+    assert s.properties["openslide.objective-power"] == "40"
+    assert s.level_count == 3 and s.dimensions == (3000, 2000), (s.level_count, s.dimensions)
+    assert s.level_downsamples[1] == 4.0, s.level_downsamples
+    g = openslide.OpenSlide(paths["generic.tiff"])
+    assert g.properties["openslide.vendor"] == "generic-tiff"
+    assert g.level_count == 3 and g.level_downsamples[:2] == (1.0, 2.0), g.level_downsamples
+    one = openslide.OpenSlide(paths["single.tiff"])
+    assert one.level_count == 1 and one.dimensions == (1200, 900)
+    bad = openslide.OpenSlide(paths["corrupt.svs"])
+    try:
+        bad.read_region((0, 0), 0, (256, 256))
+        raise AssertionError("corrupt.svs's first tile reads")
+    except openslide.OpenSlideError:
+        pass
+    assert openslide.OpenSlide(paths["corrupt.svs"]).read_region((256, 0), 0, (256, 256)).size == (256, 256)
+    dpi = openslide.OpenSlide(paths["dpi72.tiff"])
+    assert dpi.properties.get("tiff.ResolutionUnit") == "inch", dict(dpi.properties)
+
+
+if __name__ == "__main__":
+    made = make_all(Path(sys.argv[1] if len(sys.argv) > 1 else "slides"))
+    check(made)
+    for p in made.values():
+        print(p)
