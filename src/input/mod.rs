@@ -12,6 +12,7 @@
 pub mod coords;
 pub mod folder;
 pub mod gz;
+pub mod slide;
 pub mod tar;
 pub mod zip;
 

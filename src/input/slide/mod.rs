@@ -1,0 +1,4 @@
+pub mod contours;
+pub mod mask;
+pub mod polygon;
+pub mod tissue;
