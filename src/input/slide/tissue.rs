@@ -232,7 +232,9 @@ fn to_level0(points: &[(i32, i32)], scale: (f64, f64)) -> Vec<(i32, i32)> {
 }
 
 /// Segments `rgb`, the slide at the segmentation level, `scale` level-0 pixels per pixel of
-/// it (x, y; see [`level_scale`]).
+/// it (x, y; see [`level_scale`]). `params` should pass [`TissueParams::validate`] (the
+/// presets do): an even median size is not OpenCV's and gives a size-plus-one median here.
+/// A picture with no foreground gives a `Tissue` with no regions: every tile is dropped.
 pub fn segment(rgb: &RgbImage, scale: (f64, f64), params: &TissueParams) -> Tissue {
     let (mask, threshold) = tissue_mask(rgb, params);
     let contours =
