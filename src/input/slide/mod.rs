@@ -14,8 +14,12 @@
 //! for: a run without a cache never hashes), the region, the patch size, the resize and
 //! OpenSlide's version (its decoders make the pixels).
 
+pub mod contours;
 pub mod grid;
+pub mod mask;
 pub mod openslide;
+pub mod polygon;
+pub mod tissue;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
