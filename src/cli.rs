@@ -314,6 +314,13 @@ pub struct ExtractArgs {
     /// overlapping tiles) [default: the patch size].
     #[arg(long, value_name = "PX")]
     pub stride: Option<u32>,
+
+    /// Slides: keep the tiles on tissue, found as CLAM finds it (saturation, median blur,
+    /// threshold, closing, contours with holes, area filters) with its default settings
+    /// (`clam`) or its presets (`tcga`, `bwh_biopsy`); `none` keeps every tile. A picture of
+    /// the tissue and the kept tiles goes beside the output (OUT.tissue.png) [default: clam].
+    #[arg(long, value_name = "clam|tcga|bwh_biopsy|none")]
+    pub tissue: Option<String>,
 }
 
 /// `R,G,B`: three finite numbers.

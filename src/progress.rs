@@ -18,6 +18,9 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// ...the first one this soon.
 const FIRST_LOG: Duration = Duration::from_secs(2);
 
+/// Set (under its lock) and signalled to stop the logging thread.
+type Stop = Arc<(Mutex<bool>, Condvar)>;
+
 /// Tiles done and cache hits so far, shared with the logging thread.
 #[derive(Default)]
 struct Counts {
@@ -31,7 +34,7 @@ pub struct Progress {
     total: usize,
     start: Instant,
     /// The logging thread (off a terminal) and how to stop it.
-    logger: Option<(std::thread::JoinHandle<()>, Arc<(Mutex<bool>, Condvar)>)>,
+    logger: Option<(std::thread::JoinHandle<()>, Stop)>,
     finished: AtomicBool,
 }
 
@@ -87,7 +90,7 @@ impl Progress {
             b
         });
         let logger = (!quiet && !tty).then(|| {
-            let stop = Arc::new((Mutex::new(false), Condvar::new()));
+            let stop: Stop = Arc::new((Mutex::new(false), Condvar::new()));
             let (c, s) = (counts.clone(), stop.clone());
             let handle = std::thread::spawn(move || {
                 let mut wait = FIRST_LOG.min(every);

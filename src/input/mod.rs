@@ -113,6 +113,11 @@ pub trait TileSource: Sync {
     fn slide_info(&self) -> Option<slide::SlideInfo> {
         None
     }
+    /// A picture of where the tiles are (a slide's tissue and kept tiles), as PNG bytes, to
+    /// go beside the feature file.
+    fn picture(&self) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// A member larger than this is not a tile (a zip bomb's declared size, say): a bad tile.

@@ -202,6 +202,7 @@ fn slide_grid(a: &ExtractArgs) -> Result<GridRequest> {
         a.magnification.map(|_| "--magnification"),
         a.patch_size.map(|_| "--patch-size"),
         a.stride.map(|_| "--stride"),
+        a.tissue.as_ref().map(|_| "--tissue"),
     ];
     if let Some(flag) = given.iter().flatten().next() {
         if let Some(dir) = a
@@ -251,12 +252,21 @@ fn slide_grid(a: &ExtractArgs) -> Result<GridRequest> {
             "--stride {stride}: must be between 1 and 65536 pixels"
         )));
     }
+    let tissue = match a.tissue.as_deref().unwrap_or("clam") {
+        "none" => None,
+        name => Some((
+            name.to_string(),
+            name.parse::<crate::input::slide::tissue::TissueParams>()
+                .map_err(|e| usage(format!("--tissue {name}: {e}")))?,
+        )),
+    };
     Ok(GridRequest {
         target_mpp,
         asked,
         patch,
         stride,
         slide_mpp: None,
+        tissue,
     })
 }
 

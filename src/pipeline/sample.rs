@@ -123,6 +123,7 @@ pub(crate) fn extract_sample(
     if let Some(bag) = &cfg.bag {
         written.extend([bag.clone(), crate::output::pt::index_path(bag)]);
     }
+    written.push(crate::output::side_file(&cfg.output, "tissue.png"));
     let mut read = vec![cfg.tile_dir.clone()];
     if let crate::encoder::weights::WeightsSource::File(w) = &cfg.weights {
         read.push(w.clone());
@@ -220,6 +221,7 @@ pub(crate) fn extract_sample(
             coords.provenance(cfg, in_file.is_some(), (patch_size_level0, slide_mpp)),
             model,
             source.slide_info(),
+            source.picture(),
         ),
     )
     .map(Some)
@@ -240,10 +242,11 @@ fn finish_sample(
     start: Instant,
     command: Vec<String>,
     dim: usize,
-    (coords, model, slide): (
+    (coords, model, slide, picture): (
         Option<CoordsProvenance>,
         Option<ModelProvenance>,
         Option<input::slide::SlideInfo>,
+        Option<Vec<u8>>,
     ),
 ) -> Result<Summary> {
     let cache = session.cache.as_ref();
@@ -375,7 +378,16 @@ fn finish_sample(
         .staged
         .take()
         .ok_or_else(|| anyhow::anyhow!("internal error: no feature file to commit"))?;
-    features.and(rejected).and(prov_file).commit()?;
+    // A slide's picture of its tissue and tiles goes with them; a slide read without
+    // tissue detection takes a previous run's picture (of other tiles) away.
+    let picture_path = crate::output::side_file(&cfg.output, "tissue.png");
+    let mut staged = features.and(rejected);
+    match (&picture, &provenance.slide) {
+        (Some(png), _) => staged = staged.and(crate::output::stage(&picture_path, png)?),
+        (None, Some(_)) => staged = staged.and(crate::output::Staged::removal(picture_path)),
+        (None, None) => {}
+    }
+    staged.and(prov_file).commit()?;
     Ok(Summary { provenance })
 }
 

@@ -101,6 +101,52 @@ def write_tiff(path: Path, level0: np.ndarray, downsamples: list[int], resolutio
             )
 
 
+def tissue_canvas(width: int, height: int, pieces, holes, seed: int = 7) -> np.ndarray:
+    """A near-white, faintly noisy glass background (saturation a few units: below CLAM's
+    threshold of 8) with tissue `pieces` (x, y, w, h: the IHC image) and `holes` (x, y, w,
+    h: glass again, inside a piece)."""
+    rng = np.random.default_rng(seed)
+    glass = np.clip(238 + rng.normal(0, 2.0, (height, width, 1)), 0, 255).astype(np.uint8)
+    out = np.repeat(glass, 3, axis=2)
+    out[..., 2] = np.clip(out[..., 2].astype(np.int16) + 2, 0, 255).astype(np.uint8)
+    # The IHC image on a pink (eosin-like) ground: saturated everywhere, as stained tissue is,
+    # so each piece is one region rather than the IHC image's own islands.
+    ihc = canvas(max(p[2] for p in pieces), max(p[3] for p in pieces)).astype(np.float32)
+    pink = np.array([225, 140, 185], np.float32)
+    tissue = np.round(0.6 * ihc + 0.4 * pink).astype(np.uint8)
+    for x, y, w, h in pieces:
+        out[y : y + h, x : x + w] = tissue[:h, :w]
+    for x, y, w, h in holes:
+        out[y : y + h, x : x + w] = np.repeat(glass[y : y + h, x : x + w], 3, axis=2)
+    return out
+
+
+def write_tissue_svs(path: Path) -> dict:
+    """An Aperio-like SVS (0.25 µm/px, levels 1/4/16) of 10240 x 7680 px: a large piece of
+    tissue (6400 x 5600 less its hole: over CLAM's default minimum of 100 x 512^2 level-0 px)
+    with a hole (2400 x 2400, over its minimum hole of 16 x 512^2), a smaller piece (2600 x
+    2500: under the default minimum, over the `tcga` preset's 16 x 512^2) and a speck under
+    both."""
+    layout = dict(
+        pieces=[(500, 800, 6400, 5600), (7200, 1200, 2600, 2500), (8400, 6200, 400, 400)],
+        holes=[(2300, 2300, 2400, 2400)],
+    )
+    level0 = tissue_canvas(10240, 7680, **layout)
+    h, w = level0.shape[:2]
+    desc = (
+        f"Aperio Image Library v12.0.15\r\n{w}x{h} [0,0 {w}x{h}] (256x256) JPEG/RGB Q=90"
+        f"|AppMag = 40|ScanScope ID = TILEFEAT|Filename = tissue|MPP = {MPP}"
+    )
+    with tifffile.TiffWriter(path, bigtiff=False) as tif:
+        for k, lv in enumerate(pyramid(level0, [1, 4, 16])):
+            tif.write(
+                lv, tile=(256, 256), compression="jpeg", compressionargs={"level": 90}, photometric="rgb",
+                description=desc if k == 0 else f"Aperio Image Library v12.0.15\r\n{w}x{h} -> {lv.shape[1]}x{lv.shape[0]}",
+                metadata=None, subfiletype=0 if k == 0 else 1,
+            )  # fmt: skip
+    return layout
+
+
 def corrupt_copy(src: Path, dst: Path, page: int = 0, tile: int = 0) -> None:
     """`src` with one tile's compressed bytes zeroed (not a JPEG any more)."""
     import shutil

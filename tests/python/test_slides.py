@@ -83,7 +83,8 @@ def test_slide_features_equal_the_reference_tile_folder(tilefeat, slides, tmp_pa
     assert (ref_level, ref_read) == (level, read), "the case no longer tests what it says"
     assert len(xy) >= 2
     common = ["--weights", "random:0", "--quiet", "--threads", "2"]
-    tilefeat("extract", slides[name], "-o", tmp_path / "slide.csv", *flags, *common)
+    # The whole grid (tissue detection has its own test: test_slide_tissue.py).
+    tilefeat("extract", slides[name], "-o", tmp_path / "slide.csv", *flags, *common, "--tissue", "none")
     tilefeat("extract", tmp_path / "ref", "-o", tmp_path / "ref.csv", *common)
     got, want = (tmp_path / "slide.csv").read_bytes(), (tmp_path / "ref.csv").read_bytes()
     assert got.count(b"\n") == len(xy) + 1
@@ -97,7 +98,7 @@ def test_slide_features_equal_the_reference_tile_folder(tilefeat, slides, tmp_pa
 
     # HDF5: the coordinates are the reference grid's level-0 top-left corners.
     (tmp_path / "h5").mkdir()
-    tilefeat("extract", slides[name], "-o", tmp_path / "h5" / "slide.h5", *flags, *common)
+    tilefeat("extract", slides[name], "-o", tmp_path / "h5" / "slide.h5", *flags, *common, "--tissue", "none")
     with h5py.File(tmp_path / "h5" / "slide.h5") as f:
         assert f["coords"][:].tolist() == [list(p) for p in xy]
         attrs = dict(f["coords"].attrs)
@@ -125,7 +126,7 @@ def test_bad_slides_fail_clearly_and_write_nothing(tilefeat, slides, tmp_path):
     assert "dpi72.tiff" in r.stderr and "352.7" in r.stderr and "--slide-mpp" in r.stderr, r.stderr
     assert list(out.iterdir()) == [], "nothing may be written for a failed slide"
     tilefeat("extract", slides["dpi72.tiff"], "-o", out / "d.csv", "--weights", "random:0", "--quiet",
-             "--slide-mpp", "0.5", "--patch-size", "512")
+             "--slide-mpp", "0.5", "--patch-size", "512", "--tissue", "none")
     prov = yaml.safe_load((out / "d.provenance.yaml").read_text())
     assert prov["slide"]["mpp_source"] == "--slide-mpp" and prov["tiles"]["written"] == 2
 
@@ -148,7 +149,7 @@ def test_bad_slides_fail_clearly_and_write_nothing(tilefeat, slides, tmp_path):
 
 def test_a_cached_rerun_reads_no_pixels(tilefeat, slides, tmp_path):
     cache = tmp_path / "cache"
-    args = ["--weights", "random:0", "--quiet", "--cache-dir", cache, "--magnification", "10"]
+    args = ["--weights", "random:0", "--quiet", "--tissue", "none", "--cache-dir", cache, "--magnification", "10"]
     tilefeat("extract", slides["aperio.svs"], "-o", tmp_path / "a.csv", *args)
     first = yaml.safe_load((tmp_path / "a.provenance.yaml").read_text())
     tilefeat("extract", slides["aperio.svs"], "-o", tmp_path / "b.csv", *args)
@@ -171,7 +172,7 @@ def test_a_cached_rerun_reads_no_pixels(tilefeat, slides, tmp_path):
 
 def test_an_unreadable_region_is_a_bad_tile_and_the_rest_read_on(tilefeat, slides, tmp_path):
     # Level 0's first JPEG tile is zeroed: grid tile 0 (x=0, y=0; 512 px at 20x) cannot be read.
-    args = ["--weights", "random:0", "--quiet", "--threads", "2"]
+    args = ["--weights", "random:0", "--quiet", "--threads", "2", "--tissue", "none"]
     r = tilefeat("extract", slides["corrupt.svs"], "-o", tmp_path / "f.csv", *args, check=False)
     assert r.returncode == 3 and "000000_x0_y0.png" in r.stderr and "x=0 y=0 level 0" in r.stderr, r.stderr
     assert not (tmp_path / "f.csv").exists()
@@ -207,7 +208,7 @@ def test_several_slides_are_named_after_their_files(tilefeat, slides, tmp_path):
     ome = tmp_path / "s1.ome.tiff"
     ome.symlink_to(slides["generic.tiff"])
     r = tilefeat("extract", slides["aperio.svs"], ome, "--outdir", tmp_path / "out", "--weights", "random:0",
-                 "--dry-run", "--magnification", "10")
+                 "--dry-run", "--magnification", "10", "--tissue", "none")
     lines = r.stdout.splitlines()
     assert len(lines) == 2, r.stdout
     assert "sample aperio — 2 tiles" in lines[0] and "out/aperio.csv" in lines[0], lines[0]

@@ -19,6 +19,7 @@ pub mod grid;
 pub mod mask;
 pub mod openslide;
 pub mod polygon;
+pub mod segment;
 pub mod tissue;
 
 use std::io::Read;
@@ -57,6 +58,8 @@ pub struct GridRequest {
     pub stride: u32,
     /// `--slide-mpp`: level 0's µm/px, instead of the slide's own.
     pub slide_mpp: Option<f64>,
+    /// `--tissue`: the segmentation's settings and their name; None keeps every grid tile.
+    pub tissue: Option<(String, tissue::TissueParams)>,
 }
 
 impl Default for GridRequest {
@@ -67,6 +70,7 @@ impl Default for GridRequest {
             patch: 256,
             stride: 256,
             slide_mpp: None,
+            tissue: Some(("clam".into(), tissue::TissueParams::default())),
         }
     }
 }
@@ -101,11 +105,26 @@ pub struct SlideInfo {
     pub tiles: usize,
     /// Tiles dropped from the grid (tissue): `none` keeps every one.
     pub tissue: String,
+    /// Tissue detection: the level segmented (and the factor its pixels were averaged by
+    /// where it was too large to read whole), Otsu's threshold when used, regions found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tissue_found: Option<TissueFound>,
     /// The files hashed for the cache keys, and their SHA-256 (absent: no cache, not hashed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_sha256: Option<String>,
+}
+
+/// What tissue detection found, for the provenance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TissueFound {
+    pub seg_level: usize,
+    pub averaged: u64,
+    pub threshold: u8,
+    pub regions: usize,
+    pub holes: usize,
+    pub grid_tiles: usize,
 }
 
 /// A slide as a tile source.
@@ -121,6 +140,8 @@ pub struct Slide {
     /// The slide's files' SHA-256, computed on the first cache key asked for.
     content: OnceLock<Result<[u8; 32], String>>,
     warnings: Vec<String>,
+    /// `S.tissue.png` (PNG bytes), when tissue was looked for.
+    picture: Option<Vec<u8>>,
 }
 
 /// Whether `path` is read as a slide: a regular file that is not an archive.
@@ -268,10 +289,36 @@ impl Slide {
             grid_rows: grid.rows,
             tiles: grid.len(),
             tissue: "none".into(),
+            tissue_found: None,
             files: Vec::new(),
             content_sha256: None,
         };
-        let kept = (0..grid.len()).collect();
+        let mut info = info;
+        let mut kept: Vec<usize> = (0..grid.len()).collect();
+        let mut picture = None;
+        if let (Some((name, params)), false) = (&req.tissue, grid.is_empty()) {
+            let found = segment::find(&handle, &levels, params).map_err(&bad)?;
+            kept = segment::kept(&found, &grid);
+            picture = Some(segment::picture_png(&found, &grid, &kept).map_err(&bad)?);
+            info.tissue = format!("--tissue {name}");
+            info.tiles = kept.len();
+            info.tissue_found = Some(TissueFound {
+                seg_level: found.level,
+                averaged: found.averaged,
+                threshold: found.tissue.threshold,
+                regions: found.tissue.regions.len(),
+                holes: found.tissue.regions.iter().map(|r| r.holes.len()).sum(),
+                grid_tiles: grid.len(),
+            });
+            if kept.is_empty() {
+                return Err(bad(format!(
+                    "no tissue found (--tissue {name}: {} regions, none of the {} grid tiles on \
+                     one): check the slide, or try --tissue tcga, bwh_biopsy or none",
+                    found.tissue.regions.len(),
+                    grid.len()
+                )));
+            }
+        }
         Ok(Slide {
             path: path.to_path_buf(),
             lib,
@@ -281,6 +328,7 @@ impl Slide {
             info,
             content: OnceLock::new(),
             warnings,
+            picture,
         })
     }
 
@@ -566,6 +614,10 @@ impl TileSource for Slide {
             info.content_sha256 = Some(hex::encode(sha));
         }
         Some(info)
+    }
+
+    fn picture(&self) -> Option<Vec<u8>> {
+        self.picture.clone()
     }
 }
 
