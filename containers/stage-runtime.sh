@@ -138,8 +138,18 @@ stage() {
     done
   done <"$stage/usr/local/libexec/tilefeat/lib-dirs"
 
-  # Licences of the redistributed wheels (torch: BSD-3-Clause; NVIDIA: CUDA EULA).
-  for f in "$site"/torch-*.dist-info "$site"/nvidia_*.dist-info; do
+  # OpenSlide, for slides: the openslide-bin wheel's one self-contained library (it needs
+  # only glibc), under the path the binary looks in (build.rs bakes the wheel's folder in).
+  if [ -f "$site/openslide_bin/libopenslide.so.1" ]; then
+    echo "$site/openslide_bin" >>"$stage/usr/local/libexec/tilefeat/lib-dirs"
+    install -D -m 0644 "$site/openslide_bin/libopenslide.so.1" \
+      "$stage$site/openslide_bin/libopenslide.so.1"
+    n=$((n + 1))
+  fi
+
+  # Licences of the redistributed wheels (torch: BSD-3-Clause; NVIDIA: CUDA EULA; OpenSlide
+  # and the libraries inside it: LGPL-2.1 and others, listed in its wheel).
+  for f in "$site"/torch-*.dist-info "$site"/nvidia_*.dist-info "$site"/openslide_bin-*.dist-info; do
     [ -d "$f/licenses" ] || continue
     rel=$(basename "$f" .dist-info)
     mkdir -p "$stage/usr/share/doc/tilefeat/third-party/$rel"
