@@ -50,7 +50,7 @@ pub(crate) fn extract_sample(
         ..cfg.slide_grid.clone()
     };
     let mut source = input::open(&cfg.tile_dir, &request)?;
-    // A tissue filter, when there is one, drops a slide's grid tiles here, before listing.
+    // A slide's grid tiles off tissue were dropped when it was opened (`--tissue`).
     let listing = input::list_some_tiles(&mut *source, &cfg.tile_dir)?;
     for w in &listing.warnings {
         if !cfg.quiet {
