@@ -4,10 +4,11 @@
 //!
 //! [`Slide::open`] reads the slide's levels and resolution (its properties, or `--slide-mpp`),
 //! lays the [`grid::Grid`] and names the tiles TRIDENT's way (`{idx}_x{x}_y{y}.png`, level-0
-//! top left), so coordinates come from the names as for tile folders. Every grid tile is kept:
-//! a tissue filter, when there is one, drops tiles from [`Slide::open`]'s grid before they are
-//! listed (see [`Slide::keep`]). The decode workers share one OpenSlide handle; a region that
-//! fails to read is a bad tile (`--on-error`) and later tiles are read from a fresh handle.
+//! top left), so coordinates come from the names as for tile folders. With `--tissue`, the
+//! grid tiles off tissue are dropped before they are listed ([`segment`]), and the picture of
+//! what was kept goes beside the output. The decode workers share one OpenSlide handle; a
+//! region that fails to read is a bad tile (`--on-error`) and later tiles are read from a
+//! fresh handle.
 //!
 //! A tile's cache key is known without reading its pixels ([`Slide::region_key`]): the
 //! slide's content SHA-256 (every byte of its files, streamed once, on the first key asked
@@ -335,15 +336,6 @@ impl Slide {
     /// The grid laid on the slide (every tile, kept or not).
     pub fn grid(&self) -> &Grid {
         &self.grid
-    }
-
-    /// Keep only the grid tiles `keep` says (the seam for a tissue filter: `tissue` names it
-    /// in the provenance). Called before listing.
-    pub fn keep(&mut self, keep: impl Fn(&Region) -> bool, tissue: &str) {
-        let grid = &self.grid;
-        self.kept.retain(|&idx| keep(&grid.region(idx)));
-        self.info.tissue = tissue.to_string();
-        self.info.tiles = self.kept.len();
     }
 
     /// The region read for a tile of this slide (by its name).
