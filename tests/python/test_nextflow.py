@@ -364,7 +364,7 @@ _TOKEN = re.compile(
 
 # Methods the evaluator knows: list.join(sep), list.collect { x -> expression },
 # list.findAll { x -> expression }, value.toString(), value.startsWith(prefix).
-_METHODS = ("join", "collect", "findAll", "toString", "startsWith")
+_METHODS = ("join", "collect", "findAll", "toString", "startsWith", "endsWith")
 # Types `instanceof` knows.
 _TYPES = {"List": list, "Map": dict, "String": str}
 
@@ -548,11 +548,11 @@ class _Parser:
             self.take("(")
             self.take(")")
             return _groovy_str(target)  # null.toString() is 'null' in Groovy too
-        if method == "startsWith" and self.peek() == ("op", "("):
+        if method in ("startsWith", "endsWith") and self.peek() == ("op", "("):
             self.take("(")
-            prefix = self.expr()
+            affix = self.expr()
             self.take(")")
-            return str(target).startswith(prefix)
+            return str(target).startswith(affix) if method == "startsWith" else str(target).endswith(affix)
         if method in ("collect", "findAll") and self.peek() == ("op", "{"):
             self.take("{")
             kind, parameter = self.take()
@@ -653,7 +653,8 @@ def _glob(folder, pattern):
     glob: `{a,b}` alternatives; `*` does not cross `/`; hidden files left out)."""
     match = re.fullmatch(r"(.*)\{([^{}]*)\}(.*)", pattern)
     patterns = [match.group(1) + alt + match.group(3) for alt in match.group(2).split(",")] if match else [pattern]
-    return sorted({p for pattern in patterns for p in folder.glob(pattern) if not p.name.startswith(".")})
+    # staged inputs (symlinks here) are left out, as Nextflow leaves them out (includeInputs: false)
+    return sorted({p for pattern in patterns for p in folder.glob(pattern) if not p.name.startswith(".") and not p.is_symlink()})
 
 
 def _task(meta_id, process, args="", accelerator=None, cpus=2, prefix=None, format=None):
@@ -766,7 +767,9 @@ def _modules_config_args(process, params):
     pairs = re.findall(r'"(--[a-z][\w-]*) \$\{params\.(\w+)\}"', ext_args.group(1))
     assert pairs, f"{process}: no flags in ext.args"
     for flag, param in pairs:
-        assert param == "weights" or params[param] is not None, f"{process}: {flag} reads params.{param}, which has no default"
+        # a param without a default is passed only when set (`params.X ? "--flag ${params.X}" : ''`)
+        optional = f'params.{param} ? "{flag} ${{params.{param}}}" : \'\'' in ext_args.group(1)
+        assert param == "weights" or optional or params[param] is not None, f"{process}: {flag} reads params.{param}, which has no default"
     args = evaluate(ext_args.group(1), {"params": params})
     assert isinstance(args, str), f"{process}: ext.args gives {args!r}, not a string"
     return args, [flag for flag, _ in pairs]
@@ -902,8 +905,12 @@ def test_versions_eval_prints_the_version(tmp_path, bin_dir):
 def _collect_outputs(work, module_path, what):
     """{emit name: file} of a finished task: each path output must match exactly one file."""
     found = {}
+    outputs = _section(module_path, "output")
     for emit, pattern in _output_globs(module_path).items():
         matches = _glob(work, pattern)
+        optional = re.search(rf'path\("{re.escape(pattern)}"\), optional: true, emit: {emit}\b', outputs)
+        if optional and not matches:
+            continue
         assert len(matches) == 1, f"{what}: output path({pattern!r}) ({emit}) matched {matches}"
         found[emit] = matches[0]
     return found
@@ -1254,12 +1261,15 @@ def test_staged_names_follow_nextflow():
     assert _staged_names("seq", ["a", "b"]) == ["seq1", "seq2"]
 
 
-def _main_nf_batches(ids, size):
-    """main.nf's batches for --samples_per_task `size`: sample IDs in order, `size` at a time
-    (the last one may be smaller), each named FIRST..LAST (or its one sample's ID). Mirrors
-    main.nf, whose code is pinned by test_main_nf_batches_and_rekeys_per_sample."""
-    ordered = sorted(ids)
-    groups = [ordered[i : i + size] for i in range(0, len(ordered), size)]
+def _main_nf_batches(ids, size, mpps=None):
+    """main.nf's batches for --samples_per_task `size`: sample IDs in order, grouped by slide
+    mpp (`mpps`: {id: mpp}; one --slide-mpp per process), `size` at a time (the last one of a
+    group may be smaller), each named FIRST..LAST (or its one sample's ID). Mirrors main.nf,
+    whose code is pinned by test_main_nf_batches_and_rekeys_per_sample."""
+    by_mpp = {}
+    for sample in sorted(ids):
+        by_mpp.setdefault((mpps or {}).get(sample), []).append(sample)
+    groups = [g[i : i + size] for g in by_mpp.values() for i in range(0, len(g), size)]
     return [(group[0] if len(group) == 1 else f"{group[0]}..{group[-1]}", group) for group in groups]
 
 
@@ -1272,25 +1282,30 @@ def test_main_nf_batches_and_rekeys_per_sample():
     text = RULES._strip_comments((NF / "main.nf").read_text())
     for needed in (
         "if ( params.samples_per_task == 1 ) {\n        TILEFEAT_EXTRACT( channel.fromList(samples), weights, model, model_sidecar, cache_dir )",
-        ".toSorted { a, b -> a[0].id <=> b[0].id }\n            .collate( params.samples_per_task as int )",
+        ".toSorted { a, b -> a[0].id <=> b[0].id }\n            .groupBy { row -> row[0].slide_mpp }\n            .values()\n"
+        "            .collectMany { group -> group.collate( params.samples_per_task as int ) }",
+        "[ [ id: id, samples: rows.collect { row -> row[0] }, slide_mpp: rows[0][0].slide_mpp ], rows.collect { row -> row[1] } ]",
         'def id = ids.size() == 1 ? ids[0] : "${ids.first()}..${ids.last()}".toString()',
-        "[ [ id: id, samples: rows.collect { row -> row[0] } ], rows.collect { row -> row[1] } ]",
         "TILEFEAT_EXTRACT_BATCH( channel.fromList(batches), weights, model, model_sidecar, cache_dir )",
-        "ch_features = perSample( TILEFEAT_EXTRACT_BATCH.out.features, [ '.csv', '.h5', '.parquet' ] )",
+        "ch_features = perSample( TILEFEAT_EXTRACT_BATCH.out.features, [ '.csv', '.h5', '.parquet', '.pt' ] )",
         "ch_provenance = perSample( TILEFEAT_EXTRACT_BATCH.out.provenance, [ '.provenance.yaml' ] )",
         "reportFailedSamples( TILEFEAT_EXTRACT_BATCH.out.failed )",
-        'found.find { f -> suffixes.any { suffix -> f.name == "${sample.id}${suffix}".toString() } }',
-        "def ch_join_input = ch_features\n        .join( ch_provenance )",
+        'found.findAll { f -> suffixes.any { suffix -> f.name == "${sample.id}${suffix}".toString() } }',
+        ".collect { row -> [ row[0], row[1].size() == 1 ? row[1][0] : row[1] ] }",
+        "def ch_join_input = ch_features\n            .map { meta, files -> [ meta, [ files ].flatten().find { f -> !f.name.endsWith('.pt') } ] }\n"
+        "            .join( ch_provenance )",
         "tsv.readLines().drop(1).findAll { line -> line }.collect { line -> line.split('\\t', 3) as List }",
         "storeDir: \"${params.outdir}/pipeline_info\"",
     ):
         assert needed in text, f"main.nf no longer has: {needed}"
     assert _main_nf_batches(["c", "a", "b"], 2) == [("a..b", ["a", "b"]), ("c", ["c"])]
+    assert _main_nf_batches(["c", "a", "b"], 2, {"a": 0.25, "b": None, "c": 0.25}) == [("a..c", ["a", "c"]), ("b", ["b"])]
     # the file names the re-keying looks for are the ones the module's outputs match, for
     # every format the schema offers
     globs = _output_globs(BATCH_NF)
-    assert globs["features"] == "*.{csv,h5,parquet}" and globs["provenance"] == "*.provenance.yaml"
-    assert set(_schema_properties()["format"]["enum"]) == {"csv", "h5", "parquet"}
+    assert globs["features"] == "*.{csv,h5,parquet,pt}" and globs["provenance"] == "*.provenance.yaml"
+    assert globs["index"] == "*.index.npz"
+    assert set(_schema_properties()["format"]["enum"]) == {"csv", "h5", "parquet", "pt", "stamp", "clam"}
 
 
 def test_batch_module_config_matches_extract():
@@ -1611,8 +1626,9 @@ def test_output_formats_end_to_end(tmp_path, bin_dir, demo_samples, format, coho
 STUB_CASES = [
     # (module, ext.format: None = the module's default)
     (EXTRACT_NF, None), (EXTRACT_NF, "h5"), (EXTRACT_NF, "parquet"),
+    (EXTRACT_NF, "pt"), (EXTRACT_NF, "stamp"), (EXTRACT_NF, "clam"),
     (JOIN_NF, None), (JOIN_NF, "parquet"),
-    (BATCH_NF, None), (BATCH_NF, "h5"),
+    (BATCH_NF, None), (BATCH_NF, "h5"), (BATCH_NF, "pt"), (BATCH_NF, "stamp"), (BATCH_NF, "clam"),
 ]  # fmt: skip
 
 
@@ -1640,9 +1656,14 @@ def test_stub_writes_every_declared_output(tmp_path, module_path, format):
     for emit, pattern in _output_globs(module_path).items():
         matches = _glob(work, pattern)
         expected = 1 if emit in ("failed", "cohort") else per_sample
+        if emit == "features" and format == "clam":
+            expected = 2 * per_sample  # each sample's .h5 and .pt
+        if emit == "index":  # optional: only when the tiles have coordinates (none in a stub)
+            expected = 0
         assert len(matches) == expected, f"stub output path({pattern!r}) ({emit}) matched {matches}"
     if "features" in _output_globs(module_path):
-        assert {p.suffix for p in _glob(work, _output_globs(module_path)["features"])} == {f".{format or 'csv'}"}
+        suffixes = {"stamp": {".h5"}, "clam": {".h5", ".pt"}}.get(format, {f".{format or 'csv'}"})
+        assert {p.suffix for p in _glob(work, _output_globs(module_path)["features"])} == suffixes
     if module_path == JOIN_NF:
         assert (work / f"cohort.{format or 'csv'}").is_file()
     if module_path == EXTRACT_NF:
