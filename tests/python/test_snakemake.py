@@ -975,6 +975,13 @@ def test_slide_mpp_per_sample(tmp_path, tiles):
         (cmd,) = [c for c in extracts if f"--sample {sample} " in c]
         assert f"--sample {sample} --slide-mpp {mpp} --threads 1 " in cmd, cmd
         assert "--patch-size-level0 512" in cmd, cmd
+    # extract.slide_mpp from the command line (`--config 'extract={...}'` gives strings)
+    config = write_config(tmp_path / "cli.yaml", tiles, **base)
+    proc = snakemake(
+        tmp_path, "--configfile", config, "--config", 'extract={"slide_mpp": "0.5"}', "-n", "-p", "--cores", "2"
+    )  # fmt: skip
+    (cmd,) = [c for c in shell_commands(proc.stdout, str(BINARY)) if "--sample s2 " in c]
+    assert "--sample s2 --slide-mpp 0.5 --threads 1 " in cmd, cmd
     # no extract.slide_mpp: s2 has none (and the command of before)
     _, extracts, _ = dry_run(tmp_path, "none", tiles, **base)
     (cmd,) = [c for c in extracts if "--sample s2 " in c]
