@@ -1113,7 +1113,9 @@ def _main_nf_tiles_check():
     suffixes = re.findall(r"'([^']*)'", match.group(1))
     refusals = re.findall(r'^\s*if \( (.+?) \) \{\n\s*error "((?:\\.|[^"\\])*)"\n\s*\}', text[match.end():], re.MULTILINE)
     assert [condition for condition, _ in refusals[:2]] == ["!location.exists()", "!location.isDirectory() && !archive"], refusals
-    assert "[ meta, location ]" in text[match.end():], "main.nf no longer passes the checked path on"
+    assert "[ meta + [ slide_mpp: meta.slide_mpp ?: params.slide_mpp ], location ]" in text[match.end():], (
+        "main.nf no longer passes the checked path on"
+    )
     return suffixes, [message for _, message in refusals[:2]]
 
 
@@ -1324,7 +1326,8 @@ def test_batch_module_config_matches_extract():
         assert setting(blocks["TILEFEAT_EXTRACT"], name) == setting(blocks["TILEFEAT_EXTRACT_BATCH"], name), name
     publish = setting(blocks["TILEFEAT_EXTRACT_BATCH"], "publishDir")
     assert 'path: { "${params.outdir}/samples" }' in publish, publish
-    assert "saveAs: { filename -> filename.endsWith('.failed.tsv') ? null : filename }" in publish, publish
+    # (clam's h5_files/ and pt_files/ after that: test_clam_is_published_in_clam_s_folders)
+    assert "saveAs: { filename -> filename.endsWith('.failed.tsv') ? null : (params.format != 'clam' ? filename : " in publish, publish
     params = _default_params(weights="random:3", precision="bf16")
     assert _modules_config_args("TILEFEAT_EXTRACT_BATCH", params) == _modules_config_args("TILEFEAT_EXTRACT", params)
 
