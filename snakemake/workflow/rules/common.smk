@@ -21,7 +21,9 @@ def coerce_cli_strings(values, schema):
         elif isinstance(value, str):
             if "integer" in types and value.strip().isdigit():
                 values[key] = int(value)
-            elif "number" in types and re.fullmatch(r"\s*([0-9]+\.?[0-9]*|\.[0-9]+)\s*", value):
+            elif "number" in types and re.fullmatch(
+                r"\s*([0-9]+\.?[0-9]*|\.[0-9]+)\s*", value
+            ):
                 values[key] = float(value)
             elif "boolean" in types and value.lower() in ("true", "false"):
                 values[key] = value.lower() == "true"
