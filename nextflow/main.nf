@@ -1,12 +1,14 @@
 #!/usr/bin/env nextflow
 /*
- * tilefeat pipeline: tile folders -> per-sample ResNet50 feature files (CSV, HDF5 or Parquet)
- * -> one cohort file (CSV or Parquet).
+ * tilefeat pipeline: tile folders -> per-sample ResNet50 feature files (CSV, HDF5, Parquet;
+ * for the MIL tools: .pt bags (slideflow), STAMP's .h5, CLAM's h5_files/ + pt_files/) -> one
+ * cohort file (CSV or Parquet) where `tilefeat join` reads the format (not pt, not stamp).
  *
  * Input, exactly one of:
  *   --input samplesheet.csv   columns `sample,tiles`, validated against assets/schema_input.json;
  *                             `tiles` is a tile folder or a .zip/.tar/.tar.gz/.tgz archive of tiles;
- *                             a relative `tiles` path is resolved against the samplesheet's folder
+ *                             a relative `tiles` path is resolved against the samplesheet's folder;
+ *                             an optional `slide_mpp` column (else --slide_mpp) is passed as --slide-mpp
  *   --tiles_glob 'root/*'     one sample per matching folder, the folder name being the sample ID
  *
  * --model FILE.pt runs a TorchScript image encoder instead of the ResNet50 (not with --weights);
@@ -24,16 +26,23 @@ include { TILEFEAT_EXTRACT       } from './modules/local/tilefeat/extract/main'
 include { TILEFEAT_EXTRACT_BATCH } from './modules/local/tilefeat/extract_batch/main'
 include { TILEFEAT_JOIN          } from './modules/local/tilefeat/join/main'
 
-// [ batch meta, file or files ] -> one [ sample meta, file ] for each sample of the batch
-// (batch meta.samples) that has its file `<sample ID><suffix>`, for one of the suffixes: a
-// failed sample has none.
+// [ batch meta, file or files ] -> one [ sample meta, file(s) ] for each sample of the batch
+// (batch meta.samples) that has files `<sample ID><suffix>`, for the suffixes: a failed
+// sample has none; clam's .h5 and .pt come as a list, as TILEFEAT_EXTRACT emits them.
 def perSample(ch_batch, suffixes) {
     return ch_batch.flatMap { meta, files ->
         def found = [ files ].flatten()
         meta.samples
-            .collect { sample -> [ sample, found.find { f -> suffixes.any { suffix -> f.name == "${sample.id}${suffix}".toString() } } ] }
+            .collect { sample -> [ sample, found.findAll { f -> suffixes.any { suffix -> f.name == "${sample.id}${suffix}".toString() } } ] }
             .findAll { row -> row[1] }
+            .collect { row -> [ row[0], row[1].size() == 1 ? row[1][0] : row[1] ] }
     }
+}
+
+// The formats `tilefeat join` reads (clam: its .h5 files): a .pt bag holds no tile names,
+// and join refuses STAMP's micrometre files (exit 3).
+def joinable(format) {
+    return format in [ 'csv', 'h5', 'parquet', 'clam' ]
 }
 
 // The samples a batch task could not extract (its *.failed.tsv: sample, exit_status, error):
@@ -91,10 +100,11 @@ workflow {
             if ( !location.isDirectory() && !archive ) {
                 error "Sample '${meta.id}': tiles '${tiles}' (resolved to ${location}) is a file but not a .zip, .tar, .tar.gz or .tgz archive; give the sample's tile folder or an archive of its tiles"
             }
-            [ meta, location ]
+            // the slide's mpp: the samplesheet's slide_mpp (an empty cell is left out), else --slide_mpp
+            [ meta + [ slide_mpp: meta.slide_mpp ?: params.slide_mpp ], location ]
         }
     } else {
-        samples = files(params.tiles_glob, type: 'dir').collect { dir -> [ [ id: dir.name ], dir ] }
+        samples = files(params.tiles_glob, type: 'dir').collect { dir -> [ [ id: dir.name, slide_mpp: params.slide_mpp ], dir ] }
         if ( !samples ) {
             error "--tiles_glob '${params.tiles_glob}' matched no folder"
         }
@@ -102,6 +112,12 @@ workflow {
     def dupes = samples.countBy { row -> row[0].id }.findAll { id, n -> n > 1 }.keySet()
     if ( dupes ) {
         error "Duplicate sample IDs (the cohort CSV needs unique ones): ${dupes.join(', ')}"
+    }
+    // STAMP's layout holds micrometre coordinates: pixel tile names need each slide's mpp,
+    // and tilefeat would refuse every sample without it (exit 3) deep in its task.
+    def without_mpp = samples.findAll { row -> !row[0].slide_mpp }.collect { row -> row[0].id }
+    if ( params.format == 'stamp' && without_mpp ) {
+        error "--format stamp writes STAMP's coordinates in micrometres, which needs each slide's micrometres per pixel at level 0: give --slide_mpp F, or a slide_mpp column in the samplesheet; none for ${without_mpp.join(', ')}"
     }
 
     // Weights: a file is staged into each task, so that containers see it. `random:SEED` goes
@@ -137,34 +153,44 @@ workflow {
         // Batches of samples_per_task samples in sample-ID order (the last one may be smaller),
         // each [ [ id: 'FIRST..LAST', samples: [ meta, ... ] ], [ tiles, ... ] ]. A sample that
         // fails on its own input or output leaves its task's other samples be (reported below).
+        // One tilefeat process takes one --slide-mpp: samples of different slide mpps go to
+        // different batches (the batches of before when all have the same, or none).
         def batches = samples
             .toSorted { a, b -> a[0].id <=> b[0].id }
-            .collate( params.samples_per_task as int )
+            .groupBy { row -> row[0].slide_mpp }
+            .values()
+            .collectMany { group -> group.collate( params.samples_per_task as int ) }
             .collect { rows ->
                 def ids = rows.collect { row -> row[0].id }
                 def id = ids.size() == 1 ? ids[0] : "${ids.first()}..${ids.last()}".toString()
-                [ [ id: id, samples: rows.collect { row -> row[0] } ], rows.collect { row -> row[1] } ]
+                [ [ id: id, samples: rows.collect { row -> row[0] }, slide_mpp: rows[0][0].slide_mpp ], rows.collect { row -> row[1] } ]
             }
         TILEFEAT_EXTRACT_BATCH( channel.fromList(batches), weights, model, model_sidecar, cache_dir )
-        ch_features = perSample( TILEFEAT_EXTRACT_BATCH.out.features, [ '.csv', '.h5', '.parquet' ] )
+        ch_features = perSample( TILEFEAT_EXTRACT_BATCH.out.features, [ '.csv', '.h5', '.parquet', '.pt' ] )
         ch_provenance = perSample( TILEFEAT_EXTRACT_BATCH.out.provenance, [ '.provenance.yaml' ] )
         reportFailedSamples( TILEFEAT_EXTRACT_BATCH.out.failed )
     }
 
     // Join every feature file with its provenance file (tilefeat join reads it from beside the
     // feature file), in sample-ID order, so that the cohort does not depend on the order tasks
-    // finish in. No sample left (every one failed): no join, an error.
-    def ch_join_input = ch_features
-        .join( ch_provenance )
-        .toSortedList { a, b -> a[0].id <=> b[0].id }
-        .map { rows ->
-            if ( !rows ) {
-                error "No sample was extracted: nothing to join (see the warnings above and ${params.outdir}/pipeline_info/failed_samples.tsv)"
+    // finish in. No sample left (every one failed): no join, an error. clam: the .h5 of each
+    // sample (not its .pt bag). pt, stamp: no cohort (tilefeat join refuses them).
+    if ( joinable(params.format) ) {
+        def ch_join_input = ch_features
+            .map { meta, files -> [ meta, [ files ].flatten().find { f -> !f.name.endsWith('.pt') } ] }
+            .join( ch_provenance )
+            .toSortedList { a, b -> a[0].id <=> b[0].id }
+            .map { rows ->
+                if ( !rows ) {
+                    error "No sample was extracted: nothing to join (see the warnings above and ${params.outdir}/pipeline_info/failed_samples.tsv)"
+                }
+                [ [ id: params.cohort_id ], rows.collect { row -> row[1] }, rows.collect { row -> row[2] } ]
             }
-            [ [ id: params.cohort_id ], rows.collect { row -> row[1] }, rows.collect { row -> row[2] } ]
-        }
 
-    TILEFEAT_JOIN( ch_join_input )
+        TILEFEAT_JOIN( ch_join_input )
+    } else {
+        log.info "--format ${params.format}: no cohort file (tilefeat join reads csv, h5, parquet and clam's .h5 files, not .pt bags nor STAMP files); the per-sample files are in ${params.outdir}/samples"
+    }
 
     // Software versions from the `versions` topic, one YAML per run.
     channel.topic('versions')

@@ -20,7 +20,9 @@
 #      --version, info, `extract --weights random:0` of demo/tiles/sampleA (CSV byte-identical
 #      to the host binary's), `join`, `extract -o x.h5` (same HDF5 data as the host binary's),
 #      `extract --model` of a TorchScript file exported by scripts/export_encoder.py (CSV
-#      byte-identical to the host binary's), and Nextflow's `/bin/bash -ue .command.sh` through
+#      byte-identical to the host binary's), `extract --outdir D --format clam` (CLAM's
+#      h5_files/ + pt_files/: the host's HDF5 content, a bag torch.load(weights_only=True)
+#      reads as the host's), and Nextflow's `/bin/bash -ue .command.sh` through
 #      the entrypoint, .command.sh rendered from nextflow/modules/local/tilefeat/extract/main.nf
 #      as tests/python/test_nextflow.py does.
 #   3. CUDA image (no GPU needed): info says CUDA is unavailable, `extract --device cpu` gives
@@ -331,6 +333,7 @@ mkdir -p "$WORK/host"
 "$BIN" join "$WORK/host/sampleA.csv" "$WORK/host/sampleB.csv" -o "$WORK/host/cohort.csv" -q
 mkdir -p "$WORK/host/h5"
 "$BIN" extract "$TILES/sampleA" -o "$WORK/host/h5/x.h5" --weights random:0 -q
+"$BIN" extract "$TILES/sampleA" --outdir "$WORK/host/clam" --format clam --weights random:0 -q
 # A TorchScript encoder (--model): the ResNet50 trunk with random weights, exported as a user
 # would, with its sidecar.
 mkdir -p "$WORK/model" "$WORK/host/model"
@@ -446,6 +449,7 @@ cpu_checks() {
   check "cpu[$label] extract --model (TorchScript) == host" produces "$out/model/sampleA.csv" \
     "$WORK/host/model/sampleA.csv" "$c" "$user" "$out/model" \
     tilefeat extract "$TILES/sampleA" -o "$out/model/sampleA.csv" --model "$WORK/model/trunk.pt" -q
+  check "cpu[$label] extract --format clam: h5_files/ + pt_files/ == host" clam_check "$c" "$user" "$out"
   render_task "$out/nf"
   check "cpu[$label] nextflow /bin/bash -ue .command.sh via entrypoint == host" \
     produces "$out/nf/sampleA.csv" "$WORK/host/nf/sampleA.csv" \
@@ -465,6 +469,31 @@ h5_check() {
   same_h5 "$out/h5/x.h5" "$WORK/host/h5/x.h5"
   # nothing but the binary's own libraries: no libhdf5 in the image
   crun "$c" "$user" / sh -c '! ldd /usr/local/bin/tilefeat | grep -i hdf5 && ! find / -xdev -name "libhdf5*" | grep .'
+}
+# clam_check CONTAINER USER OUT: CLAM's layout (--outdir --format clam) from the image: its
+# h5_files/sampleA.h5 has the host binary's HDF5 content, and its pt_files/sampleA.pt loads
+# with torch.load(weights_only=True) (the host venv's torch: the image has libtorch only) as
+# the host's bag, equal to the .h5's features.
+clam_check() {
+  local c=$1 user=$2 out=$3/clam
+  outdir "$out"
+  crun "$c" "$user" "$out" tilefeat extract "$TILES/sampleA" --outdir "$out" --format clam --weights random:0 -q
+  ls -l "$out/h5_files" "$out/pt_files"
+  test -f "$out/h5_files/sampleA.provenance.yaml" && test -f "$out/h5_files/sampleA.rejected.tsv"
+  same_h5 "$out/h5_files/sampleA.h5" "$WORK/host/clam/h5_files/sampleA.h5"
+  "$PY" - "$out/pt_files/sampleA.pt" "$WORK/host/clam/pt_files/sampleA.pt" "$out/h5_files/sampleA.h5" <<'PY'
+import sys
+
+import h5py
+import torch
+
+bag, host = (torch.load(p, weights_only=True) for p in sys.argv[1:3])
+with h5py.File(sys.argv[3], "r") as f:
+    features = torch.from_numpy(f["features"][()])
+assert bag.dtype == torch.float32 and bag.ndim == 2, (bag.dtype, bag.shape)
+assert torch.equal(bag, host) and torch.equal(bag, features), "the image's bag differs"
+print("CLAM bag:", tuple(bag.shape), "float32, equal to the host's and to the .h5's features")
+PY
 }
 built() { ! printf '%s\n' "${failed[@]}" | grep -qxF "$1"; }
 

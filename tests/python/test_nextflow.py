@@ -364,7 +364,7 @@ _TOKEN = re.compile(
 
 # Methods the evaluator knows: list.join(sep), list.collect { x -> expression },
 # list.findAll { x -> expression }, value.toString(), value.startsWith(prefix).
-_METHODS = ("join", "collect", "findAll", "toString", "startsWith")
+_METHODS = ("join", "collect", "findAll", "toString", "startsWith", "endsWith")
 # Types `instanceof` knows.
 _TYPES = {"List": list, "Map": dict, "String": str}
 
@@ -548,11 +548,11 @@ class _Parser:
             self.take("(")
             self.take(")")
             return _groovy_str(target)  # null.toString() is 'null' in Groovy too
-        if method == "startsWith" and self.peek() == ("op", "("):
+        if method in ("startsWith", "endsWith") and self.peek() == ("op", "("):
             self.take("(")
-            prefix = self.expr()
+            affix = self.expr()
             self.take(")")
-            return str(target).startswith(prefix)
+            return str(target).startswith(affix) if method == "startsWith" else str(target).endswith(affix)
         if method in ("collect", "findAll") and self.peek() == ("op", "{"):
             self.take("{")
             kind, parameter = self.take()
@@ -653,7 +653,8 @@ def _glob(folder, pattern):
     glob: `{a,b}` alternatives; `*` does not cross `/`; hidden files left out)."""
     match = re.fullmatch(r"(.*)\{([^{}]*)\}(.*)", pattern)
     patterns = [match.group(1) + alt + match.group(3) for alt in match.group(2).split(",")] if match else [pattern]
-    return sorted({p for pattern in patterns for p in folder.glob(pattern) if not p.name.startswith(".")})
+    # staged inputs (symlinks here) are left out, as Nextflow leaves them out (includeInputs: false)
+    return sorted({p for pattern in patterns for p in folder.glob(pattern) if not p.name.startswith(".") and not p.is_symlink()})
 
 
 def _task(meta_id, process, args="", accelerator=None, cpus=2, prefix=None, format=None):
@@ -766,7 +767,9 @@ def _modules_config_args(process, params):
     pairs = re.findall(r'"(--[a-z][\w-]*) \$\{params\.(\w+)\}"', ext_args.group(1))
     assert pairs, f"{process}: no flags in ext.args"
     for flag, param in pairs:
-        assert param == "weights" or params[param] is not None, f"{process}: {flag} reads params.{param}, which has no default"
+        # a param without a default is passed only when set (`params.X ? "--flag ${params.X}" : ''`)
+        optional = f'params.{param} ? "{flag} ${{params.{param}}}" : \'\'' in ext_args.group(1)
+        assert param == "weights" or optional or params[param] is not None, f"{process}: {flag} reads params.{param}, which has no default"
     args = evaluate(ext_args.group(1), {"params": params})
     assert isinstance(args, str), f"{process}: ext.args gives {args!r}, not a string"
     return args, [flag for flag, _ in pairs]
@@ -902,8 +905,12 @@ def test_versions_eval_prints_the_version(tmp_path, bin_dir):
 def _collect_outputs(work, module_path, what):
     """{emit name: file} of a finished task: each path output must match exactly one file."""
     found = {}
+    outputs = _section(module_path, "output")
     for emit, pattern in _output_globs(module_path).items():
         matches = _glob(work, pattern)
+        optional = re.search(rf'path\("{re.escape(pattern)}"\), optional: true, emit: {emit}\b', outputs)
+        if optional and not matches:
+            continue
         assert len(matches) == 1, f"{what}: output path({pattern!r}) ({emit}) matched {matches}"
         found[emit] = matches[0]
     return found
@@ -1106,7 +1113,9 @@ def _main_nf_tiles_check():
     suffixes = re.findall(r"'([^']*)'", match.group(1))
     refusals = re.findall(r'^\s*if \( (.+?) \) \{\n\s*error "((?:\\.|[^"\\])*)"\n\s*\}', text[match.end():], re.MULTILINE)
     assert [condition for condition, _ in refusals[:2]] == ["!location.exists()", "!location.isDirectory() && !archive"], refusals
-    assert "[ meta, location ]" in text[match.end():], "main.nf no longer passes the checked path on"
+    assert "[ meta + [ slide_mpp: meta.slide_mpp ?: params.slide_mpp ], location ]" in text[match.end():], (
+        "main.nf no longer passes the checked path on"
+    )
     return suffixes, [message for _, message in refusals[:2]]
 
 
@@ -1254,12 +1263,15 @@ def test_staged_names_follow_nextflow():
     assert _staged_names("seq", ["a", "b"]) == ["seq1", "seq2"]
 
 
-def _main_nf_batches(ids, size):
-    """main.nf's batches for --samples_per_task `size`: sample IDs in order, `size` at a time
-    (the last one may be smaller), each named FIRST..LAST (or its one sample's ID). Mirrors
-    main.nf, whose code is pinned by test_main_nf_batches_and_rekeys_per_sample."""
-    ordered = sorted(ids)
-    groups = [ordered[i : i + size] for i in range(0, len(ordered), size)]
+def _main_nf_batches(ids, size, mpps=None):
+    """main.nf's batches for --samples_per_task `size`: sample IDs in order, grouped by slide
+    mpp (`mpps`: {id: mpp}; one --slide-mpp per process), `size` at a time (the last one of a
+    group may be smaller), each named FIRST..LAST (or its one sample's ID). Mirrors main.nf,
+    whose code is pinned by test_main_nf_batches_and_rekeys_per_sample."""
+    by_mpp = {}
+    for sample in sorted(ids):
+        by_mpp.setdefault((mpps or {}).get(sample), []).append(sample)
+    groups = [g[i : i + size] for g in by_mpp.values() for i in range(0, len(g), size)]
     return [(group[0] if len(group) == 1 else f"{group[0]}..{group[-1]}", group) for group in groups]
 
 
@@ -1272,25 +1284,30 @@ def test_main_nf_batches_and_rekeys_per_sample():
     text = RULES._strip_comments((NF / "main.nf").read_text())
     for needed in (
         "if ( params.samples_per_task == 1 ) {\n        TILEFEAT_EXTRACT( channel.fromList(samples), weights, model, model_sidecar, cache_dir )",
-        ".toSorted { a, b -> a[0].id <=> b[0].id }\n            .collate( params.samples_per_task as int )",
+        ".toSorted { a, b -> a[0].id <=> b[0].id }\n            .groupBy { row -> row[0].slide_mpp }\n            .values()\n"
+        "            .collectMany { group -> group.collate( params.samples_per_task as int ) }",
+        "[ [ id: id, samples: rows.collect { row -> row[0] }, slide_mpp: rows[0][0].slide_mpp ], rows.collect { row -> row[1] } ]",
         'def id = ids.size() == 1 ? ids[0] : "${ids.first()}..${ids.last()}".toString()',
-        "[ [ id: id, samples: rows.collect { row -> row[0] } ], rows.collect { row -> row[1] } ]",
         "TILEFEAT_EXTRACT_BATCH( channel.fromList(batches), weights, model, model_sidecar, cache_dir )",
-        "ch_features = perSample( TILEFEAT_EXTRACT_BATCH.out.features, [ '.csv', '.h5', '.parquet' ] )",
+        "ch_features = perSample( TILEFEAT_EXTRACT_BATCH.out.features, [ '.csv', '.h5', '.parquet', '.pt' ] )",
         "ch_provenance = perSample( TILEFEAT_EXTRACT_BATCH.out.provenance, [ '.provenance.yaml' ] )",
         "reportFailedSamples( TILEFEAT_EXTRACT_BATCH.out.failed )",
-        'found.find { f -> suffixes.any { suffix -> f.name == "${sample.id}${suffix}".toString() } }',
-        "def ch_join_input = ch_features\n        .join( ch_provenance )",
+        'found.findAll { f -> suffixes.any { suffix -> f.name == "${sample.id}${suffix}".toString() } }',
+        ".collect { row -> [ row[0], row[1].size() == 1 ? row[1][0] : row[1] ] }",
+        "def ch_join_input = ch_features\n            .map { meta, files -> [ meta, [ files ].flatten().find { f -> !f.name.endsWith('.pt') } ] }\n"
+        "            .join( ch_provenance )",
         "tsv.readLines().drop(1).findAll { line -> line }.collect { line -> line.split('\\t', 3) as List }",
         "storeDir: \"${params.outdir}/pipeline_info\"",
     ):
         assert needed in text, f"main.nf no longer has: {needed}"
     assert _main_nf_batches(["c", "a", "b"], 2) == [("a..b", ["a", "b"]), ("c", ["c"])]
+    assert _main_nf_batches(["c", "a", "b"], 2, {"a": 0.25, "b": None, "c": 0.25}) == [("a..c", ["a", "c"]), ("b", ["b"])]
     # the file names the re-keying looks for are the ones the module's outputs match, for
     # every format the schema offers
     globs = _output_globs(BATCH_NF)
-    assert globs["features"] == "*.{csv,h5,parquet}" and globs["provenance"] == "*.provenance.yaml"
-    assert set(_schema_properties()["format"]["enum"]) == {"csv", "h5", "parquet"}
+    assert globs["features"] == "*.{csv,h5,parquet,pt}" and globs["provenance"] == "*.provenance.yaml"
+    assert globs["index"] == "*.index.npz"
+    assert set(_schema_properties()["format"]["enum"]) == {"csv", "h5", "parquet", "pt", "stamp", "clam"}
 
 
 def test_batch_module_config_matches_extract():
@@ -1309,7 +1326,8 @@ def test_batch_module_config_matches_extract():
         assert setting(blocks["TILEFEAT_EXTRACT"], name) == setting(blocks["TILEFEAT_EXTRACT_BATCH"], name), name
     publish = setting(blocks["TILEFEAT_EXTRACT_BATCH"], "publishDir")
     assert 'path: { "${params.outdir}/samples" }' in publish, publish
-    assert "saveAs: { filename -> filename.endsWith('.failed.tsv') ? null : filename }" in publish, publish
+    # (clam's h5_files/ and pt_files/ after that: test_clam_is_published_in_clam_s_folders)
+    assert "saveAs: { filename -> filename.endsWith('.failed.tsv') ? null : (params.format != 'clam' ? filename : " in publish, publish
     params = _default_params(weights="random:3", precision="bf16")
     assert _modules_config_args("TILEFEAT_EXTRACT_BATCH", params) == _modules_config_args("TILEFEAT_EXTRACT", params)
 
@@ -1611,8 +1629,9 @@ def test_output_formats_end_to_end(tmp_path, bin_dir, demo_samples, format, coho
 STUB_CASES = [
     # (module, ext.format: None = the module's default)
     (EXTRACT_NF, None), (EXTRACT_NF, "h5"), (EXTRACT_NF, "parquet"),
+    (EXTRACT_NF, "pt"), (EXTRACT_NF, "stamp"), (EXTRACT_NF, "clam"),
     (JOIN_NF, None), (JOIN_NF, "parquet"),
-    (BATCH_NF, None), (BATCH_NF, "h5"),
+    (BATCH_NF, None), (BATCH_NF, "h5"), (BATCH_NF, "pt"), (BATCH_NF, "stamp"), (BATCH_NF, "clam"),
 ]  # fmt: skip
 
 
@@ -1640,9 +1659,14 @@ def test_stub_writes_every_declared_output(tmp_path, module_path, format):
     for emit, pattern in _output_globs(module_path).items():
         matches = _glob(work, pattern)
         expected = 1 if emit in ("failed", "cohort") else per_sample
+        if emit == "features" and format == "clam":
+            expected = 2 * per_sample  # each sample's .h5 and .pt
+        if emit == "index":  # optional: only when the tiles have coordinates (none in a stub)
+            expected = 0
         assert len(matches) == expected, f"stub output path({pattern!r}) ({emit}) matched {matches}"
     if "features" in _output_globs(module_path):
-        assert {p.suffix for p in _glob(work, _output_globs(module_path)["features"])} == {f".{format or 'csv'}"}
+        suffixes = {"stamp": {".h5"}, "clam": {".h5", ".pt"}}.get(format, {f".{format or 'csv'}"})
+        assert {p.suffix for p in _glob(work, _output_globs(module_path)["features"])} == suffixes
     if module_path == JOIN_NF:
         assert (work / f"cohort.{format or 'csv'}").is_file()
     if module_path == EXTRACT_NF:
@@ -1878,3 +1902,234 @@ def test_model_with_weights_or_layer_fails_the_module(tmp_path, bin_dir, demo_sa
         assert result.returncode == 2, f"{script}\n{result.stdout}\n{result.stderr}"
         assert ("--weights does not apply" if name == "weights" else "cannot be used with '--layer") in result.stderr, result.stderr
         assert not (work / "sampleA.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Formats for the MIL tools (--format pt|stamp|clam), slide mpp, join only where it reads
+# ---------------------------------------------------------------------------------------
+
+
+def _publish_save_as(process):
+    """conf/modules.config's publishDir saveAs closure of `process`: (parameter, body)."""
+    text = RULES._strip_comments((NF / "conf" / "modules.config").read_text())
+    block = RULES._block(text, rf"withName:\s*'{process}'")
+    match = re.search(r"saveAs:\s*\{\s*(\w+)\s*->\s*(.+?)\s*\},\s*\n", block)
+    assert match, f"{process}: no publishDir saveAs closure"
+    return match.groups()
+
+
+def test_clam_is_published_in_clam_s_folders():
+    """--format clam: each sample's .h5, provenance and rejected list are published under
+    samples/h5_files/, its .pt (and index.npz) under samples/pt_files/, as CLAM reads them
+    (--data_root_dir <outdir>, sub-folder samples); every other format keeps the names; the
+    batch's failed list is still not published."""
+    for process in ("TILEFEAT_EXTRACT", "TILEFEAT_EXTRACT_BATCH"):
+        name, body = _publish_save_as(process)
+
+        def save_as(filename, format):
+            return evaluate(body, {name: filename, "params": _default_params(format=format)})
+
+        expected = {
+            "S1.h5": "h5_files/S1.h5", "S1.pt": "pt_files/S1.pt", "S1.index.npz": "pt_files/S1.index.npz",
+            "S1.provenance.yaml": "h5_files/S1.provenance.yaml", "S1.rejected.tsv": "h5_files/S1.rejected.tsv",
+        }  # fmt: skip
+        for filename, published in expected.items():
+            assert save_as(filename, "clam") == published, (process, filename)
+            for other in ("csv", "h5", "pt", "stamp"):
+                assert save_as(filename, other) == filename, (process, filename, other)
+        if process == "TILEFEAT_EXTRACT_BATCH":
+            assert save_as("a..b.failed.tsv", "clam") is None and save_as("a..b.failed.tsv", "csv") is None
+
+
+def _main_nf_stamp_refusal(params, samples):
+    """main.nf's start-up refusal of --format stamp without a slide mpp, for `samples`
+    ({id: slide_mpp or None}, as main.nf builds meta.slide_mpp): its message, or None. The
+    condition and message are main.nf's own; `without_mpp` mirrors its pinned code."""
+    text = RULES._strip_comments((NF / "main.nf").read_text())
+    needed = "def without_mpp = samples.findAll { row -> !row[0].slide_mpp }.collect { row -> row[0].id }"
+    assert needed in text, f"main.nf no longer has: {needed}"
+    blocks = re.findall(r'^\s*if \( (.+?) \) \{\n\s*error "((?:\\.|[^"\\])*)"\n\s*\}', text, re.MULTILINE)
+    ((condition, message),) = [(c, m) for c, m in blocks if "without_mpp" in c]
+    ctx = {"params": params, "without_mpp": [s for s, mpp in samples.items() if not mpp]}
+    return _interpolate(message, ctx) if _truthy(evaluate(condition, ctx)) else None
+
+
+def test_stamp_without_slide_mpp_refused_at_start_up():
+    """--format stamp needs every sample's slide mpp (--slide_mpp, or the samplesheet's
+    slide_mpp column, which main.nf puts in meta.slide_mpp): refused before any task runs,
+    naming the samples without; other formats, or every mpp known, pass."""
+    text = RULES._strip_comments((NF / "main.nf").read_text())
+    for needed in (
+        "[ meta + [ slide_mpp: meta.slide_mpp ?: params.slide_mpp ], location ]",
+        "[ [ id: dir.name, slide_mpp: params.slide_mpp ], dir ]",
+    ):
+        assert needed in text, f"main.nf no longer has: {needed}"
+    refusal = _main_nf_stamp_refusal(_default_params(format="stamp"), {"a": 0.25, "b": None, "c": None})
+    assert refusal == (
+        "--format stamp writes STAMP's coordinates in micrometres, which needs each slide's micrometres per pixel "
+        "at level 0: give --slide_mpp F, or a slide_mpp column in the samplesheet; none for b, c"
+    ), refusal
+    assert _main_nf_stamp_refusal(_default_params(format="stamp"), {"a": 0.25, "b": 0.5}) is None
+    assert _main_nf_stamp_refusal(_default_params(format="h5"), {"a": None}) is None
+
+
+def test_samplesheet_slide_mpp_column(tmp_path):
+    """The samplesheet's optional slide_mpp column: a number from 0.01 to 100 (nf-schema
+    types it; an empty cell is left out), into meta.slide_mpp."""
+    schema = json.loads((NF / "assets" / "schema_input.json").read_text())
+    assert schema["items"]["properties"]["slide_mpp"]["meta"] == ["slide_mpp"]
+    assert "slide_mpp" not in schema["items"]["required"]
+    for value, error in ((0.25, None), (100, None), (352.78, "352.78 is greater than the maximum of 100"), ("x40", "'x40' is not of type 'number'")):
+        data = tmp_path / "sheet.json"
+        data.write_text(json.dumps([{"sample": "a", "tiles": "t/a"}, {"sample": "b", "tiles": "t/b", "slide_mpp": value}]))
+        result = _check_jsonschema("--schemafile", str(NF / "assets" / "schema_input.json"), str(data))
+        output = result.stdout + result.stderr
+        assert (result.returncode == 0) == (error is None), output
+        if error:
+            assert error in output, output
+
+
+def test_join_only_for_formats_join_reads():
+    """main.nf joins csv, h5, parquet and clam (its .h5 files), and for pt and stamp makes no
+    cohort (it says so) while still gathering the versions."""
+    text = RULES._strip_comments((NF / "main.nf").read_text())
+    match = re.search(r"def joinable\(format\) \{\n\s*return format in \[([^\]]*)\]", text)
+    assert match, "main.nf: def joinable(format) not found"
+    assert re.findall(r"'(\w+)'", match.group(1)) == ["csv", "h5", "parquet", "clam"]
+    join_at = text.index("if ( joinable(params.format) ) {")
+    assert join_at < text.index("TILEFEAT_JOIN( ch_join_input )") < text.index("} else {", join_at)
+    assert text.index("channel.topic('versions')") > text.index("} else {", join_at)  # outside the if
+
+
+def _histolab_tiles(root, demo_samples):
+    """The demo samples' tiles renamed as histolab names them (coordinates and a 256 px
+    extent at level 0): index.npz and STAMP's layout need them."""
+    samples = {}
+    for sample in ("sampleA", "sampleB"):
+        folder = root / sample
+        folder.mkdir(parents=True)
+        for n, tile in enumerate(sorted(demo_samples[sample].iterdir())):
+            shutil.copy(tile, folder / f"tile_{n}_level0_{256 * n}-512-{256 * n + 256}-768{tile.suffix}")
+        samples[sample] = folder
+    return samples
+
+
+def _plain_mil(tmp_path, folder, sample, fmt, mpp):
+    """Plain `tilefeat extract` of one sample in format `fmt`: its folder of files."""
+    out = tmp_path / "plain" / fmt
+    out.mkdir(parents=True, exist_ok=True)
+    target = ["--outdir", str(out), "--format", fmt] if fmt in ("clam", "stamp", "pt") else []
+    result = subprocess.run(
+        [str(TILEFEAT_BIN), "extract", str(folder), *target, "--sample", sample, "--slide-mpp", str(mpp),
+         "--weights", "random:0", "--device", "cpu", "--threads", "2", "--no-cache", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return out / "h5_files" if fmt == "clam" else out, out / "pt_files" if fmt == "clam" else out
+
+
+def _same_mil_files(found, plain_h5_dir, plain_pt_dir, sample, fmt):
+    """The module's files of `sample` hold what plain extract's hold (bags tensor for tensor,
+    index.npz the same centres, HDF5 datasets and attributes)."""
+    import h5py
+    import numpy as np
+    import torch
+
+    names = {f.name: f for f in found}
+    if fmt in ("pt", "clam"):
+        bag = torch.load(names[f"{sample}.pt"], weights_only=True)
+        assert bag.dtype == torch.float32 and bool((bag == torch.load(plain_pt_dir / f"{sample}.pt", weights_only=True)).all())
+        assert np.array_equal(np.load(names[f"{sample}.index.npz"])["arr_0"], np.load(plain_pt_dir / f"{sample}.index.npz")["arr_0"])
+    if fmt in ("stamp", "clam"):
+        with h5py.File(names[f"{sample}.h5"]) as a, h5py.File(plain_h5_dir / f"{sample}.h5") as b:
+            assert sorted(a) == sorted(b) and dict(a.attrs).keys() == dict(b.attrs).keys()
+            for key in a:
+                assert np.array_equal(a[key][:], b[key][:]), key
+            if fmt == "stamp":
+                assert a.attrs["unit"] == "um" and "feats" in a, dict(a.attrs)
+    assert names[f"{sample}.rejected.tsv"].read_bytes() == (plain_h5_dir / f"{sample}.rejected.tsv").read_bytes()
+
+
+@needs_binary
+@pytest.mark.parametrize("fmt", ["pt", "stamp", "clam"])
+def test_mil_formats_end_to_end(tmp_path, bin_dir, demo_samples, fmt):
+    """--format pt|stamp|clam with meta.slide_mpp through both module scripts for real: each
+    sample's files (clam's moved up from h5_files/ and pt_files/; index.npz in the optional
+    `index` emit) hold what plain `tilefeat extract --format F --slide-mpp F` writes, re-keyed
+    per sample as main.nf does; clam's .h5 files join, as main.nf joins them."""
+    samples = _histolab_tiles(tmp_path / "tiles", demo_samples)
+    params = _default_params(weights="random:0", format=fmt)
+    mpp = 0.5
+    globs = _output_globs(EXTRACT_NF)
+    # one sample per task
+    single = {}
+    for sample, folder in samples.items():
+        args, _ = _modules_config_args("TILEFEAT_EXTRACT", params)
+        work = tmp_path / f"extract-{sample}"
+        work.mkdir()
+        _stage(work, folder.name, folder)
+        ctx = _extract_ctx(sample, args, staged=folder.name)
+        ctx["meta"]["slide_mpp"] = mpp
+        ctx["task"]["ext"]["format"] = params[_ext_format_param("TILEFEAT_EXTRACT")]
+        script = render(EXTRACT_NF, "script", ctx)
+        assert f"--sample '{sample}' --slide-mpp 0.5 \\\n" in script, script
+        result = _run_task(script, work, bin_dir)
+        assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+        features = _glob(work, globs["features"])
+        index = _glob(work, globs["index"])
+        assert [f.name for f in features] == ({"pt": [f"{sample}.pt"], "stamp": [f"{sample}.h5"]}.get(fmt) or [f"{sample}.h5", f"{sample}.pt"])
+        assert [f.name for f in index] == ([f"{sample}.index.npz"] if fmt in ("pt", "clam") else [])
+        assert [f.name for f in _glob(work, globs["provenance"])] == [f"{sample}.provenance.yaml"]
+        assert not (work / "h5_files").exists() and not (work / "pt_files").exists()
+        found = [*features, *index, *_glob(work, globs["rejected"])]
+        _same_mil_files(found, *_plain_mil(tmp_path, folder, sample, fmt, mpp), sample, fmt)
+        single[sample] = {"features": features, "provenance": _glob(work, globs["provenance"])[0]}
+
+    # two samples per task, meta.slide_mpp on the batch
+    ((batch_id, ids),) = _main_nf_batches(list(samples), 2, {s: mpp for s in samples})
+    work = tmp_path / batch_id
+    args, _ = _modules_config_args("TILEFEAT_EXTRACT_BATCH", params)
+    staged = _staged_names(_batch_stage_pattern(), [samples[s].name for s in ids])
+    work.mkdir()
+    for sample, name in zip(ids, staged):
+        _stage(work, name, samples[sample])
+    ctx = _batch_ctx(ids, staged, args, format=fmt)
+    ctx["meta"]["slide_mpp"] = mpp
+    script = render(BATCH_NF, "script", ctx)
+    assert "--sample 'sampleA' --sample 'sampleB' --slide-mpp 0.5 \\\n" in script, script
+    result = _run_task(script, work, bin_dir)
+    assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+    assert _failed_rows(work, batch_id) == []
+    batch_globs = _output_globs(BATCH_NF)
+    emitted = [f for emit in ("features", "index", "rejected") for f in _glob(work, batch_globs[emit])]
+    for sample in ids:
+        _same_mil_files(emitted, tmp_path / "plain" / fmt / ("h5_files" if fmt == "clam" else ""),
+                        tmp_path / "plain" / fmt / ("pt_files" if fmt == "clam" else ""), sample, fmt)  # fmt: skip
+
+    if fmt == "clam":  # main.nf joins each sample's .h5 (not its .pt) with its provenance
+        outputs = {
+            s: {"features": next(f for f in found["features"] if f.suffix == ".h5"), "provenance": found["provenance"]}
+            for s, found in single.items()
+        }
+        rows = _read_rows(_join(tmp_path / "join", bin_dir, outputs, params))
+        assert rows[0][:2] == ["sample", "tile"] and len(rows) == 1 + sum(len(list(f.iterdir())) for f in samples.values())
+    else:  # which is why main.nf makes no cohort of these: tilefeat join refuses them (exit 3)
+        only = next(f for f in single["sampleA"]["features"])
+        result = subprocess.run([str(TILEFEAT_BIN), "join", str(only), "--output", str(tmp_path / "c.csv")], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 3, result.stderr
+
+
+@needs_binary
+def test_clam_batch_leaves_no_files_of_a_failed_sample(tmp_path, bin_dir, demo_samples):
+    """--format clam batched with a sample that has no tiles: the task succeeds, the good
+    sample's .h5, .pt, provenance and rejected list are there, the bare one is listed in the
+    failed list with none of its files."""
+    samples = {"sampleA": demo_samples["sampleA"], "bare": tmp_path / "bare"}
+    samples["bare"].mkdir()
+    script, result = _run_batch(tmp_path / "batch", bin_dir, samples, _default_params(weights="random:0", format="clam"))
+    assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+    work = tmp_path / "batch"
+    names = sorted(f.name for emit in ("features", "provenance", "rejected", "index") for f in _glob(work, _output_globs(BATCH_NF)[emit]))
+    assert names == ["sampleA.h5", "sampleA.provenance.yaml", "sampleA.pt", "sampleA.rejected.tsv"], names
+    ((sample, status, error),) = _failed_rows(work, "bare..sampleA")
+    assert (sample, status) == ("bare", "3") and "holds no tiles" in error, error

@@ -870,3 +870,231 @@ def test_model_runs_match_plain_extract(tmp_path, tiny_model):
     proc = snakemake(tmp_path, "--configfile", tmp_path / "run1.yaml", "-n", "--cores", "2")
     assert re.search(r"\nextract\s+2\b", proc.stdout), proc.stdout
     assert f"Updated input files: {sidecar}" in proc.stdout, proc.stdout
+
+
+# ----------------------------------------------- formats for the MIL tools (pt, stamp, clam)
+
+
+def coord_tiles(tiles: Path, root: Path) -> Path:
+    """The samples' tiles renamed as histolab names them (`tile_N_level0_x0-y0-x1-y1.png`):
+    coordinates and extent (256 px at level 0) for index.npz and STAMP's layout."""
+    for sample in SAMPLES:
+        (root / sample).mkdir(parents=True)
+        for n, tile in enumerate(sorted((tiles / sample).iterdir())):
+            x, y = 256 * n, 512
+            shutil.copy(tile, root / sample / f"tile_{n}_level0_{x}-{y}-{x + 256}-{y + 256}{tile.suffix}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ctiles(tiles, tmp_path_factory) -> Path:
+    return coord_tiles(tiles, tmp_path_factory.mktemp("ctiles"))
+
+
+def dry_run(tmp_path, name, tiles, **overrides):
+    config = write_config(tmp_path / f"{name}.yaml", tiles, **overrides)
+    proc = snakemake(tmp_path, "--configfile", config, "-n", "-p", "--cores", "2")
+    extracts = [c for c in shell_commands(proc.stdout, str(BINARY)) if " extract " in c]
+    joins = [c for c in shell_commands(proc.stdout, str(BINARY)) if " join " in c]
+    used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", " ".join(extracts)))
+    assert used <= cli_long_flags("ExtractArgs"), used - cli_long_flags("ExtractArgs")
+    return proc.stdout, extracts, joins
+
+
+def job_outputs(stdout: str) -> set[str]:
+    """Every output a dry run's jobs declare (`output: a, b`)."""
+    return {p for line in re.findall(r"^\s*output: (.*)$", stdout, re.M) for p in line.split(", ")}
+
+
+def test_dry_run_mil_formats(tmp_path, tiles):
+    """extract.format pt|stamp|clam reach the commands and the declared outputs, one job per
+    sample and batched: pt `--output S.pt`, stamp `--output S.h5 --format stamp`, clam
+    `--outdir features --format clam` declaring h5_files/S.h5 (+ provenance, rejected list)
+    and pt_files/S.pt; the join only for clam (its h5_files/*.h5), none for pt and stamp,
+    whose default target is the per-sample files. (index.npz is not declared: it exists only
+    when the tiles have coordinates.)"""
+    per_sample = {
+        "pt": ("--output results/features/{s}.pt --sample {s} ",
+               ["{s}.pt", "{s}.provenance.yaml", "{s}.rejected.tsv"]),
+        "stamp": ("--output results/features/{s}.h5 --format stamp --sample {s} --slide-mpp 0.5 ",
+                  ["{s}.h5", "{s}.provenance.yaml", "{s}.rejected.tsv"]),
+        "clam": ("--outdir results/features --format clam --sample {s} ",
+                 ["h5_files/{s}.h5", "h5_files/{s}.provenance.yaml", "h5_files/{s}.rejected.tsv", "pt_files/{s}.pt"]),
+    }  # fmt: skip
+    for fmt, (flags, files) in per_sample.items():
+        extract = {"format": fmt, **({"slide_mpp": 0.5} if fmt == "stamp" else {})}
+        stdout, extracts, joins = dry_run(tmp_path, fmt, tiles, extract=extract)
+        assert len(extracts) == len(SAMPLES), stdout
+        outputs = job_outputs(stdout)
+        for sample in SAMPLES:
+            assert any(f"extract {tiles / sample} {flags.format(s=sample)}" in c for c in extracts), (fmt, extracts)
+            for f in files:
+                assert f"results/features/{f.format(s=sample)}" in outputs, (fmt, f, outputs)
+        assert not any(o.endswith(".index.npz") for o in outputs), outputs
+        assert "results/versions.yaml" in outputs
+        if fmt == "clam":
+            (join,) = joins
+            assert "--output results/cohort.csv" in join, join
+            for sample in SAMPLES:  # the join list takes the h5_files/ .h5 of each sample
+                assert f"results/features/h5_files/{sample}.h5" in re.search(
+                    r"rule join_list:.*?\n\n", stdout, re.S
+                ).group(0)
+        else:
+            assert joins == [] and "results/cohort.csv" not in stdout, stdout
+            assert not re.search(r"^join(_list)?\s+\d", stdout, re.M), stdout
+
+    # batched: --outdir features --format F, the same outputs per sample
+    for fmt, (_, files) in per_sample.items():
+        extract = {"format": fmt, "samples_per_job": 2, **({"slide_mpp": 0.5} if fmt == "stamp" else {})}
+        stdout, extracts, joins = dry_run(tmp_path, f"{fmt}-batched", tiles, extract=extract)
+        assert len(extracts) == 2, stdout
+        mpp = " --slide-mpp 0.5" if fmt == "stamp" else ""
+        expected = (
+            f"extract {tiles / 's1'} {tiles / 's2'} --outdir results/features --format {fmt}"
+            f" --sample s1 --sample s2{mpp} --threads 1 "
+        )
+        assert any(expected in c for c in extracts), extracts
+        outputs = job_outputs(stdout)
+        for sample in SAMPLES:
+            for f in files:
+                assert f"results/features/{f.format(s=sample)}" in outputs, (fmt, f, outputs)
+        assert bool(joins) == (fmt == "clam"), joins
+
+
+def test_slide_mpp_per_sample(tmp_path, tiles):
+    """A samplesheet's slide_mpp column (else extract.slide_mpp) reaches each sample's command
+    as --slide-mpp; batched, samples with different mpps go to different jobs (one
+    --slide-mpp per process). extract.patch_size_level0 is passed as --patch-size-level0."""
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text(
+        f"sample,tiles,slide_mpp\ns1,{tiles / 's1'},0.25\ns2,{tiles / 's2'},\ns3,{tiles / 's3'},0.25\n"
+    )
+    base = {"tiles_root": None, "samples": str(sheet)}
+    _, extracts, _ = dry_run(tmp_path, "one", tiles, **base, extract={"slide_mpp": 0.5, "patch_size_level0": 512})
+    for sample, mpp in (("s1", "0.25"), ("s2", "0.5"), ("s3", "0.25")):
+        (cmd,) = [c for c in extracts if f"--sample {sample} " in c]
+        assert f"--sample {sample} --slide-mpp {mpp} --threads 1 " in cmd, cmd
+        assert "--patch-size-level0 512" in cmd, cmd
+    # extract.slide_mpp from the command line (`--config 'extract={...}'` gives strings)
+    config = write_config(tmp_path / "cli.yaml", tiles, **base)
+    proc = snakemake(
+        tmp_path, "--configfile", config, "--config", 'extract={"slide_mpp": "0.5"}', "-n", "-p", "--cores", "2"
+    )  # fmt: skip
+    (cmd,) = [c for c in shell_commands(proc.stdout, str(BINARY)) if "--sample s2 " in c]
+    assert "--sample s2 --slide-mpp 0.5 --threads 1 " in cmd, cmd
+    # no extract.slide_mpp: s2 has none (and the command of before)
+    _, extracts, _ = dry_run(tmp_path, "none", tiles, **base)
+    (cmd,) = [c for c in extracts if "--sample s2 " in c]
+    assert "--slide-mpp" not in cmd and "--sample s2 --threads 1 " in cmd, cmd
+    # batched: s1 and s3 (0.25) share a job, s2 (none) has its own
+    _, extracts, _ = dry_run(tmp_path, "batched", tiles, **base, extract={"samples_per_job": 2})
+    assert len(extracts) == 2, extracts
+    assert any(
+        f"extract {tiles / 's1'} {tiles / 's3'} --outdir results/features --sample s1 --sample s3 --slide-mpp 0.25 " in c
+        for c in extracts
+    ), extracts
+    assert any(f"extract {tiles / 's2'} --outdir results/features --sample s2 --threads" in c for c in extracts)
+
+    bad = [
+        # stamp without a slide mpp for every sample: refused at start-up, naming them
+        ({**base, "extract": {"format": "stamp"}},
+         ["ValueError", "config: extract.format stamp writes STAMP's coordinates in micrometres",
+          "set extract.slide_mpp, or a slide_mpp column in the samplesheet; none for s2"]),
+        ({"extract": {"format": "stamp"}}, ["ValueError", "none for s1, s2, s3"]),
+        ({"extract": {"slide_mpp": 352.78}},
+         ["Error validating config file.", "352.78 is greater than the maximum of 100"]),
+        ({"tiles_root": None, "samples": str(tmp_path / "range.csv")},
+         ["ValueError", f"{tmp_path / 'range.csv'}: sample 's1': slide_mpp 0.001 is not a slide's micrometres per pixel"]),
+        ({"tiles_root": None, "samples": str(tmp_path / "text.csv")},
+         ["ValidationError: 'x40' does not match", "schema['properties']['slide_mpp']"]),
+    ]  # fmt: skip
+    (tmp_path / "range.csv").write_text(f"sample,tiles,slide_mpp\ns1,{tiles / 's1'},0.001\n")
+    (tmp_path / "text.csv").write_text(f"sample,tiles,slide_mpp\ns1,{tiles / 's1'},x40\n")
+    for i, (overrides, messages) in enumerate(bad):
+        config = write_config(tmp_path / f"bad{i}.yaml", tiles, **overrides)
+        proc = snakemake(tmp_path, "--configfile", config, "-n", check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1, f"exit {proc.returncode} for {overrides}:\n{out}"
+        for message in messages:
+            assert message in out, f"{overrides}: {message!r} not in:\n{out}"
+    # with every sample's mpp, stamp is accepted
+    sheet.write_text(sheet.read_text().replace("s2,", "s2,").replace(f"{tiles / 's2'},\n", f"{tiles / 's2'},1\n"))
+    _, extracts, _ = dry_run(tmp_path, "stamp-ok", tiles, **base, extract={"format": "stamp"})
+    assert len(extracts) == 3 and all("--format stamp" in c for c in extracts), extracts
+
+
+def plain_extract(tiles: Path, sample: str, out: Path, *flags) -> None:
+    run(
+        [BINARY, "extract", tiles / sample, *flags, "--sample", sample, "--weights", "random:0",
+         "--device", "cpu", "--threads", THREADS, "--quiet"],
+        timeout=120,
+    )  # fmt: skip
+
+
+def load_bag(path: Path):
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
+@needs_binary
+@pytest.mark.parametrize("samples_per_job", [1, 2], ids=["per-sample", "batched"])
+def test_mil_formats_match_plain_extract(ctiles, tmp_path, samples_per_job):
+    """The workflow for real with pt, stamp and clam: each sample's files are those of plain
+    `tilefeat extract` with the same format (the .pt bag equal tensor for tensor, its
+    index.npz the same centres, STAMP's feats/coords and attributes, CLAM's h5_files/ and
+    pt_files/), the provenance and rejected list where the format puts them, the cohort from
+    clam's .h5 files, and no cohort for pt and stamp."""
+    import h5py
+    import numpy as np
+
+    plain = tmp_path / "plain"
+    for fmt in ("pt", "stamp", "clam"):
+        extract = {"format": fmt, "samples_per_job": samples_per_job, "slide_mpp": 0.5}
+        config = write_config(tmp_path / f"{fmt}.yaml", ctiles, outdir=fmt, extract=extract)
+        snakemake(tmp_path, "--configfile", config, "--cores", "2", timeout=240)
+        features = tmp_path / fmt / "features"
+        for sample in SAMPLES:
+            if fmt == "clam":
+                plain_extract(ctiles, sample, plain, "--outdir", plain / "clam", "--format", "clam", "--slide-mpp", "0.5")
+                ours, theirs = features, plain / "clam"
+                h5, bag = f"h5_files/{sample}.h5", f"pt_files/{sample}.pt"
+                side = f"h5_files/{sample}"
+                index = f"pt_files/{sample}.index.npz"
+            else:
+                ext = "h5" if fmt == "stamp" else "pt"
+                (plain / fmt).mkdir(parents=True, exist_ok=True)
+                flags = ["--format", "stamp"] if fmt == "stamp" else []
+                plain_extract(ctiles, sample, plain, "--output", plain / fmt / f"{sample}.{ext}", *flags, "--slide-mpp", "0.5")
+                ours, theirs = features, plain / fmt
+                h5 = f"{sample}.h5" if fmt == "stamp" else None
+                bag = f"{sample}.pt" if fmt == "pt" else None
+                side = sample
+                index = f"{sample}.index.npz" if fmt == "pt" else None
+            assert (ours / f"{side}.rejected.tsv").read_bytes() == (theirs / f"{side}.rejected.tsv").read_bytes()
+            assert f"sample: {sample}\n" in (ours / f"{side}.provenance.yaml").read_text()
+            if bag:
+                got, want = load_bag(ours / bag), load_bag(theirs / bag)
+                assert got.dtype == want.dtype and got.shape == (SAMPLES[sample], 2048), got.shape
+                assert bool((got == want).all()), f"{fmt} {sample}: the bag differs from plain extract's"
+                got, want = np.load(ours / index), np.load(theirs / index)
+                assert np.array_equal(got["arr_0"], want["arr_0"]) and got["arr_0"].shape == (SAMPLES[sample], 2)
+            if h5:
+                with h5py.File(ours / h5) as a, h5py.File(theirs / h5) as b:
+                    assert sorted(a) == sorted(b) and sorted(a.attrs) == sorted(b.attrs)
+                    assert np.array_equal(a["features"][:], b["features"][:])
+                    assert np.array_equal(a["coords"][:], b["coords"][:])
+                    if fmt == "stamp":
+                        assert a.attrs["unit"] == "um" and a.attrs["feat_type"] == "tile", dict(a.attrs)
+                        assert np.array_equal(a["feats"][:], b["feats"][:])
+                    if bag:  # clam: the bag is the .h5's features, row for row
+                        assert np.array_equal(a["features"][:], load_bag(ours / bag).numpy())
+        cohort = tmp_path / fmt / "cohort.csv"
+        if fmt == "clam":
+            rows = as_rows(features / "h5_files" / "s1.h5", tmp_path / "s1-rows.csv")
+            header, cohort_rows = read_csv(cohort)
+            assert header == rows[0] and [r for r in cohort_rows if r[0] == "s1"] == rows[1:]
+            assert len(cohort_rows) == sum(SAMPLES.values())
+        else:
+            assert not cohort.exists() and not (tmp_path / fmt / "join").exists()
+            assert (tmp_path / fmt / "versions.yaml").is_file()

@@ -1,5 +1,6 @@
 import csv
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -20,6 +21,10 @@ def coerce_cli_strings(values, schema):
         elif isinstance(value, str):
             if "integer" in types and value.strip().isdigit():
                 values[key] = int(value)
+            elif "number" in types and re.fullmatch(
+                r"\s*([0-9]+\.?[0-9]*|\.[0-9]+)\s*", value
+            ):
+                values[key] = float(value)
             elif "boolean" in types and value.lower() in ("true", "false"):
                 values[key] = value.lower() == "true"
             elif value in ("null", "~") and (
@@ -36,8 +41,13 @@ OUTDIR = os.path.normpath(config["outdir"])
 TILEFEAT = config["tilefeat"]
 EXTRACT = config["extract"]
 JOIN = config["join"]
-# Per-sample feature files: features/{sample}.<FORMAT> (csv, h5 or parquet).
+# Per-sample feature files (FEATURE_FILES below): features/{sample}.<FORMAT> for csv, h5,
+# parquet and pt, features/{sample}.h5 for stamp, features/h5_files/ + pt_files/ for clam.
 FORMAT = EXTRACT["format"]
+# The formats `tilefeat join` reads (clam: its h5_files/*.h5): a cohort file is made only for
+# these. A .pt bag holds no tile names and join refuses STAMP's micrometre files (exit 3).
+JOINABLE_FORMATS = ("csv", "h5", "parquet", "clam")
+JOINABLE = FORMAT in JOINABLE_FORMATS
 
 
 def cohort_file():
@@ -103,18 +113,50 @@ def read_samples():
         for row in rows:
             validate(row, "../schemas/samples.schema.yaml")
         where = root
-    samples = {}
+    samples, slide_mpps = {}, {}
     for row in rows:
         if row["sample"] in samples:
             raise ValueError(f"{where}: sample {row['sample']!r} appears twice")
         check_tiles(where, row["sample"], row["tiles"])
         samples[row["sample"]] = row["tiles"]
+        slide_mpps[row["sample"]] = read_slide_mpp(where, row)
     if not samples:
         raise ValueError(f"{where}: no samples")
-    return samples
+    return samples, slide_mpps
 
 
-SAMPLES = read_samples()
+# `tilefeat extract --slide-mpp` takes 0.01 to 100 (exit 2 otherwise): checked at start-up.
+SLIDE_MPP_RANGE = (0.01, 100.0)
+
+
+def read_slide_mpp(where, row):
+    """A sample's slide micrometres per pixel at level 0: the samplesheet's `slide_mpp`
+    column when it has a value, else extract.slide_mpp, else None (not passed)."""
+    text = (row.get("slide_mpp") or "").strip()
+    if not text:
+        return EXTRACT.get("slide_mpp")
+    value = float(text)  # the samplesheet schema's pattern allows only decimal numbers
+    low, high = SLIDE_MPP_RANGE
+    if not low <= value <= high:
+        raise ValueError(
+            f"{where}: sample {row['sample']!r}: slide_mpp {text} is not a slide's micrometres "
+            f"per pixel at level 0 ({low:g} to {high:g}, e.g. 0.25 for a 40x scan)"
+        )
+    return value
+
+
+SAMPLES, SLIDE_MPP = read_samples()
+
+if FORMAT == "stamp":
+    # STAMP's layout holds micrometre coordinates: pixel tile names need the slide's mpp,
+    # and tilefeat would refuse each sample without it (exit 3) deep in its job.
+    missing = sorted(s for s, mpp in SLIDE_MPP.items() if mpp is None)
+    if missing:
+        raise ValueError(
+            "config: extract.format stamp writes STAMP's coordinates in micrometres, which "
+            "needs each slide's micrometres per pixel at level 0: set extract.slide_mpp, or a "
+            f"slide_mpp column in the samplesheet; none for {', '.join(missing)}"
+        )
 
 # config key of `extract` -> `tilefeat extract` flag taking a value. Keys left out or null
 # are not passed (tilefeat's default applies). tests/python/test_snakemake.py checks that
@@ -132,6 +174,7 @@ EXTRACT_VALUE_FLAGS = {
     "size": "--size",
     "on_error": "--on-error",
     "cache_dir": "--cache-dir",
+    "patch_size_level0": "--patch-size-level0",
 }
 EXTRACT_SWITCH_FLAGS = {
     "no_cache": "--no-cache",
@@ -220,10 +263,26 @@ def extract_resources(samples=1):
 
 
 def extract_batches():
-    """Sample IDs in groups of extract.samples_per_job, in sample order (one job each)."""
-    names = sorted(SAMPLES)
+    """Sample IDs in groups of extract.samples_per_job, in sample order (one job each). One
+    `tilefeat extract` process takes one --slide-mpp: samples with different slide mpps go
+    to different jobs (in sample order within each mpp; the same groups as before when
+    every sample has the same mpp, or none)."""
     size = EXTRACT["samples_per_job"]
-    return [names[i : i + size] for i in range(0, len(names), size)]
+    by_mpp = {}
+    for name in sorted(SAMPLES):
+        by_mpp.setdefault(SLIDE_MPP[name], []).append(name)
+    return [
+        names[i : i + size]
+        for names in by_mpp.values()
+        for i in range(0, len(names), size)
+    ]
+
+
+def slide_mpp_flag(names):
+    """` --slide-mpp F` for samples sharing one slide mpp (extract_batches groups them so);
+    nothing without one."""
+    (mpp,) = {SLIDE_MPP[name] for name in names}
+    return "" if mpp is None else f" --slide-mpp {mpp}"
 
 
 def format_flag():
@@ -232,12 +291,62 @@ def format_flag():
     return "" if FORMAT == "csv" else f" --format {FORMAT}"
 
 
+def output_flags(wildcards, output):
+    """How the one-sample extract job names its output: `--output features/{sample}.<ext>`
+    (the extension sets the format; STAMP's is an .h5, so `--format stamp` says it), or for
+    clam, whose layout is two folders, `--outdir features --format clam`."""
+    if FORMAT == "clam":  # features/h5_files/{sample}.h5 -> features
+        outdir = os.path.dirname(os.path.dirname(output.features))
+        return f"--outdir {shlex.quote(outdir)} --format clam"
+    flags = f"--output {shlex.quote(output.features)}"
+    return f"{flags} --format stamp" if FORMAT == "stamp" else flags
+
+
+# Each sample's files under features/, as {sample} patterns: (features, provenance,
+# rejected, bag). `features` is the file `tilefeat join` reads (clam: its .h5); `bag` is
+# CLAM's pt_files/{sample}.pt (None for the other formats). `.pt` bags get {sample}.index.npz
+# beside them only when the tiles have coordinates (tilefeat decides, and says so in the
+# log): it is not a declared output (Snakemake has no optional outputs), and tilefeat
+# replaces or removes a stale one itself.
+if FORMAT == "clam":
+    FEATURE_FILES = (
+        "h5_files/{sample}.h5",
+        "h5_files/{sample}.provenance.yaml",
+        "h5_files/{sample}.rejected.tsv",
+        "pt_files/{sample}.pt",
+    )
+else:
+    FEATURE_FILES = (
+        "{sample}.h5" if FORMAT == "stamp" else f"{{sample}}.{FORMAT}",
+        "{sample}.provenance.yaml",
+        "{sample}.rejected.tsv",
+        None,
+    )
+
+
+def feature_path(which, sample="{sample}"):
+    """outdir/features/<one of FEATURE_FILES> for `sample` (a wildcard pattern by default)."""
+    index = ("features", "provenance", "rejected", "bag").index(which)
+    return f"{OUTDIR}/features/{FEATURE_FILES[index].replace('{sample}', sample)}"
+
+
+def extract_outputs(names=None):
+    """The extract rule's named outputs: patterns (one sample per job) or, for a batch's
+    `names`, lists of paths."""
+    whats = ["features", "provenance", "rejected"] + (
+        ["bag"] if FEATURE_FILES[3] else []
+    )
+    if names is None:
+        return {what: feature_path(what) for what in whats}
+    return {what: [feature_path(what, s) for s in names] for what in whats}
+
+
 def sample_features(wildcards=None):
-    return expand(f"{OUTDIR}/features/{{sample}}.{FORMAT}", sample=SAMPLES)
+    return [feature_path("features", s) for s in SAMPLES]
 
 
 def sample_provenances(wildcards=None):
-    return expand(f"{OUTDIR}/features/{{sample}}.provenance.yaml", sample=SAMPLES)
+    return [feature_path("provenance", s) for s in SAMPLES]
 
 
 def write_join_list(features, listing, log):
@@ -249,5 +358,9 @@ def write_join_list(features, listing, log):
 
 
 def tilefeat_targets():
-    """Everything the workflow makes: for `rule all`, or a host workflow's target rule."""
-    return [COHORT, f"{OUTDIR}/versions.yaml"]
+    """Everything the workflow makes: for `rule all`, or a host workflow's target rule. The
+    cohort file where `tilefeat join` reads the format (JOINABLE_FORMATS); for pt and stamp,
+    each sample's files (the join rules are not defined then)."""
+    if JOINABLE:
+        return [COHORT, f"{OUTDIR}/versions.yaml"]
+    return [*sample_features(), *sample_provenances(), f"{OUTDIR}/versions.yaml"]

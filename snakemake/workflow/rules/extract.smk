@@ -8,9 +8,7 @@ if EXTRACT["samples_per_job"] == 1:
             model=model_input,
             model_sidecar=model_sidecar_input,
         output:
-            features=f"{OUTDIR}/features/{{sample}}.{FORMAT}",
-            provenance=f"{OUTDIR}/features/{{sample}}.provenance.yaml",
-            rejected=f"{OUTDIR}/features/{{sample}}.rejected.tsv",
+            **extract_outputs(),
         log:
             "logs/extract/{sample}.log",
         benchmark:
@@ -23,14 +21,16 @@ if EXTRACT["samples_per_job"] == 1:
         params:
             tilefeat=TILEFEAT,
             options=extract_options(),
+            output_flags=output_flags,
+            slide_mpp_flag=lambda wc: slide_mpp_flag([wc.sample]),
         shell:
             # The first log line says where the job ran: the Slurm job and the GPUs it was given.
             'echo "tilefeat extract {wildcards.sample}: host=$(hostname)'
             " SLURM_JOB_ID=${{SLURM_JOB_ID:-none}}"
             ' CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-unset}}" > {log:q}; '
-            "{params.tilefeat:q} extract {input.tiles:q} --output {output.features:q}"
-            " --sample {wildcards.sample:q} --threads {threads} {params.options}"
-            " >> {log:q} 2>&1"
+            "{params.tilefeat:q} extract {input.tiles:q} {params.output_flags}"
+            " --sample {wildcards.sample:q}{params.slide_mpp_flag} --threads {threads}"
+            " {params.options} >> {log:q} 2>&1"
 
 else:
     # Several samples per job (extract.samples_per_job): one `tilefeat extract` process per
@@ -46,9 +46,7 @@ else:
                 model=model_input,
                 model_sidecar=model_sidecar_input,
             output:
-                features=[f"{OUTDIR}/features/{s}.{FORMAT}" for s in names],
-                provenance=[f"{OUTDIR}/features/{s}.provenance.yaml" for s in names],
-                rejected=[f"{OUTDIR}/features/{s}.rejected.tsv" for s in names],
+                **extract_outputs(names),
             log:
                 f"logs/extract/batch{batch}.log",
             benchmark:
@@ -63,10 +61,11 @@ else:
                 sample_flags=shlex.join(a for s in names for a in ("--sample", s)),
                 outdir=f"{OUTDIR}/features",
                 format_flag=format_flag(),
+                slide_mpp_flag=slide_mpp_flag(names),
             shell:
                 'echo "tilefeat extract {params.samples}: host=$(hostname)'
                 " SLURM_JOB_ID=${{SLURM_JOB_ID:-none}}"
                 ' CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-unset}}" > {log:q}; '
                 "{params.tilefeat:q} extract {input.tiles:q} --outdir {params.outdir:q}{params.format_flag}"
-                " {params.sample_flags} --threads {threads} {params.options}"
+                " {params.sample_flags}{params.slide_mpp_flag} --threads {threads} {params.options}"
                 " >> {log:q} 2>&1"

@@ -26,9 +26,17 @@
 //                                  the folder visible inside the container (see
 //                                  nextflow/conf/modules.config, containerOptions).
 //
-// task.ext.format: csv (default), h5 or parquet: the per-sample file is ${prefix}.<format>,
-// its provenance and rejected-tile list beside it as ${prefix}.provenance.yaml and
-// ${prefix}.rejected.tsv whatever the format.
+// task.ext.format: csv (default), h5, parquet or pt: the per-sample file is
+// ${prefix}.<format>; stamp: ${prefix}.h5 in STAMP's layout (micrometre coordinates: pixel
+// tile names need meta.slide_mpp); clam: CLAM's ${meta.id}.h5 and ${meta.id}.pt from one
+// computation (tilefeat's h5_files/ and pt_files/, moved up into the task folder:
+// conf/modules.config publishes them back into h5_files/ and pt_files/; named by meta.id,
+// not ext.prefix). The provenance and rejected-tile list are ${prefix}.provenance.yaml and
+// ${prefix}.rejected.tsv whatever the format; a .pt bag gets ${prefix}.index.npz (slideflow's
+// tile centres) when the tiles have coordinates (emit `index`, optional).
+//
+// meta.slide_mpp (optional): the slide's micrometres per pixel at level 0, passed as
+// --slide-mpp (needed by stamp for pixel tile names; adds level0_magnification to HDF5).
 process TILEFEAT_EXTRACT {
     tag "$meta.id"
     label 'process_gpu'
@@ -48,7 +56,8 @@ process TILEFEAT_EXTRACT {
     val cache_dir
 
     output:
-    tuple val(meta), path("*.{csv,h5,parquet}"), emit: features
+    tuple val(meta), path("*.{csv,h5,parquet,pt}"), emit: features
+    tuple val(meta), path("*.index.npz"), optional: true, emit: index
     tuple val(meta), path("*.provenance.yaml"), emit: provenance
     tuple val(meta), path("*.rejected.tsv"), emit: rejected
     tuple val("${task.process}"), val('tilefeat'), eval("tilefeat --version | sed 's/tilefeat //'"), topic: versions, emit: versions_tilefeat
@@ -68,25 +77,34 @@ process TILEFEAT_EXTRACT {
     // refuses them (exit 2).
     def encoder_arg = [ weights ? "--weights ${weights}" : '', model ? "--model ${model}" : '' ].findAll { arg -> arg }.join(' ')
     def cache_arg = cache_dir ? "--cache-dir '${cache_dir}'" : '--no-cache'
+    // The file tilefeat writes: STAMP's layout is an .h5 (--format says which), CLAM's two
+    // folders (--outdir), moved up into the task folder afterwards.
+    def output_arg = format == 'clam' ? '--outdir . --format clam' : (format == 'stamp' ? "--output ${prefix}.h5 --format stamp" : "--output ${prefix}.${format}")
+    def slide_mpp_arg = meta.slide_mpp ? " --slide-mpp ${meta.slide_mpp}" : ''
+    def clam_flatten = format == 'clam' ? 'mv h5_files/* pt_files/* . && rmdir h5_files pt_files' : ''
     """
     tilefeat extract \\
         ${tiles} \\
-        --output ${prefix}.${format} \\
-        --sample '${meta.id}' \\
+        ${output_arg} \\
+        --sample '${meta.id}'${slide_mpp_arg} \\
         --device ${device} \\
         --threads ${task.cpus} \\
         ${encoder_arg} \\
         ${cache_arg} \\
         --quiet \\
         ${args}
+    ${clam_flatten}
     """
 
     stub:
     def prefix = task.ext.prefix ?: "${meta.id}"
     def format = task.ext.format ?: 'csv'
+    // the files of each format, named as the script's (clam: the sample's .h5 and .pt)
+    def name = format == 'clam' ? "${meta.id}" : prefix
+    def feature_files = format == 'clam' ? ["${name}.h5", "${name}.pt"] : [format == 'stamp' ? "${name}.h5" : "${name}.${format}"]
     """
-    echo 'sample,tile' > ${prefix}.${format}
-    echo 'sample: ${meta.id}' > ${prefix}.provenance.yaml
-    printf 'tile\\treason\\n' > ${prefix}.rejected.tsv
+    for file in ${feature_files.join(' ')}; do echo 'sample,tile' > "\$file"; done
+    echo 'sample: ${meta.id}' > ${name}.provenance.yaml
+    printf 'tile\\treason\\n' > ${name}.rejected.tsv
     """
 }

@@ -25,6 +25,15 @@
 // ${prefix}.failed.tsv (`sample<TAB>exit_status<TAB>error`, header only when none). Any other
 // exit status (weights, device, cache, usage, a crash) fails the task as usual.
 //
+// task.ext.format: as TILEFEAT_EXTRACT's (csv, h5, parquet, pt, stamp or clam). Each sample's
+// files are <id>.<format> (stamp: <id>.h5; clam: <id>.h5 and <id>.pt, tilefeat's h5_files/
+// and pt_files/ moved up into the task folder, published back into them by
+// conf/modules.config), <id>.provenance.yaml, <id>.rejected.tsv, and for a .pt bag
+// <id>.index.npz when the tiles have coordinates.
+//
+// meta.slide_mpp (optional): the batch's slides' micrometres per pixel at level 0, passed as
+// --slide-mpp (one per tilefeat process: main.nf batches samples of the same slide_mpp).
+//
 // Outputs are per batch: [ meta, file(s) ]. A caller re-keys them to [ sample meta, file ]
 // by name: each sample's files are <id>.<format>, <id>.provenance.yaml, <id>.rejected.tsv
 // (nextflow/main.nf, perSample).
@@ -46,7 +55,8 @@ process TILEFEAT_EXTRACT_BATCH {
     val cache_dir
 
     output:
-    tuple val(meta), path("*.{csv,h5,parquet}"), optional: true, emit: features
+    tuple val(meta), path("*.{csv,h5,parquet,pt}"), optional: true, emit: features
+    tuple val(meta), path("*.index.npz"), optional: true, emit: index
     tuple val(meta), path("*.provenance.yaml"), optional: true, emit: provenance
     tuple val(meta), path("*.rejected.tsv"), optional: true, emit: rejected
     tuple val(meta), path("*.failed.tsv"), emit: failed
@@ -66,6 +76,10 @@ process TILEFEAT_EXTRACT_BATCH {
     def cache_arg = cache_dir ? "--cache-dir '${cache_dir}'" : '--no-cache'
     // csv is tilefeat's default: no --format then (the command of a csv run stays as it was)
     def format_arg = format == 'csv' ? '' : "--format ${format}"
+    def slide_mpp_arg = meta.slide_mpp ? " --slide-mpp ${meta.slide_mpp}" : ''
+    // Each sample's files once written (and moved up from clam's h5_files/ and pt_files/).
+    def suffixes = format == 'clam' ? ['h5', 'pt', 'provenance.yaml', 'rejected.tsv'] : [format == 'stamp' ? 'h5' : format, 'provenance.yaml', 'rejected.tsv']
+    def sample_files = suffixes.collect { suffix -> "\"\$sample.${suffix}\"" }
     def tile_list = tiles instanceof List ? tiles : [tiles]
     def tile_args = tile_list.collect { t -> "'${t}'" }.join(' ')
     def sample_args = meta.samples.collect { s -> "--sample '${s.id}'" }.join(' ')
@@ -78,7 +92,7 @@ process TILEFEAT_EXTRACT_BATCH {
     tilefeat extract \\
         ${tile_args} \\
         --outdir . \\
-        ${sample_args} \\
+        ${sample_args}${slide_mpp_arg} \\
         ${format_arg} \\
         --device ${device} \\
         --threads ${task.cpus} \\
@@ -92,14 +106,23 @@ process TILEFEAT_EXTRACT_BATCH {
         exit \$status
     fi
 
-    # A sample without all three of its files failed: tilefeat leaves none of a failed
+    # clam: each sample's files up from h5_files/ and pt_files/ (published back into them)
+    for file in h5_files/* pt_files/*; do
+        if [ -f "\$file" ]; then mv "\$file" .; fi
+    done
+
+    # A sample without all of its files failed: tilefeat leaves none of a failed
     # sample's files (any leftover is removed, so that only complete samples are emitted).
     printf 'sample\\texit_status\\terror\\n' > ${prefix}.failed.tsv
     for sample in ${sample_ids}; do
-        if [ -f "\$sample.${format}" ] && [ -f "\$sample.provenance.yaml" ] && [ -f "\$sample.rejected.tsv" ]; then
+        complete=1
+        for file in ${sample_files.join(' ')}; do
+            if [ ! -f "\$file" ]; then complete=0; fi
+        done
+        if [ \$complete -eq 1 ]; then
             continue
         fi
-        rm -f "\$sample.${format}" "\$sample.provenance.yaml" "\$sample.rejected.tsv"
+        rm -f ${sample_files.join(' ')} "\$sample.index.npz"
         error=\$(awk -v p="tilefeat: error: sample \$sample: " 'index(\$0, p) == 1 { print substr(\$0, length(p) + 1); exit }' ${prefix}.extract.err)
         if [ -z "\$error" ]; then
             # one sample in the command: its error is not prefixed with its ID
@@ -123,9 +146,11 @@ process TILEFEAT_EXTRACT_BATCH {
     def prefix = task.ext.prefix ?: "${meta.id}"
     def format = task.ext.format ?: 'csv'
     def sample_ids = meta.samples.collect { s -> "'${s.id}'" }.join(' ')
+    // the files of each format, as the script's (clam: each sample's .h5 and .pt)
+    def suffixes = format == 'clam' ? ['h5', 'pt'] : [format == 'stamp' ? 'h5' : format]
     """
     for sample in ${sample_ids}; do
-        echo 'sample,tile' > "\$sample.${format}"
+        for suffix in ${suffixes.join(' ')}; do echo 'sample,tile' > "\$sample.\$suffix"; done
         echo "sample: \$sample" > "\$sample.provenance.yaml"
         printf 'tile\\treason\\n' > "\$sample.rejected.tsv"
     done
