@@ -588,13 +588,7 @@ fn verify_reports_a_pack_without_index_and_an_index_without_pack() {
 #[test]
 fn a_full_cache_disk_warns_and_the_run_goes_on() {
     use std::process::Command as Std;
-    if !Std::new("unshare")
-        .args(["-m", "true"])
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        panic!("this test needs `unshare -m` (util-linux) and root, to fill a real tmpfs");
-    }
+    require_private_mounts();
     let d = tempfile::tempdir().unwrap();
     let tiles = d.path().join("s");
     make_tiles(&tiles, 20, 64);

@@ -30,13 +30,7 @@ fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 /// first run so that the new feature file fits and the new rejected list does not.
 #[test]
 fn a_side_file_that_cannot_be_written_leaves_the_previous_outputs_whole() {
-    if !Std::new("unshare")
-        .args(["-m", "true"])
-        .status()
-        .is_ok_and(|s| s.success())
-    {
-        panic!("this test needs `unshare -m` (util-linux) and root, to fill a real tmpfs");
-    }
+    require_private_mounts();
     let d = tempfile::tempdir().unwrap();
     let tiles = d.path().join("s");
     make_tiles(&tiles, 5, 64);

@@ -220,6 +220,25 @@ fn stamp_coords(info: &FileInfo) -> std::result::Result<(ToMicrons, f64), String
     Ok((to, size))
 }
 
+/// The rows' x,y, each through `to`, into `ds` from row `start` on.
+fn write_xy<T: hdf5::H5Type>(
+    ds: &hdf5::Dataset,
+    rows: &[FeatureRow<'_>],
+    start: usize,
+    to: impl Fn(f64) -> T,
+) -> hdf5::Result<()> {
+    let mut v = Vec::with_capacity(rows.len() * 2);
+    for r in rows {
+        let [x, y] =
+            r.xy.ok_or_else(|| hdf5::Error::from("internal error: a row without coordinates"))?;
+        v.extend([to(x), to(y)]);
+    }
+    let end = start + rows.len();
+    ds.resize((end, 2))?;
+    let view = ArrayView2::from_shape((rows.len(), 2), &v).expect("rows x 2");
+    ds.write_slice(view, s![start..end, ..])
+}
+
 impl FeatureWriter for H5Writer {
     fn encoder(&self) -> std::sync::Arc<dyn RowEncoder> {
         std::sync::Arc::new(NoEncoding)
@@ -252,30 +271,12 @@ impl FeatureWriter for H5Writer {
         self.tiles
             .write_slice(ArrayView1::from(&names), s![start..end])
             .map_err(&err)?;
-        let xy = |r: &FeatureRow<'_>| r.xy.context("internal error: a row without coordinates");
         match &self.coords {
-            Some(CoordsOut::Pixels(ds, to)) => {
-                let mut v = Vec::with_capacity(rows.len() * 2);
-                for r in rows {
-                    let [x, y] = xy(r)?;
-                    v.extend([to.apply(x), to.apply(y)]);
-                }
-                ds.resize((end, 2)).map_err(&err)?;
-                let view = ArrayView2::from_shape((rows.len(), 2), &v).expect("rows x 2");
-                ds.write_slice(view, s![start..end, ..]).map_err(&err)?;
-            }
-            Some(CoordsOut::Microns(ds, to)) => {
-                let mut v = Vec::with_capacity(rows.len() * 2);
-                for r in rows {
-                    let [x, y] = xy(r)?;
-                    v.extend([to.apply(x), to.apply(y)]);
-                }
-                ds.resize((end, 2)).map_err(&err)?;
-                let view = ArrayView2::from_shape((rows.len(), 2), &v).expect("rows x 2");
-                ds.write_slice(view, s![start..end, ..]).map_err(&err)?;
-            }
-            None => {}
+            Some(CoordsOut::Pixels(ds, to)) => write_xy(ds, rows, start, |v| to.apply(v)),
+            Some(CoordsOut::Microns(ds, to)) => write_xy(ds, rows, start, |v| to.apply(v)),
+            None => Ok(()),
         }
+        .map_err(&err)?;
         self.rows = end;
         Ok(())
     }

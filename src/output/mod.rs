@@ -69,6 +69,8 @@ pub struct CoordsInfo {
     pub microns: std::result::Result<ToMicrons, String>,
     /// `--slide-mpp`: the slide's micrometres per pixel at level 0.
     pub slide_mpp: Option<f64>,
+    /// The resolution the tiles were made at, µm/px, when known (a slide's grid).
+    pub target_mpp: Option<f64>,
     pub patch_size_level0: Option<u64>,
     /// The tiles' size in pixels at the level they were cut at, when known.
     pub patch_size: Option<u64>,
@@ -104,6 +106,7 @@ impl CoordsInfo {
             centre: crate::input::coords::centre(c, size, slide_mpp),
             microns: crate::input::coords::microns(c, size, slide_mpp),
             slide_mpp,
+            target_mpp: None,
             patch_size_level0: size,
             patch_size,
             patch_level,
@@ -116,11 +119,18 @@ impl CoordsInfo {
     }
 
     /// The slide's magnification at level 0 by the usual convention (10 / mpp: 0.25 um/px is
-    /// 40x), and the tiles' (level 0's times their size over their extent), when known.
+    /// 40x), and the tiles' (10 / their µm/px when known, else level 0's times their size
+    /// over their extent), when known.
     pub fn magnifications(&self) -> (Option<f64>, Option<f64>) {
         let level0 = self.slide_mpp.map(|m| 10.0 / m);
-        let target = match (level0, self.patch_size, self.patch_size_level0) {
-            (Some(m), Some(p), Some(e)) if e > 0 => Some(m * p as f64 / e as f64),
+        let target = match (
+            self.target_mpp,
+            level0,
+            self.patch_size,
+            self.patch_size_level0,
+        ) {
+            (Some(t), ..) => Some(10.0 / t),
+            (None, Some(m), Some(p), Some(e)) if e > 0 => Some(m * p as f64 / e as f64),
             _ => None,
         };
         (level0, target)

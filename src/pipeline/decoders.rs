@@ -153,6 +153,22 @@ mod tests {
     use crate::cli::{Normalize, Precision};
     use crate::input::folder::Folder;
 
+    /// A fingerprint for a test cache (the ResNet's defaults at 32 px).
+    fn test_fingerprint() -> Fingerprint {
+        Fingerprint {
+            weights_sha256: "test".into(),
+            layer: crate::cli::Layer::Layer4,
+            pool: crate::cli::Pool::Max,
+            normalize: Normalize::Tutorial,
+            size: 32,
+            precision: Precision::Fp32,
+            preprocessing_version: PREPROCESSING_VERSION,
+            layout: None,
+            encoder: None,
+            mean_std: None,
+        }
+    }
+
     /// Without a cache the content hash is skipped unless asked for; pixels are the same.
     #[test]
     fn tiles_are_hashed_only_for_a_cache_or_when_asked() {
@@ -174,18 +190,7 @@ mod tests {
             }
             _ => panic!("tile did not decode"),
         }
-        let fp = Fingerprint {
-            weights_sha256: "test".into(),
-            layer: crate::cli::Layer::Layer4,
-            pool: crate::cli::Pool::Max,
-            normalize: Normalize::Tutorial,
-            size: 32,
-            precision: Precision::Fp32,
-            preprocessing_version: PREPROCESSING_VERSION,
-            layout: None,
-            encoder: None,
-            mean_std: None,
-        };
+        let fp = test_fingerprint();
         let cache = Cache::open(&d.path().join("cache"), &fp).unwrap();
         let (sha2, _) = prepare(
             &Folder::new(d.path()),
@@ -230,18 +235,7 @@ mod tests {
             panic!("not pixels")
         };
         assert_eq!(px.len(), 32 * 32 * 3);
-        let fp = Fingerprint {
-            weights_sha256: "test".into(),
-            layer: crate::cli::Layer::Layer4,
-            pool: crate::cli::Pool::Max,
-            normalize: Normalize::Tutorial,
-            size: 32,
-            precision: Precision::Fp32,
-            preprocessing_version: PREPROCESSING_VERSION,
-            layout: None,
-            encoder: None,
-            mean_std: None,
-        };
+        let fp = test_fingerprint();
         let cache = Cache::open(&d.path().join("cache"), &fp).unwrap();
         let (sha, p) = prepare(&source, &tile, 32, Some(&cache), false, &mut t);
         assert_eq!(sha, [7; 32], "the source's key, not a hash of pixels");

@@ -121,7 +121,12 @@ pub(crate) fn extract_sample(
         crate::output::pt::index_path(&cfg.output),
     ];
     if let Some(bag) = &cfg.bag {
-        written.extend([bag.clone(), crate::output::pt::index_path(bag)]);
+        written.extend([
+            bag.clone(),
+            crate::output::pt::index_path(bag),
+            provenance_path(bag),
+            rejected_path(bag),
+        ]);
     }
     written.push(crate::output::side_file(&cfg.output, "tissue.png"));
     let mut read = vec![cfg.tile_dir.clone()];
@@ -140,11 +145,14 @@ pub(crate) fn extract_sample(
         dim,
         coords: in_file.map(|c| {
             let mut info = CoordsInfo::of(c, patch_size_level0, slide_mpp);
-            // A slide's tiles: the patch size at the level read (TRIDENT's and CLAM's
-            // `patch_size`, `patch_level`).
+            // A slide's tiles: CLAM's `patch_size` is the region's side at `patch_level`
+            // (its readers read that region there, its heatmaps scale it by the level's
+            // downsample), which the tile was then resized from to --patch-size; the
+            // magnification the tiles are at is the grid's.
             if let Some(s) = &slide {
-                info.patch_size = Some(u64::from(s.patch_size));
+                info.patch_size = Some(s.read_size);
                 info.patch_level = u32::try_from(s.level).ok();
+                info.target_mpp = Some(s.target_mpp);
             }
             info
         }),
@@ -382,10 +390,16 @@ fn finish_sample(
     // tissue detection takes a previous run's picture (of other tiles) away.
     let picture_path = crate::output::side_file(&cfg.output, "tissue.png");
     let mut staged = features.and(rejected);
-    match (&picture, &provenance.slide) {
-        (Some(png), _) => staged = staged.and(crate::output::stage(&picture_path, png)?),
-        (None, Some(_)) => staged = staged.and(crate::output::Staged::removal(picture_path)),
-        (None, None) => {}
+    match &picture {
+        Some(png) => staged = staged.and(crate::output::stage(&picture_path, png)?),
+        None => staged = staged.and(crate::output::Staged::removal(picture_path)),
+    }
+    // CLAM's layout: a provenance or rejected list beside the bag (an earlier `--format pt`
+    // run's) would describe the bag this run replaces; the `.h5`'s describe both now.
+    if let Some(bag) = &cfg.bag {
+        for stale in [provenance_path(bag), rejected_path(bag)] {
+            staged = staged.and(crate::output::Staged::removal(stale));
+        }
     }
     staged.and(prov_file).commit()?;
     Ok(Summary { provenance })

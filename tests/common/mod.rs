@@ -190,3 +190,16 @@ pub fn write_weights(path: &Path, seed: u64) {
         .collect();
     std::fs::write(path, safetensors::serialize(views, &None).unwrap()).unwrap();
 }
+
+/// Tests that fill a real disk mount a small tmpfs in a private mount namespace: they need
+/// `unshare -m` (util-linux) and root, as CI has, and fail loudly without (never pass
+/// untested).
+pub fn require_private_mounts() {
+    if !std::process::Command::new("unshare")
+        .args(["-m", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        panic!("this test needs `unshare -m` (util-linux) and root, to fill a real tmpfs");
+    }
+}

@@ -132,6 +132,18 @@ def test_clam_layout_writes_both_files_from_one_computation(tilefeat, tmp_path):
     tilefeat("join", out / "h5_files" / "A.h5", out / "h5_files" / "B.h5", "-o", tmp_path / "c.csv")
 
 
+def test_clam_layout_takes_away_an_earlier_bags_side_files(tilefeat, tmp_path):
+    """Regression (review): a `--format pt` run into FEATS/pt_files left S.provenance.yaml
+    there, which still described the bag a later `--format clam` run replaced."""
+    tiles = named_tiles(tmp_path / "S1", histolab)
+    out = tmp_path / "features"
+    tilefeat("extract", tiles, "--outdir", out / "pt_files", "--format", "pt", *COMMON)
+    assert (out / "pt_files" / "S1.provenance.yaml").exists()
+    tilefeat("extract", tiles, "--outdir", out, "--format", "clam", *COMMON)
+    assert sorted(p.name for p in (out / "pt_files").iterdir()) == ["S1.index.npz", "S1.pt"]
+    assert (out / "h5_files" / "S1.provenance.yaml").exists()
+
+
 def test_clam_layout_needs_outdir(tilefeat, tmp_path):
     tiles = named_tiles(tmp_path / "S1", histolab)
     r = tilefeat("extract", tiles, "-o", tmp_path / "s.h5", "--format", "clam", *COMMON, check=False)

@@ -90,3 +90,13 @@ def test_tissue_is_a_slide_flag(tilefeat, tmp_path):
     assert r.returncode == 2 and "--tissue" in r.stderr, r.stderr
     r = tilefeat("extract", tiles, "-o", tmp_path / "t.csv", "--tissue", "otsu", *COMMON, check=False)
     assert r.returncode == 2 and "--tissue" in r.stderr, r.stderr
+
+
+def test_a_grid_of_billions_is_refused_before_anything_is_read(tilefeat, tissue_slide, tmp_path):
+    """Regression (review): `--stride 1` laid a grid of one tile per level-0 pixel (78 million
+    here; billions on a real slide) in memory before anything else."""
+    slide, _ = tissue_slide
+    r = tilefeat("extract", slide, "-o", tmp_path / "g.h5", "--magnification", "40", "--patch-size", "16",
+                 "--stride", "1", *COMMON, check=False)
+    assert r.returncode == 3 and "--stride" in r.stderr and "10000000 tiles" in r.stderr, r.stderr
+    assert not any(tmp_path.iterdir())

@@ -102,7 +102,8 @@ def test_slide_features_equal_the_reference_tile_folder(tilefeat, slides, tmp_pa
     with h5py.File(tmp_path / "h5" / "slide.h5") as f:
         assert f["coords"][:].tolist() == [list(p) for p in xy]
         attrs = dict(f["coords"].attrs)
-        assert (attrs["patch_size"], attrs["patch_level"], attrs["mpp"]) == (patch, level, 0.25), attrs
+        # CLAM's patch_size: the region's side at patch_level (what its readers read there).
+        assert (attrs["patch_size"], attrs["patch_level"], attrs["mpp"]) == (read, level, 0.25), attrs
         assert attrs["patch_size_level0"] == s["patch_size_level0"] == rnd(patch * mpp / 0.25)
         assert xy[1][0] - xy[0][0] == s["step_level0"] == rnd((stride or patch) * mpp / 0.25)
         assert attrs["level0_magnification"] == 40.0

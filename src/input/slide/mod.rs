@@ -44,6 +44,10 @@ const OPENSLIDE_CACHE_BYTES: usize = 256 << 20;
 /// A region read for one tile holds at most this many pixels (4 bytes each while read).
 const MAX_REGION_PIXELS: u64 = 1 << 26;
 
+/// A slide's grid holds at most this many tiles (a 100k x 80k px slide at 40x has about
+/// 120,000 tiles of 256 px at 20x; `--stride 1` would make billions).
+const MAX_GRID_TILES: usize = 10_000_000;
+
 /// Part of every slide tile's cache key: bump it when the way a region becomes pixels changes.
 const READER_VERSION: &str = "tilefeat-openslide-region/1";
 
@@ -239,6 +243,13 @@ impl Slide {
                     "{e}: ask for a coarser resolution or a larger patch"
                 ))
             })?;
+        if grid.len() > MAX_GRID_TILES {
+            return Err(bad(format!(
+                "a grid of {} x {} tiles ({} px tiles {} px apart at {} µm/px) is more than {} \
+                 tiles: give a larger --stride (or --patch-size, or a coarser resolution)",
+                grid.cols, grid.rows, req.patch, req.stride, req.target_mpp, MAX_GRID_TILES
+            )));
+        }
         let l = levels[grid.level];
         if grid.read_size.saturating_mul(grid.read_size) > MAX_REGION_PIXELS {
             return Err(bad(format!(

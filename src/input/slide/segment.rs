@@ -18,7 +18,7 @@ use super::tissue::{self, Tissue, TissueParams};
 
 /// A segmentation picture read whole holds at most this many pixels; a larger level is
 /// averaged down from strips.
-const MAX_PICTURE_PIXELS: u64 = 1 << 24;
+const MAX_PICTURE_PIXELS: u64 = 1 << 25;
 
 /// A strip read while averaging holds at most this many pixels (4 bytes each).
 const MAX_STRIP_PIXELS: u64 = 1 << 24;
@@ -39,17 +39,20 @@ fn picture(handle: &Handle, levels: &[Level]) -> Result<(RgbImage, usize, u64), 
     let l = levels[level];
     let (w, h) = (l.width, l.height);
     // The integer factor still missing to a downsample of 64, when the level is too large.
+    // Aperio's downsamples are near whole numbers (4.0002, 16.0011: OpenSlide derives them
+    // from the levels' sizes); strips are read at whole ones only.
+    let whole = l.downsample.round().max(1.0);
     let k = if w * h <= MAX_PICTURE_PIXELS {
         1
     } else {
-        ((tissue::SEG_DOWNSAMPLE / l.downsample).floor() as u64)
+        ((tissue::SEG_DOWNSAMPLE / whole).round() as u64)
             .max(((w * h) as f64 / MAX_PICTURE_PIXELS as f64).sqrt().ceil() as u64)
             .max(2)
     };
     let read = |y: u64, rows: u64| {
         // Level-0 coordinates of the level's row y: whole (y = 0), or in strips only at an
         // integer downsample, where they are exact (no resampling between rows).
-        let y0 = (y as f64 * l.downsample).round() as i64;
+        let y0 = (y as f64 * l.downsample.round().max(1.0)) as i64;
         handle
             .read_region(0, y0, level as i32, w as i64, rows as i64)
             .map(|argb| argb_to_rgb(&argb))
@@ -62,7 +65,7 @@ fn picture(handle: &Handle, levels: &[Level]) -> Result<(RgbImage, usize, u64), 
         let img = RgbImage::from_raw(w as u32, h as u32, rgb).expect("w x h x 3 bytes");
         return Ok((img, level, 1));
     }
-    if l.downsample.fract() != 0.0 {
+    if (l.downsample - whole).abs() > 1e-2 {
         return Err(format!(
             "level {level} ({w} x {h} px, downsample {}) is too large to read whole for tissue \
              detection, and its downsample is not a whole number (strips would be resampled): \
