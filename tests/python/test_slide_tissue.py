@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-openslide = pytest.importorskip("openslide")
+import openslide  # noqa: E402  (openslide-python: requirements-dev.txt)
 
 import tissue_reference  # noqa: E402
 from make_slides import write_tissue_svs, write_tiff  # noqa: E402
