@@ -1132,7 +1132,9 @@ def test_slide_suffixes_match_nextflow():
 def test_slide_dry_run_flags_only_for_slides(tmp_path, tiles, tissue_slide):
     """Slide flags go to slide samples only, and batches keep slides and tile folders apart."""
     sheet = tmp_path / "samples.csv"
-    sheet.write_text(f"sample,tiles\nslideA,{tissue_slide}\ns1,{tiles / 's1'}\ns2,{tiles / 's2'}\n")
+    folder = tmp_path / "folder.svs"  # a tile folder, whatever its name
+    shutil.copytree(tiles / "s2", folder)
+    sheet.write_text(f"sample,tiles\nslideA,{tissue_slide}\ns1,{tiles / 's1'}\ns2,{folder}\n")
     for per_job in (1, 3):
         config = write_config(
             tmp_path / f"c{per_job}.yaml", tiles, tiles_root=None, samples=str(sheet),
@@ -1142,7 +1144,7 @@ def test_slide_dry_run_flags_only_for_slides(tmp_path, tiles, tissue_slide):
         extracts = [c for c in shell_commands(proc.stdout, str(BINARY)) if " extract " in c]
         assert len(extracts) == (3 if per_job == 1 else 2), proc.stdout
         for c in extracts:
-            slide = str(tissue_slide) in c
+            slide = f" {tissue_slide} " in c
             assert (" ".join(SLIDE_CLI) in c) == slide, c
             if per_job > 1 and slide:
                 assert str(tiles) not in c, c

@@ -87,8 +87,9 @@ SLIDE_SUFFIXES = (
 
 
 def is_slide(tiles):
-    """A sample path naming a slide file (by its suffix): tilefeat tiles it itself."""
-    return tiles.lower().endswith(SLIDE_SUFFIXES)
+    """A sample path naming a slide file (by its suffix; a folder so named is a tile folder):
+    tilefeat tiles it itself."""
+    return tiles.lower().endswith(SLIDE_SUFFIXES) and not os.path.isdir(tiles)
 
 
 def check_tiles(where, sample, tiles):
