@@ -42,15 +42,6 @@ def perSample(ch_batch, suffixes) {
     }
 }
 
-// Archives of tiles and whole-slide images (OpenSlide 4's formats; .ome.tif/.ome.tiff are
-// .tif/.tiff) by suffix, in any case; snakemake/workflow/rules/common.smk has the same lists.
-def TILE_ARCHIVE_SUFFIXES = [ '.zip', '.tar', '.tar.gz', '.tgz' ]
-def SLIDE_SUFFIXES = [ '.svs', '.tif', '.tiff', '.ndpi', '.vms', '.vmu', '.scn', '.mrxs', '.svslide', '.bif', '.dcm' ]
-// Slides whose data lie in files beside the named one (MIRAX's folder, Hamamatsu VMS/VMU's
-// image files, DICOM's other .dcm files): Nextflow stages the named file alone, so they are
-// refused (run them with the Snakemake workflow, which reads them in place).
-def UNSTAGEABLE_SLIDE_SUFFIXES = [ '.mrxs', '.vms', '.vmu', '.dcm' ]
-
 // The formats `tilefeat join` reads (clam: its .h5 files): a .pt bag holds no tile names,
 // and join refuses STAMP's micrometre files (exit 3).
 def joinable(format) {
@@ -98,7 +89,16 @@ workflow {
         error "--layer ${params.layer} picks a ResNet50 stage: it does not apply to --model '${params.model}' (leave --layer at its default)"
     }
 
-    // [ meta, tile folder or archive ] per sample, built eagerly so that bad input fails before
+    // Archives of tiles and whole-slide images (OpenSlide 4's formats; .ome.tif/.ome.tiff are
+    // .tif/.tiff) by suffix, in any case; snakemake/workflow/rules/common.smk has the same lists.
+    def TILE_ARCHIVE_SUFFIXES = [ '.zip', '.tar', '.tar.gz', '.tgz' ]
+    def SLIDE_SUFFIXES = [ '.svs', '.tif', '.tiff', '.ndpi', '.vms', '.vmu', '.scn', '.mrxs', '.svslide', '.bif', '.dcm' ]
+    // Slides whose data lie in files beside the named one (MIRAX's folder, Hamamatsu VMS/VMU's
+    // image files, DICOM's other .dcm files): Nextflow stages the named file alone, so they are
+    // refused (run them with the Snakemake workflow, which reads them in place).
+    def UNSTAGEABLE_SLIDE_SUFFIXES = [ '.mrxs', '.vms', '.vmu', '.dcm' ]
+
+    // [ meta, tile folder, archive or slide ] per sample, built eagerly so that bad input fails before
     // any task runs.
     def samples = []
     if ( params.input ) {

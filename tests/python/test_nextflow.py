@@ -1111,7 +1111,7 @@ def _main_nf_tiles_check():
     text = (NF / "main.nf").read_text()
     lists = {}
     for name in ("TILE_ARCHIVE_SUFFIXES", "SLIDE_SUFFIXES", "UNSTAGEABLE_SLIDE_SUFFIXES"):
-        match = re.search(rf"^def {name} = \[([^\]]*)\]", text, re.MULTILINE)
+        match = re.search(rf"^\s*def {name} = \[([^\]]*)\]", text, re.MULTILINE)
         assert match, f"main.nf: `def {name} = [...]` not found"
         lists[name] = re.findall(r"'([^']*)'", match.group(1))
     start = text.index("def archive = TILE_ARCHIVE_SUFFIXES.any { suffix -> name.endsWith(suffix) }")
