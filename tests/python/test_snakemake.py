@@ -1148,6 +1148,14 @@ def test_slide_dry_run_flags_only_for_slides(tmp_path, tiles, tissue_slide):
             assert (" ".join(SLIDE_CLI) in c) == slide, c
             if per_job > 1 and slide:
                 assert str(tiles) not in c, c
+    # without slide flags, a job may mix slides and tile folders (the batches of before)
+    plain = write_config(
+        tmp_path / "plain.yaml", tiles, tiles_root=None, samples=str(sheet),
+        extract={"samples_per_job": 3},
+    )  # fmt: skip
+    proc = snakemake(tmp_path, "--configfile", plain, "-n", "-p")
+    extracts = [c for c in shell_commands(proc.stdout, str(BINARY)) if " extract " in c]
+    assert len(extracts) == 1 and "--patch-size" not in extracts[0], proc.stdout
     both = write_config(
         tmp_path / "both.yaml", tiles, tiles_root=None, samples=str(sheet),
         extract={"magnification": 20, "mpp": 0.5},

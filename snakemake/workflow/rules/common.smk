@@ -283,9 +283,11 @@ def slide_flags(names):
     """` --magnification M ...` for a job's samples when they are slides (extract_batches keeps
     slides and tile folders apart when slide flags are set); nothing for tile folders and
     archives, nor when no slide flag is set."""
-    (slide,) = {is_slide(SAMPLES[name]) for name in names}
     args = slide_options()
-    return f" {shlex.join(args)}" if slide and args else ""
+    if not args:
+        return ""  # the jobs may then mix slides and tile folders: nothing to pass
+    (slide,) = {is_slide(SAMPLES[name]) for name in names}
+    return f" {shlex.join(args)}" if slide else ""
 
 
 def weights_input(wildcards):
