@@ -6,7 +6,10 @@
  *
  * Input, exactly one of:
  *   --input samplesheet.csv   columns `sample,tiles`, validated against assets/schema_input.json;
- *                             `tiles` is a tile folder or a .zip/.tar/.tar.gz/.tgz archive of tiles;
+ *                             `tiles` is a tile folder, a .zip/.tar/.tar.gz/.tgz archive of tiles,
+ *                             or a slide file (SLIDE_SUFFIXES; not .mrxs/.vms/.vmu/.dcm, whose
+ *                             files beside them would not be staged), tiled by tilefeat with
+ *                             --magnification/--mpp, --patch_size, --stride, --tissue;
  *                             a relative `tiles` path is resolved against the samplesheet's folder;
  *                             an optional `slide_mpp` column (else --slide_mpp) is passed as --slide-mpp
  *   --tiles_glob 'root/*'     one sample per matching folder, the folder name being the sample ID
@@ -79,11 +82,23 @@ workflow {
     if ( params.model && params.weights ) {
         error "Give --model or --weights, not both: --model '${params.model}' replaces the ResNet50, so --weights '${params.weights}' (the ResNet50's weights) does not apply to it"
     }
+    if ( params.magnification != null && params.mpp != null ) {
+        error "Give --magnification or --mpp, not both: both set the resolution slides are tiled at"
+    }
     if ( params.model && params.layer != 'layer4' ) {
         error "--layer ${params.layer} picks a ResNet50 stage: it does not apply to --model '${params.model}' (leave --layer at its default)"
     }
 
-    // [ meta, tile folder or archive ] per sample, built eagerly so that bad input fails before
+    // Archives of tiles and whole-slide images (OpenSlide 4's formats; .ome.tif/.ome.tiff are
+    // .tif/.tiff) by suffix, in any case; snakemake/workflow/rules/common.smk has the same lists.
+    def TILE_ARCHIVE_SUFFIXES = [ '.zip', '.tar', '.tar.gz', '.tgz' ]
+    def SLIDE_SUFFIXES = [ '.svs', '.tif', '.tiff', '.ndpi', '.vms', '.vmu', '.scn', '.mrxs', '.svslide', '.bif', '.dcm' ]
+    // Slides whose data lie in files beside the named one (MIRAX's folder, Hamamatsu VMS/VMU's
+    // image files, DICOM's other .dcm files): Nextflow stages the named file alone, so they are
+    // refused (run them with the Snakemake workflow, which reads them in place).
+    def UNSTAGEABLE_SLIDE_SUFFIXES = [ '.mrxs', '.vms', '.vmu', '.dcm' ]
+
+    // [ meta, tile folder, archive or slide ] per sample, built eagerly so that bad input fails before
     // any task runs.
     def samples = []
     if ( params.input ) {
@@ -92,19 +107,26 @@ workflow {
             def meta = row[0]
             def tiles = row[1].toString()
             def location = (tiles.startsWith('/') || tiles.contains('://')) ? file(tiles) : samplesheet.parent.resolve(tiles)
-            // A tile folder, or an archive of tiles that tilefeat reads in place (staged as a file).
-            def archive = ['.zip', '.tar', '.tar.gz', '.tgz'].any { suffix -> location.name.toLowerCase().endsWith(suffix) }
+            // A tile folder, an archive of tiles or a slide, which tilefeat reads in place (staged as a file).
+            def name = location.name.toLowerCase()
+            def archive = TILE_ARCHIVE_SUFFIXES.any { suffix -> name.endsWith(suffix) }
+            def slide = SLIDE_SUFFIXES.any { suffix -> name.endsWith(suffix) }
             if ( !location.exists() ) {
                 error "Sample '${meta.id}': tiles '${tiles}' (resolved to ${location}) does not exist"
             }
-            if ( !location.isDirectory() && !archive ) {
-                error "Sample '${meta.id}': tiles '${tiles}' (resolved to ${location}) is a file but not a .zip, .tar, .tar.gz or .tgz archive; give the sample's tile folder or an archive of its tiles"
+            if ( !location.isDirectory() && !archive && !slide ) {
+                error "Sample '${meta.id}': tiles '${tiles}' (resolved to ${location}) is a file but neither a tile archive (${TILE_ARCHIVE_SUFFIXES.join(', ')}) nor a slide (${SLIDE_SUFFIXES.join(', ')}); give the sample's tile folder, an archive of its tiles or its slide file (suffixes in any case)"
             }
+            if ( !location.isDirectory() && UNSTAGEABLE_SLIDE_SUFFIXES.any { suffix -> name.endsWith(suffix) } ) {
+                error "Sample '${meta.id}': tiles '${tiles}' (resolved to ${location}) is a ${UNSTAGEABLE_SLIDE_SUFFIXES.join('/')} slide, whose data lie in files beside it that Nextflow does not stage: run it with the Snakemake workflow (which reads slides in place), or convert it to a single-file format (e.g. pyramidal TIFF)"
+            }
+            slide = slide && !location.isDirectory()
             // the slide's mpp: the samplesheet's slide_mpp (an empty cell is left out), else --slide_mpp
-            [ meta + [ slide_mpp: meta.slide_mpp ?: params.slide_mpp ], location ]
+            // meta.slide: a slide file, which gets the slide flags (conf/modules.config)
+            [ meta + [ slide_mpp: meta.slide_mpp ?: params.slide_mpp, slide: slide ], location ]
         }
     } else {
-        samples = files(params.tiles_glob, type: 'dir').collect { dir -> [ [ id: dir.name, slide_mpp: params.slide_mpp ], dir ] }
+        samples = files(params.tiles_glob, type: 'dir').collect { dir -> [ [ id: dir.name, slide_mpp: params.slide_mpp, slide: false ], dir ] }
         if ( !samples ) {
             error "--tiles_glob '${params.tiles_glob}' matched no folder"
         }
@@ -155,15 +177,18 @@ workflow {
         // fails on its own input or output leaves its task's other samples be (reported below).
         // One tilefeat process takes one --slide-mpp: samples of different slide mpps go to
         // different batches (the batches of before when all have the same, or none).
+        // With slide flags given, slides and tile folders go to different batches too (the
+        // flags are passed to slides only; tilefeat refuses them for tile folders, exit 2).
+        def split_slides = [ params.magnification, params.mpp, params.patch_size, params.stride, params.tissue ].any { v -> v != null }
         def batches = samples
             .toSorted { a, b -> a[0].id <=> b[0].id }
-            .groupBy { row -> row[0].slide_mpp }
+            .groupBy { row -> [ row[0].slide_mpp, split_slides && row[0].slide ] }
             .values()
             .collectMany { group -> group.collate( params.samples_per_task as int ) }
             .collect { rows ->
                 def ids = rows.collect { row -> row[0].id }
                 def id = ids.size() == 1 ? ids[0] : "${ids.first()}..${ids.last()}".toString()
-                [ [ id: id, samples: rows.collect { row -> row[0] }, slide_mpp: rows[0][0].slide_mpp ], rows.collect { row -> row[1] } ]
+                [ [ id: id, samples: rows.collect { row -> row[0] }, slide_mpp: rows[0][0].slide_mpp, slide: rows.every { row -> row[0].slide } ], rows.collect { row -> row[1] } ]
             }
         TILEFEAT_EXTRACT_BATCH( channel.fromList(batches), weights, model, model_sidecar, cache_dir )
         ch_features = perSample( TILEFEAT_EXTRACT_BATCH.out.features, [ '.csv', '.h5', '.parquet', '.pt' ] )

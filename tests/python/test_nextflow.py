@@ -755,10 +755,11 @@ def _stage(workdir, name, target):
     link.symlink_to(target)
 
 
-def _modules_config_args(process, params):
-    """The task.ext.args conf/modules.config gives `process`, for these params: its ext.args
-    closure evaluated as Groovy would (--weights only for random:SEED; with a --model, the
-    ResNet50's defaults left out), and every flag it can pass (each `"--flag ${params.x}"`)."""
+def _modules_config_args(process, params, meta=None):
+    """The task.ext.args conf/modules.config gives `process`, for these params and the task's
+    meta (default: a tile folder, meta.slide false): its ext.args closure evaluated as Groovy
+    would (--weights only for random:SEED; with a --model, the ResNet50's defaults left out;
+    the slide flags for slides only), and every flag it can pass (each `"--flag ${params.x}"`)."""
     text = RULES._strip_comments((NF / "conf" / "modules.config").read_text())
     block = RULES._block(text, rf"withName:\s*'{process}'")
     assert block is not None, f"conf/modules.config has no withName: '{process}'"
@@ -769,8 +770,10 @@ def _modules_config_args(process, params):
     for flag, param in pairs:
         # a param without a default is passed only when set (`params.X ? "--flag ${params.X}" : ''`)
         optional = f'params.{param} ? "{flag} ${{params.{param}}}" : \'\'' in ext_args.group(1)
-        assert param == "weights" or optional or params[param] is not None, f"{process}: {flag} reads params.{param}, which has no default"
-    args = evaluate(ext_args.group(1), {"params": params})
+        # a slide flag: passed to slides only, and only when set
+        slide_only = f'(meta.slide && params.{param} != null) ? "{flag} ${{params.{param}}}" : \'\'' in ext_args.group(1)
+        assert param == "weights" or optional or slide_only or params[param] is not None, f"{process}: {flag} reads params.{param}, which has no default"
+    args = evaluate(ext_args.group(1), {"params": params, "meta": meta or {"slide": False}})
     assert isinstance(args, str), f"{process}: ext.args gives {args!r}, not a string"
     return args, [flag for flag, _ in pairs]
 
@@ -1101,43 +1104,67 @@ def test_archives_end_to_end(tmp_path, tiles, bin_dir):
 
 def _main_nf_tiles_check():
     """How main.nf checks a samplesheet's `tiles` (it resolves the path, then refuses what is
-    neither a folder nor an archive), read from its source: the archive suffixes and the
-    refusals as (condition, message GString), in order. There is no Nextflow runtime here:
-    the conditions are pinned and mirrored by _tiles_refusal; the suffixes and the messages
-    are main.nf's own."""
+    neither a folder, an archive nor a slide, and the slides Nextflow cannot stage), read from
+    its source: the suffix lists and the refusals as (condition, message GString), in order.
+    There is no Nextflow runtime here: the conditions are pinned and mirrored by
+    _tiles_refusal; the suffixes and the messages are main.nf's own."""
     text = (NF / "main.nf").read_text()
-    match = re.search(
-        r"def archive = \[([^\]]*)\]\.any \{ suffix -> location\.name\.toLowerCase\(\)\.endsWith\(suffix\) \}", text
-    )
-    assert match, "main.nf: `def archive = [...].any { suffix -> location.name.toLowerCase().endsWith(suffix) }` not found"
-    suffixes = re.findall(r"'([^']*)'", match.group(1))
-    refusals = re.findall(r'^\s*if \( (.+?) \) \{\n\s*error "((?:\\.|[^"\\])*)"\n\s*\}', text[match.end():], re.MULTILINE)
-    assert [condition for condition, _ in refusals[:2]] == ["!location.exists()", "!location.isDirectory() && !archive"], refusals
-    assert "[ meta + [ slide_mpp: meta.slide_mpp ?: params.slide_mpp ], location ]" in text[match.end():], (
+    lists = {}
+    for name in ("TILE_ARCHIVE_SUFFIXES", "SLIDE_SUFFIXES", "UNSTAGEABLE_SLIDE_SUFFIXES"):
+        match = re.search(rf"^\s*def {name} = \[([^\]]*)\]", text, re.MULTILINE)
+        assert match, f"main.nf: `def {name} = [...]` not found"
+        lists[name] = re.findall(r"'([^']*)'", match.group(1))
+    start = text.index("def archive = TILE_ARCHIVE_SUFFIXES.any { suffix -> name.endsWith(suffix) }")
+    assert "def name = location.name.toLowerCase()" in text[start - 200 : start]
+    assert "def slide = SLIDE_SUFFIXES.any { suffix -> name.endsWith(suffix) }" in text[start:]
+    refusals = re.findall(r'^\s*if \( (.+?) \) \{\n\s*error "((?:\\.|[^"\\])*)"\n\s*\}', text[start:], re.MULTILINE)
+    assert [condition for condition, _ in refusals[:3]] == [
+        "!location.exists()",
+        "!location.isDirectory() && !archive && !slide",
+        "!location.isDirectory() && UNSTAGEABLE_SLIDE_SUFFIXES.any { suffix -> name.endsWith(suffix) }",
+    ], refusals
+    assert "slide = slide && !location.isDirectory()" in text[start:]
+    assert "[ meta + [ slide_mpp: meta.slide_mpp ?: params.slide_mpp, slide: slide ], location ]" in text[start:], (
         "main.nf no longer passes the checked path on"
     )
-    return suffixes, [message for _, message in refusals[:2]]
+    return lists, [message for _, message in refusals[:3]]
 
 
 def _tiles_refusal(samplesheet, sample, tiles):
     """main.nf's answer for one samplesheet row: None (accepted), or its error message."""
-    suffixes, (missing, not_archive) = _main_nf_tiles_check()
+    lists, (missing, neither, unstageable) = _main_nf_tiles_check()
     location = Path(tiles) if tiles.startswith("/") else samplesheet.parent / tiles
-    archive = any(location.name.lower().endswith(suffix) for suffix in suffixes)
-    ctx = {"meta": {"id": sample}, "tiles": tiles, "location": str(location)}
+    name = location.name.lower()
+    archive = any(name.endswith(suffix) for suffix in lists["TILE_ARCHIVE_SUFFIXES"])
+    slide = any(name.endswith(suffix) for suffix in lists["SLIDE_SUFFIXES"])
+    ctx = {"meta": {"id": sample}, "tiles": tiles, "location": str(location), **lists}
     if not location.exists():
         return _interpolate(missing, ctx)
-    if not location.is_dir() and not archive:
-        return _interpolate(not_archive, ctx)
+    if not location.is_dir() and not archive and not slide:
+        return _interpolate(neither, ctx)
+    if not location.is_dir() and any(name.endswith(s) for s in lists["UNSTAGEABLE_SLIDE_SUFFIXES"]):
+        return _interpolate(unstageable, ctx)
     return None
+
+
+SNAKEMAKE_COMMON = NF.parent / "snakemake" / "workflow" / "rules" / "common.smk"
 
 
 @needs_binary
 def test_samplesheet_tiles_folder_or_archive(tmp_path, tiles):
-    """`tiles` is a folder or an archive with one of tilefeat's suffixes (any case); a plain
-    file that is no archive, or a missing path, is refused with its own message."""
-    suffixes, _ = _main_nf_tiles_check()
+    """`tiles` is a folder, an archive with one of tilefeat's suffixes or a slide file (any
+    case); a plain file that is neither, a missing path, or a slide whose data lie beside it
+    (.mrxs, .vms, .vmu, .dcm: not staged) is refused with its own message."""
+    lists, _ = _main_nf_tiles_check()
+    suffixes = lists["TILE_ARCHIVE_SUFFIXES"]
     assert suffixes == [".zip", ".tar", ".tar.gz", ".tgz"]
+    assert lists["SLIDE_SUFFIXES"] == [".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"]
+    assert lists["UNSTAGEABLE_SLIDE_SUFFIXES"] == [".mrxs", ".vms", ".vmu", ".dcm"]
+    # the Snakemake workflow takes the same archives and slides
+    common = SNAKEMAKE_COMMON.read_text()
+    for name in ("TILE_ARCHIVE_SUFFIXES", "SLIDE_SUFFIXES"):
+        body = re.search(rf"^{name} = \((.*?)\)", common, re.MULTILINE | re.DOTALL)
+        assert body and re.findall(r'"([^"]*)"', body.group(1)) == lists[name], name
     # main.nf's suffixes are exactly the archives tilefeat reads, in any case ...
     for n, suffix in enumerate(suffixes):
         archive = make_archive(tiles / "sampleA", tmp_path / f"kind{n}{suffix.upper()}")
@@ -1148,41 +1175,59 @@ def test_samplesheet_tiles_folder_or_archive(tmp_path, tiles):
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
         assert f"dry run: sample kind{n} " in result.stdout and " 2 tiles in " in result.stdout, result.stdout
-    # ... and tilefeat itself refuses a plain file, naming the same ones
+    # ... and tilefeat opens any other file as a slide: a plain file that is none fails (exit 3)
     (tmp_path / "notes.txt").write_text("not tiles\n")
     result = subprocess.run(
-        [str(TILEFEAT_BIN), "extract", str(tmp_path / "notes.txt"), "--output", str(tmp_path / "n.csv"), "--dry-run"],
+        [str(TILEFEAT_BIN), "extract", str(tmp_path / "notes.txt"), "--output", str(tmp_path / "n.csv"),
+         "--weights", "random:0", "--device", "cpu", "--no-cache", "--dry-run"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert result.returncode != 0 and "nor a .zip, .tar, .tar.gz or .tgz archive" in result.stderr, result.stderr
+    assert result.returncode == 3, result.stderr
+    assert "is neither a tile folder, an archive (.zip, .tar, .tar.gz) nor a slide OpenSlide can open" in result.stderr, result.stderr
 
     sheet = tmp_path / "sheet" / "samples.csv"
     (tmp_path / "sheet" / "archives").mkdir(parents=True)
     shutil.copytree(tiles / "sampleA", tmp_path / "sheet" / "folder.zip")  # a folder, whatever its name
+    shutil.copytree(tiles / "sampleA", tmp_path / "sheet" / "folder.mrxs")  # a folder, whatever its name
     make_archive(tiles / "sampleA", tmp_path / "sheet" / "archives" / "a.Zip")
     make_archive(tiles / "sampleA", tmp_path / "sheet" / "archives" / "b.TAR")
     make_archive(tiles / "sampleA", tmp_path / "sheet" / "archives" / "c.tar.gz")
     make_archive(tiles / "sampleA", tmp_path / "sheet" / "archives" / "d.TGZ")
     (tmp_path / "sheet" / "notes.txt").write_text("not tiles\n")
     (tmp_path / "sheet" / "e.tar.bz2").write_bytes((tmp_path / "sheet" / "archives" / "b.TAR").read_bytes())
+    for name in ("s.SVS", "s.ome.tiff", "s.ndpi", "s.mrxs", "s.DCM", "s.vms"):
+        (tmp_path / "sheet" / name).write_bytes(b"slide")  # main.nf goes by the suffix
     accepted = {
         "folder": str(tiles / "sampleA"),
         "folderzip": "folder.zip",
+        "foldermrxs": "folder.mrxs",
         "zip": "archives/a.Zip",
         "tar": "archives/b.TAR",
         "targz": str(tmp_path / "sheet" / "archives" / "c.tar.gz"),
         "tgz": "archives/d.TGZ",
+        "svs": "s.SVS",
+        "ometiff": "s.ome.tiff",
+        "ndpi": "s.ndpi",
     }
+    neither = (
+        "is a file but neither a tile archive (.zip, .tar, .tar.gz, .tgz) nor a slide (.svs, .tif, .tiff, .ndpi, "
+        ".vms, .vmu, .scn, .mrxs, .svslide, .bif, .dcm); give the sample's tile folder, an archive of its tiles "
+        "or its slide file (suffixes in any case)"
+    )
+    unstaged = "slide, whose data lie in files beside it that Nextflow does not stage: run it with the Snakemake workflow"
     refused = {
-        "notes": ("notes.txt", f"Sample 'notes': tiles 'notes.txt' (resolved to {tmp_path / 'sheet' / 'notes.txt'}) is a file but not a .zip, .tar, .tar.gz or .tgz archive; give the sample's tile folder or an archive of its tiles"),
-        "bz2": ("e.tar.bz2", "is a file but not a .zip, .tar, .tar.gz or .tgz archive"),
+        "notes": ("notes.txt", f"Sample 'notes': tiles 'notes.txt' (resolved to {tmp_path / 'sheet' / 'notes.txt'}) {neither}"),
+        "bz2": ("e.tar.bz2", neither),
         "missing": ("archives/gone.zip", f"Sample 'missing': tiles 'archives/gone.zip' (resolved to {tmp_path / 'sheet' / 'archives' / 'gone.zip'}) does not exist"),
+        "mrxs": ("s.mrxs", f"Sample 'mrxs': tiles 's.mrxs' (resolved to {tmp_path / 'sheet' / 's.mrxs'}) is a .mrxs/.vms/.vmu/.dcm {unstaged}"),
+        "dcm": ("s.DCM", unstaged),
+        "vms": ("s.vms", unstaged),
     }
     rows = {**accepted, **{sample: tiles_path for sample, (tiles_path, _) in refused.items()}}
     sheet.write_text("sample,tiles\n" + "".join(f"{sample},{path}\n" for sample, path in rows.items()))
     _, result = _validate_samplesheet(sheet, tmp_path)  # the schema lets every row through ...
     assert result.returncode == 0, result.stdout + result.stderr
-    for sample, tiles_path in accepted.items():  # ... main.nf takes the folders and archives ...
+    for sample, tiles_path in accepted.items():  # ... main.nf takes the folders, archives and slides ...
         assert _tiles_refusal(sheet, sample, tiles_path) is None, sample
     for sample, (tiles_path, message) in refused.items():  # ... and refuses the rest
         refusal = _tiles_refusal(sheet, sample, tiles_path)
@@ -1263,14 +1308,16 @@ def test_staged_names_follow_nextflow():
     assert _staged_names("seq", ["a", "b"]) == ["seq1", "seq2"]
 
 
-def _main_nf_batches(ids, size, mpps=None):
+def _main_nf_batches(ids, size, mpps=None, slides=(), split_slides=False):
     """main.nf's batches for --samples_per_task `size`: sample IDs in order, grouped by slide
-    mpp (`mpps`: {id: mpp}; one --slide-mpp per process), `size` at a time (the last one of a
-    group may be smaller), each named FIRST..LAST (or its one sample's ID). Mirrors main.nf,
-    whose code is pinned by test_main_nf_batches_and_rekeys_per_sample."""
+    mpp (`mpps`: {id: mpp}; one --slide-mpp per process) and, when slide flags are given
+    (`split_slides`), by being a slide (`slides`: their IDs), `size` at a time (the last one
+    of a group may be smaller), each named FIRST..LAST (or its one sample's ID). Mirrors
+    main.nf, whose code is pinned by test_main_nf_batches_and_rekeys_per_sample."""
     by_mpp = {}
     for sample in sorted(ids):
-        by_mpp.setdefault((mpps or {}).get(sample), []).append(sample)
+        key = ((mpps or {}).get(sample), split_slides and sample in slides)
+        by_mpp.setdefault(key, []).append(sample)
     groups = [g[i : i + size] for g in by_mpp.values() for i in range(0, len(g), size)]
     return [(group[0] if len(group) == 1 else f"{group[0]}..{group[-1]}", group) for group in groups]
 
@@ -1284,9 +1331,10 @@ def test_main_nf_batches_and_rekeys_per_sample():
     text = RULES._strip_comments((NF / "main.nf").read_text())
     for needed in (
         "if ( params.samples_per_task == 1 ) {\n        TILEFEAT_EXTRACT( channel.fromList(samples), weights, model, model_sidecar, cache_dir )",
-        ".toSorted { a, b -> a[0].id <=> b[0].id }\n            .groupBy { row -> row[0].slide_mpp }\n            .values()\n"
+        "def split_slides = [ params.magnification, params.mpp, params.patch_size, params.stride, params.tissue ].any { v -> v != null }",
+        ".toSorted { a, b -> a[0].id <=> b[0].id }\n            .groupBy { row -> [ row[0].slide_mpp, split_slides && row[0].slide ] }\n            .values()\n"
         "            .collectMany { group -> group.collate( params.samples_per_task as int ) }",
-        "[ [ id: id, samples: rows.collect { row -> row[0] }, slide_mpp: rows[0][0].slide_mpp ], rows.collect { row -> row[1] } ]",
+        "[ [ id: id, samples: rows.collect { row -> row[0] }, slide_mpp: rows[0][0].slide_mpp, slide: rows.every { row -> row[0].slide } ], rows.collect { row -> row[1] } ]",
         'def id = ids.size() == 1 ? ids[0] : "${ids.first()}..${ids.last()}".toString()',
         "TILEFEAT_EXTRACT_BATCH( channel.fromList(batches), weights, model, model_sidecar, cache_dir )",
         "ch_features = perSample( TILEFEAT_EXTRACT_BATCH.out.features, [ '.csv', '.h5', '.parquet', '.pt' ] )",
@@ -1302,6 +1350,9 @@ def test_main_nf_batches_and_rekeys_per_sample():
         assert needed in text, f"main.nf no longer has: {needed}"
     assert _main_nf_batches(["c", "a", "b"], 2) == [("a..b", ["a", "b"]), ("c", ["c"])]
     assert _main_nf_batches(["c", "a", "b"], 2, {"a": 0.25, "b": None, "c": 0.25}) == [("a..c", ["a", "c"]), ("b", ["b"])]
+    # slides apart from tile folders only when slide flags are given
+    assert _main_nf_batches(["c", "a", "b"], 2, slides={"b"}) == [("a..b", ["a", "b"]), ("c", ["c"])]
+    assert _main_nf_batches(["c", "a", "b"], 2, slides={"b"}, split_slides=True) == [("a..c", ["a", "c"]), ("b", ["b"])]
     # the file names the re-keying looks for are the ones the module's outputs match, for
     # every format the schema offers
     globs = _output_globs(BATCH_NF)
@@ -1663,6 +1714,8 @@ def test_stub_writes_every_declared_output(tmp_path, module_path, format):
             expected = 2 * per_sample  # each sample's .h5 and .pt
         if emit == "index":  # optional: only when the tiles have coordinates (none in a stub)
             expected = 0
+        if emit == "tissue":  # optional: only for slides (a stub's samples are tile folders)
+            expected = 0
         assert len(matches) == expected, f"stub output path({pattern!r}) ({emit}) matched {matches}"
     if "features" in _output_globs(module_path):
         suffixes = {"stamp": {".h5"}, "clam": {".h5", ".pt"}}.get(format, {f".{format or 'csv'}"})
@@ -1960,8 +2013,8 @@ def test_stamp_without_slide_mpp_refused_at_start_up():
     naming the samples without; other formats, or every mpp known, pass."""
     text = RULES._strip_comments((NF / "main.nf").read_text())
     for needed in (
-        "[ meta + [ slide_mpp: meta.slide_mpp ?: params.slide_mpp ], location ]",
-        "[ [ id: dir.name, slide_mpp: params.slide_mpp ], dir ]",
+        "[ meta + [ slide_mpp: meta.slide_mpp ?: params.slide_mpp, slide: slide ], location ]",
+        "[ [ id: dir.name, slide_mpp: params.slide_mpp, slide: false ], dir ]",
     ):
         assert needed in text, f"main.nf no longer has: {needed}"
     refusal = _main_nf_stamp_refusal(_default_params(format="stamp"), {"a": 0.25, "b": None, "c": None})
@@ -2133,3 +2186,96 @@ def test_clam_batch_leaves_no_files_of_a_failed_sample(tmp_path, bin_dir, demo_s
     assert names == ["sampleA.h5", "sampleA.provenance.yaml", "sampleA.pt", "sampleA.rejected.tsv"], names
     ((sample, status, error),) = _failed_rows(work, "bare..sampleA")
     assert (sample, status) == ("bare", "3") and "holds no tiles" in error, error
+
+
+# ---------------------------------------------------------------------------------------
+# Whole-slide images
+# ---------------------------------------------------------------------------------------
+
+SLIDE_PARAMS = {"weights": "random:0", "magnification": 5, "patch_size": 512, "tissue": "clam"}
+SLIDE_CLI = ["--magnification", "5", "--patch-size", "512", "--tissue", "clam"]
+
+
+@pytest.fixture(scope="module")
+def tissue_slide(tmp_path_factory):
+    """tests/python/make_slides.py's Aperio SVS with tissue (CLAM finds it)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import make_slides
+
+    path = tmp_path_factory.mktemp("slides") / "tissue.svs"
+    make_slides.write_tissue_svs(path)
+    return path
+
+
+def test_slide_flags_for_slides_only():
+    """conf/modules.config passes the slide flags to slides (meta.slide) only, and only those
+    that are set; without slide params the command is what it was."""
+    params = _default_params(**SLIDE_PARAMS)
+    for process in ("TILEFEAT_EXTRACT", "TILEFEAT_EXTRACT_BATCH"):
+        slide_args, flags = _modules_config_args(process, params, meta={"slide": True})
+        assert {"--magnification", "--mpp", "--patch-size", "--stride", "--tissue"} <= set(flags)
+        assert slide_args.endswith(" " + " ".join(SLIDE_CLI)), slide_args
+        tile_args, _ = _modules_config_args(process, params, meta={"slide": False})
+        assert not any(flag in tile_args for flag in SLIDE_CLI[::2]), tile_args
+        assert _modules_config_args(process, _default_params(), meta={"slide": True})[0] == _modules_config_args(process, _default_params())[0]
+    # every slide param is in nextflow.config (null) and in the schema
+    properties = _schema_properties()
+    for name in ("magnification", "mpp", "patch_size", "stride", "tissue"):
+        assert name in properties and _default_params()[name] is None, name
+    assert properties["tissue"]["enum"] == ["clam", "tcga", "bwh_biopsy", "none"]
+    text = (NF / "main.nf").read_text()
+    assert 'error "Give --magnification or --mpp, not both' in text
+    for module in (EXTRACT_NF, BATCH_NF):
+        assert _output_globs(module)["tissue"] == "*.tissue.png"
+        assert 'path("*.tissue.png"), optional: true, emit: tissue' in _section(module, "output")
+
+
+@needs_binary
+def test_slide_end_to_end(tmp_path, bin_dir, tiles, tissue_slide):
+    """A slide sample through both module scripts for real (staged as a symlink, as Nextflow
+    stages it): its CSV is byte for byte a plain `tilefeat extract` of the slide with the same
+    flags, and its tissue picture is emitted (`tissue`); batched with slide flags, the slide
+    gets a task of its own, apart from the tile folders."""
+    reference = tmp_path / "plain" / "slideA.csv"
+    result = subprocess.run(
+        [str(TILEFEAT_BIN), "extract", str(tissue_slide), "--output", str(reference), "--sample", "slideA",
+         "--weights", "random:0", "--device", "cpu", "--threads", "2", "--no-cache", "--quiet", *SLIDE_CLI],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    params = _default_params(**SLIDE_PARAMS)
+
+    # one sample per task
+    args, _ = _modules_config_args("TILEFEAT_EXTRACT", params, meta={"slide": True})
+    work = tmp_path / "extract-slideA"
+    work.mkdir()
+    _stage(work, tissue_slide.name, tissue_slide)
+    ctx = _extract_ctx("slideA", args, staged=tissue_slide.name)
+    ctx["meta"]["slide"] = True
+    ctx["task"]["ext"]["format"] = "csv"
+    script = render(EXTRACT_NF, "script", ctx)
+    assert " ".join(SLIDE_CLI) in script, script
+    result = _run_task(script, work, bin_dir)
+    assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+    found = _collect_outputs(work, EXTRACT_NF, "slideA")
+    assert found["features"].read_bytes() == reference.read_bytes()
+    assert found["tissue"].name == "slideA.tissue.png"
+    # a tile folder gets no slide flag (tilefeat would refuse it, exit 2)
+    tile_args, _ = _modules_config_args("TILEFEAT_EXTRACT", params, meta={"slide": False})
+    assert "--patch-size" not in tile_args
+
+    # batched: the slide apart from the tile folders, its batch meta.slide true
+    batches = _main_nf_batches(["slideA", "sampleA", "sampleB"], 3, slides={"slideA"}, split_slides=True)
+    assert batches == [("sampleA..sampleB", ["sampleA", "sampleB"]), ("slideA", ["slideA"])]
+    args, _ = _modules_config_args("TILEFEAT_EXTRACT_BATCH", params, meta={"slide": True})
+    work = tmp_path / "batch-slideA"
+    work.mkdir()
+    _stage(work, tissue_slide.name, tissue_slide)
+    ctx = _batch_ctx(["slideA"], [tissue_slide.name], args, format="csv")
+    ctx["meta"]["slide"] = True
+    script = render(BATCH_NF, "script", ctx)
+    result = _run_task(script, work, bin_dir)
+    assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
+    assert _failed_rows(work, "slideA") == []
+    assert (work / "slideA.csv").read_bytes() == reference.read_bytes()
+    assert [f.name for f in _glob(work, _output_globs(BATCH_NF)["tissue"])] == ["slideA.tissue.png"]

@@ -281,7 +281,8 @@ def test_samplesheet_and_config_errors(tmp_path, tiles):
         # a plain file that is no archive, in place of a tile folder or archive
         ({"tiles_root": None, "samples": str(tmp_path / "notes.csv")},
          ["ValueError", f"{tmp_path / 'notes.csv'}: sample 's2': tiles "
-          f"'{tmp_path / 'notes.txt'}' is a file but not a .zip, .tar, .tar.gz or .tgz archive"]),
+          f"'{tmp_path / 'notes.txt'}' is a file but neither a tile archive (.zip, .tar, .tar.gz, "
+          ".tgz) nor a slide (.svs, .tif, .tiff, .ndpi"]),
     ]  # fmt: skip
     (tmp_path / "dup.csv").write_text(f"sample,tiles\ns1,{tiles}/s1\ns1,{tiles}/s2\n")
     (tmp_path / "badid.csv").write_text(f"sample,tiles\nbad id,{tiles}/s1\n")
@@ -323,8 +324,10 @@ def test_samplesheet_archive_kinds(tmp_path, tiles):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
     message = (
-        f"{sheet}: sample 'bz': tiles '{archives / 'e.tar.bz2'}' is a file but not a .zip, "
-        ".tar, .tar.gz or .tgz archive; give the sample's tile folder or an archive of its tiles"
+        f"{sheet}: sample 'bz': tiles '{archives / 'e.tar.bz2'}' is a file but neither a tile "
+        "archive (.zip, .tar, .tar.gz, .tgz) nor a slide (.svs, .tif, .tiff, .ndpi, .vms, "
+        ".vmu, .scn, .mrxs, .svslide, .bif, .dcm); give the sample's tile folder, an archive "
+        "of its tiles or its slide file (suffixes in any case)"
     )
     assert message in out, out
 
@@ -1098,3 +1101,89 @@ def test_mil_formats_match_plain_extract(ctiles, tmp_path, samples_per_job):
         else:
             assert not cohort.exists() and not (tmp_path / fmt / "join").exists()
             assert (tmp_path / fmt / "versions.yaml").is_file()
+
+
+# ------------------------------------------------------------------------ whole-slide images
+
+SLIDE_FLAGS = {"magnification": 5, "patch_size": 512, "tissue": "clam"}
+SLIDE_CLI = ["--magnification", "5", "--patch-size", "512", "--tissue", "clam"]
+
+
+@pytest.fixture(scope="module")
+def tissue_slide(tmp_path_factory) -> Path:
+    """tests/python/make_slides.py's Aperio SVS with tissue (CLAM finds it)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import make_slides
+
+    path = tmp_path_factory.mktemp("slides") / "tissue.SVS"
+    make_slides.write_tissue_svs(path)
+    return path
+
+
+def test_slide_suffixes_match_nextflow():
+    """The slide suffixes are the same in both workflows."""
+    smk = (REPO / "snakemake" / "workflow" / "rules" / "common.smk").read_text()
+    nf = (REPO / "nextflow" / "main.nf").read_text()
+    smk_list = re.findall(r'"(\.[a-z]+)"', re.search(r"SLIDE_SUFFIXES = \((.*?)\)", smk, re.S).group(1))
+    nf_list = re.findall(r"'(\.[a-z]+)'", re.search(r"def SLIDE_SUFFIXES = \[(.*?)\]", nf, re.S).group(1))
+    assert smk_list == nf_list and ".svs" in smk_list, (smk_list, nf_list)
+
+
+def test_slide_dry_run_flags_only_for_slides(tmp_path, tiles, tissue_slide):
+    """Slide flags go to slide samples only, and batches keep slides and tile folders apart."""
+    sheet = tmp_path / "samples.csv"
+    folder = tmp_path / "folder.svs"  # a tile folder, whatever its name
+    shutil.copytree(tiles / "s2", folder)
+    sheet.write_text(f"sample,tiles\nslideA,{tissue_slide}\ns1,{tiles / 's1'}\ns2,{folder}\n")
+    for per_job in (1, 3):
+        config = write_config(
+            tmp_path / f"c{per_job}.yaml", tiles, tiles_root=None, samples=str(sheet),
+            extract={**SLIDE_FLAGS, "samples_per_job": per_job},
+        )  # fmt: skip
+        proc = snakemake(tmp_path, "--configfile", config, "-n", "-p")
+        extracts = [c for c in shell_commands(proc.stdout, str(BINARY)) if " extract " in c]
+        assert len(extracts) == (3 if per_job == 1 else 2), proc.stdout
+        for c in extracts:
+            slide = f" {tissue_slide} " in c
+            assert (" ".join(SLIDE_CLI) in c) == slide, c
+            if per_job > 1 and slide:
+                assert str(tiles) not in c, c
+    # without slide flags, a job may mix slides and tile folders (the batches of before)
+    plain = write_config(
+        tmp_path / "plain.yaml", tiles, tiles_root=None, samples=str(sheet),
+        extract={"samples_per_job": 3},
+    )  # fmt: skip
+    proc = snakemake(tmp_path, "--configfile", plain, "-n", "-p")
+    extracts = [c for c in shell_commands(proc.stdout, str(BINARY)) if " extract " in c]
+    assert len(extracts) == 1 and "--patch-size" not in extracts[0], proc.stdout
+    both = write_config(
+        tmp_path / "both.yaml", tiles, tiles_root=None, samples=str(sheet),
+        extract={"magnification": 20, "mpp": 0.5},
+    )  # fmt: skip
+    proc = snakemake(tmp_path, "--configfile", both, "-n", check=False)
+    assert proc.returncode == 1
+    assert "extract.magnification and extract.mpp exclude each other" in proc.stdout + proc.stderr
+
+
+@needs_binary
+@pytest.mark.parametrize("samples_per_job", [1, 2])
+def test_slide_matches_plain_extract(tmp_path, tiles, tissue_slide, samples_per_job):
+    """A samplesheet naming a slide runs end to end: its CSV is byte for byte a plain
+    `tilefeat extract` of the slide with the same flags, and its tissue picture is there."""
+    reference = tmp_path / "ref" / "slideA.csv"
+    run([BINARY, "extract", tissue_slide, "--output", reference, "--sample", "slideA",
+         "--weights", "random:0", "--device", "cpu", "--threads", THREADS, "--no-cache",
+         "--quiet", *SLIDE_CLI])  # fmt: skip
+    sheet = tmp_path / "samples.csv"
+    sheet.write_text(f"sample,tiles\nslideA,{tissue_slide}\ns1,{tiles / 's1'}\n")
+    config = write_config(
+        tmp_path / "config.yaml", tiles, tiles_root=None, samples=str(sheet),
+        extract={**SLIDE_FLAGS, "samples_per_job": samples_per_job, "no_cache": True},
+    )  # fmt: skip
+    snakemake(tmp_path, "--configfile", config, "--cores", "2", timeout=300)
+    features = tmp_path / "results" / "features"
+    assert (features / "slideA.csv").read_bytes() == reference.read_bytes()
+    assert (features / "slideA.tissue.png").is_file()
+    assert not (features / "s1.tissue.png").exists()
+    _, rows = read_csv(tmp_path / "results" / "cohort.csv")
+    assert {r[0] for r in rows} == {"slideA", "s1"}

@@ -68,22 +68,50 @@ COHORT = cohort_file()
 
 # Archives `tilefeat extract` reads in place instead of a tile folder (suffix in any case).
 TILE_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+# Whole-slide images `tilefeat extract` opens through OpenSlide (OpenSlide 4's formats; suffix
+# in any case; .ome.tif/.ome.tiff are .tif/.tiff). nextflow/main.nf has the same lists
+# (tests/python/test_snakemake.py checks it).
+SLIDE_SUFFIXES = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".dcm",
+)
+
+
+def is_slide(tiles):
+    """A sample path naming a slide file (by its suffix; a folder so named is a tile folder):
+    tilefeat tiles it itself."""
+    return tiles.lower().endswith(SLIDE_SUFFIXES) and not os.path.isdir(tiles)
 
 
 def check_tiles(where, sample, tiles):
-    """A sample's tiles: a folder, or an archive file. A plain file that is no archive is
-    refused here; a path that is not there yet is left to Snakemake (missing input, or made
-    by a rule of a host workflow)."""
-    if os.path.isfile(tiles) and not tiles.lower().endswith(TILE_ARCHIVE_SUFFIXES):
+    """A sample's path: a tile folder, a tile archive or a slide file. A plain file that is
+    neither an archive nor a slide (by suffix) is refused here; a path that is not there yet
+    is left to Snakemake (missing input, or made by a rule of a host workflow)."""
+    if (
+        os.path.isfile(tiles)
+        and not tiles.lower().endswith(TILE_ARCHIVE_SUFFIXES)
+        and not is_slide(tiles)
+    ):
         raise ValueError(
-            f"{where}: sample {sample!r}: tiles {tiles!r} is a file but not a .zip, .tar, "
-            ".tar.gz or .tgz archive; give the sample's tile folder or an archive of its tiles"
+            f"{where}: sample {sample!r}: tiles {tiles!r} is a file but neither a tile "
+            f"archive ({', '.join(TILE_ARCHIVE_SUFFIXES)}) nor a slide "
+            f"({', '.join(SLIDE_SUFFIXES)}); give the sample's tile folder, an archive of "
+            "its tiles or its slide file (suffixes in any case)"
         )
 
 
 def read_samples():
-    """Sample ID -> tile folder or archive, from the samplesheet or the sub-folders of
-    tiles_root."""
+    """Sample ID -> tile folder, tile archive or slide file, from the samplesheet or the
+    sub-folders of tiles_root."""
     sheet, root = config["samples"] or "", config["tiles_root"] or ""
     if bool(sheet) == bool(root):
         raise ValueError(
@@ -176,11 +204,26 @@ EXTRACT_VALUE_FLAGS = {
     "cache_dir": "--cache-dir",
     "patch_size_level0": "--patch-size-level0",
 }
+# config key of `extract` -> `tilefeat extract` flag for slides only: passed to slide samples
+# (SLIDE_SUFFIXES) and never to tile folders or archives (tilefeat refuses them there, exit 2).
+EXTRACT_SLIDE_FLAGS = {
+    "magnification": "--magnification",
+    "mpp": "--mpp",
+    "patch_size": "--patch-size",
+    "stride": "--stride",
+    "tissue": "--tissue",
+}
 EXTRACT_SWITCH_FLAGS = {
     "no_cache": "--no-cache",
     "quiet": "--quiet",
     "profile": "--profile",
 }
+
+if EXTRACT.get("magnification") is not None and EXTRACT.get("mpp") is not None:
+    raise ValueError(
+        "config: extract.magnification and extract.mpp exclude each other (both set the "
+        "resolution slides are tiled at): set one of them to null"
+    )
 
 if EXTRACT.get("cache_dir") and EXTRACT.get("no_cache"):
     raise ValueError(
@@ -226,6 +269,27 @@ def extract_options():
     return options
 
 
+def slide_options():
+    """The configured slide flags (EXTRACT_SLIDE_FLAGS) as a list of arguments."""
+    args = []
+    for key, flag in EXTRACT_SLIDE_FLAGS.items():
+        value = EXTRACT.get(key)
+        if value is not None and value != "":
+            args += [flag, str(value)]
+    return args
+
+
+def slide_flags(names):
+    """` --magnification M ...` for a job's samples when they are slides (extract_batches keeps
+    slides and tile folders apart when slide flags are set); nothing for tile folders and
+    archives, nor when no slide flag is set."""
+    args = slide_options()
+    if not args:
+        return ""  # the jobs may then mix slides and tile folders: nothing to pass
+    (slide,) = {is_slide(SAMPLES[name]) for name in names}
+    return f" {shlex.join(args)}" if slide else ""
+
+
 def weights_input(wildcards):
     """A weights file is an input (tracked, checked before the job); `random:N` is not."""
     weights = EXTRACT.get("weights")
@@ -268,9 +332,13 @@ def extract_batches():
     to different jobs (in sample order within each mpp; the same groups as before when
     every sample has the same mpp, or none)."""
     size = EXTRACT["samples_per_job"]
+    # With slide flags set, slides and tile folders go to different jobs too (the flags are
+    # passed to slides only); without, the groups of before.
+    split_slides = bool(slide_options())
     by_mpp = {}
     for name in sorted(SAMPLES):
-        by_mpp.setdefault(SLIDE_MPP[name], []).append(name)
+        key = (SLIDE_MPP[name], split_slides and is_slide(SAMPLES[name]))
+        by_mpp.setdefault(key, []).append(name)
     return [
         names[i : i + size]
         for names in by_mpp.values()
@@ -307,7 +375,8 @@ def output_flags(wildcards, output):
 # CLAM's pt_files/{sample}.pt (None for the other formats). `.pt` bags get {sample}.index.npz
 # beside them only when the tiles have coordinates (tilefeat decides, and says so in the
 # log): it is not a declared output (Snakemake has no optional outputs), and tilefeat
-# replaces or removes a stale one itself.
+# replaces or removes a stale one itself. Likewise a slide's {sample}.tissue.png (the tissue
+# tilefeat found, beside the feature file; none with extract.tissue none) is not declared.
 if FORMAT == "clam":
     FEATURE_FILES = (
         "h5_files/{sample}.h5",

@@ -1,7 +1,7 @@
 if EXTRACT["samples_per_job"] == 1:
 
     rule extract:
-        """One sample's tile folder or archive -> per-tile feature file (+ provenance, rejected tiles)."""
+        """One sample's tile folder, tile archive or slide -> per-tile feature file (+ provenance, rejected tiles)."""
         input:
             tiles=lambda wc: SAMPLES[wc.sample],
             weights=weights_input,
@@ -23,13 +23,14 @@ if EXTRACT["samples_per_job"] == 1:
             options=extract_options(),
             output_flags=output_flags,
             slide_mpp_flag=lambda wc: slide_mpp_flag([wc.sample]),
+            slide_flags=lambda wc: slide_flags([wc.sample]),
         shell:
             # The first log line says where the job ran: the Slurm job and the GPUs it was given.
             'echo "tilefeat extract {wildcards.sample}: host=$(hostname)'
             " SLURM_JOB_ID=${{SLURM_JOB_ID:-none}}"
             ' CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-unset}}" > {log:q}; '
             "{params.tilefeat:q} extract {input.tiles:q} {params.output_flags}"
-            " --sample {wildcards.sample:q}{params.slide_mpp_flag} --threads {threads}"
+            " --sample {wildcards.sample:q}{params.slide_mpp_flag}{params.slide_flags} --threads {threads}"
             " {params.options} >> {log:q} 2>&1"
 
 else:
@@ -62,10 +63,11 @@ else:
                 outdir=f"{OUTDIR}/features",
                 format_flag=format_flag(),
                 slide_mpp_flag=slide_mpp_flag(names),
+                slide_flags=slide_flags(names),
             shell:
                 'echo "tilefeat extract {params.samples}: host=$(hostname)'
                 " SLURM_JOB_ID=${{SLURM_JOB_ID:-none}}"
                 ' CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-unset}}" > {log:q}; '
                 "{params.tilefeat:q} extract {input.tiles:q} --outdir {params.outdir:q}{params.format_flag}"
-                " {params.sample_flags}{params.slide_mpp_flag} --threads {threads} {params.options}"
+                " {params.sample_flags}{params.slide_mpp_flag}{params.slide_flags} --threads {threads} {params.options}"
                 " >> {log:q} 2>&1"

@@ -59,6 +59,7 @@ process TILEFEAT_EXTRACT {
     tuple val(meta), path("*.{csv,h5,parquet,pt}"), emit: features
     tuple val(meta), path("*.index.npz"), optional: true, emit: index
     tuple val(meta), path("*.provenance.yaml"), emit: provenance
+    tuple val(meta), path("*.tissue.png"), optional: true, emit: tissue
     tuple val(meta), path("*.rejected.tsv"), emit: rejected
     tuple val("${task.process}"), val('tilefeat'), eval("tilefeat --version | sed 's/tilefeat //'"), topic: versions, emit: versions_tilefeat
 

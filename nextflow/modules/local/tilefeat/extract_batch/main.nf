@@ -59,6 +59,7 @@ process TILEFEAT_EXTRACT_BATCH {
     tuple val(meta), path("*.index.npz"), optional: true, emit: index
     tuple val(meta), path("*.provenance.yaml"), optional: true, emit: provenance
     tuple val(meta), path("*.rejected.tsv"), optional: true, emit: rejected
+    tuple val(meta), path("*.tissue.png"), optional: true, emit: tissue
     tuple val(meta), path("*.failed.tsv"), emit: failed
     tuple val("${task.process}"), val('tilefeat'), eval("tilefeat --version | sed 's/tilefeat //'"), topic: versions, emit: versions_tilefeat
 
@@ -122,7 +123,7 @@ process TILEFEAT_EXTRACT_BATCH {
         if [ \$complete -eq 1 ]; then
             continue
         fi
-        rm -f ${sample_files.join(' ')} "\$sample.index.npz"
+        rm -f ${sample_files.join(' ')} "\$sample.index.npz" "\$sample.tissue.png"
         error=\$(awk -v p="tilefeat: error: sample \$sample: " 'index(\$0, p) == 1 { print substr(\$0, length(p) + 1); exit }' ${prefix}.extract.err)
         if [ -z "\$error" ]; then
             # one sample in the command: its error is not prefixed with its ID
