@@ -63,16 +63,16 @@ def pyramid(level0: np.ndarray, downsamples: list[int]) -> list[np.ndarray]:
     return out
 
 
-def write_svs(path: Path) -> None:
-    level0 = canvas(3000, 2000)
-    levels = pyramid(level0, [1, 4, 16])
+def write_aperio(path: Path, level0: np.ndarray, name: str, extra: str = "") -> None:
+    """`level0` as an Aperio-like SVS: levels at downsamples 1, 4 and 16, tiled JPEG in RGB,
+    the ImageDescription Aperio writes (`AppMag = 40`, `MPP`; `extra` fields before them)."""
     h, w = level0.shape[:2]
     desc = (
         f"Aperio Image Library v12.0.15\r\n{w}x{h} [0,0 {w}x{h}] (256x256) JPEG/RGB Q=90"
-        f"|AppMag = 40|StripeWidth = 1000|ScanScope ID = TILEFEAT|Filename = aperio|MPP = {MPP}"
+        f"|AppMag = 40{extra}|ScanScope ID = TILEFEAT|Filename = {name}|MPP = {MPP}"
     )
     with tifffile.TiffWriter(path, bigtiff=False) as tif:
-        for k, lv in enumerate(levels):
+        for k, lv in enumerate(pyramid(level0, [1, 4, 16])):
             tif.write(
                 lv,
                 tile=(256, 256),
@@ -83,6 +83,10 @@ def write_svs(path: Path) -> None:
                 metadata=None,
                 subfiletype=0 if k == 0 else 1,
             )
+
+
+def write_svs(path: Path) -> None:
+    write_aperio(path, canvas(3000, 2000), "aperio", "|StripeWidth = 1000")
 
 
 def write_tiff(path: Path, level0: np.ndarray, downsamples: list[int], resolution, unit: str) -> None:
@@ -131,19 +135,7 @@ def write_tissue_svs(path: Path) -> dict:
         pieces=[(500, 800, 6400, 5600), (7200, 1200, 2600, 2500), (8400, 6200, 400, 400)],
         holes=[(2300, 2300, 2400, 2400)],
     )
-    level0 = tissue_canvas(10240, 7680, **layout)
-    h, w = level0.shape[:2]
-    desc = (
-        f"Aperio Image Library v12.0.15\r\n{w}x{h} [0,0 {w}x{h}] (256x256) JPEG/RGB Q=90"
-        f"|AppMag = 40|ScanScope ID = TILEFEAT|Filename = tissue|MPP = {MPP}"
-    )
-    with tifffile.TiffWriter(path, bigtiff=False) as tif:
-        for k, lv in enumerate(pyramid(level0, [1, 4, 16])):
-            tif.write(
-                lv, tile=(256, 256), compression="jpeg", compressionargs={"level": 90}, photometric="rgb",
-                description=desc if k == 0 else f"Aperio Image Library v12.0.15\r\n{w}x{h} -> {lv.shape[1]}x{lv.shape[0]}",
-                metadata=None, subfiletype=0 if k == 0 else 1,
-            )  # fmt: skip
+    write_aperio(path, tissue_canvas(10240, 7680, **layout), "tissue")
     return layout
 
 
