@@ -268,6 +268,7 @@ fn slide_grid(a: &ExtractArgs) -> Result<GridRequest> {
         stride,
         slide_mpp: None,
         tissue,
+        threads: 1,
     })
 }
 

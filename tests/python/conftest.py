@@ -3,8 +3,13 @@ and formats cropped from the shared IHC image (or the repo's demo tiles)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import shutil
 import subprocess
+import tarfile
+import urllib.request
 import sys
 from pathlib import Path
 
@@ -104,3 +109,37 @@ def make_archive(folder: Path, archive: Path) -> Path:
             for p in files:
                 tf.add(p, p.relative_to(folder).as_posix())
     return archive
+
+
+# openslide-python's own test slides (LGPL-2.1: downloaded, never committed), pinned by hash.
+OPENSLIDE_SDIST = (
+    "https://files.pythonhosted.org/packages/4d/b3/83f1a3d593f3e2a0c569ec284881eafed3424819342ea41b599c2433adbf/"
+    "openslide_python-1.4.7.tar.gz",
+    "730fed798de683b00c8ef4d956f3d429cc02f2c449eb0d58944e1769ba7983cc",
+)
+
+
+@pytest.fixture(scope="session")
+def openslide_fixtures() -> Path:
+    """openslide-python 1.4.7's `tests/fixtures` (small.svs, boxes.tiff, boxes_0/1.dcm,
+    unopenable.tiff, unreadable.svs, 😐.svs), fetched once from PyPI into target/test-data/.
+    No network is a failure, not a skip: CI reaches PyPI (setup installs from it)."""
+    url, sha = OPENSLIDE_SDIST
+    dest = ROOT / "target" / "test-data" / "openslide-python-1.4.7"
+    if not (dest / "small.svs").exists():
+        try:
+            data = urllib.request.urlopen(url, timeout=120).read()
+        except OSError as e:
+            pytest.fail(f"cannot download openslide-python's test slides from {url}: {e}")
+        assert hashlib.sha256(data).hexdigest() == sha, f"{url}: unexpected SHA-256"
+        part = dest.with_name(dest.name + f".part{os.getpid()}")
+        part.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(data)) as t:
+            for m in t.getmembers():
+                if m.isfile() and m.name.startswith("openslide_python-1.4.7/tests/fixtures/"):
+                    (part / Path(m.name).name).write_bytes(t.extractfile(m).read())
+        try:
+            part.rename(dest)
+        except OSError:  # another process got there first
+            shutil.rmtree(part)
+    return dest

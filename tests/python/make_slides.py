@@ -125,18 +125,20 @@ def tissue_canvas(width: int, height: int, pieces, holes, seed: int = 7) -> np.n
     return out
 
 
+TISSUE_LAYOUT = dict(
+    pieces=[(500, 800, 6400, 5600), (7200, 1200, 2600, 2500), (8400, 6200, 400, 400)],
+    holes=[(2300, 2300, 2400, 2400)],
+)
+
+
 def write_tissue_svs(path: Path) -> dict:
     """An Aperio-like SVS (0.25 µm/px, levels 1/4/16) of 10240 x 7680 px: a large piece of
     tissue (6400 x 5600 less its hole: over CLAM's default minimum of 100 x 512^2 level-0 px)
     with a hole (2400 x 2400, over its minimum hole of 16 x 512^2), a smaller piece (2600 x
     2500: under the default minimum, over the `tcga` preset's 16 x 512^2) and a speck under
     both."""
-    layout = dict(
-        pieces=[(500, 800, 6400, 5600), (7200, 1200, 2600, 2500), (8400, 6200, 400, 400)],
-        holes=[(2300, 2300, 2400, 2400)],
-    )
-    write_aperio(path, tissue_canvas(10240, 7680, **layout), "tissue")
-    return layout
+    write_aperio(path, tissue_canvas(10240, 7680, **TISSUE_LAYOUT), "tissue")
+    return TISSUE_LAYOUT
 
 
 def corrupt_copy(src: Path, dst: Path, page: int = 0, tile: int = 0) -> None:
@@ -149,6 +151,52 @@ def corrupt_copy(src: Path, dst: Path, page: int = 0, tile: int = 0) -> None:
     with open(dst, "r+b") as f:
         f.seek(offset)
         f.write(bytes(count))
+
+
+def write_flat_tiff(path: Path, width: int, height: int, tissue: tuple[int, int, int, int],
+                    tile: tuple[int, int] = (512, 128)) -> None:
+    """A huge one-level tiled TIFF (no pyramid) in a few MB: near-white (245) but for a pink
+    rectangle `tissue` (x, y, w, h, in whole tiles' level-0 px). Every tile's offset points to
+    one of two deflate-compressed tiles (TIFF allows shared data), so 100,000 x 80,000 px take
+    ~1 MB on disk while a reader must still decode every tile. No resolution tags: such a
+    slide needs --slide-mpp. Written by hand: tifffile would store every tile."""
+    import struct
+    import zlib
+
+    tw, th = tile
+    cols, rows = -(-width // tw), -(-height // th)
+    blank = zlib.compress(np.full((th, tw, 3), 245, np.uint8).tobytes(), 9)
+    pink = zlib.compress(np.broadcast_to(np.array([200, 110, 170], np.uint8), (th, tw, 3)).tobytes(), 9)
+    tx, ty, tw_px, th_px = tissue
+    assert tx % tw == 0 and ty % th == 0 and tw_px % tw == 0 and th_px % th == 0, "tissue in whole tiles"
+    n = cols * rows
+    # Layout: header, the two tiles' data, BitsPerSample, offsets, byte counts, then the IFD.
+    data_at = 8
+    pink_at = data_at + len(blank)
+    bps_at = pink_at + len(pink)
+    offsets_at = bps_at + 6
+    counts_at = offsets_at + 4 * n
+    ifd_at = counts_at + 4 * n
+    offsets = np.full(n, data_at, "<u4")
+    counts = np.full(n, len(blank), "<u4")
+    for r in range(ty // th, (ty + th_px) // th):
+        for c in range(tx // tw, (tx + tw_px) // tw):
+            offsets[r * cols + c] = pink_at
+            counts[r * cols + c] = len(pink)
+    LONG, SHORT = 4, 3
+    tags = [
+        (256, LONG, 1, width), (257, LONG, 1, height), (258, SHORT, 3, bps_at), (259, SHORT, 1, 8),
+        (262, SHORT, 1, 2), (277, SHORT, 1, 3), (284, SHORT, 1, 1), (322, LONG, 1, tw), (323, LONG, 1, th),
+        (324, LONG, n, offsets_at), (325, LONG, n, counts_at),
+    ]
+    with open(path, "wb") as f:
+        f.write(struct.pack("<2sHI", b"II", 42, ifd_at))
+        f.write(blank + pink + struct.pack("<3H", 8, 8, 8))
+        f.write(offsets.tobytes() + counts.tobytes())
+        f.write(struct.pack("<H", len(tags)))
+        for tag, typ, count, value in tags:
+            f.write(struct.pack("<HHII", tag, typ, count, value))
+        f.write(struct.pack("<I", 0))
 
 
 def make_all(out: Path) -> dict[str, Path]:

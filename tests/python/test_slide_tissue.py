@@ -16,7 +16,7 @@ import yaml
 import openslide  # noqa: E402  (openslide-python: requirements-dev.txt)
 
 import tissue_reference  # noqa: E402
-from make_slides import write_tissue_svs, write_tiff  # noqa: E402
+from make_slides import TISSUE_LAYOUT, tissue_canvas, write_tissue_svs, write_tiff  # noqa: E402
 
 COMMON = ["--weights", "random:0", "--quiet", "--size", "32", "--threads", "2"]
 
@@ -67,6 +67,36 @@ def test_kept_tiles_are_the_references(tilefeat, tissue_slide, tmp_path, preset)
     assert pic.shape[:2] == (h, w)
     colours = {tuple(c) for c in pic.reshape(-1, 3)[:: 7].tolist()}
     assert (0, 255, 0) in colours and (255, 0, 0) in colours and (0, 0, 255) in colours
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_level_too_large_to_read_whole_is_averaged_from_strips(tilefeat, tmp_path, threads):
+    """A slide whose segmentation level is over 2^25 px (here its only level, 10240 x 7680) is
+    read in strips, each 64 x 64 block averaged (rounded half up) into one picture pixel: the
+    tiles kept are the reference's on that picture, with one thread reading strips or two."""
+    slide = tmp_path / "flat.tiff"
+    write_tiff(slide, tissue_canvas(10240, 7680, **TISSUE_LAYOUT), [1], (4e4, 4e4), "CENTIMETER")
+    with openslide.OpenSlide(str(slide)) as s:
+        assert s.level_count == 1
+        rgb = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
+    blocks = rgb.reshape(120, 64, 160, 64, 3).astype(np.uint64).sum(axis=(1, 3))
+    picture = ((blocks + 64 * 64 // 2) // (64 * 64)).astype(np.uint8)
+    seg = tissue_reference.segment(np.ascontiguousarray(picture), (64.0, 64.0), tissue_reference.PRESETS["clam"])
+    want = tissue_reference.grid_keep(seg, 10240 - 512 + 1, 7680 - 512 + 1, 512, 512)
+    assert 50 < len(want) < 200, len(want)
+    out = tmp_path / "t.h5"
+    tilefeat("extract", slide, "-o", out, *COMMON[:-1], str(threads))
+    with h5py.File(out, "r") as f:
+        got = [tuple(p) for p in f["coords"][:].tolist()]
+    assert got == want, (len(got), len(want))
+    found = yaml.safe_load((tmp_path / "t.provenance.yaml").read_text())["slide"]["tissue_found"]
+    assert (found["seg_level"], found["averaged"]) == (0, 64), found
+    # The picture itself, where nothing is drawn over it (tiles red, tissue green, holes blue).
+    drawn = cv2.cvtColor(cv2.imread(str(tmp_path / "t.tissue.png")), cv2.COLOR_BGR2RGB)
+    assert drawn.shape == picture.shape
+    bare = ~np.isin(drawn.reshape(-1, 3) @ np.array([65536, 256, 1]), [0xFF0000, 0x00FF00, 0x0000FF]).reshape(120, 160)
+    assert bare.mean() > 0.5, bare.mean()
+    np.testing.assert_array_equal(drawn[bare], picture[bare])
 
 
 def test_no_tissue_says_so_and_writes_nothing(tilefeat, tmp_path):

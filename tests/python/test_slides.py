@@ -10,7 +10,6 @@ size, PNG under TRIDENT's names `{idx:06d}_x{x}_y{y}.png` (level-0 top left).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import cv2
@@ -22,47 +21,12 @@ import yaml
 import openslide  # noqa: E402  (openslide-python: requirements-dev.txt)
 
 from make_slides import make_all  # noqa: E402
+from slide_reference import reference_tiles, rnd  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):
     return make_all(tmp_path_factory.mktemp("slides"))
-
-
-def rnd(v: float) -> int:
-    """Half away from zero, as Rust's f64::round (Python's round() is banker's)."""
-    return int(math.floor(v + 0.5))
-
-
-def reference_tiles(slide: Path, out: Path, target_mpp: float, patch: int = 256, stride: int | None = None):
-    """The tile folder the peers' path makes from `slide`; returns the grid's (x, y) and level."""
-    stride = stride or patch
-    s = openslide.OpenSlide(slide)
-    f = target_mpp / float(s.properties["openslide.mpp-x"])
-    ds = s.level_downsamples
-    level = max((k for k, d in enumerate(ds) if d <= f * (1 + 1e-3)), key=lambda k: ds[k], default=0)
-    extent, step = rnd(patch * f), rnd(stride * f)
-    width, height = s.dimensions
-    cols = (width - extent) // step + 1 if width >= extent else 0
-    rows = (height - extent) // step + 1 if height >= extent else 0
-    d = ds[level]
-    lw, lh = s.level_dimensions[level]
-    read = max(1, rnd(extent / d))
-    n = cols * rows
-    digits = max(6, len(str(n)))
-    out.mkdir(parents=True)
-    xy = []
-    for idx in range(n):
-        row, col = divmod(idx, cols)
-        x, y = col * step, row * step
-        w = max(1, min(read, lw - math.floor(x / d)))
-        h = max(1, min(read, lh - math.floor(y / d)))
-        im = np.asarray(s.read_region((x, y), level, (w, h)).convert("RGB"))
-        if (w, h) != (patch, patch):
-            im = cv2.resize(im, (patch, patch), interpolation=cv2.INTER_LINEAR)
-        cv2.imwrite(str(out / f"{idx:0{digits}d}_x{x}_y{y}.png"), cv2.cvtColor(im, cv2.COLOR_RGB2BGR))
-        xy.append((x, y))
-    return xy, level, read
 
 
 # (slide, flags, target µm/px, patch, stride, level expected, region side expected)

@@ -283,7 +283,13 @@ def test_samplesheet_and_config_errors(tmp_path, tiles):
          ["ValueError", f"{tmp_path / 'notes.csv'}: sample 's2': tiles "
           f"'{tmp_path / 'notes.txt'}' is a file but neither a tile archive (.zip, .tar, .tar.gz, "
           ".tgz) nor a slide (.svs, .tif, .tiff, .ndpi"]),
+        # a path that is not there: refused before any job runs (issue 28: Snakemake ran the
+        # other samples' jobs, exited 0 and kept the old cohort)
+        ({"tiles_root": None, "samples": str(tmp_path / "missing.csv")},
+         ["ValueError", f"{tmp_path / 'missing.csv'}: sample 's2': tiles '{tiles / 'nope'}' does not exist",
+          "tiles_from_rules to true"]),
     ]  # fmt: skip
+    (tmp_path / "missing.csv").write_text(f"sample,tiles\ns1,{tiles}/s1\ns2,{tiles}/nope\n")
     (tmp_path / "dup.csv").write_text(f"sample,tiles\ns1,{tiles}/s1\ns1,{tiles}/s2\n")
     (tmp_path / "badid.csv").write_text(f"sample,tiles\nbad id,{tiles}/s1\n")
     (tmp_path / "notes.txt").write_text("not tiles\n")
@@ -297,6 +303,13 @@ def test_samplesheet_and_config_errors(tmp_path, tiles):
         assert proc.returncode == 1, f"exit {proc.returncode} for {overrides}:\n{out}"
         for message in messages:
             assert message in out, f"{overrides}: {message!r} not in:\n{out}"
+    # Made by a host workflow's rule: allowed at start-up, and Snakemake names what no rule makes.
+    config = write_config(tmp_path / "upstream.yaml", tiles, tiles_root=None, samples=str(tmp_path / "missing.csv"),
+                          tiles_from_rules=True)
+    proc = snakemake(tmp_path, "--configfile", config, "-n", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "does not exist" not in out, out
+    assert "MissingInputException" in out and str(tiles / "nope") in out, out
 
 
 def test_samplesheet_archive_kinds(tmp_path, tiles):

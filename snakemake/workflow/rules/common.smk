@@ -94,8 +94,15 @@ def is_slide(tiles):
 
 def check_tiles(where, sample, tiles):
     """A sample's path: a tile folder, a tile archive or a slide file. A plain file that is
-    neither an archive nor a slide (by suffix) is refused here; a path that is not there yet
-    is left to Snakemake (missing input, or made by a rule of a host workflow)."""
+    neither an archive nor a slide (by suffix) is refused here, and so is a path that is not
+    there, before any job runs (Snakemake would run what it can and keep earlier outputs),
+    unless `tiles_from_rules` says rules of a host workflow make them."""
+    if not os.path.exists(tiles) and not config["tiles_from_rules"]:
+        raise ValueError(
+            f"{where}: sample {sample!r}: tiles {tiles!r} does not exist (relative paths are "
+            f"relative to the working directory, {os.getcwd()}); fix the path or drop the "
+            "sample (or set tiles_from_rules to true when your workflow makes it)"
+        )
     if (
         os.path.isfile(tiles)
         and not tiles.lower().endswith(TILE_ARCHIVE_SUFFIXES)

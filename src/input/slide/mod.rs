@@ -65,6 +65,8 @@ pub struct GridRequest {
     pub slide_mpp: Option<f64>,
     /// `--tissue`: the segmentation's settings and their name; None keeps every grid tile.
     pub tissue: Option<(String, tissue::TissueParams)>,
+    /// Threads that read a segmentation level too large to read whole, a strip each.
+    pub threads: usize,
 }
 
 impl Default for GridRequest {
@@ -76,6 +78,7 @@ impl Default for GridRequest {
             stride: 256,
             slide_mpp: None,
             tissue: Some(("clam".into(), tissue::TissueParams::default())),
+            threads: 1,
         }
     }
 }
@@ -309,7 +312,7 @@ impl Slide {
         let mut kept: Vec<usize> = (0..grid.len()).collect();
         let mut picture = None;
         if let (Some((name, params)), false) = (&req.tissue, grid.is_empty()) {
-            let found = segment::find(&handle, &levels, params).map_err(&bad)?;
+            let found = segment::find(&handle, &levels, params, req.threads).map_err(&bad)?;
             kept = segment::kept(&found, &grid);
             picture = Some(segment::picture_png(&found, &grid, &kept).map_err(&bad)?);
             info.tissue = format!("--tissue {name}");
@@ -455,19 +458,22 @@ impl Slide {
 pub fn argb_to_rgb(argb: &[u32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(argb.len() * 3);
     for &v in argb {
-        let a = v >> 24;
-        let [r, g, b] = [(v >> 16) & 0xff, (v >> 8) & 0xff, v & 0xff];
-        match a {
-            255 => out.extend_from_slice(&[r as u8, g as u8, b as u8]),
-            0 => out.extend_from_slice(&[0, 0, 0]),
-            _ => {
-                // Valid premultiplied data has c <= a; anything else is clipped, as Pillow does.
-                let un = |c: u32| (255 * c / a).min(255) as u8;
-                out.extend_from_slice(&[un(r), un(g), un(b)]);
-            }
-        }
+        out.extend_from_slice(&unpremultiply(v));
     }
     out
+}
+
+/// One pixel of [`argb_to_rgb`].
+#[inline]
+pub fn unpremultiply(v: u32) -> [u8; 3] {
+    let a = v >> 24;
+    let [r, g, b] = [(v >> 16) & 0xff, (v >> 8) & 0xff, v & 0xff];
+    match a {
+        255 => [r as u8, g as u8, b as u8],
+        0 => [0, 0, 0],
+        // Valid premultiplied data has c <= a; anything else is clipped, as Pillow does.
+        _ => [r, g, b].map(|c| (255 * c / a).min(255) as u8),
+    }
 }
 
 /// The files OpenSlide reads for the slide at `path`: the file itself, and for the

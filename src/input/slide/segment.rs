@@ -6,15 +6,15 @@
 //! such level (one level, or a pyramid that stops early) is never read whole: its level is
 //! read in strips (whole multiples of `k` rows, `k` the integer downsample still missing to
 //! 64, or more where the picture would still be too large) and each `k` x `k` block
-//! averaged into one pixel, so memory holds one strip and the picture.
+//! averaged into one pixel, so memory holds a strip per reading thread and the picture.
 //! `scale` is then level 0's size over the picture's, as CLAM's `level_downsamples` are.
 
 use image::RgbImage;
 
-use super::argb_to_rgb;
 use super::grid::{Grid, Level};
 use super::openslide::Handle;
 use super::tissue::{self, Tissue, TissueParams};
+use super::{argb_to_rgb, unpremultiply};
 
 /// A segmentation picture read whole holds at most this many pixels; a larger level is
 /// averaged down from strips.
@@ -33,7 +33,11 @@ pub struct Found {
 }
 
 /// The picture of `levels`' segmentation level, and its scale (level 0 over picture).
-fn picture(handle: &Handle, levels: &[Level]) -> Result<(RgbImage, usize, u64), String> {
+fn picture(
+    handle: &Handle,
+    levels: &[Level],
+    threads: usize,
+) -> Result<(RgbImage, usize, u64), String> {
     let downsamples: Vec<f64> = levels.iter().map(|l| l.downsample).collect();
     let level = tissue::seg_level(&downsamples);
     let l = levels[level];
@@ -55,13 +59,12 @@ fn picture(handle: &Handle, levels: &[Level]) -> Result<(RgbImage, usize, u64), 
         let y0 = (y as f64 * l.downsample.round().max(1.0)) as i64;
         handle
             .read_region(0, y0, level as i32, w as i64, rows as i64)
-            .map(|argb| argb_to_rgb(&argb))
             .map_err(|e| {
                 format!("cannot read level {level} ({w} x {h} px) for tissue detection: {e}")
             })
     };
     if k == 1 {
-        let rgb = read(0, h)?;
+        let rgb = argb_to_rgb(&read(0, h)?);
         let img = RgbImage::from_raw(w as u32, h as u32, rgb).expect("w x h x 3 bytes");
         return Ok((img, level, 1));
     }
@@ -74,43 +77,87 @@ fn picture(handle: &Handle, levels: &[Level]) -> Result<(RgbImage, usize, u64), 
         ));
     }
     let (pw, ph) = (w.div_ceil(k), h.div_ceil(k));
-    let mut out = RgbImage::new(pw as u32, ph as u32);
     let strip_rows = (MAX_STRIP_PIXELS / w).max(k) / k * k;
-    let mut sums = vec![0u64; pw as usize * 3];
-    let mut counts = vec![0u64; pw as usize];
-    let mut y = 0;
-    while y < h {
-        let rows = strip_rows.min(h - y);
-        let rgb = read(y, rows)?;
-        for r in 0..rows {
-            let row = &rgb[(r * w * 3) as usize..((r + 1) * w * 3) as usize];
-            for x in 0..w as usize {
-                let px = x / k as usize;
-                for c in 0..3 {
-                    sums[px * 3 + c] += u64::from(row[x * 3 + c]);
+    let strips = h.div_ceil(strip_rows);
+    // Strips start at multiples of k rows, so each gives whole picture rows of its own: the
+    // threads read and average strips in any order, and the picture is the same.
+    let mut out = vec![0u8; (pw * ph * 3) as usize];
+    let next = std::sync::atomic::AtomicU64::new(0);
+    let failed = std::sync::Mutex::new(None);
+    let rows_done = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..threads.clamp(1, strips as usize) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= strips || failed.lock().unwrap().is_some() {
+                    return;
                 }
-                counts[px] += 1;
-            }
-            let abs = y + r;
-            if (abs + 1) % k == 0 || abs + 1 == h {
-                let py = (abs / k) as u32;
-                for px in 0..pw as usize {
-                    let n = counts[px].max(1);
-                    let v = |c: usize| ((sums[px * 3 + c] + n / 2) / n) as u8;
-                    out.put_pixel(px as u32, py, image::Rgb([v(0), v(1), v(2)]));
+                let y = i * strip_rows;
+                let rows = strip_rows.min(h - y);
+                match read(y, rows) {
+                    Ok(argb) => {
+                        let averaged = average(&argb, w, rows, k);
+                        rows_done.lock().unwrap().push((y / k, averaged));
+                    }
+                    Err(e) => {
+                        failed.lock().unwrap().get_or_insert(e);
+                        return;
+                    }
                 }
-                sums.iter_mut().for_each(|s| *s = 0);
-                counts.iter_mut().for_each(|c| *c = 0);
+            });
+        }
+    });
+    if let Some(e) = failed.into_inner().unwrap() {
+        return Err(e);
+    }
+    for (py, rgb) in rows_done.into_inner().unwrap() {
+        let at = (py * pw * 3) as usize;
+        out[at..at + rgb.len()].copy_from_slice(&rgb);
+    }
+    let img = RgbImage::from_raw(pw as u32, ph as u32, out).expect("pw x ph x 3 bytes");
+    Ok((img, level, k))
+}
+
+/// A strip of `rows` x `w` ARGB pixels averaged in `k` x `k` blocks (the last ones partial):
+/// `rows.div_ceil(k)` rows of `w.div_ceil(k)` RGB pixels, each the rounded mean of its block
+/// as [`argb_to_rgb`] converts it.
+fn average(argb: &[u32], w: u64, rows: u64, k: u64) -> Vec<u8> {
+    let (w, k) = (w as usize, k as usize);
+    let pw = w.div_ceil(k);
+    let mut out = Vec::with_capacity(rows.div_ceil(k as u64) as usize * pw * 3);
+    let mut sums = vec![0u64; pw * 3];
+    for block in argb.chunks(w * k) {
+        sums.iter_mut().for_each(|s| *s = 0);
+        for row in block.chunks(w) {
+            for (px, run) in row.chunks(k).enumerate() {
+                let (mut r, mut g, mut b) = (0u64, 0u64, 0u64);
+                for &v in run {
+                    let [pr, pg, pb] = unpremultiply(v);
+                    (r, g, b) = (r + u64::from(pr), g + u64::from(pg), b + u64::from(pb));
+                }
+                sums[px * 3] += r;
+                sums[px * 3 + 1] += g;
+                sums[px * 3 + 2] += b;
             }
         }
-        y += rows;
+        let rows_in = (block.len() / w) as u64;
+        for px in 0..pw {
+            let n = rows_in * (k.min(w - px * k) as u64);
+            out.extend((0..3).map(|c| ((sums[px * 3 + c] + n / 2) / n) as u8));
+        }
     }
-    Ok((out, level, k))
+    out
 }
 
 /// Find tissue on the slide `handle` reads.
-pub fn find(handle: &Handle, levels: &[Level], params: &TissueParams) -> Result<Found, String> {
-    let (picture, level, averaged) = picture(handle, levels)?;
+/// A level read in strips is read by `threads` threads at once (one strip each in memory).
+pub fn find(
+    handle: &Handle,
+    levels: &[Level],
+    params: &TissueParams,
+    threads: usize,
+) -> Result<Found, String> {
+    let (picture, level, averaged) = picture(handle, levels, threads)?;
     let l0 = levels[0];
     let scale = tissue::level_scale(
         (l0.width, l0.height),
@@ -151,4 +198,41 @@ pub fn picture_png(found: &Found, grid: &Grid, kept: &[usize]) -> Result<Vec<u8>
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .map_err(|e| format!("cannot encode the tissue picture: {e}"))?;
     Ok(png)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_average_with_partial_edges_and_premultiplied_alpha() {
+        // 5 x 3 px in 2 x 2 blocks: 3 x 2 picture pixels, the last column and row partial.
+        let px = |r: u32, g: u32, b: u32| 0xff00_0000 | r << 16 | g << 8 | b;
+        let mut argb: Vec<u32> = (0..15).map(|i| px(10 * i, 255 - 10 * i, 7)).collect();
+        argb[0] = 0; // fully transparent: black
+        argb[1] = 0x8040_2010; // half alpha: 255 * c / 128 -> (127, 63, 31)
+        let got = average(&argb, 5, 3, 2);
+        let rgb = argb_to_rgb(&argb);
+        let mut want = Vec::new();
+        for (ys, xs) in [
+            (0..2, 0..2),
+            (0..2, 2..4),
+            (0..2, 4..5),
+            (2..3, 0..2),
+            (2..3, 2..4),
+            (2..3, 4..5),
+        ] {
+            let n = (ys.len() * xs.len()) as u64;
+            for c in 0..3 {
+                let sum: u64 = ys
+                    .clone()
+                    .flat_map(|y| xs.clone().map(move |x| (y, x)))
+                    .map(|(y, x)| u64::from(rgb[(y * 5 + x) * 3 + c]))
+                    .sum();
+                want.push(((sum + n / 2) / n) as u8);
+            }
+        }
+        assert_eq!(got, want);
+        assert_eq!(&rgb[..6], &[0, 0, 0, 127, 63, 31]);
+    }
 }
