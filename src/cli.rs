@@ -112,6 +112,35 @@ pub enum Pool {
     Avg,
 }
 
+/// `extract --preset`: the settings of a published recipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Preset {
+    /// The tutorial notebook's: layer4, max pool, mean = std = 0.5, 224 px.
+    Tutorial,
+    /// CLAM's `resnet50_trunc` and TRIDENT's `resnet50`: layer3, average pool, ImageNet
+    /// statistics, 224 px.
+    #[value(name = "resnet50-trunc", alias = "resnet50_trunc")]
+    Resnet50Trunc,
+}
+
+impl Preset {
+    /// Its layer, pool, normalization and size.
+    pub fn settings(self) -> (Layer, Pool, Normalize, u32) {
+        match self {
+            Preset::Tutorial => (Layer::Layer4, Pool::Max, Normalize::Tutorial, 224),
+            Preset::Resnet50Trunc => (Layer::Layer3, Pool::Avg, Normalize::Imagenet, 224),
+        }
+    }
+
+    /// The name `--preset` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Tutorial => "tutorial",
+            Preset::Resnet50Trunc => "resnet50-trunc",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Normalize {
@@ -129,7 +158,7 @@ pub enum OnError {
     Skip,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 #[command(
     after_help = "Tuning (environment switches: 0, false, no or off turn one off, any other value \
 on; the GPU settings are recorded in the provenance): \
@@ -246,9 +275,16 @@ pub struct ExtractArgs {
     #[arg(long, requires = "model")]
     pub allow_unsafe_model: bool,
 
-    /// Global spatial pooling of that output.
-    #[arg(long, value_enum, default_value_t = Pool::Max)]
-    pub pool: Pool,
+    /// Global spatial pooling of that output [default: max].
+    #[arg(long, value_enum)]
+    pub pool: Option<Pool>,
+
+    /// A published recipe's settings in one flag: `tutorial` (the defaults: layer4, max pool,
+    /// mean = std = 0.5, 224 px; 2048 values) or `resnet50-trunc` (CLAM's `resnet50_trunc`,
+    /// TRIDENT's `resnet50`: layer3, average pool, ImageNet mean and std, 224 px; 1024
+    /// values). A flag given with it must agree with it.
+    #[arg(long, value_enum, conflicts_with = "model")]
+    pub preset: Option<Preset>,
 
     /// Input normalization [default: tutorial, or a --model's sidecar].
     #[arg(long, value_enum, conflicts_with_all = ["mean", "std"])]

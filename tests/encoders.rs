@@ -1,5 +1,6 @@
 //! Black-box tests of `extract --model` that need no exported model (issue 20): usage errors
-//! and bad model files; and the native model's non-finite features (issue 13). tests/python/test_encoders.py exports real models and checks their
+//! and bad model files; the native model's non-finite features (issue 13); `--preset`, the
+//! published recipes' settings in one flag (issue 28). tests/python/test_encoders.py exports real models and checks their
 //! features against PyTorch.
 
 mod common;
@@ -99,4 +100,62 @@ fn non_finite_features_of_the_native_model_fail_the_run() {
         .stderr(predicate::str::contains("model failed on tile"))
         .stderr(predicate::str::contains("sampleC"));
     assert!(!out.exists());
+}
+
+/// Regression (issue 28): CLAM users looked for CLAM's `resnet50_trunc`. The preset is exactly
+/// its flags (the same bytes), 1024 values a tile, recorded as such; a flag that disagrees
+/// with it, or a --model, is a usage error naming both.
+#[test]
+fn preset_resnet50_trunc_is_clams_flags_and_refuses_disagreeing_ones() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = demo_sample("sampleA");
+    let (p, f) = (d.path().join("p.csv"), d.path().join("f.csv"));
+    extract_ok(&tiles, &p, &["--preset", "resnet50-trunc"]);
+    #[rustfmt::skip]
+    extract_ok(&tiles, &f, &["--layer", "layer3", "--pool", "avg", "--normalize", "imagenet", "--size", "224"]);
+    assert_same(&p, &f, "--preset resnet50-trunc against its flags");
+    let header = read(&p).lines().next().unwrap().to_string();
+    assert_eq!(header.split(',').count(), 1 + 1024, "{header}");
+    let prov = provenance(&p);
+    let settings = &prov["settings"];
+    assert_eq!(settings["layer"].as_str(), Some("layer3"));
+    assert_eq!(settings["pool"].as_str(), Some("avg"));
+    assert_eq!(settings["normalize"].as_str(), Some("imagenet"));
+    // CLAM's spelling, and flags that agree.
+    let a = d.path().join("a.csv");
+    extract_ok(&tiles, &a, &["--preset", "resnet50_trunc", "--pool", "avg"]);
+    assert_same(&p, &a, "the resnet50_trunc alias");
+    // The tutorial's preset is the defaults.
+    let (t, def) = (d.path().join("t.csv"), d.path().join("d.csv"));
+    extract_ok(&tiles, &t, &["--preset", "tutorial"]);
+    extract_ok(&tiles, &def, &[]);
+    assert_same(&t, &def, "--preset tutorial against the defaults");
+    let model = d.path().join("m.pt");
+    std::fs::write(&model, b"never read").unwrap();
+    let out = d.path().join("x.csv");
+    for (extra, want) in [
+        (
+            vec!["--layer", "layer4"],
+            "--preset resnet50-trunc sets --layer layer3, not layer4",
+        ),
+        (vec!["--pool", "max"], "sets --pool avg, not max"),
+        (
+            vec!["--normalize", "tutorial"],
+            "sets --normalize imagenet, not tutorial",
+        ),
+        (vec!["--size", "256"], "sets --size 224, not 256"),
+        (
+            vec!["--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5"],
+            "drop --mean and --std",
+        ),
+        (vec!["--model", model.to_str().unwrap()], "--model"),
+    ] {
+        extract_cmd(&tiles, &out)
+            .args(["--preset", "resnet50-trunc"])
+            .args(&extra)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(want));
+        assert!(!out.exists());
+    }
 }

@@ -91,6 +91,63 @@ impl MeanStd {
     }
 }
 
+/// `--preset`: its layer, pool, normalization and size where the flags leave them unset. A
+/// flag that names another value is a usage error: a recipe half applied gives neither its
+/// features nor the flags'.
+fn apply_preset(a: &ExtractArgs, p: crate::cli::Preset) -> Result<ExtractArgs> {
+    let (layer, pool, normalize, size) = p.settings();
+    let lower = |v: String| v.to_lowercase();
+    let clash = |flag: &str, given: String, wants: String| {
+        Err(fail(
+            ExitKind::Usage,
+            format!(
+                "--preset {} sets {flag} {wants}, not {given}: drop {flag} (or the preset)",
+                p.name()
+            ),
+        ))
+    };
+    if let Some(l) = a.layer.filter(|&l| l != layer) {
+        return clash(
+            "--layer",
+            lower(format!("{l:?}")),
+            lower(format!("{layer:?}")),
+        );
+    }
+    if let Some(o) = a.pool.filter(|&o| o != pool) {
+        return clash(
+            "--pool",
+            lower(format!("{o:?}")),
+            lower(format!("{pool:?}")),
+        );
+    }
+    if let Some(n) = a.normalize.filter(|&n| n != normalize) {
+        return clash(
+            "--normalize",
+            lower(format!("{n:?}")),
+            lower(format!("{normalize:?}")),
+        );
+    }
+    if a.mean.is_some() {
+        return Err(fail(
+            ExitKind::Usage,
+            format!(
+                "--preset {} sets --normalize {}: drop --mean and --std (or the preset)",
+                p.name(),
+                lower(format!("{normalize:?}"))
+            ),
+        ));
+    }
+    if let Some(s) = a.size.filter(|&s| s != size) {
+        return clash("--size", s.to_string(), size.to_string());
+    }
+    let mut out = a.clone();
+    out.layer = Some(layer);
+    out.pool = Some(pool);
+    out.normalize = Some(normalize);
+    out.size = Some(size);
+    Ok(out)
+}
+
 /// `--model`'s preprocessing: flags first, then the sidecar, then the defaults; a flag that
 /// disagrees with the sidecar is used, with a warning.
 fn model_preprocessing(
@@ -311,6 +368,14 @@ impl ExtractPlan {
     /// Check every flag and resolve defaults; nothing heavy happens here.
     pub fn from_cli_arguments(a: &ExtractArgs) -> Result<ExtractPlan> {
         let usage = |m: String| fail(ExitKind::Usage, m);
+        let with_preset;
+        let a = match a.preset {
+            Some(p) => {
+                with_preset = apply_preset(a, p)?;
+                &with_preset
+            }
+            None => a,
+        };
         if let Some(n) = a.batch_size {
             check_batch_size(n)?;
         }
@@ -527,7 +592,7 @@ impl ExtractPlan {
                 decode_threads,
                 precision: a.precision,
                 layer: a.layer.unwrap_or(crate::cli::Layer::Layer4),
-                pool: a.pool,
+                pool: a.pool.unwrap_or(crate::cli::Pool::Max),
                 normalize,
                 mean_std: mean_std.clone(),
                 size,

@@ -47,8 +47,9 @@ pub(crate) fn extract_sample(
     shared.setup = SetupTimes::default();
     let request = input::slide::GridRequest {
         slide_mpp: cfg.slide_mpp,
-        // Before the model runs, tissue detection may use every thread the run has.
-        threads: cfg.torch_threads,
+        // Before the model runs, tissue detection may use the run's decode or model threads,
+        // whichever are more (segment.rs caps them).
+        threads: cfg.torch_threads.max(cfg.decode_threads),
         ..cfg.slide_grid.clone()
     };
     let mut source = input::open(&cfg.tile_dir, &request)?;

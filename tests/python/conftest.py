@@ -117,6 +117,8 @@ OPENSLIDE_SDIST = (
     "openslide_python-1.4.7.tar.gz",
     "730fed798de683b00c8ef4d956f3d429cc02f2c449eb0d58944e1769ba7983cc",
 )
+OPENSLIDE_FIXTURES = ("small.svs", "😐.svs", "boxes.tiff", "boxes_0.dcm", "boxes_1.dcm", "unopenable.tiff",
+                      "unreadable.svs")
 
 
 @pytest.fixture(scope="session")
@@ -126,20 +128,24 @@ def openslide_fixtures() -> Path:
     No network is a failure, not a skip: CI reaches PyPI (setup installs from it)."""
     url, sha = OPENSLIDE_SDIST
     dest = ROOT / "target" / "test-data" / "openslide-python-1.4.7"
-    if not (dest / "small.svs").exists():
+    if not all((dest / f).is_file() for f in OPENSLIDE_FIXTURES):
         try:
             data = urllib.request.urlopen(url, timeout=120).read()
         except OSError as e:
             pytest.fail(f"cannot download openslide-python's test slides from {url}: {e}")
         assert hashlib.sha256(data).hexdigest() == sha, f"{url}: unexpected SHA-256"
         part = dest.with_name(dest.name + f".part{os.getpid()}")
-        part.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
         with tarfile.open(fileobj=io.BytesIO(data)) as t:
             for m in t.getmembers():
                 if m.isfile() and m.name.startswith("openslide_python-1.4.7/tests/fixtures/"):
                     (part / Path(m.name).name).write_bytes(t.extractfile(m).read())
+        shutil.rmtree(dest, ignore_errors=True)  # an incomplete earlier copy
         try:
             part.rename(dest)
-        except OSError:  # another process got there first
-            shutil.rmtree(part)
+        except OSError:  # another process's copy got there first
+            shutil.rmtree(part, ignore_errors=True)
+    missing = [f for f in OPENSLIDE_FIXTURES if not (dest / f).is_file()]
+    assert not missing, f"{dest}: {missing} missing after the download"
     return dest

@@ -13,31 +13,33 @@ import sys
 from conftest import tilefeat_bin
 from make_slides import write_flat_tiff
 
-# A strip holds at most 2^24 px as ARGB (4 B; 64 MiB), one per reading thread (--threads 2
-# here); OpenSlide's tile cache is 256 MiB a handle (src/input/slide/{segment,mod}.rs).
-# Everything else the strips path holds is the picture (1,563 x 1,250 x 3 B here) and the
-# grid: a few MB. A process reading in strips stays within baseline + 256 + 2 x 64 MiB + a few
-# MB; 1 GiB leaves room for allocator slack and catches anything that holds a tenth of level 0
-# (3.2 GB).
+# A strip being read holds at most 2^24 px as ARGB (4 B: 64 MiB), one per reading thread (2
+# here; 4 at most); OpenSlide's tile cache is 256 MiB a handle (src/input/slide/{segment,
+# mod}.rs). Everything else the strips path holds is the picture (1,563 x 1,250 x 3 B here)
+# and the grid: a few MB. A process reading in strips stays within baseline + 256 + 2 x 64 MiB
+# + a few MB; 1 GiB leaves room for allocator slack and catches anything that holds a tenth
+# of level 0 (3.2 GB).
 ALLOWED_ABOVE_BASELINE = 1 << 30
 
 
-def measured(args) -> tuple[int, str]:
-    """Peak RSS (bytes) and stdout of `tilefeat args`, run from a child that reports wait4's rusage."""
+def measured(args, tmp_path) -> tuple[int, str]:
+    """Peak RSS (bytes) and stdout of `tilefeat args`, run from a child that reports wait4's
+    rusage (the binary's own: a fresh child of a fresh Python reaps nothing else)."""
     code = (
         "import os, subprocess, sys\n"
-        "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE)\n"
-        "out, err = p.stdout.read(), p.stderr.read()\n"
-        "_, status, ru = os.wait4(p.pid, 0)\n"
-        "sys.stderr.buffer.write(err)\n"
+        "with open(sys.argv[1], 'wb') as err:\n"
+        "    p = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE, stderr=err)\n"
+        "    out = p.stdout.read()\n"
+        "    _, status, ru = os.wait4(p.pid, 0)\n"
         "sys.stdout.write(f'{os.waitstatus_to_exitcode(status)} {ru.ru_maxrss}\\n')\n"
         "sys.stdout.buffer.write(out)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code, str(tilefeat_bin()), *map(str, args)], capture_output=True,
-                       text=True)
+    err = tmp_path / "stderr.txt"
+    r = subprocess.run([sys.executable, "-c", code, str(err), str(tilefeat_bin()), *map(str, args)],
+                       capture_output=True, text=True)
     head, _, out = r.stdout.partition("\n")
     rc, kb = (int(v) for v in head.split())
-    assert rc == 0, r.stderr
+    assert rc == 0, err.read_text()
     return kb * 1024, out
 
 
@@ -48,9 +50,9 @@ def test_a_huge_slide_without_a_pyramid_is_segmented_in_bounded_memory(tmp_path)
     write_flat_tiff(small, 2_048, 2_048, (512, 512, 1_024, 1_024))
     args = ["--slide-mpp", "0.25", "--tissue", "bwh_biopsy", "--weights", "random:0", "--no-cache", "--dry-run",
             "--threads", "2"]
-    base, out = measured(["extract", small, "-o", tmp_path / "s.h5", *args])
+    base, out = measured(["extract", small, "-o", tmp_path / "s.h5", *args], tmp_path)
     assert "sample small — " in out, out
-    peak, out = measured(["extract", huge, "-o", tmp_path / "h.h5", *args])
+    peak, out = measured(["extract", huge, "-o", tmp_path / "h.h5", *args], tmp_path)
     # 20 x 16 = 320 grid tiles lie on the tissue; CLAM's four-point test may drop a corner
     # or two where the median blur rounds the mask's corners, never a whole side.
     tiles = int(out.split("sample huge — ")[1].split()[0])

@@ -71,18 +71,24 @@ def test_kept_tiles_are_the_references(tilefeat, tissue_slide, tmp_path, preset)
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_level_too_large_to_read_whole_is_averaged_from_strips(tilefeat, tmp_path, threads):
-    """A slide whose segmentation level is over 2^25 px (here its only level, 10240 x 7680) is
-    read in strips, each 64 x 64 block averaged (rounded half up) into one picture pixel: the
-    tiles kept are the reference's on that picture, with one thread reading strips or two."""
+    """A slide whose segmentation level is over 2^25 px (here its only level, 10250 x 7700:
+    sides that are not multiples of 64) is read in strips, each 64 x 64 block (the last row and
+    column of blocks partial) averaged, rounded half up, into one picture pixel: the tiles kept
+    are the reference's on that picture, with one thread reading strips or two."""
+    w0, h0 = 10250, 7700
     slide = tmp_path / "flat.tiff"
-    write_tiff(slide, tissue_canvas(10240, 7680, **TISSUE_LAYOUT), [1], (4e4, 4e4), "CENTIMETER")
+    write_tiff(slide, tissue_canvas(w0, h0, **TISSUE_LAYOUT), [1], (4e4, 4e4), "CENTIMETER")
     with openslide.OpenSlide(str(slide)) as s:
         assert s.level_count == 1
         rgb = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
-    blocks = rgb.reshape(120, 64, 160, 64, 3).astype(np.uint64).sum(axis=(1, 3))
-    picture = ((blocks + 64 * 64 // 2) // (64 * 64)).astype(np.uint8)
-    seg = tissue_reference.segment(np.ascontiguousarray(picture), (64.0, 64.0), tissue_reference.PRESETS["clam"])
-    want = tissue_reference.grid_keep(seg, 10240 - 512 + 1, 7680 - 512 + 1, 512, 512)
+    rows, cols = np.arange(0, h0, 64), np.arange(0, w0, 64)
+    sums = np.add.reduceat(np.add.reduceat(rgb.astype(np.uint64), rows, axis=0), cols, axis=1)
+    n = np.outer(np.diff(np.append(rows, h0)), np.diff(np.append(cols, w0)))[..., None].astype(np.uint64)
+    picture = ((sums + n // 2) // n).astype(np.uint8)
+    assert picture.shape == (121, 161, 3)
+    seg = tissue_reference.segment(np.ascontiguousarray(picture), (w0 / 161, h0 / 121),
+                                   tissue_reference.PRESETS["clam"])
+    want = tissue_reference.grid_keep(seg, w0 - 512 + 1, h0 - 512 + 1, 512, 512)
     assert 50 < len(want) < 200, len(want)
     out = tmp_path / "t.h5"
     tilefeat("extract", slide, "-o", out, *COMMON[:-1], str(threads))
@@ -94,7 +100,7 @@ def test_a_level_too_large_to_read_whole_is_averaged_from_strips(tilefeat, tmp_p
     # The picture itself, where nothing is drawn over it (tiles red, tissue green, holes blue).
     drawn = cv2.cvtColor(cv2.imread(str(tmp_path / "t.tissue.png")), cv2.COLOR_BGR2RGB)
     assert drawn.shape == picture.shape
-    bare = ~np.isin(drawn.reshape(-1, 3) @ np.array([65536, 256, 1]), [0xFF0000, 0x00FF00, 0x0000FF]).reshape(120, 160)
+    bare = ~np.isin(drawn.reshape(-1, 3) @ np.array([65536, 256, 1]), [0xFF0000, 0x00FF00, 0x0000FF]).reshape(121, 161)
     assert bare.mean() > 0.5, bare.mean()
     np.testing.assert_array_equal(drawn[bare], picture[bare])
 

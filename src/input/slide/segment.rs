@@ -6,7 +6,8 @@
 //! such level (one level, or a pyramid that stops early) is never read whole: its level is
 //! read in strips (whole multiples of `k` rows, `k` the integer downsample still missing to
 //! 64, or more where the picture would still be too large) and each `k` x `k` block
-//! averaged into one pixel, so memory holds a strip per reading thread and the picture.
+//! averaged into one pixel, so memory holds the picture and the strips being read (up to
+//! four threads, 2^24 pixels each).
 //! `scale` is then level 0's size over the picture's, as CLAM's `level_downsamples` are.
 
 use image::RgbImage;
@@ -20,8 +21,12 @@ use super::{argb_to_rgb, unpremultiply};
 /// averaged down from strips.
 const MAX_PICTURE_PIXELS: u64 = 1 << 25;
 
-/// A strip read while averaging holds at most this many pixels (4 bytes each).
+/// A strip read while averaging holds at most this many pixels (4 bytes each; more only
+/// where k rows are already more).
 const MAX_STRIP_PIXELS: u64 = 1 << 24;
+
+/// Threads that read strips at once, at most.
+const MAX_READERS: usize = 4;
 
 /// What tissue detection found on a slide.
 pub struct Found {
@@ -54,8 +59,9 @@ fn picture(
             .max(2)
     };
     let read = |y: u64, rows: u64| {
-        // Level-0 coordinates of the level's row y: whole (y = 0), or in strips only at an
-        // integer downsample, where they are exact (no resampling between rows).
+        // Level-0 coordinates of the level's row y: whole (y = 0), or in strips only at a
+        // near-whole downsample, rounded (Aperio's 4.0002: OpenSlide's strips then start up
+        // to about one row of the level off by the slide's end, well below a block of k rows).
         let y0 = (y as f64 * l.downsample.round().max(1.0)) as i64;
         handle
             .read_region(0, y0, level as i32, w as i64, rows as i64)
@@ -77,28 +83,33 @@ fn picture(
         ));
     }
     let (pw, ph) = (w.div_ceil(k), h.div_ceil(k));
+    // At most MAX_READERS threads, a strip each: memory stays within their strips and the
+    // picture whatever the machine's cores. (Smaller strips would cost time, not only
+    // memory: a strip lower than the slide's tiles decodes each tile again.)
+    let readers = threads.clamp(1, MAX_READERS) as u64;
     let strip_rows = (MAX_STRIP_PIXELS / w).max(k) / k * k;
-    let strips = h.div_ceil(strip_rows);
-    // Strips start at multiples of k rows, so each gives whole picture rows of its own: the
-    // threads read and average strips in any order, and the picture is the same.
+    // Strips start at multiples of k rows, so each gives whole picture rows of its own, its
+    // own slice of the picture: the threads read and average strips in any order, each
+    // writing its slice, and the picture is the same.
     let mut out = vec![0u8; (pw * ph * 3) as usize];
-    let next = std::sync::atomic::AtomicU64::new(0);
+    let slices = std::sync::Mutex::new(
+        out.chunks_mut((strip_rows / k * pw * 3) as usize)
+            .enumerate(),
+    );
     let failed = std::sync::Mutex::new(None);
-    let rows_done = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|scope| {
-        for _ in 0..threads.clamp(1, strips as usize) {
+        for _ in 0..readers.min(h.div_ceil(strip_rows)) {
             scope.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= strips || failed.lock().unwrap().is_some() {
+                let Some((i, slice)) = slices.lock().unwrap().next() else {
+                    return;
+                };
+                if failed.lock().unwrap().is_some() {
                     return;
                 }
-                let y = i * strip_rows;
+                let y = i as u64 * strip_rows;
                 let rows = strip_rows.min(h - y);
                 match read(y, rows) {
-                    Ok(argb) => {
-                        let averaged = average(&argb, w, rows, k);
-                        rows_done.lock().unwrap().push((y / k, averaged));
-                    }
+                    Ok(argb) => average(&argb, w, rows, k, slice),
                     Err(e) => {
                         failed.lock().unwrap().get_or_insert(e);
                         return;
@@ -110,21 +121,18 @@ fn picture(
     if let Some(e) = failed.into_inner().unwrap() {
         return Err(e);
     }
-    for (py, rgb) in rows_done.into_inner().unwrap() {
-        let at = (py * pw * 3) as usize;
-        out[at..at + rgb.len()].copy_from_slice(&rgb);
-    }
     let img = RgbImage::from_raw(pw as u32, ph as u32, out).expect("pw x ph x 3 bytes");
     Ok((img, level, k))
 }
 
-/// A strip of `rows` x `w` ARGB pixels averaged in `k` x `k` blocks (the last ones partial):
-/// `rows.div_ceil(k)` rows of `w.div_ceil(k)` RGB pixels, each the rounded mean of its block
-/// as [`argb_to_rgb`] converts it.
-fn average(argb: &[u32], w: u64, rows: u64, k: u64) -> Vec<u8> {
+/// A strip of `rows` x `w` ARGB pixels averaged in `k` x `k` blocks (the last ones partial)
+/// into `out`: `rows.div_ceil(k)` rows of `w.div_ceil(k)` RGB pixels, each the rounded mean
+/// of its block as [`argb_to_rgb`] converts it.
+fn average(argb: &[u32], w: u64, rows: u64, k: u64, out: &mut [u8]) {
     let (w, k) = (w as usize, k as usize);
     let pw = w.div_ceil(k);
-    let mut out = Vec::with_capacity(rows.div_ceil(k as u64) as usize * pw * 3);
+    debug_assert_eq!(out.len(), rows.div_ceil(k as u64) as usize * pw * 3);
+    let mut at = 0;
     let mut sums = vec![0u64; pw * 3];
     for block in argb.chunks(w * k) {
         sums.iter_mut().for_each(|s| *s = 0);
@@ -143,10 +151,12 @@ fn average(argb: &[u32], w: u64, rows: u64, k: u64) -> Vec<u8> {
         let rows_in = (block.len() / w) as u64;
         for px in 0..pw {
             let n = rows_in * (k.min(w - px * k) as u64);
-            out.extend((0..3).map(|c| ((sums[px * 3 + c] + n / 2) / n) as u8));
+            for c in 0..3 {
+                out[at] = ((sums[px * 3 + c] + n / 2) / n) as u8;
+                at += 1;
+            }
         }
     }
-    out
 }
 
 /// Find tissue on the slide `handle` reads.
@@ -211,7 +221,8 @@ mod tests {
         let mut argb: Vec<u32> = (0..15).map(|i| px(10 * i, 255 - 10 * i, 7)).collect();
         argb[0] = 0; // fully transparent: black
         argb[1] = 0x8040_2010; // half alpha: 255 * c / 128 -> (127, 63, 31)
-        let got = average(&argb, 5, 3, 2);
+        let mut got = vec![0u8; 3 * 2 * 3];
+        average(&argb, 5, 3, 2, &mut got);
         let rgb = argb_to_rgb(&argb);
         let mut want = Vec::new();
         for (ys, xs) in [
