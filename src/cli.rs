@@ -159,15 +159,19 @@ pub enum OnError {
 }
 
 #[derive(Debug, Clone, Args)]
-#[command(
-    after_help = "Tuning (environment switches: 0, false, no or off turn one off, any other value \
+#[command(after_help = "Examples:
+  tilefeat extract tiles/S1 -o features/S1.csv          # the tutorial's numbers
+  tilefeat extract S1.zip -o features/S1.h5 --preset resnet50-trunc    # CLAM's
+  tilefeat extract slides/*.svs --outdir features --format h5 --cache-dir /scratch/tilefeat-cache
+  tilefeat extract S1.svs -o S1.h5 --mpp 0.5 --patch-size 224 --tissue bwh_biopsy
+
+Tuning (environment switches: 0, false, no or off turn one off, any other value \
 on; the GPU settings are recorded in the provenance): \
 TILEFEAT_NO_HEAP_TUNING=1 keeps glibc's heap defaults (less memory, slower on a CPU); \
 TILEFEAT_CUDNN_BENCHMARK=1 autotunes cuDNN's algorithms on each model worker's first batch \
 (default: cuDNN's heuristics); TILEFEAT_CUDA_SLEEP=1 makes threads sleep while they wait for \
 the GPU (default: CUDA's own choice, which spins while CPUs are free); TILEFEAT_CUDA_STREAMS=0 \
-makes the GPU model workers share the device's default stream (default: a stream each)."
-)]
+makes the GPU model workers share the device's default stream (default: a stream each).")]
 pub struct ExtractArgs {
     /// Folder holding one sample's tiles (searched recursively), or an archive of them read
     /// in place: .zip, .tar, .tar.gz, .tgz (the sample is then named after the archive,

@@ -106,6 +106,11 @@ mod tests {
         ] {
             assert_eq!(resolve(Path::new(p), None), Ok(f), "{p}");
         }
+        // An unknown extension is taken with --format naming the format (documented).
+        assert_eq!(
+            resolve(Path::new("a.txt"), Some(Format::Csv)),
+            Ok(Format::Csv)
+        );
         assert!(resolve(Path::new("a.txt"), None)
             .unwrap_err()
             .contains("unknown"));
