@@ -166,12 +166,16 @@ fn archives_give_the_folders_csv_and_share_its_cache() {
 
     // Several archives in one process, like folders.
     let outdir = d.path().join("out");
-    extract_cmd(&zip_stored, &outdir.join("unused.csv"));
+    // Its own, empty temporary folder: an archive unpacked to read it would show there.
+    let tmp = d.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
     tilefeat()
+        .env("TMPDIR", &tmp)
         .args([
             "extract",
             zip_stored.to_str().unwrap(),
             plain.to_str().unwrap(),
+            tgz.to_str().unwrap(),
         ])
         .args([
             "--outdir",
@@ -184,6 +188,11 @@ fn archives_give_the_folders_csv_and_share_its_cache() {
         .success();
     assert_same(&outdir.join("S1.csv"), &reference, "S1 in --outdir");
     assert_same(&outdir.join("S3.csv"), &reference, "S3 in --outdir");
+    assert_same(&outdir.join("S4.csv"), &reference, "S4 in --outdir");
+    assert!(
+        std::fs::read_dir(&tmp).unwrap().next().is_none(),
+        "files left in TMPDIR"
+    );
     // Nothing beside the archives, and nothing unpacked anywhere.
     let mut left: Vec<String> = std::fs::read_dir(&arch)
         .unwrap()

@@ -445,3 +445,26 @@ fn failed_runs_leave_no_binary_file() {
         );
     }
 }
+
+/// HDF5 is linked in statically (hdf5-metno's bundled build): a cluster node needs no libhdf5.
+/// Read from the binary's dynamic section, where libtorch must show (so the listing is real).
+#[test]
+fn the_binary_needs_no_libhdf5() {
+    let out = std::process::Command::new("readelf")
+        .args(["-d", env!("CARGO_BIN_EXE_tilefeat")])
+        .output()
+        .expect("readelf (binutils) runs");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let needed: Vec<&str> = text.lines().filter(|l| l.contains("(NEEDED)")).collect();
+    assert!(
+        needed.iter().any(|l| l.contains("libtorch_cpu.so")),
+        "{text}"
+    );
+    assert!(
+        !needed
+            .iter()
+            .any(|l| l.to_ascii_lowercase().contains("hdf5")),
+        "{needed:?}"
+    );
+}
