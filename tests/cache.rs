@@ -264,6 +264,22 @@ fn gc_keeps_only_named_fingerprints() {
     assert_eq!(prov_u64(&out, &["cache", "hits"]), 2);
     extract_ok(&tiles, &out, &args(&c, &["--pool", "avg"]));
     assert_eq!(prov_u64(&out, &["cache", "hits"]), 0);
+    // Every record was used after 2000: a date in the past keeps them all (a gc that dropped
+    // everything would pass the far-future case below alone), and they still serve.
+    tilefeat()
+        .args([
+            "cache",
+            "gc",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--unused-since",
+            "2000-01-01",
+        ])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("kept 4 records, dropped 0"));
+    extract_ok(&tiles, &out, &args(&c, &["--pool", "avg"]));
+    assert_eq!(prov_u64(&out, &["cache", "hits"]), 2);
     tilefeat()
         .args([
             "cache",
