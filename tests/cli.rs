@@ -904,27 +904,45 @@ fn several_samples_named_by_sample_flags() {
 }
 
 /// `info` names the CPU and says, per precision, whether it is native; `extract` warns once
-/// when bf16 is emulated on the CPU (7-10x slower than fp32 on AVX2-only CPUs) and not when it
-/// is native; the provenance records the CPU.
+/// when bf16 or fp16 is emulated on the CPU (7-10x slower than fp32 on AVX2-only CPUs) and not
+/// when it is native; the provenance records the CPU. Native or not is read here from
+/// /proc/cpuinfo's flags by the documented rule (bf16: AVX-512 BF16 or AMX-BF16; fp16:
+/// AVX-512 FP16 or AMX-FP16; Arm: bf16, asimdhp), not from the binary's own `info`.
 #[test]
 fn emulated_cpu_precisions_are_named_and_warned_about() {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags: std::collections::HashSet<&str> = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags") || l.starts_with("Features"))
+        .flat_map(|l| l.split(':').nth(1).unwrap_or("").split_whitespace())
+        .collect();
+    let native = |p: &str| match p {
+        "bf16" => ["avx512_bf16", "amx_bf16", "bf16"]
+            .iter()
+            .any(|f| flags.contains(f)),
+        _ => ["avx512_fp16", "amx_fp16", "asimdhp"]
+            .iter()
+            .any(|f| flags.contains(f)),
+    };
     let info = tilefeat().arg("info").output().unwrap();
     let info = String::from_utf8(info.stdout).unwrap();
     assert!(info.contains("\ncpu: "), "{info}");
     assert!(info.contains("cpu fp32: native"), "{info}");
-    let bf16_native = info.contains("cpu bf16: native");
-    assert!(bf16_native || info.contains("cpu bf16: emulated"), "{info}");
     let d = tempfile::tempdir().unwrap();
-    let out = d.path().join("x.csv");
-    let o = extract_cmd(&demo_sample("sampleC"), &out)
-        .args(["--precision", "bf16", "--size", "32", "--device", "cpu"])
-        .output()
-        .unwrap();
-    assert!(o.status.success());
-    let err = String::from_utf8(o.stderr).unwrap();
-    let warned = err.matches("libtorch emulates bf16").count();
-    assert_eq!(warned, if bf16_native { 0 } else { 1 }, "{err}");
-    let cpu = &provenance(&out)["cpu"];
-    assert!(cpu["model"].as_str().is_some(), "{cpu:?}");
-    assert!(cpu["instruction_sets"].as_sequence().is_some(), "{cpu:?}");
+    for p in ["bf16", "fp16"] {
+        let said = if native(p) { "native" } else { "emulated" };
+        assert!(info.contains(&format!("cpu {p}: {said}")), "{p}: {info}");
+        let out = d.path().join(format!("{p}.csv"));
+        let o = extract_cmd(&demo_sample("sampleC"), &out)
+            .args(["--precision", p, "--size", "32", "--device", "cpu"])
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        let err = String::from_utf8(o.stderr).unwrap();
+        let warned = err.matches(&format!("libtorch emulates {p}")).count();
+        assert_eq!(warned, if native(p) { 0 } else { 1 }, "{p}: {err}");
+        let cpu = &provenance(&out)["cpu"];
+        assert!(cpu["model"].as_str().is_some(), "{cpu:?}");
+        assert!(cpu["instruction_sets"].as_sequence().is_some(), "{cpu:?}");
+    }
 }
