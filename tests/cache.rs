@@ -264,34 +264,19 @@ fn gc_keeps_only_named_fingerprints() {
     assert_eq!(prov_u64(&out, &["cache", "hits"]), 2);
     extract_ok(&tiles, &out, &args(&c, &["--pool", "avg"]));
     assert_eq!(prov_u64(&out, &["cache", "hits"]), 0);
+    let gc_unused_since = |date: &str, says: &str| {
+        cache_cmd("gc", &cache)
+            .args(["--unused-since", date])
+            .assert()
+            .success()
+            .stdout(predicate::str::contains(says));
+    };
     // Every record was used after 2000: a date in the past keeps them all (a gc that dropped
     // everything would pass the far-future case below alone), and they still serve.
-    tilefeat()
-        .args([
-            "cache",
-            "gc",
-            "--cache-dir",
-            cache.to_str().unwrap(),
-            "--unused-since",
-            "2000-01-01",
-        ])
-        .assert()
-        .success()
-        .stdout(predicate::str::contains("kept 4 records, dropped 0"));
+    gc_unused_since("2000-01-01", "kept 4 records, dropped 0");
     extract_ok(&tiles, &out, &args(&c, &["--pool", "avg"]));
     assert_eq!(prov_u64(&out, &["cache", "hits"]), 2);
-    tilefeat()
-        .args([
-            "cache",
-            "gc",
-            "--cache-dir",
-            cache.to_str().unwrap(),
-            "--unused-since",
-            "2999-01-01",
-        ])
-        .assert()
-        .success()
-        .stdout(predicate::str::contains("kept 0 records"));
+    gc_unused_since("2999-01-01", "kept 0 records");
     tilefeat()
         .args(["cache", "stats", "--cache-dir", d.path().to_str().unwrap()])
         .assert()
