@@ -160,7 +160,8 @@ fn average(argb: &[u32], w: u64, rows: u64, k: u64, out: &mut [u8]) {
 }
 
 /// Find tissue on the slide `handle` reads.
-/// A level read in strips is read by `threads` threads at once (one strip each in memory).
+/// A level read in strips is read by `threads` threads at once, at most four (one strip each
+/// in memory).
 pub fn find(
     handle: &Handle,
     levels: &[Level],
