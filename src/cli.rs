@@ -81,7 +81,7 @@ pub enum Precision {
 }
 
 /// The spelling users type (`fp32`), for messages.
-fn value_name(v: &impl ValueEnum) -> String {
+pub fn value_name(v: &impl ValueEnum) -> String {
     v.to_possible_value()
         .map_or_else(String::new, |p| p.get_name().to_string())
 }
@@ -129,14 +129,6 @@ impl Preset {
         match self {
             Preset::Tutorial => (Layer::Layer4, Pool::Max, Normalize::Tutorial, 224),
             Preset::Resnet50Trunc => (Layer::Layer3, Pool::Avg, Normalize::Imagenet, 224),
-        }
-    }
-
-    /// The name `--preset` takes.
-    pub fn name(self) -> &'static str {
-        match self {
-            Preset::Tutorial => "tutorial",
-            Preset::Resnet50Trunc => "resnet50-trunc",
         }
     }
 }

@@ -95,49 +95,35 @@ impl MeanStd {
 /// flag that names another value is a usage error: a recipe half applied gives neither its
 /// features nor the flags'.
 fn apply_preset(a: &ExtractArgs, p: crate::cli::Preset) -> Result<ExtractArgs> {
+    use crate::cli::value_name;
     let (layer, pool, normalize, size) = p.settings();
-    let lower = |v: String| v.to_lowercase();
+    let preset = value_name(&p);
+    let refuse = |m: String| Err(fail(ExitKind::Usage, format!("--preset {preset} sets {m}")));
+    // A flag given with a value other than the preset's.
+    fn differs<T: PartialEq>(given: Option<T>, wants: &T) -> Option<T> {
+        given.filter(|g| g != wants)
+    }
     let clash = |flag: &str, given: String, wants: String| {
-        Err(fail(
-            ExitKind::Usage,
-            format!(
-                "--preset {} sets {flag} {wants}, not {given}: drop {flag} (or the preset)",
-                p.name()
-            ),
+        refuse(format!(
+            "{flag} {wants}, not {given}: drop {flag} (or the preset)"
         ))
     };
-    if let Some(l) = a.layer.filter(|&l| l != layer) {
-        return clash(
-            "--layer",
-            lower(format!("{l:?}")),
-            lower(format!("{layer:?}")),
-        );
+    if let Some(l) = differs(a.layer, &layer) {
+        return clash("--layer", value_name(&l), value_name(&layer));
     }
-    if let Some(o) = a.pool.filter(|&o| o != pool) {
-        return clash(
-            "--pool",
-            lower(format!("{o:?}")),
-            lower(format!("{pool:?}")),
-        );
+    if let Some(o) = differs(a.pool, &pool) {
+        return clash("--pool", value_name(&o), value_name(&pool));
     }
-    if let Some(n) = a.normalize.filter(|&n| n != normalize) {
-        return clash(
-            "--normalize",
-            lower(format!("{n:?}")),
-            lower(format!("{normalize:?}")),
-        );
+    if let Some(n) = differs(a.normalize, &normalize) {
+        return clash("--normalize", value_name(&n), value_name(&normalize));
     }
     if a.mean.is_some() {
-        return Err(fail(
-            ExitKind::Usage,
-            format!(
-                "--preset {} sets --normalize {}: drop --mean and --std (or the preset)",
-                p.name(),
-                lower(format!("{normalize:?}"))
-            ),
+        return refuse(format!(
+            "--normalize {}: drop --mean and --std (or the preset)",
+            value_name(&normalize)
         ));
     }
-    if let Some(s) = a.size.filter(|&s| s != size) {
+    if let Some(s) = differs(a.size, &size) {
         return clash("--size", s.to_string(), size.to_string());
     }
     let mut out = a.clone();
