@@ -76,6 +76,7 @@ fn report_sample(cfg: &crate::pipeline::ExtractConfig, summary: &crate::pipeline
 
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
+    crate::host::raise_open_file_limit();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     match cli.command {

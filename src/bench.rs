@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use tch::{Device, Kind, Tensor};
 
+mod cache_open;
+
 use crate::cli::{BenchArgs, BenchWhat, Pool};
 use crate::device::{available_cpus, configure_cuda, device_name, parse_device};
 use crate::encoder::resnet::{to_channels_last, ResNetTrunk, RunOptions};
@@ -28,7 +30,7 @@ pub fn run(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     match a.what {
         BenchWhat::Model => model(a, out),
         BenchWhat::Hash => hash(out),
-        BenchWhat::CacheOpen => cache_open(a, out),
+        BenchWhat::CacheOpen => cache_open::run(a, out),
         BenchWhat::Decode => decode(a, out),
         BenchWhat::Pipeline => pipeline(a, out),
     }
@@ -181,76 +183,6 @@ fn hash(out: &mut dyn Write) -> Result<()> {
         "sha256: {:.2} GB/s on one core (digest {})",
         buf.len() as f64 / secs / 1e9,
         hex::encode(&d[..4])
-    )?;
-    Ok(())
-}
-
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<f64>().ok())
-            })
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-/// Fill a cache with `entries` small records (the index, not the payload, is what opening
-/// reads), then time opening it for that fingerprint and a lookup.
-fn cache_open(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
-    use crate::cache::{Cache, Fingerprint, PREPROCESSING_VERSION};
-    let dir = a
-        .cache_dir
-        .clone()
-        .ok_or_else(|| fail(ExitKind::Usage, "--what cache-open needs --cache-dir DIR"))?;
-    let fp = Fingerprint {
-        weights_sha256: "bench".into(),
-        layer: a.layer,
-        pool: Pool::Max,
-        normalize: crate::cli::Normalize::Tutorial,
-        size: a.size,
-        precision: a.precision,
-        preprocessing_version: PREPROCESSING_VERSION,
-        layout: None,
-        encoder: None,
-        mean_std: None,
-    };
-    let key = |i: usize| -> [u8; 32] {
-        use sha2::{Digest, Sha256};
-        Sha256::digest((i as u64).to_le_bytes()).into()
-    };
-    let rss_before = peak_rss_mb();
-    {
-        let c = Cache::open(&dir, &fp)?;
-        if c.len() < a.entries {
-            let t = Instant::now();
-            for i in c.len()..a.entries {
-                c.put(&key(i), &[i as f32; 4])?;
-            }
-            c.close()?;
-            writeln!(
-                out,
-                "filled {} entries in {:.1} s",
-                a.entries,
-                t.elapsed().as_secs_f64()
-            )?;
-        }
-    }
-    let t = Instant::now();
-    let c = Cache::open(&dir, &fp)?;
-    let open_secs = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let hit = c.get(&key(a.entries / 2)).is_some();
-    let lookup_us = t.elapsed().as_secs_f64() * 1e6;
-    let peak = peak_rss_mb();
-    writeln!(
-        out,
-        "cache open: {} entries in {open_secs:.3} s; memory for the index {:.0} MB (peak RSS {peak:.0} MB, {rss_before:.0} MB before opening, libtorch included); one lookup {lookup_us:.0} us (hit: {hit})",
-        c.len(),
-        peak - rss_before
     )?;
     Ok(())
 }

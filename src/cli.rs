@@ -461,7 +461,8 @@ pub enum BenchWhat {
     Model,
     /// SHA-256 throughput of the tile hasher (one core).
     Hash,
-    /// Opening a cache of --entries records: time and peak memory.
+    /// Opening a cache of --entries records from --packs writers: time, memory, lookups of
+    /// present and absent keys; then again after `cache gc`.
     CacheOpen,
     /// Read, hash, decode and resize the tiles of --tiles DIR (no model, no cache): tiles/s
     /// per core and per format, then on --threads cores at once.
@@ -481,6 +482,14 @@ pub struct BenchArgs {
     /// With --what cache-open: entries to create (once) in --cache-dir, then open.
     #[arg(long, default_value_t = 1_000_000)]
     pub entries: usize,
+    /// With --what cache-open: how many writers fill the cache (one pack each, or more for
+    /// over 2 Mi entries), as many jobs would.
+    #[arg(long, default_value_t = 1)]
+    pub packs: usize,
+    /// With --what cache-open: neither fill nor gc, only open and look up (the bench runs
+    /// itself so, so that the memory measured is the opening's alone).
+    #[arg(long, hide = true)]
+    pub measure_only: bool,
     /// With --what cache-open: the cache directory (created and filled if empty). With
     /// --what pipeline: also hash and cache, in a fresh cache created under DIR and removed
     /// after (every tile a miss, as on a first run).

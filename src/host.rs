@@ -31,3 +31,20 @@ pub fn hostname() -> String {
 pub fn process_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
+
+/// Raise this process's soft limit on open files to its hard limit. A cache holds two files
+/// open per pack (the pack and its segment) until gc merges them, and cluster nodes often
+/// set a soft limit of 1,024 under a hard one many times higher.
+pub fn raise_open_file_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the one struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}

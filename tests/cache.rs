@@ -600,10 +600,14 @@ fn a_full_cache_disk_warns_and_the_run_goes_on() {
     std::fs::create_dir_all(&disk).unwrap();
     std::fs::create_dir_all(&out).unwrap();
     let bin = assert_cmd::cargo::cargo_bin("tilefeat");
-    // Two runs on the same small disk: the first fills it, the second finds it full.
+    // Two runs on the same small disk: the first fills it, the second finds it full. Batches
+    // of 4 tiles (33 KB) spaced by 100 ms, so that the first group's vectors fit whatever
+    // the load (regression: on a busy machine several batches made one group, larger than
+    // the disk, and nothing was stored).
     let run = |name: &str| {
         format!(
-            "{bin} extract {tiles} -o {out}/{name}.csv --weights random:0 --size 32 \
+            "TILEFEAT_TEST_BATCH_DELAY_MS=100 {bin} extract {tiles} -o {out}/{name}.csv \
+             --weights random:0 --size 32 --batch-size 4 \
              --cache-dir {disk}/cache 2> {out}/{name}.err; echo $? > {out}/{name}.rc",
             bin = bin.display(),
             tiles = tiles.display(),
@@ -611,8 +615,16 @@ fn a_full_cache_disk_warns_and_the_run_goes_on() {
             disk = disk.display(),
         )
     };
+    // Then what stats and verify say of the cache the full disk left.
+    let inspect = format!(
+        "{bin} cache stats --cache-dir {disk}/cache > {out}/stats.txt; \
+         {bin} cache verify --cache-dir {disk}/cache > {out}/verify.txt",
+        bin = bin.display(),
+        out = out.display(),
+        disk = disk.display(),
+    );
     let script = format!(
-        "mount -t tmpfs -o size=96k tmpfs {disk} && {} && {}",
+        "mount -t tmpfs -o size=96k tmpfs {disk} && {} && {} && {inspect}",
         run("a"),
         run("b"),
         disk = disk.display()
@@ -650,5 +662,30 @@ fn a_full_cache_disk_warns_and_the_run_goes_on() {
     assert!(
         stored > 0 && hits >= stored && hits < 20,
         "stored {stored}, hits {hits}"
+    );
+    // Regression (issue 28): verify counted good records where stats said 0 entries, with
+    // nothing to tell why. Now verify says how many are indexed (stats' entries) and why the
+    // rest are not served.
+    let stats = std::fs::read_to_string(out.join("stats.txt")).unwrap();
+    let verify = std::fs::read_to_string(out.join("verify.txt")).unwrap();
+    let entries: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("entries: "))
+        .and_then(|l| l.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{stats}"));
+    assert!(entries >= hits, "{stats}");
+    assert!(
+        verify.contains(&format!("({entries} index entries)")),
+        "{stats}\n{verify}"
+    );
+    let good: u64 = verify
+        .lines()
+        .find_map(|l| l.strip_prefix("verified "))
+        .and_then(|l| l.split(", ").nth(1)?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{verify}"));
+    assert_eq!(
+        good > entries,
+        verify.contains("have no index entry"),
+        "{verify}"
     );
 }

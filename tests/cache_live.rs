@@ -280,11 +280,14 @@ fn a_reader_sees_a_live_writers_entries_and_damaged_index_entries_are_never_serv
     extract_ok(&tiles, &reference, &["--no-cache"]);
     assert_same(&read, &reference, "hits equal computed rows");
 
-    // Flip one byte of one index entry (its tile hash) of the reader's sealed pack.
+    // Flip one byte of one index entry (its tile hash) of the reader's sealed pack, and
+    // remove its sorted segment (as in a cache written before segments): the `.idx` is what
+    // a reader then goes by.
     let idx = files(&cache.join("packs"), "idx")
         .into_iter()
         .find(|p| p.with_extension("sealed").exists())
         .unwrap();
+    std::fs::remove_file(idx.with_extension("seg")).unwrap();
     let mut bytes = std::fs::read(&idx).unwrap();
     let entry = 80;
     let at = bytes.len() - 3 * entry + 40; // inside the tile hash of the third-last entry
@@ -306,4 +309,59 @@ fn a_reader_sees_a_live_writers_entries_and_damaged_index_entries_are_never_serv
     // Nothing after a damaged entry can be trusted to be aligned: its last 3 are dropped.
     assert_eq!(prov_u64(&again, &["cache", "hits"]), 21);
     assert_eq!(prov_u64(&again, &["tiles", "computed"]), 3);
+}
+
+/// Issue 31: `cache gc` beside a live reader that is also a live writer. The reader opened
+/// the cache (a sealed pack and its segment, holding the last 16 tiles) and computes the
+/// first 16 slowly; gc compacts the sealed pack, removing the files the reader opened, and
+/// leaves the reader's own pack alone. The reader still serves all 16 (its open handles
+/// outlive the names), its CSV equals an uncached run's, and a rerun after it hits all 32.
+#[test]
+fn gc_beside_a_live_reader_and_writer_loses_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("tiles");
+    let all = make_tiles(&tiles, 32, 64);
+    let reference = d.path().join("reference.csv");
+    extract_ok(&tiles, &reference, &["--batch-size", "4", "--no-cache"]);
+    let cache = d.path().join("cache");
+    let packs = cache.join("packs");
+    let last = d.path().join("last");
+    std::fs::create_dir_all(&last).unwrap();
+    for t in &all[16..] {
+        std::fs::copy(t, last.join(t.file_name().unwrap())).unwrap();
+    }
+    extract_ok(
+        &last,
+        &d.path().join("last.csv"),
+        &["--cache-dir", cache.to_str().unwrap()],
+    );
+    let sealed = files(&packs, "seg");
+    assert_eq!(sealed.len(), 1);
+
+    let out = d.path().join("reader.csv");
+    let mut reader = spawn_extract(
+        &tiles,
+        &out,
+        &cache,
+        &[("TILEFEAT_TEST_BATCH_DELAY_MS", "250")],
+    );
+    // Its first batch stored: it has opened the cache and is running.
+    wait_for_entries(&cache, 16 + 4);
+    tilefeat()
+        .args(["cache", "gc", "--cache-dir", cache.to_str().unwrap()])
+        .assert()
+        .success();
+    assert!(
+        !sealed[0].exists() && !sealed[0].with_extension("pack").exists(),
+        "the sealed pack and its segment were compacted"
+    );
+    assert!(reader.wait().unwrap().success());
+    assert_same(&out, &reference, "the reader's rows, served and computed");
+    assert_eq!(prov_u64(&out, &["cache", "hits"]), 16);
+    assert_eq!(prov_u64(&out, &["tiles", "computed"]), 16);
+    cache_cmd("verify", &cache).assert().success();
+    let again = d.path().join("again.csv");
+    extract_ok(&tiles, &again, &["--cache-dir", cache.to_str().unwrap()]);
+    assert_eq!(prov_u64(&again, &["cache", "hits"]), 32);
+    assert_same(&again, &reference, "everything served after gc");
 }

@@ -12,6 +12,7 @@ use crate::error::{ExitKind, WithKind};
 
 use super::key::*;
 use super::pack::*;
+use super::segment;
 use crate::host::hostname;
 
 /// Whether a pack's writer is gone: sealed, or unsealed from a dead local process, or
@@ -65,23 +66,27 @@ pub(crate) fn require_cache_dir(dir: &Path) -> Result<()> {
 pub fn stats(dir: &Path, out: &mut dyn Write) -> Result<()> {
     require_cache_dir(dir)?;
     let packs = list_packs(dir).kind(ExitKind::Cache)?;
-    let mut per_fp: BTreeMap<String, HashSet<Hash32>> = BTreeMap::new();
     let (mut entries, mut bytes, mut sealed, mut torn) = (0u64, 0u64, 0usize, 0u64);
+    // Each pack's keys in (tile, fingerprint) order: its segment, streamed, or (no segment:
+    // a live or killed writer's, or an old cache's) its index, sorted in memory.
+    let mut sources = Vec::new();
     for p in &packs {
-        let (es, t) = read_idx(&p.idx)
+        let mut n = 0u64;
+        let t = scan_idx(&p.idx, |_| n += 1)
             .with_context(|| format!("cannot read {}", p.idx.display()))
             .kind(ExitKind::Cache)?;
         torn += t as u64;
-        entries += es.len() as u64;
+        entries += n;
         bytes += std::fs::metadata(&p.pack).map(|m| m.len()).unwrap_or(0)
             + std::fs::metadata(&p.idx).map(|m| m.len()).unwrap_or(0);
         sealed += p.sealed as usize;
-        for e in es {
-            per_fp.entry(hex::encode(e.fp)).or_default().insert(e.tile);
-        }
+        sources.push(KeySource::open(p));
     }
+    let segmented = sources.iter().filter(|s| s.segment.is_some()).count();
+    let mut notes = Vec::new();
+    let per_fp = unique_per_fingerprint(sources, &mut notes)?;
     let records = fingerprint_records(dir);
-    let unique: usize = per_fp.values().map(|s| s.len()).sum();
+    let unique: u64 = per_fp.values().sum();
     writeln!(out, "cache: {}", dir.display())?;
     writeln!(
         out,
@@ -91,6 +96,15 @@ pub fn stats(dir: &Path, out: &mut dyn Write) -> Result<()> {
         packs.len() - sealed
     )?;
     writeln!(out, "entries: {entries} ({unique} unique)")?;
+    write!(out, "index segments: {segmented} of {} packs", packs.len())?;
+    if segmented < packs.len() {
+        write!(
+            out,
+            " (the others' indexes are read into memory by every job that opens the cache; \
+             `cache gc` compacts finished ones into packs with segments)"
+        )?;
+    }
+    writeln!(out)?;
     writeln!(out, "bytes: {bytes}")?;
     if torn > 0 {
         writeln!(
@@ -98,6 +112,7 @@ pub fn stats(dir: &Path, out: &mut dyn Write) -> Result<()> {
             "torn index bytes (from killed writers, ignored): {torn}"
         )?;
     }
+    out.write_all(&notes)?;
     writeln!(out, "fingerprints: {}", per_fp.len())?;
     for (id, tiles) in &per_fp {
         match records.get(id) {
@@ -105,7 +120,7 @@ pub fn stats(dir: &Path, out: &mut dyn Write) -> Result<()> {
                 out,
                 "  {}  {} tiles  layer={:?} pool={:?} normalize={:?} size={} precision={:?} weights={}  last used {}",
                 &id[..16],
-                tiles.len(),
+                tiles,
                 r.fingerprint.layer,
                 r.fingerprint.pool,
                 r.fingerprint.normalize,
@@ -114,10 +129,102 @@ pub fn stats(dir: &Path, out: &mut dyn Write) -> Result<()> {
                 short_weights(&r.fingerprint.weights_sha256),
                 r.last_used
             )?,
-            None => writeln!(out, "  {}  {} tiles  (no description)", &id[..16], tiles.len())?,
+            None => writeln!(out, "  {}  {} tiles  (no description)", &id[..16], tiles)?,
         }
     }
     Ok(())
+}
+
+/// One pack's keys in (tile, fingerprint) order, for [`unique_per_fingerprint`]: its
+/// segment, streamed, or (no segment, or a damaged one: from where it failed) its index,
+/// sorted in memory.
+struct KeySource {
+    pack: PackInfo,
+    segment: Option<segment::SegEntries>,
+    sorted: std::vec::IntoIter<(Hash32, Hash32)>,
+    last: Option<(Hash32, Hash32)>,
+}
+
+impl KeySource {
+    fn open(p: &PackInfo) -> KeySource {
+        let seg = segment::seg_path(&packs_dir_of(p), &p.stem);
+        let pack_len = std::fs::metadata(&p.pack).map_or(0, |m| m.len());
+        let segment = segment::Segment::open(&seg, pack_len)
+            .and_then(|s| segment::SegEntries::open(&s))
+            .ok();
+        let mut k = KeySource {
+            pack: p.clone(),
+            segment,
+            sorted: Vec::new().into_iter(),
+            last: None,
+        };
+        if k.segment.is_none() {
+            k.read_index();
+        }
+        k
+    }
+
+    /// The pack's index, sorted, from after the last key given.
+    fn read_index(&mut self) {
+        let mut keys = Vec::new();
+        let _ = scan_idx(&self.pack.idx, |e| keys.push((e.tile, e.fp)));
+        keys.sort_unstable();
+        keys.retain(|k| self.last.is_none_or(|l| *k > l));
+        self.sorted = keys.into_iter();
+    }
+
+    fn next_key(&mut self, out: &mut dyn Write) -> Result<Option<(Hash32, Hash32)>> {
+        if let Some(s) = &mut self.segment {
+            match s.next_entry() {
+                Ok(Some(e)) => {
+                    self.last = Some((e.tile, e.fp));
+                    return Ok(self.last);
+                }
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    writeln!(
+                        out,
+                        "damaged: {e:#} (see `cache verify`; its pack's index is read instead)"
+                    )?;
+                    self.segment = None;
+                    self.read_index();
+                }
+            }
+        }
+        Ok(self.sorted.next())
+    }
+}
+
+/// Distinct tiles per fingerprint (hex id), by merging every pack's sorted keys: memory is
+/// one key and one buffer per pack with a segment (the indexes of those without one are
+/// held), not one per entry.
+fn unique_per_fingerprint(
+    mut sources: Vec<KeySource>,
+    out: &mut dyn Write,
+) -> Result<BTreeMap<String, u64>> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let mut heap = BinaryHeap::new();
+    for (i, s) in sources.iter_mut().enumerate() {
+        if let Some(k) = s.next_key(out)? {
+            heap.push(Reverse((k, i)));
+        }
+    }
+    let mut per_fp: BTreeMap<Hash32, u64> = BTreeMap::new();
+    let mut last = None;
+    while let Some(Reverse((k, i))) = heap.pop() {
+        if last != Some(k) {
+            *per_fp.entry(k.1).or_default() += 1;
+            last = Some(k);
+        }
+        if let Some(k) = sources[i].next_key(out)? {
+            heap.push(Reverse((k, i)));
+        }
+    }
+    Ok(per_fp
+        .into_iter()
+        .map(|(fp, n)| (hex::encode(fp), n))
+        .collect())
 }
 
 pub(crate) fn short_weights(w: &str) -> String {
@@ -136,6 +243,8 @@ const LISTED: usize = 10;
 #[derive(Default)]
 pub(crate) struct PackScan {
     pub(crate) good: u64,
+    /// Valid entries in the pack's `.idx` (what `stats` counts and readers can find).
+    pub(crate) indexed: u64,
     /// Damaged ranges, truncated tails, unreadable files: each one problem.
     pub(crate) damaged: u64,
     pub(crate) problems: Vec<String>,
@@ -259,22 +368,17 @@ fn walk_records(
     Ok(Ok(()))
 }
 
-/// Cross-check every index entry against the record it points at (offset within the pack,
-/// sane length, key, length and CRC of the record there): one line per kind of disagreement.
-fn check_index(p: &PackInfo, r: &mut PackReader, scan: &mut PackScan) {
-    // reason -> (count, first entry number, its offset, its length)
-    let mut bad: BTreeMap<String, (u64, u64, u64, u32)> = BTreeMap::new();
-    let mut io_error = None;
-    let mut n = 0u64;
-    let result = scan_idx(&p.idx, |e| {
-        let k = n;
-        n += 1;
-        if io_error.is_some() {
-            return;
-        }
-        let len = e.len as usize;
-        let end = e.offset.saturating_add(e.len as u64);
-        let why = if e.offset < PACK_MAGIC.len() as u64
+/// What is wrong with an index entry, checked against the record it points at (offset
+/// within the pack, sane length, key, length and CRC of the record there); `None`: nothing.
+fn entry_problem(
+    e: &IdxEntry,
+    r: &mut PackReader,
+    in_key_order: bool,
+) -> std::io::Result<Option<String>> {
+    let len = e.len as usize;
+    let end = e.offset.saturating_add(e.len as u64);
+    Ok(
+        if e.offset < PACK_MAGIC.len() as u64
             || len < RECORD_OVERHEAD
             || (len - RECORD_OVERHEAD) % 4 != 0
             || len > MAX_RECORD
@@ -283,21 +387,57 @@ fn check_index(p: &PackInfo, r: &mut PackReader, scan: &mut PackScan) {
         } else if end > r.len && r.refresh_len().map_or(true, |l| end > l) {
             Some("point beyond the end of the pack".to_string())
         } else {
-            match r.get(e.offset, len) {
-                Ok(b) => decode_record(b, Some((&e.fp, &e.tile)))
-                    .err()
-                    .map(|x| format!("point at a record that fails its check ({x:#})")),
-                Err(x) => {
-                    io_error = Some(x);
-                    None
-                }
-            }
-        };
-        if let Some(why) = why {
-            let v = bad.entry(why).or_insert((0, k, e.offset, e.len));
-            v.0 += 1;
+            let bytes = if in_key_order {
+                r.get_exact(e.offset, len)?
+            } else {
+                r.get(e.offset, len)?
+            };
+            decode_record(bytes, Some((&e.fp, &e.tile)))
+                .err()
+                .map(|x| format!("point at a record that fails its check ({x:#})"))
+        },
+    )
+}
+
+/// reason -> (count, first entry number, its offset, its length)
+type EntryProblems = BTreeMap<String, (u64, u64, u64, u32)>;
+
+/// Check entries one by one with [`entry_problem`], grouping the problems by kind.
+fn entry_checker<'a>(
+    r: &'a mut PackReader,
+    bad: &'a mut EntryProblems,
+    io_error: &'a mut Option<std::io::Error>,
+    in_key_order: bool,
+) -> impl FnMut(&IdxEntry) + 'a {
+    let mut n = 0u64;
+    move |e| {
+        let k = n;
+        n += 1;
+        if io_error.is_some() {
+            return;
         }
-    });
+        match entry_problem(e, r, in_key_order) {
+            Ok(Some(why)) => bad.entry(why).or_insert((0, k, e.offset, e.len)).0 += 1,
+            Ok(None) => {}
+            Err(x) => *io_error = Some(x),
+        }
+    }
+}
+
+/// Cross-check every index entry against the record it points at: one line per kind of
+/// disagreement.
+fn check_index(p: &PackInfo, r: &mut PackReader, scan: &mut PackScan) {
+    let mut bad = EntryProblems::new();
+    let mut io_error = None;
+    let mut indexed = 0;
+    let result = {
+        let mut each = entry_checker(r, &mut bad, &mut io_error, false);
+        scan_idx(&p.idx, |e| {
+            indexed += 1;
+            each(&e)
+        })
+    };
+    scan.indexed = indexed;
     let idx = p.idx.display();
     let torn = match result {
         Ok(t) => t,
@@ -324,19 +464,64 @@ fn check_index(p: &PackInfo, r: &mut PackReader, scan: &mut PackScan) {
     }
 }
 
+/// Check a pack's sorted segment, if it has one: header, order, checksums, fan-out, and every
+/// entry against its record, like the `.idx`'s.
+fn check_segment(p: &PackInfo, r: &mut PackReader, scan: &mut PackScan) {
+    let path = segment::seg_path(&packs_dir_of(p), &p.stem);
+    if std::fs::symlink_metadata(&path).is_err() {
+        if p.sealed {
+            scan.notes.push(format!(
+                "{}: sealed without an index segment (written before segments, or writing it \
+                 failed): its index is read into memory; `tilefeat cache gc` writes one",
+                p.pack.display()
+            ));
+        }
+        return;
+    }
+    let seg = match segment::Segment::open(&path, r.len) {
+        Ok(s) => s,
+        Err(e) => return scan.problem(format!("{}: {e:#}", path.display())),
+    };
+    let mut bad = EntryProblems::new();
+    let mut io_error = None;
+    let walked = {
+        let mut each = entry_checker(r, &mut bad, &mut io_error, true);
+        segment::check(&seg, &mut each)
+    };
+    if let Err(e) = walked {
+        scan.problem(format!("{e:#}"));
+    }
+    if let Some(e) = io_error {
+        scan.problem(format!("{}: cannot read: {e}", p.pack.display()));
+    }
+    for (why, (count, k, offset, len)) in bad {
+        scan.problem(format!(
+            "{}: {count} segment entries {why} (the first: entry {k}, offset {offset}, length {len})",
+            path.display()
+        ));
+    }
+}
+
+/// The `packs/` folder a pack lies in.
+fn packs_dir_of(p: &PackInfo) -> std::path::PathBuf {
+    p.idx.parent().map_or_else(|| ".".into(), Path::to_path_buf)
+}
+
 /// `tilefeat cache verify`: every record's checksum, every index entry against its record,
 /// every pack with its index; error (exit 7) if anything is damaged.
 pub fn verify(dir: &Path, out: &mut dyn Write) -> Result<()> {
     require_cache_dir(dir)?;
     let packs = list_packs(dir).kind(ExitKind::Cache)?;
     let orphans = orphan_packs(dir).kind(ExitKind::Cache)?;
-    let (mut records, mut damaged, mut problems) = (0u64, 0u64, Vec::new());
+    let (mut records, mut indexed, mut damaged, mut problems) = (0u64, 0u64, 0u64, Vec::new());
     for p in &packs {
         let (mut scan, reader) = scan_pack(p, &mut |_, _, _| Ok(())).kind(ExitKind::Cache)?;
         if let Some(mut r) = reader {
             check_index(p, &mut r, &mut scan);
+            check_segment(p, &mut r, &mut scan);
         }
         records += scan.good;
+        indexed += scan.indexed;
         damaged += scan.damaged;
         for n in &scan.notes {
             writeln!(out, "note: {n}")?;
@@ -362,9 +547,19 @@ pub fn verify(dir: &Path, out: &mut dyn Write) -> Result<()> {
     for pr in &problems {
         writeln!(out, "DAMAGED: {pr}")?;
     }
+    if records > indexed {
+        // Regression (issue 28): after a full disk, verify counted 35 good records where stats
+        // said 0 entries, with nothing to tell why.
+        writeln!(
+            out,
+            "note: {} good records have no index entry (their writer stopped before writing \
+             it: a full disk, a kill); they are not served until `tilefeat cache gc` copies them",
+            records - indexed
+        )?;
+    }
     writeln!(
         out,
-        "verified {} packs, {records} good records, {damaged} problems",
+        "verified {} packs, {records} good records ({indexed} index entries), {damaged} problems",
         packs.len() + orphans.len(),
     )?;
     if damaged > 0 {
@@ -483,11 +678,10 @@ pub fn gc(dir: &Path, opts: &GcOptions, out: &mut dyn Write) -> Result<()> {
         }
         true
     };
-    let mut writer: Option<PackWriter> = None;
+    let mut out_packs = OutPacks::new(dir);
     let (mut kept, mut dropped, mut dup, mut damaged) = (0u64, 0u64, 0u64, 0u64);
-    let mut seen = HashSet::new();
     let mut kept_fps = HashSet::new();
-    // Packs read to their end, whose good records are now in the new pack: only these go.
+    // Packs read to their end, whose good records are now in the new packs: only these go.
     let mut compacted = Vec::new();
     let mut left_alone = Vec::new();
     for p in &done {
@@ -497,14 +691,10 @@ pub fn gc(dir: &Path, opts: &GcOptions, out: &mut dyn Write) -> Result<()> {
                 dropped += 1;
                 return Ok(());
             }
-            if !seen.insert((fp, tile)) {
+            if !out_packs.put(&fp, &tile, &v)? {
                 dup += 1;
                 return Ok(());
             }
-            if writer.is_none() {
-                writer = Some(PackWriter::create(dir)?);
-            }
-            writer.as_mut().unwrap().put(&fp, &tile, &v)?;
             kept_fps.insert(id);
             kept += 1;
             Ok(())
@@ -521,12 +711,11 @@ pub fn gc(dir: &Path, opts: &GcOptions, out: &mut dyn Write) -> Result<()> {
             left_alone.extend(scan.problems);
         }
     }
-    if let Some(w) = writer {
-        w.seal()?;
-    }
-    // The compacted pack is sealed on disk: now the old ones can go.
+    let new_packs = out_packs.finish()?;
+    // The compacted packs are sealed on disk: now the old ones can go (the segment first: a
+    // pack listed without it is read through its index).
     for p in &compacted {
-        for ext in ["idx", "pack", "sealed"] {
+        for ext in ["seg", "idx", "pack", "sealed"] {
             let f = packs_dir(dir).join(format!("{}.{ext}", p.stem));
             match std::fs::remove_file(&f) {
                 Ok(()) => {}
@@ -556,13 +745,69 @@ pub fn gc(dir: &Path, opts: &GcOptions, out: &mut dyn Write) -> Result<()> {
     }
     writeln!(
         out,
-        "gc: compacted {} packs into {}: kept {kept} records, dropped {dropped} of unwanted fingerprints, \
+        "gc: compacted {} packs into {new_packs}: kept {kept} records, dropped {dropped} of unwanted fingerprints, \
          {dup} duplicates, {damaged} damaged; left {} packs of live writers alone",
         compacted.len(),
-        if kept > 0 { 1 } else { 0 },
         live.len()
     )?;
     Ok(())
+}
+
+/// gc's output: packs of at most [`segment::MAX_PACK_ENTRIES`] entries, each sealed with its
+/// segment as it fills. A key already written is found in the open pack's own set or in the
+/// segments of those sealed before, so what gc holds does not grow with the cache.
+struct OutPacks<'a> {
+    dir: &'a Path,
+    writer: Option<PackWriter>,
+    sealed: Vec<segment::Segment>,
+}
+
+impl<'a> OutPacks<'a> {
+    fn new(dir: &'a Path) -> Self {
+        OutPacks {
+            dir,
+            writer: None,
+            sealed: Vec::new(),
+        }
+    }
+
+    /// Write a record; false if that key was written already.
+    fn put(&mut self, fp: &Hash32, tile: &Hash32, v: &[f32]) -> Result<bool> {
+        for s in &self.sealed {
+            // These segments were written just now; damage in one is an error of its own.
+            match s.find(fp, tile) {
+                Ok(None) => {}
+                Ok(Some(_)) => return Ok(false),
+                Err(e) => anyhow::bail!("gc: {e}"),
+            }
+        }
+        if self.writer.as_ref().is_some_and(PackWriter::full) {
+            self.seal()?;
+        }
+        if self.writer.is_none() {
+            self.writer = Some(PackWriter::create(self.dir)?);
+        }
+        self.writer.as_mut().expect("made above").put(fp, tile, v)
+    }
+
+    fn seal(&mut self) -> Result<()> {
+        if let Some(w) = self.writer.take() {
+            let (stem, pd) = (w.stem.clone(), w.dir.clone());
+            w.seal()?;
+            let pack_len = std::fs::metadata(pd.join(format!("{stem}.pack")))?.len();
+            self.sealed.push(segment::Segment::open(
+                &segment::seg_path(&pd, &stem),
+                pack_len,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Seal the last pack; how many were written.
+    fn finish(mut self) -> Result<usize> {
+        self.seal()?;
+        Ok(self.sealed.len())
+    }
 }
 
 #[cfg(test)]

@@ -13,18 +13,23 @@
 //!   bytes that were not written first.
 //! - `packs/<same>.sealed`: written when the writer closed cleanly. `gc` only rewrites sealed
 //!   packs and packs whose writer is provably gone.
+//! - `packs/<same>.seg`: written when the writer seals the pack: its entries sorted, behind a
+//!   fan-out table ([`segment`]). A lookup reads two words and one bucket of it.
 //! - `fingerprints/<fp>.yaml`: what each fingerprint means, and when it was last used.
 //!
-//! Opening reads every `.idx` (80 bytes per entry, sequentially) and keeps, for the run's
-//! fingerprint only, a hash map from tile hash to record location. Every record read is
-//! checked (magic, key, length, CRC) before it is served; a damaged one is reported and
-//! treated as a miss, so the tile is recomputed. Writers never modify bytes already written,
+//! Opening reads the header of every segment and, for packs without one (live writers, killed
+//! writers, caches written before segments), the `.idx` into a hash map from tile hash to
+//! record location for the run's fingerprint only: what opening costs grows with the number
+//! of packs and the entries of unsealed ones, not with the entries of sealed ones. Every
+//! record read is checked (magic, key, length, CRC) before it is served; a damaged one is
+//! reported and treated as a miss, so the tile is recomputed. Writers never modify bytes already written,
 //! processes on several nodes may share the directory over NFS/Lustre/GPFS, and a `kill -9`
 //! at any moment loses at most the unflushed tail.
 
 mod key;
 mod maintain;
 mod pack;
+mod segment;
 
 pub use key::{CacheKey, Fingerprint, FingerprintRecord, Hash32, PREPROCESSING_VERSION};
 pub use maintain::{gc, parse_date, stats, verify, GcOptions};
@@ -88,6 +93,8 @@ pub struct Cache {
     pub(crate) files: Vec<File>,
     pub(crate) pack_names: Vec<String>,
     pub(crate) index: HashMap<u128, Loc>,
+    /// Sorted segments of sealed packs, with the number of their pack in `files`.
+    pub(crate) segments: Vec<(u32, segment::Segment)>,
     pub(crate) writer: Mutex<Option<PackWriter>>,
     pub(crate) damaged: Mutex<Vec<String>>,
     pub(crate) torn_index_bytes: u64,
@@ -110,23 +117,43 @@ impl Cache {
         let mut index = HashMap::new();
         let mut torn = 0u64;
         let packs = list_packs(dir).kind(ExitKind::Cache)?;
-        // Reserve up front for the entries present (up to 2^20; other fingerprints count too,
-        // so no more than that): no rehash, and no transient double table, while loading a
-        // million entries.
-        let upper: u64 = packs
-            .iter()
-            .map(|p| std::fs::metadata(&p.idx).map_or(0, |m| m.len()) / IDX_ENTRY as u64)
-            .sum();
-        index.reserve(upper.min(1 << 20) as usize);
+        let mut segments = Vec::new();
+        let mut unsegmented = Vec::new();
         for p in packs {
             // A pack removed by a concurrent gc between listing and opening, or one that is not a
             // regular file (a link to /dev/zero, a FIFO: never opened): skip it.
-            let Ok((file, _)) = open_regular(&p.pack) else {
+            let Ok((file, pack_len)) = open_regular(&p.pack) else {
                 continue;
             };
             let n = files.len() as u32;
             files.push(file);
-            pack_names.push(p.stem);
+            pack_names.push(p.stem.clone());
+            let seg = segment::seg_path(&packs_dir(dir), &p.stem);
+            match segment::Segment::open(&seg, pack_len) {
+                Ok(s) => segments.push((n, s)),
+                Err(e) => {
+                    // No segment (unsealed, or older than segments), or gone with its pack
+                    // (gc): read the index. A damaged one is said, then not used.
+                    if std::fs::symlink_metadata(&seg).is_ok() && p.pack.exists() {
+                        eprintln!(
+                            "tilefeat: warning: cache index segment {} is damaged ({e:#}); \
+                             reading its pack's index instead (`tilefeat cache gc` rewrites it)",
+                            seg.display()
+                        );
+                    }
+                    unsegmented.push((n, p));
+                }
+            }
+        }
+        // Reserve up front for the entries present (up to 2^20; other fingerprints count too,
+        // so no more than that): no rehash, and no transient double table, while loading a
+        // million entries.
+        let upper: u64 = unsegmented
+            .iter()
+            .map(|(_, p)| std::fs::metadata(&p.idx).map_or(0, |m| m.len()) / IDX_ENTRY as u64)
+            .sum();
+        index.reserve(upper.min(1 << 20) as usize);
+        for (n, p) in unsegmented {
             // Entries read before an I/O error are still valid and point at pack `n`.
             if let Ok(t) = scan_idx(&p.idx, |e| {
                 if e.fp == fp {
@@ -150,6 +177,7 @@ impl Cache {
             files,
             pack_names,
             index,
+            segments,
             writer: Mutex::new(None),
             damaged: Mutex::new(Vec::new()),
             torn_index_bytes: torn,
@@ -174,18 +202,48 @@ impl Cache {
             .map_err(|e| fail(ExitKind::Cache, format!("{e:#}")))
     }
 
-    /// Number of entries visible for this fingerprint.
-    pub fn len(&self) -> usize {
+    /// Entries of this fingerprint held in memory (those of packs without a segment).
+    pub fn len_in_memory(&self) -> usize {
         self.index.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
+    /// What the provenance reports as `entries_at_open`: [`Cache::len_in_memory`] plus the
+    /// entries of every segment (all fingerprints).
+    pub fn entries_at_open(&self) -> usize {
+        self.index.len() + self.segments().1 as usize
     }
 
-    /// The stored vector for a tile hash, checked; `None` on a miss or a damaged record.
+    /// Segments opened (sealed packs), and the entries they hold (all fingerprints).
+    pub fn segments(&self) -> (usize, u64) {
+        let entries = self.segments.iter().map(|(_, s)| s.count).sum();
+        (self.segments.len(), entries)
+    }
+
+    /// The stored vector for a tile hash, checked; `None` on a miss or a damaged record (or
+    /// a damaged segment: then its tiles are recomputed).
     pub fn get(&self, tile: &Hash32) -> Option<Vec<f32>> {
-        let loc = *self.index.get(&short_key(tile))?;
+        if let Some(loc) = self.index.get(&short_key(tile)) {
+            if let Some(v) = self.read(*loc, tile) {
+                return Some(v);
+            }
+        }
+        for (pack, seg) in &self.segments {
+            match seg.find(&self.fp, tile) {
+                Ok(Some(e)) => {
+                    if let Some(v) = self.read(Loc::new(*pack, e.offset, e.len), tile) {
+                        return Some(v);
+                    }
+                }
+                Ok(None) => {}
+                Err(m) if m.is_empty() => {}
+                Err(m) => self.damaged.lock().unwrap().push(m),
+            }
+        }
+        None
+    }
+
+    /// The record at `loc`, checked against this fingerprint and `tile`; damage is noted.
+    fn read(&self, loc: Loc, tile: &Hash32) -> Option<Vec<f32>> {
         let result = if loc.len() > MAX_RECORD {
             // A damaged index entry: nothing is allocated for it.
             Err(anyhow::anyhow!(
@@ -242,6 +300,18 @@ impl Cache {
         let mut w = self.writer.lock().unwrap();
         if self.store_failed.lock().unwrap().is_some() {
             return Ok(());
+        }
+        // A full pack is sealed (its segment written) and this vector begins a new one.
+        if w.as_ref().is_some_and(PackWriter::full) {
+            match w.take().expect("checked").seal() {
+                Ok(()) => self
+                    .unflushed
+                    .store(0, std::sync::atomic::Ordering::Relaxed),
+                Err(e) => {
+                    self.stop_storing(&mut w, e);
+                    return Ok(());
+                }
+            }
         }
         let stored = match w.as_mut() {
             Some(pw) => pw.put(&self.fp, tile, features),
@@ -405,9 +475,67 @@ mod tests {
         gc(d.path(), &opts, &mut Vec::new()).unwrap();
         assert_eq!(list_packs(d.path()).unwrap().len(), 1);
         let c = Cache::open(d.path(), &fp(224)).unwrap();
-        assert_eq!(c.len(), 2);
+        assert_eq!(c.segments(), (1, 2));
+        assert_eq!(c.get(&[1; 32]), Some(vec![1.0]));
         assert_eq!(c.get(&[2; 32]), Some(vec![2.0]));
-        assert!(Cache::open(d.path(), &fp(256)).unwrap().is_empty());
+        assert_eq!(Cache::open(d.path(), &fp(256)).unwrap().get(&[3; 32]), None);
+    }
+
+    /// A writer seals its pack at `MAX_PACK_ENTRIES` (64 in unit tests) and goes on in a new
+    /// one; every pack gets its segment, lookups find every entry through them, `stats`
+    /// counts each tile once however many packs hold it, and `gc` drops the duplicates
+    /// across its own output packs.
+    #[test]
+    fn full_packs_roll_over_and_gc_dedups_across_its_output() {
+        let d = tempfile::tempdir().unwrap();
+        let key = |i: u32| -> Hash32 {
+            use sha2::{Digest, Sha256};
+            Sha256::digest(i.to_le_bytes()).into()
+        };
+        for _ in 0..2 {
+            let c = Cache::open(d.path(), &fp(224)).unwrap();
+            for i in 0..200 {
+                c.put(&key(i), &[i as f32]).unwrap();
+            }
+            c.close().unwrap();
+        }
+        let segs = |d: &Path| {
+            std::fs::read_dir(packs_dir(d))
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().path().extension().unwrap() == "seg")
+                .count()
+        };
+        assert_eq!(list_packs(d.path()).unwrap().len(), 8);
+        assert_eq!(segs(d.path()), 8);
+        let c = Cache::open(d.path(), &fp(224)).unwrap();
+        assert_eq!(c.segments(), (8, 400));
+        assert_eq!(c.len_in_memory(), 0);
+        for i in 0..200 {
+            assert_eq!(c.get(&key(i)), Some(vec![i as f32]), "{i}");
+        }
+        assert_eq!(c.get(&key(200)), None);
+        let mut out = Vec::new();
+        stats(d.path(), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("entries: 400 (200 unique)"), "{text}");
+        let opts = GcOptions {
+            keep: vec![],
+            unused_since: None,
+            stale: Duration::from_secs(3600),
+        };
+        let mut out = Vec::new();
+        gc(d.path(), &opts, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("compacted 8 packs into 4: kept 200 records")
+                && text.contains("200 duplicates"),
+            "{text}"
+        );
+        assert_eq!(segs(d.path()), 4);
+        let c = Cache::open(d.path(), &fp(224)).unwrap();
+        assert_eq!(c.segments(), (4, 200));
+        assert!((0..200).all(|i| c.get(&key(i)) == Some(vec![i as f32])));
+        verify(d.path(), &mut Vec::new()).unwrap();
     }
 
     #[test]

@@ -312,6 +312,19 @@ impl PackReader {
         Ok(self.len)
     }
 
+    /// Bytes `off..off + n` read alone, for reads in no particular order (a segment's entries
+    /// come in key order, not offset order: a window each would read 1 MiB per record).
+    pub(crate) fn get_exact(&mut self, off: u64, n: usize) -> std::io::Result<&[u8]> {
+        debug_assert!(n <= MAX_RECORD && off + n as u64 <= self.len);
+        self.buf.resize(n, 0);
+        self.start = off;
+        if let Err(e) = self.file.read_exact_at(&mut self.buf, off) {
+            self.buf.clear();
+            return Err(e);
+        }
+        Ok(&self.buf)
+    }
+
     /// Bytes `off..off + n`, which must lie within `len`, `n <= MAX_RECORD`.
     pub(crate) fn get(&mut self, off: u64, n: usize) -> std::io::Result<&[u8]> {
         debug_assert!(n <= MAX_RECORD && off + n as u64 <= self.len);
@@ -407,6 +420,9 @@ pub(crate) struct PackWriter {
     pub(crate) pack_buf: Vec<u8>,
     pub(crate) idx_buf: Vec<u8>,
     pub(crate) seen: HashSet<(Hash32, Hash32)>,
+    /// Every entry written, for the sorted segment written at [`PackWriter::seal`] (at most
+    /// [`super::segment::MAX_PACK_ENTRIES`]: then the pack is sealed and a new one begun).
+    pub(crate) entries: Vec<IdxEntry>,
     pub(crate) last_sync: Instant,
 }
 
@@ -436,6 +452,7 @@ impl PackWriter {
             pack_buf: Vec::new(),
             idx_buf: Vec::new(),
             seen: HashSet::new(),
+            entries: Vec::new(),
             last_sync: Instant::now(),
         })
     }
@@ -456,6 +473,7 @@ impl PackWriter {
         };
         self.pack_buf.extend_from_slice(&rec);
         self.idx_buf.extend_from_slice(&encode_idx(&entry));
+        self.entries.push(entry);
         if self.pack_buf.len() > 8 << 20 {
             self.flush(false)?;
         }
@@ -509,8 +527,19 @@ impl PackWriter {
         Ok(())
     }
 
+    /// Whether this pack holds as many entries as a pack may (the caller seals it and goes
+    /// on in a new one).
+    pub(crate) fn full(&self) -> bool {
+        self.entries.len() >= super::segment::MAX_PACK_ENTRIES
+    }
+
+    /// Flush and fsync, write the pack's sorted index segment, then the `.sealed` marker: a
+    /// sealed pack always has its segment (unless writing it failed: then the pack is left
+    /// as a killed writer leaves one, read through its `.idx`).
     pub(crate) fn seal(mut self) -> Result<()> {
         self.flush(true)?;
+        let entries = std::mem::take(&mut self.entries);
+        super::segment::write(&self.dir, &self.stem, self.offset, entries)?;
         let marker = self.dir.join(format!("{}.sealed", self.stem));
         File::create(&marker)
             .with_context(|| format!("cannot seal cache pack {}", marker.display()))

@@ -67,6 +67,8 @@ pub struct Skipped {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CacheInfo {
     pub dir: Option<String>,
+    /// Index entries visible at open: this fingerprint's in packs without a segment, and
+    /// all of the sealed packs' segments (every fingerprint; counted from their headers).
     pub entries_at_open: usize,
     pub hits: usize,
     pub misses: usize,

@@ -273,7 +273,7 @@ fn finish_sample(
         stored = now.stored - b.stored;
         damaged_records = now.damaged_records - b.damaged_records;
         for d in c.damaged().iter().skip(b.damaged_records as usize) {
-            eprintln!("tilefeat: warning: damaged cache record ignored (recomputed): {d}");
+            eprintln!("tilefeat: warning: damaged cache data ignored (recomputed): {d}");
         }
     }
     // Rejected list (always written, so workflows can declare it as an output).

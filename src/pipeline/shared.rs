@@ -155,7 +155,7 @@ impl Shared {
                 workers,
                 runner,
                 cuda,
-                entries_at_open: cache.as_ref().map_or(0, |c| c.len()),
+                entries_at_open: cache.as_ref().map_or(0, |c| c.entries_at_open()),
                 cache,
             });
             // The model holds its own (folded, converted) copies.
