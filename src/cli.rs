@@ -462,7 +462,7 @@ pub enum BenchWhat {
     /// SHA-256 throughput of the tile hasher (one core).
     Hash,
     /// Opening a cache of --entries records from --packs writers: time, memory, lookups of
-    /// present and absent keys; then again after `cache gc`.
+    /// present and absent keys; then `cache gc` on it and again (give it a scratch folder).
     CacheOpen,
     /// Read, hash, decode and resize the tiles of --tiles DIR (no model, no cache): tiles/s
     /// per core and per format, then on --threads cores at once.
@@ -490,7 +490,8 @@ pub struct BenchArgs {
     /// itself so, so that the memory measured is the opening's alone).
     #[arg(long, hide = true)]
     pub measure_only: bool,
-    /// With --what cache-open: the cache directory (created and filled if empty). With
+    /// With --what cache-open: the cache directory (created and filled if empty; `cache gc`
+    /// runs on it: a scratch folder, not a cache in use). With
     /// --what pipeline: also hash and cache, in a fresh cache created under DIR and removed
     /// after (every tile a miss, as on a first run).
     #[arg(long)]

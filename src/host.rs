@@ -43,7 +43,12 @@ pub fn raise_open_file_limit() {
     // SAFETY: getrlimit and setrlimit read and write the one struct passed.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
-            l.rlim_cur = l.rlim_max;
+            // An unlimited hard limit is refused by setrlimit: the kernel's ceiling instead.
+            let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+                .ok()
+                .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+                .unwrap_or(1 << 20);
+            l.rlim_cur = l.rlim_max.min(ceiling);
             libc::setrlimit(libc::RLIMIT_NOFILE, &l);
         }
     }

@@ -728,6 +728,21 @@ pub fn gc(dir: &Path, opts: &GcOptions, out: &mut dyn Write) -> Result<()> {
             }
         }
     }
+    // Segments left half-written by a writer killed while sealing (its pack was compacted
+    // above, so the writer is gone): `.<stem>.seg.tilefeat-tmp.<pid>`.
+    let gone: HashSet<&str> = compacted.iter().map(|p| p.stem.as_str()).collect();
+    if let Ok(entries) = std::fs::read_dir(packs_dir(dir)) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stem = name
+                .strip_prefix('.')
+                .and_then(|n| n.split_once(".seg.tilefeat-tmp."))
+                .map(|(stem, _)| stem);
+            if stem.is_some_and(|s| gone.contains(s)) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     // Forget fingerprints that have no entries left anywhere.
     let mut live_fps = HashSet::new();
     for p in &live {
@@ -773,6 +788,11 @@ impl<'a> OutPacks<'a> {
 
     /// Write a record; false if that key was written already.
     fn put(&mut self, fp: &Hash32, tile: &Hash32, v: &[f32]) -> Result<bool> {
+        // Seal a full pack first, so that its keys are searched below (regression: a key
+        // already in the pack that filled went into the next one again).
+        if self.writer.as_ref().is_some_and(PackWriter::full) {
+            self.seal()?;
+        }
         for s in &self.sealed {
             // These segments were written just now; damage in one is an error of its own.
             match s.find(fp, tile) {
@@ -780,9 +800,6 @@ impl<'a> OutPacks<'a> {
                 Ok(Some(_)) => return Ok(false),
                 Err(e) => anyhow::bail!("gc: {e}"),
             }
-        }
-        if self.writer.as_ref().is_some_and(PackWriter::full) {
-            self.seal()?;
         }
         if self.writer.is_none() {
             self.writer = Some(PackWriter::create(self.dir)?);

@@ -133,10 +133,11 @@ impl Cache {
                 Ok(s) => segments.push((n, s)),
                 Err(e) => {
                     // No segment (unsealed, or older than segments), or gone with its pack
-                    // (gc): read the index. A damaged one is said, then not used.
+                    // (gc): read the index. One that is there but cannot be used (damaged, or
+                    // an I/O error) is said, then not used.
                     if std::fs::symlink_metadata(&seg).is_ok() && p.pack.exists() {
                         eprintln!(
-                            "tilefeat: warning: cache index segment {} is damaged ({e:#}); \
+                            "tilefeat: warning: cache index segment {} cannot be used ({e:#}); \
                              reading its pack's index instead (`tilefeat cache gc` rewrites it)",
                             seg.display()
                         );
@@ -536,6 +537,38 @@ mod tests {
         assert_eq!(c.segments(), (4, 200));
         assert!((0..200).all(|i| c.get(&key(i)) == Some(vec![i as f32])));
         verify(d.path(), &mut Vec::new()).unwrap();
+    }
+
+    /// A reader that opened the cache before `gc` compacted (and removed) the packs and
+    /// segments it opened still serves every entry: its handles outlive the names.
+    #[test]
+    fn a_reader_open_before_gc_serves_everything_after_it() {
+        let d = tempfile::tempdir().unwrap();
+        for t in 0..3u8 {
+            let c = Cache::open(d.path(), &fp(224)).unwrap();
+            c.put(&[t; 32], &[t as f32; 3]).unwrap();
+            c.close().unwrap();
+        }
+        let reader = Cache::open(d.path(), &fp(224)).unwrap();
+        assert_eq!(reader.segments().0, 3);
+        let before: Vec<PathBuf> = list_packs(d.path())
+            .unwrap()
+            .into_iter()
+            .map(|p| p.pack)
+            .collect();
+        let opts = GcOptions {
+            keep: vec![],
+            unused_since: None,
+            stale: Duration::from_secs(3600),
+        };
+        gc(d.path(), &opts, &mut Vec::new()).unwrap();
+        assert!(before
+            .iter()
+            .all(|p| !p.exists() && !p.with_extension("seg").exists()));
+        for t in 0..3u8 {
+            assert_eq!(reader.get(&[t; 32]), Some(vec![t as f32; 3]));
+        }
+        assert_eq!(reader.counters().damaged_records, 0);
     }
 
     #[test]

@@ -538,6 +538,7 @@ impl PackWriter {
     /// as a killed writer leaves one, read through its `.idx`).
     pub(crate) fn seal(mut self) -> Result<()> {
         self.flush(true)?;
+        self.seen = HashSet::new(); // not held while sorting
         let entries = std::mem::take(&mut self.entries);
         super::segment::write(&self.dir, &self.stem, self.offset, entries)?;
         let marker = self.dir.join(format!("{}.sealed", self.stem));

@@ -36,7 +36,8 @@ pub(crate) const SEG_ENTRY: usize = 80;
 const MAX_BITS: u32 = 24;
 const MAX_BUCKET: u64 = 1 << 16;
 /// A writer seals its pack, writing its segment, after this many entries and goes on in a
-/// new pack: what it holds to sort (and its duplicate check) stays bounded (~300 MB).
+/// new pack: what it holds (entries 160 MiB, the duplicate check's key set about as much)
+/// stays bounded.
 #[cfg(not(test))]
 pub(crate) const MAX_PACK_ENTRIES: usize = 1 << 21;
 /// (Small in unit tests, so that rolling over to a new pack is exercised.)
@@ -89,14 +90,15 @@ fn order(e: &IdxEntry) -> (Hash32, Hash32) {
 }
 
 /// Write the segment of the pack `stem` (whose length is `pack_len`): sorted, one entry per
-/// key (the first stored wins), fsynced, renamed into place.
+/// key (a writer stores a key once per pack; any repeat is dropped), fsynced, renamed into
+/// place.
 pub(crate) fn write(
     packs: &Path,
     stem: &str,
     pack_len: u64,
     mut entries: Vec<IdxEntry>,
 ) -> Result<()> {
-    entries.sort_by_key(order);
+    entries.sort_unstable_by_key(order);
     entries.dedup_by_key(|e| order(e));
     let count = entries.len() as u64;
     let bits = bits_for(count);
@@ -108,7 +110,9 @@ pub(crate) fn write(
     let c = crc(&header[..60]);
     header[60..64].copy_from_slice(&c.to_le_bytes());
     let path = seg_path(packs, stem);
-    let mut f = crate::output::AtomicFile::create(&path).kind(ExitKind::Cache)?;
+    // AtomicFile's errors are Output's (`.kind` keeps the first kind): made the cache's here.
+    let as_cache = |e: anyhow::Error| crate::error::fail(ExitKind::Cache, format!("{e:#}"));
+    let mut f = crate::output::AtomicFile::create(&path).map_err(as_cache)?;
     let w = f.writer();
     let ctx = || format!("cannot write cache segment {}", path.display());
     w.write_all(&header)
@@ -128,7 +132,7 @@ pub(crate) fn write(
             .with_context(ctx)
             .kind(ExitKind::Cache)?;
     }
-    f.commit().kind(ExitKind::Cache)
+    f.commit().map_err(as_cache)
 }
 
 /// An open segment: its file and header; nothing per entry.
@@ -138,6 +142,7 @@ pub(crate) struct Segment {
     pub(crate) count: u64,
     bits: u32,
     damaged: AtomicBool,
+    io_reported: AtomicBool,
 }
 
 impl Segment {
@@ -178,6 +183,7 @@ impl Segment {
             count,
             bits,
             damaged: AtomicBool::new(false),
+            io_reported: AtomicBool::new(false),
         })
     }
 
@@ -186,53 +192,96 @@ impl Segment {
     }
 
     /// Where the record of (`fp`, `tile`) is, if this segment has it. `Err`: the segment is
-    /// damaged (said once; every later lookup misses).
+    /// damaged (said once, as the message; every later lookup misses), or could not be read
+    /// (an I/O error, said once but not held against the segment: the next lookup tries
+    /// again). An empty message: said before.
     pub(crate) fn find(&self, fp: &Hash32, tile: &Hash32) -> Result<Option<IdxEntry>, String> {
         if self.is_damaged() {
             return Ok(None);
         }
-        self.search(fp, tile).map_err(|e| {
-            let first = !self.damaged.swap(true, Ordering::Relaxed);
-            if first {
-                format!("index segment {}: {e:#}", self.path.display())
-            } else {
+        let say = |flag: &AtomicBool, msg: String| {
+            if flag.swap(true, Ordering::Relaxed) {
                 String::new()
+            } else {
+                msg
             }
-        })
+        };
+        match self.search(fp, tile) {
+            Ok(found) => Ok(found),
+            Err(Failure::Damaged(e)) => Err(say(
+                &self.damaged,
+                format!("index segment {}: {e}", self.path.display()),
+            )),
+            Err(Failure::Io(e)) => Err(say(
+                &self.io_reported,
+                format!(
+                    "index segment {}: cannot read ({e}); its tiles are recomputed while it \
+                     cannot be read",
+                    self.path.display()
+                ),
+            )),
+        }
     }
 
-    fn search(&self, fp: &Hash32, tile: &Hash32) -> Result<Option<IdxEntry>> {
+    fn search(&self, fp: &Hash32, tile: &Hash32) -> Result<Option<IdxEntry>, Failure> {
+        let damaged = |m: String| Failure::Damaged(m);
         let b = bucket(tile, self.bits);
         let mut w = [0u8; 16];
-        self.file.read_exact_at(&mut w, HEADER + 8 * b)?;
-        let lo = u64::from_le_bytes(w[..8].try_into()?);
-        let hi = u64::from_le_bytes(w[8..].try_into()?);
+        self.file
+            .read_exact_at(&mut w, HEADER + 8 * b)
+            .map_err(Failure::Io)?;
+        let lo = u64::from_le_bytes(w[..8].try_into().expect("8 bytes"));
+        let hi = u64::from_le_bytes(w[8..].try_into().expect("8 bytes"));
         if lo > hi || hi > self.count || hi - lo > MAX_BUCKET {
-            bail!("bucket {b}: absurd bounds {lo}..{hi}");
+            return Err(damaged(format!("bucket {b}: absurd bounds {lo}..{hi}")));
         }
-        if lo == hi {
+        // The bucket and one neighbour each side: a wrong fan-out word (the table has no
+        // checksum) shows as a neighbour in this bucket or an entry out of it.
+        let first = lo.saturating_sub(1);
+        let end = (hi + 1).min(self.count);
+        if first == end {
             return Ok(None);
         }
-        let mut buf = vec![0u8; ((hi - lo) as usize) * SEG_ENTRY];
+        let mut buf = vec![0u8; ((end - first) as usize) * SEG_ENTRY];
         let start = HEADER + 8 * ((1u64 << self.bits) + 1);
         self.file
-            .read_exact_at(&mut buf, start + lo * SEG_ENTRY as u64)?;
+            .read_exact_at(&mut buf, start + first * SEG_ENTRY as u64)
+            .map_err(Failure::Io)?;
         let mut found = None;
         let mut prev: Option<(Hash32, Hash32)> = None;
         for (i, raw) in buf.chunks_exact(SEG_ENTRY).enumerate() {
+            let at = first + i as u64;
             let Some(e) = decode_entry(raw) else {
-                bail!("entry {} fails its checksum", lo + i as u64);
+                return Err(damaged(format!("entry {at} fails its checksum")));
             };
-            if bucket(&e.tile, self.bits) != b || prev.is_some_and(|p| p >= order(&e)) {
-                bail!("entry {} is out of order", lo + i as u64);
+            let eb = bucket(&e.tile, self.bits);
+            let fits = if at < lo {
+                eb < b
+            } else if at >= hi {
+                eb > b
+            } else {
+                eb == b
+            };
+            if !fits || prev.is_some_and(|p| p >= order(&e)) {
+                return Err(damaged(format!(
+                    "entry {at} is out of order (or the fan-out of bucket {b} is wrong)"
+                )));
             }
             prev = Some(order(&e));
-            if &e.tile == tile && &e.fp == fp {
+            if at >= lo && at < hi && &e.tile == tile && &e.fp == fp {
                 found = Some(e);
             }
         }
         Ok(found)
     }
+}
+
+/// Why a lookup in a segment failed.
+enum Failure {
+    /// What the segment holds is wrong.
+    Damaged(String),
+    /// It could not be read (an NFS hiccup, a stale handle): not held against it.
+    Io(std::io::Error),
 }
 
 /// Every entry of a segment in order, streamed (for `stats`, `verify`): a damaged entry, a
@@ -383,8 +432,25 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let e = Segment::open(&path, 1 << 30).err().unwrap().to_string();
         assert!(e.contains("header checksum"), "{e}");
-        std::fs::write(&path, &bytes[..n - 1]).unwrap();
-        assert!(Segment::open(&path, 1 << 30).is_err());
+        write(d.path(), "t", 1 << 30, es.clone()).unwrap();
+        let good = std::fs::read(seg_path(d.path(), "t")).unwrap();
+        std::fs::write(&path, &good[..good.len() - 1]).unwrap();
+        let e = Segment::open(&path, 1 << 30).err().unwrap().to_string();
+        assert!(e.contains("where its header says"), "{e}");
+        // A wrong fan-out word (no checksum covers the table): bucket 5's start moved one
+        // entry later, so its first entry shows as the neighbour before it. Said, not believed.
+        let mut fan = good.clone();
+        let w = HEADER as usize + 8 * 5;
+        let v = u64::from_le_bytes(fan[w..w + 8].try_into().unwrap()) + 1;
+        fan[w..w + 8].copy_from_slice(&v.to_le_bytes());
+        std::fs::write(&path, &fan).unwrap();
+        let seg = Segment::open(&path, 1 << 30).unwrap();
+        let errors: Vec<String> = es
+            .iter()
+            .filter_map(|e| seg.find(&e.fp, &e.tile).err())
+            .collect();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("fan-out of bucket"), "{}", errors[0]);
         // A forged header (good CRC) whose entry count overflows the length arithmetic.
         let mut h = [0u8; HEADER as usize];
         h[..16].copy_from_slice(SEG_MAGIC);
