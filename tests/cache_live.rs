@@ -78,16 +78,6 @@ fn kill(mut child: Child) {
     child.wait().unwrap();
 }
 
-fn files(dir: &Path, ext: &str) -> Vec<PathBuf> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == ext))
-        .collect();
-    v.sort();
-    v
-}
-
 /// `kill -9` at a known point, then the same command: the CSV equals an uninterrupted run's,
 /// nothing stored is lost or recomputed, and a kill loses at most the batches in flight.
 #[test]

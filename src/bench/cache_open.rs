@@ -73,11 +73,7 @@ pub(super) fn run(a: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     }
     writeln!(out, "before gc: {}", child(a, &dir)?)?;
     let t = Instant::now();
-    let opts = GcOptions {
-        keep: vec![],
-        unused_since: None,
-        stale: Duration::from_secs(3600),
-    };
+    let opts = GcOptions::keep_all(Duration::from_secs(3600));
     crate::cache::gc(&dir, &opts, &mut std::io::sink())?;
     writeln!(
         out,

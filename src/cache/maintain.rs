@@ -615,6 +615,17 @@ pub struct GcOptions {
     pub stale: Duration,
 }
 
+impl GcOptions {
+    /// Keep every fingerprint; another host's unsealed pack is abandoned after `stale`.
+    pub fn keep_all(stale: Duration) -> GcOptions {
+        GcOptions {
+            keep: vec![],
+            unused_since: None,
+            stale,
+        }
+    }
+}
+
 /// `tilefeat cache gc`: compact all packs whose writer is gone into one, dropping damaged
 /// records, duplicates and unwanted fingerprints; then remove the old packs.
 pub fn gc(dir: &Path, opts: &GcOptions, out: &mut dyn Write) -> Result<()> {
@@ -852,11 +863,7 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("a record length past the end"), "{text}");
         assert!(text.contains("2 good records"), "{text}");
-        let opts = GcOptions {
-            keep: vec![],
-            unused_since: None,
-            stale: Duration::from_secs(3600),
-        };
+        let opts = GcOptions::keep_all(Duration::from_secs(3600));
         let mut out = Vec::new();
         gc(d.path(), &opts, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();

@@ -519,11 +519,7 @@ mod tests {
         stats(d.path(), &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("entries: 400 (200 unique)"), "{text}");
-        let opts = GcOptions {
-            keep: vec![],
-            unused_since: None,
-            stale: Duration::from_secs(3600),
-        };
+        let opts = GcOptions::keep_all(Duration::from_secs(3600));
         let mut out = Vec::new();
         gc(d.path(), &opts, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
@@ -556,11 +552,7 @@ mod tests {
             .into_iter()
             .map(|p| p.pack)
             .collect();
-        let opts = GcOptions {
-            keep: vec![],
-            unused_since: None,
-            stale: Duration::from_secs(3600),
-        };
+        let opts = GcOptions::keep_all(Duration::from_secs(3600));
         gc(d.path(), &opts, &mut Vec::new()).unwrap();
         assert!(before
             .iter()

@@ -114,6 +114,17 @@ pub fn prov_u64(out_csv: &Path, path: &[&str]) -> u64 {
         .unwrap_or_else(|| panic!("{path:?} is not a number: {v:?}"))
 }
 
+/// The files of `dir` with extension `ext`, sorted.
+pub fn files(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
+        .collect();
+    v.sort();
+    v
+}
+
 /// Files in a directory whose names contain `part`.
 pub fn files_containing(dir: &Path, part: &str) -> Vec<String> {
     std::fs::read_dir(dir)
