@@ -772,3 +772,48 @@ def test_file_operation_list_covers_the_op_registry():
         ):
             touching.add(schema.name)
     assert touching <= listed, sorted(touching - listed)
+
+
+def test_a_model_run_with_a_cache(tilefeat, tmp_path, models, hooks, small_cnn, many_tiles):
+    """Issue 27 (4): `--model` with a cache. The rerun is all hits and byte-identical to an
+    uncached run, at another batch size too; a copy of the model elsewhere hits (paths are not
+    in the key); the same network with other weights (another SHA-256), or the same file with
+    another mean in its sidecar, hits nothing and gives other numbers."""
+    pt, _ = small_cnn
+    cache = tmp_path / "cache"
+
+    def run(model, name, *flags):
+        out = tmp_path / f"{name}.csv"
+        tilefeat("extract", many_tiles, "--model", model, "-o", out, "--quiet", *flags)
+        prov = yaml.safe_load(out.with_suffix(".provenance.yaml").read_text())
+        cached = prov.get("cache") or {}
+        return out, cached.get("hits"), prov["tiles"]["computed"]
+
+    reference, _, _ = run(pt, "reference", "--no-cache")
+    first, hits, computed = run(pt, "first", "--cache-dir", cache)
+    assert (hits, computed) == (0, 26)
+    assert filecmp.cmp(first, reference, shallow=False)
+    again, hits, computed = run(pt, "again", "--cache-dir", cache, "--batch-size", 5)
+    assert (hits, computed) == (26, 0)
+    assert filecmp.cmp(again, reference, shallow=False), "hits are the stored bytes"
+
+    moved = tmp_path / "elsewhere" / "renamed.pt"
+    moved.parent.mkdir()
+    shutil.copy(pt, moved)
+    shutil.copy(pt.with_suffix(".json"), moved.with_suffix(".json"))
+    out, hits, _ = run(moved, "moved", "--cache-dir", cache)
+    assert hits == 26 and filecmp.cmp(out, reference, shallow=False)
+
+    reseeded = models / "small_cnn_seed5.pt"
+    export("--module-from", f"{hooks}:small_cnn", "--random-init", 5, "-o", reseeded)
+    assert sha256(reseeded) != sha256(pt)
+    out, hits, computed = run(reseeded, "reseeded", "--cache-dir", cache)
+    assert (hits, computed) == (0, 26)
+    assert not filecmp.cmp(out, reference, shallow=False)
+
+    sc = json.loads(moved.with_suffix(".json").read_text())
+    sc["mean"] = [0.4, 0.5, 0.6]
+    moved.with_suffix(".json").write_text(json.dumps(sc))
+    out, hits, computed = run(moved, "other_mean", "--cache-dir", cache)
+    assert (hits, computed) == (0, 26)
+    assert not filecmp.cmp(out, reference, shallow=False)
