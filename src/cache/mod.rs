@@ -563,6 +563,52 @@ mod tests {
         assert_eq!(reader.counters().damaged_records, 0);
     }
 
+    /// Regression (issue 27, 8): the damaged-index test only flipped a tile hash, which can
+    /// never point at another tile's vector. Here an index entry, and then a segment entry,
+    /// for tile A is forged (checksum and all) to point at tile B's record: A is a miss and
+    /// damage, never B's vector; B is still served.
+    #[test]
+    fn a_forged_entry_pointing_at_another_record_is_never_served() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Cache::open(d.path(), &fp(224)).unwrap();
+        let (a, b) = ([0xaa; 32], [0xbb; 32]);
+        c.put(&a, &[1.0; 4]).unwrap();
+        c.put(&b, &[2.0; 4]).unwrap();
+        c.close().unwrap();
+        let p = list_packs(d.path()).unwrap().remove(0);
+        let (entries, _) = read_idx(&p.idx).unwrap();
+        let (ea, eb) = (entries[0], entries[1]);
+        assert_eq!((ea.tile, eb.tile), (a, b));
+        let forged = IdxEntry {
+            offset: eb.offset,
+            len: eb.len,
+            ..ea
+        };
+        let check = |what: &str| {
+            let c = Cache::open(d.path(), &fp(224)).unwrap();
+            assert_eq!(c.get(&a), None, "{what}");
+            assert_eq!(c.get(&b), Some(vec![2.0; 4]), "{what}");
+            let damage = c.damaged();
+            assert!(
+                damage.len() == 1 && damage[0].contains("record key does not match"),
+                "{what}: {damage:?}"
+            );
+        };
+        // Through the segment: its first entry (A's: 0xaa sorts before 0xbb).
+        let seg = segment::seg_path(&packs_dir(d.path()), &p.stem);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let at = bytes.len() - 2 * segment::SEG_ENTRY;
+        bytes[at..at + segment::SEG_ENTRY].copy_from_slice(&segment::encode_entry(&forged));
+        std::fs::write(&seg, &bytes).unwrap();
+        check("segment");
+        // Through the index (no segment, as in a cache from before segments).
+        std::fs::remove_file(&seg).unwrap();
+        let mut bytes = std::fs::read(&p.idx).unwrap();
+        bytes[IDX_MAGIC.len()..IDX_MAGIC.len() + IDX_ENTRY].copy_from_slice(&encode_idx(&forged));
+        std::fs::write(&p.idx, &bytes).unwrap();
+        check("index");
+    }
+
     #[test]
     fn dates() {
         assert_eq!(parse_date("1970-01-02").unwrap(), 86400);

@@ -64,7 +64,7 @@ fn bucket(tile: &Hash32, bits: u32) -> u64 {
     }
 }
 
-fn encode_entry(e: &IdxEntry) -> [u8; SEG_ENTRY] {
+pub(super) fn encode_entry(e: &IdxEntry) -> [u8; SEG_ENTRY] {
     let mut b = [0u8; SEG_ENTRY];
     b[0..32].copy_from_slice(&e.tile);
     b[32..64].copy_from_slice(&e.fp);
