@@ -312,3 +312,84 @@ fn cmyk_jpegs_are_read() {
     extract_ok(&tiles, &out, &[]);
     assert_eq!(read(&out).lines().count(), 2);
 }
+
+/// A minimal baseline TIFF (little-endian, one 8-bit gray strip of 16 bytes) whose header
+/// declares `w` x `h` pixels.
+fn tiff_declaring(w: u32, h: u32) -> Vec<u8> {
+    // (tag, type: 3 SHORT / 4 LONG, value), ascending by tag as TIFF requires.
+    let entries: [(u16, u16, u32); 9] = [
+        (256, 4, w),  // ImageWidth
+        (257, 4, h),  // ImageLength
+        (258, 3, 8),  // BitsPerSample
+        (259, 3, 1),  // Compression: none
+        (262, 3, 1),  // PhotometricInterpretation: BlackIsZero
+        (273, 4, 0),  // StripOffsets: set below
+        (277, 3, 1),  // SamplesPerPixel
+        (278, 4, h),  // RowsPerStrip
+        (279, 4, 16), // StripByteCounts
+    ];
+    let data_at = 8 + 2 + 12 * entries.len() as u32 + 4;
+    let mut b = b"II\x2a\x00".to_vec();
+    b.extend_from_slice(&8u32.to_le_bytes());
+    b.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    for (tag, typ, value) in entries {
+        let value = if tag == 273 { data_at } else { value };
+        b.extend_from_slice(&tag.to_le_bytes());
+        b.extend_from_slice(&typ.to_le_bytes());
+        b.extend_from_slice(&1u32.to_le_bytes());
+        if typ == 3 {
+            b.extend_from_slice(&(value as u16).to_le_bytes());
+            b.extend_from_slice(&[0, 0]);
+        } else {
+            b.extend_from_slice(&value.to_le_bytes());
+        }
+    }
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&[128u8; 16]);
+    b
+}
+
+/// Issue 27 (promises with no test): the per-side limit (2^20, OpenCV's) on its own, for a PNG
+/// and a TIFF whose pixel count is small, and a TIFF header bomb (100000 x 100000 declared in
+/// 150 bytes), are bad tiles named with what they declare, refused from the header (never an
+/// allocation or an abort); a good TIFF of the same make is read.
+#[test]
+fn side_limit_and_tiff_header_bombs_are_bad_tiles() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("s");
+    good_tiles(&tiles);
+    let png = std::fs::read(tiles.join("tile_000.png")).unwrap();
+    let mut wide = png[..33].to_vec(); // signature + IHDR
+    wide[16..20].copy_from_slice(&((1u32 << 20) + 1).to_be_bytes());
+    wide[20..24].copy_from_slice(&1u32.to_be_bytes());
+    let crc = crc32fast::hash(&wide[12..29]);
+    wide[29..33].copy_from_slice(&crc.to_be_bytes());
+    wide.extend_from_slice(&png[33..]);
+    std::fs::write(tiles.join("wide.png"), &wide).unwrap();
+    std::fs::write(tiles.join("tall.tif"), tiff_declaring(1, (1 << 20) + 1)).unwrap();
+    std::fs::write(tiles.join("bomb.tif"), tiff_declaring(100_000, 100_000)).unwrap();
+    std::fs::write(tiles.join("small.tif"), tiff_declaring(4, 4)).unwrap();
+
+    let out = d.path().join("x.csv");
+    extract_cmd(&tiles, &out)
+        .args(["--on-error", "skip", "--size", "32"])
+        .timeout(std::time::Duration::from_secs(60))
+        .assert()
+        .success();
+    let rejected = read(&out.with_extension("rejected.tsv"));
+    for (name, declares) in [
+        ("wide.png", "declares 1048577 x 1 pixels"),
+        ("tall.tif", "declares 1 x 1048577 pixels"),
+        ("bomb.tif", "declares 100000 x 100000 pixels"),
+    ] {
+        assert!(
+            rejected
+                .lines()
+                .any(|l| l.starts_with(&format!("{name}\t")) && l.contains(declares)),
+            "{name}: {rejected}"
+        );
+    }
+    assert!(!rejected.contains("small.tif"), "{rejected}");
+    let csv = read(&out);
+    assert!(csv.contains("small.tif"), "the good TIFF is read");
+}
