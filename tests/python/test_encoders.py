@@ -817,3 +817,26 @@ def test_a_model_run_with_a_cache(tilefeat, tmp_path, models, hooks, small_cnn, 
     out, hits, computed = run(moved, "other_mean", "--cache-dir", cache)
     assert (hits, computed) == (0, 26)
     assert not filecmp.cmp(out, reference, shallow=False)
+
+
+def test_flags_that_disagree_with_the_sidecar_win_with_a_warning(tilefeat, tmp_path, small_cnn):
+    """Issue 27 (promises with no test), README: the sidecar sets --size, --mean and --std;
+    flags that disagree with it win, with a warning naming both. small_cnn.json says 64 px and
+    mean (0.6, 0.5, 0.4): the numbers must be those of the flags' preprocessing."""
+    pt, eager = small_cnn
+    cases = [
+        (["--size", 48], "--size 48 differs from", 48, [0.6, 0.5, 0.4], [0.2, 0.25, 0.3]),
+        (["--normalize", "imagenet"], "normalization", 64, *IMAGENET),
+    ]
+    for flags, warning, size, mean, std in cases:
+        out = tmp_path / f"o{len(warning)}.csv"
+        r = tilefeat("extract", SAMPLE_A, "--model", pt, "--pool", "avg", "-o", out, *flags)
+        lines = [l for l in r.stderr.splitlines() if "warning" in l and warning in l]
+        assert len(lines) == 1 and pt.with_suffix(".json").name in lines[0], r.stderr
+        names, ref = eager_features(eager, SAMPLE_A, size, mean, std, pool="avg")
+        err = rel_err(check_csv(out, names, 16), ref)
+        assert err.max() <= PARITY_TOL, (flags, dict(zip(names, err)))
+    # Without flags: the sidecar's, and no warning.
+    out = tmp_path / "plain.csv"
+    r = tilefeat("extract", SAMPLE_A, "--model", pt, "--pool", "avg", "-o", out)
+    assert "warning" not in r.stderr, r.stderr
