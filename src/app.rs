@@ -33,7 +33,23 @@ fn preprocess(a: &crate::cli::PreprocessArgs) -> Result<()> {
 /// `--quiet`) and, with `--profile`, where the time went.
 fn report_sample(cfg: &crate::pipeline::ExtractConfig, summary: &crate::pipeline::Summary) {
     let p = &summary.provenance;
-    if !cfg.quiet {
+    if summary.up_to_date && !cfg.quiet {
+        eprintln!(
+            "tilefeat: sample {}: up to date: {} and its side files already hold these {} tiles' features ({} from the cache, {} computed, {} skipped) with these settings; left as they were (--force writes them again)",
+            p.sample,
+            cfg.output.display(),
+            p.tiles.found,
+            p.tiles.cache_hits,
+            p.tiles.computed,
+            p.tiles.skipped,
+        );
+        if !p.weights.trained {
+            eprintln!(
+                "tilefeat: WARNING: {}",
+                crate::output::provenance::RANDOM_WEIGHTS_WARNING
+            );
+        }
+    } else if !cfg.quiet {
         let secs = p.elapsed_s;
         eprintln!(
             "tilefeat: {} tiles ({} computed, {} cached, {} skipped) in {:.1} s, {:.1} tiles/s on {} ({}) -> {}",

@@ -308,13 +308,21 @@ pub struct ExtractArgs {
     #[arg(long, value_enum, default_value_t = OnError::Fail)]
     pub on_error: OnError,
 
-    /// Feature cache directory shared across runs, processes and nodes.
+    /// Feature cache directory shared across runs, processes and nodes [default:
+    /// .tilefeat-cache in the output's folder (--outdir, or --output's folder), so an
+    /// interrupted run resumes where it stopped; TILEFEAT_DEFAULT_CACHE=0 turns that default
+    /// off].
     #[arg(long, value_name = "DIR", env = "TILEFEAT_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
 
     /// Do not use a cache, even if --cache-dir or TILEFEAT_CACHE_DIR is given.
     #[arg(long)]
     pub no_cache: bool,
+
+    /// Recompute every tile (no cache lookups; computed vectors are still stored) and write
+    /// the outputs even when they are up to date.
+    #[arg(long)]
+    pub force: bool,
 
     /// Print where the time went (reading, hashing, decoding, model, writing) at the end.
     #[arg(long)]

@@ -61,6 +61,7 @@ fn rerun_hits_and_equals_and_moving_tiles_still_hits() {
         .assert()
         .success();
     assert_eq!(prov_u64(&o, &["cache", "hits"]), 5);
+    forget_run(&o);
     extract_cmd(&tiles, &o)
         .env("TILEFEAT_CACHE_DIR", &cache)
         .args(["--quiet", "--no-cache"])
@@ -103,6 +104,7 @@ fn every_fingerprint_change_misses() {
             0,
             "{change:?} must miss"
         );
+        forget_run(&out);
         extract_ok(&tiles, &out, &args(&c, &change));
         assert_eq!(
             prov_u64(&out, &["cache", "hits"]),
@@ -170,6 +172,7 @@ fn damaged_packs_are_reported_never_served_and_recomputed() {
             .success();
         cache_cmd("verify", &cache).assert().success();
         assert_eq!(pack_files(&cache).len(), 1);
+        forget_run(&again);
         extract_ok(&tiles, &again, &args(&c, &[]));
         assert_eq!(
             prov_u64(&again, &["cache", "hits"]),
@@ -260,6 +263,7 @@ fn gc_keeps_only_named_fingerprints() {
         .assert()
         .success()
         .stdout(predicate::str::contains("kept 2 records, dropped 2"));
+    forget_run(&out);
     extract_ok(&tiles, &out, &args(&c, &[]));
     assert_eq!(prov_u64(&out, &["cache", "hits"]), 2);
     extract_ok(&tiles, &out, &args(&c, &["--pool", "avg"]));
@@ -274,6 +278,7 @@ fn gc_keeps_only_named_fingerprints() {
     // Every record was used after 2000: a date in the past keeps them all (a gc that dropped
     // everything would pass the far-future case below alone), and they still serve.
     gc_unused_since("2000-01-01", "kept 4 records, dropped 0");
+    forget_run(&out);
     extract_ok(&tiles, &out, &args(&c, &["--pool", "avg"]));
     assert_eq!(prov_u64(&out, &["cache", "hits"]), 2);
     gc_unused_since("2999-01-01", "kept 0 records");

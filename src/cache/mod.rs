@@ -105,6 +105,8 @@ pub struct Cache {
     /// Vectors put since the last flush that wrote their index entries: not stored for sure
     /// until it does (if it fails, `stored` takes them back).
     pub(crate) unflushed: std::sync::atomic::AtomicU64,
+    /// False under `--force`: every lookup misses, computed vectors are still stored.
+    pub(crate) lookups: bool,
 }
 
 impl Cache {
@@ -185,6 +187,7 @@ impl Cache {
             stored: Default::default(),
             store_failed: Mutex::new(None),
             unflushed: Default::default(),
+            lookups: true,
         };
         if let Err(e) = cache.touch_fingerprint() {
             let mut w = cache.writer.lock().unwrap();
@@ -201,6 +204,13 @@ impl Cache {
         let yaml = serde_yaml::to_string(&self.fp_record)?;
         crate::output::write_atomic(&path, yaml.as_bytes())
             .map_err(|e| fail(ExitKind::Cache, format!("{e:#}")))
+    }
+
+    /// This cache with lookups on, or (`--force`) off: then every tile is a miss, recomputed
+    /// and stored again.
+    pub fn with_lookups(mut self, on: bool) -> Cache {
+        self.lookups = on;
+        self
     }
 
     /// Entries of this fingerprint held in memory (those of packs without a segment).
@@ -223,6 +233,9 @@ impl Cache {
     /// The stored vector for a tile hash, checked; `None` on a miss or a damaged record (or
     /// a damaged segment: then its tiles are recomputed).
     pub fn get(&self, tile: &Hash32) -> Option<Vec<f32>> {
+        if !self.lookups {
+            return None;
+        }
         if let Some(loc) = self.index.get(&short_key(tile)) {
             if let Some(v) = self.read(*loc, tile) {
                 return Some(v);

@@ -137,6 +137,16 @@ impl Staged {
         self
     }
 
+    /// Whether committing would change nothing: every file's target holds the same bytes,
+    /// and every target to remove is absent. Any doubt (a target that cannot be read) is a
+    /// change.
+    pub fn changes_nothing(&self) -> bool {
+        self.files.iter().all(|(tmp, target)| match tmp {
+            Some(tmp) => same_bytes(tmp, target).unwrap_or(false),
+            None => std::fs::symlink_metadata(target).is_err(),
+        })
+    }
+
     /// Rename each over its target. What would make a rename fail once others are done (a
     /// folder where a file should go) is checked for every file first, so that the unit is
     /// not left half-replaced (the folder is the same for all of them, so a rename that fails
@@ -168,6 +178,28 @@ impl Staged {
             rename_over(&tmp, &target)?;
         }
         Ok(())
+    }
+}
+
+/// Whether two files hold the same bytes (a regular file each; lengths first).
+fn same_bytes(a: &Path, b: &Path) -> std::io::Result<bool> {
+    use std::io::Read;
+    let (ma, mb) = (std::fs::metadata(a)?, std::fs::symlink_metadata(b)?);
+    if !mb.is_file() || ma.len() != mb.len() {
+        return Ok(false);
+    }
+    let (mut fa, mut fb) = (File::open(a)?, File::open(b)?);
+    let (mut ba, mut bb) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            // Equal lengths: the other ends here too, unless it grew meanwhile.
+            return Ok(fb.read(&mut bb[..1])? == 0);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
     }
 }
 

@@ -229,6 +229,11 @@ pub struct ExtractConfig {
     pub model: Option<ModelSpec>,
     pub on_error: OnError,
     pub cache_dir: Option<PathBuf>,
+    /// `cache_dir` is the default one beside the outputs (not asked for): a cache there that
+    /// cannot be used is a warning, not an error.
+    pub cache_default: bool,
+    /// `--force`: no cache lookups, and the outputs are written even when up to date.
+    pub force: bool,
     pub channels_last: bool,
     pub dry_run: bool,
     pub quiet: bool,
@@ -334,6 +339,20 @@ fn check_slide_mpp(mpp: f64) -> std::result::Result<(), String> {
 }
 
 /// CLAM's `pt_files/SAMPLE.pt` for its `h5_files/SAMPLE.h5`.
+/// The folder of the default cache: `.tilefeat-cache` in `--outdir`, or in `--output`'s
+/// folder. Beside the outputs, not in the home folder: on a cluster a home quota is small,
+/// while the output's file system already holds features of about this size (a cached vector
+/// is 4 bytes a value, the CSV about 10), and every node that writes the outputs can reach it.
+pub(crate) const DEFAULT_CACHE: &str = ".tilefeat-cache";
+
+fn default_cache_dir(outdir: Option<&Path>, output: &Path) -> PathBuf {
+    let dir = outdir
+        .or_else(|| output.parent())
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    dir.join(DEFAULT_CACHE)
+}
+
 fn clam_bag(h5: &Path) -> PathBuf {
     let folder = h5.parent().and_then(Path::parent).unwrap_or(Path::new(""));
     folder
@@ -555,9 +574,18 @@ impl ExtractPlan {
             Device::Cpu => CPU_BATCH,
             _ => GPU_BATCH,
         });
+        // A site or a wrapper that manages its own outputs may turn the default cache off.
+        let default_cache = crate::env_switch("TILEFEAT_DEFAULT_CACHE", true);
         let samples = named
             .into_iter()
             .map(|(tile_dir, sample, output)| ExtractConfig {
+                cache_dir: if a.no_cache {
+                    None
+                } else {
+                    a.cache_dir.clone().or_else(|| {
+                        default_cache.then(|| default_cache_dir(a.outdir.as_deref(), &output))
+                    })
+                },
                 bag: (format == Format::Clam).then(|| clam_bag(&output)),
                 tile_dir,
                 output,
@@ -584,11 +612,8 @@ impl ExtractPlan {
                 size,
                 model: model.clone(),
                 on_error: a.on_error,
-                cache_dir: if a.no_cache {
-                    None
-                } else {
-                    a.cache_dir.clone()
-                },
+                cache_default: !a.no_cache && a.cache_dir.is_none() && default_cache,
+                force: a.force,
                 // A TorchScript model gets contiguous NCHW, as it was traced with.
                 channels_last: a.layout == "nhwc" && model.is_none(),
                 dry_run: a.dry_run,
@@ -641,6 +666,8 @@ impl ExtractConfig {
             model: None,
             on_error: OnError::Skip,
             cache_dir: None,
+            cache_default: false,
+            force: false,
             channels_last: false,
             dry_run: false,
             quiet: true,

@@ -31,6 +31,8 @@ use crate::progress::Progress;
 /// Summary of a finished run.
 pub struct Summary {
     pub provenance: Provenance,
+    /// The outputs in place were already these (and described so): nothing was written.
+    pub up_to_date: bool,
 }
 
 /// One sample: list its tiles, run the pipeline into its CSV, write its rejected list and
@@ -180,8 +182,14 @@ pub(crate) fn extract_sample(
     let before = cache.map(|c| c.counters());
 
     if !cfg.quiet {
+        // Where a rerun would resume from (or that it would not).
+        let resume = match (cache, &cfg.cache_dir) {
+            (Some(_), Some(d)) if cfg.force => format!("cache {} (--force: not read)", d.display()),
+            (Some(_), Some(d)) => format!("cache {}", d.display()),
+            _ => "no cache".to_string(),
+        };
         eprintln!(
-            "tilefeat: sample {}: {} tiles -> {} ({} on {}, {}, batch {})",
+            "tilefeat: sample {}: {} tiles -> {} ({} on {}, {}, batch {}); {resume}",
             cfg.sample,
             tiles.len(),
             cfg.output.display(),
@@ -363,7 +371,10 @@ fn finish_sample(
         },
         skipped_tiles: state.skipped.clone(),
         cache: CacheInfo {
-            dir: cfg.cache_dir.as_ref().map(|d| d.display().to_string()),
+            // The cache used (none when the default one could not be).
+            dir: cache
+                .and(cfg.cache_dir.as_ref())
+                .map(|d| d.display().to_string()),
             entries_at_open: session.entries_at_open,
             hits: state.hits,
             misses: if cache.is_some() { state.computed } else { 0 },
@@ -379,10 +390,6 @@ fn finish_sample(
         steady_tiles_per_s: state.steady_tiles_per_s.map(round3),
         timings_s: state.timings.rounded(),
     };
-    let prov_file = crate::output::stage(
-        &provenance_path(&cfg.output),
-        provenance.to_yaml()?.as_bytes(),
-    )?;
     // Every file is complete: rename them, the provenance (which names the feature file's
     // hash) last.
     let features = state
@@ -404,8 +411,48 @@ fn finish_sample(
             staged = staged.and(crate::output::Staged::removal(stale));
         }
     }
+    // A rerun that made the very files in place, which their provenance describes, leaves
+    // them (and that provenance) as they are: "up to date" (`--force` writes them anyway).
+    if !cfg.force
+        && describes(&provenance_path(&cfg.output), &provenance)
+        && staged.changes_nothing()
+    {
+        return Ok(Summary {
+            provenance,
+            up_to_date: true,
+        });
+    }
+    let prov_file = crate::output::stage(
+        &provenance_path(&cfg.output),
+        provenance.to_yaml()?.as_bytes(),
+    )?;
     staged.and(prov_file).commit()?;
-    Ok(Summary { provenance })
+    Ok(Summary {
+        provenance,
+        up_to_date: false,
+    })
+}
+
+/// Whether the provenance file at `path` describes the outputs `new` describes: the same
+/// fingerprint (weights, model and every setting that changes a number), sample, format, and
+/// feature file and bag hashes. Unreadable or unparsable: no.
+fn describes(path: &std::path::Path, new: &Provenance) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    let Ok(old) = serde_yaml::from_str::<serde_yaml::Value>(&text) else {
+        return false;
+    };
+    let field = |v: &serde_yaml::Value, path: &[&str]| {
+        path.iter()
+            .try_fold(v, |v, k| v.get(*k))
+            .and_then(|v| v.as_str().map(str::to_string))
+    };
+    field(&old, &["fingerprint", "id"]).as_deref() == Some(new.fingerprint.id.as_str())
+        && field(&old, &["sample"]).as_deref() == Some(new.sample.as_str())
+        && field(&old, &["format"]) == new.format
+        && field(&old, &["output_sha256"]) == new.output_sha256
+        && field(&old, &["bag", "sha256"]) == new.bag.as_ref().map(|b| b.sha256.clone())
 }
 
 /// A sample's tile coordinates, or why it has none.

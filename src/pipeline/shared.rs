@@ -146,9 +146,23 @@ impl Shared {
             let t_cache = Instant::now();
             self.setup.model = (t_cache - t).as_secs_f64();
             let cache = match &cfg.cache_dir {
+                // The default cache was not asked for: one that cannot be used (a read-only
+                // output folder's, a file in its place) is said, and the run goes on without.
+                Some(d) if cfg.cache_default => match Cache::open(d, fingerprint) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        eprintln!(
+                            "tilefeat: warning: the default cache {} cannot be used ({e:#}); \
+                             going on without a cache (--cache-dir DIR names another)",
+                            d.display()
+                        );
+                        None
+                    }
+                },
                 Some(d) => Some(Cache::open(d, fingerprint)?),
                 None => None,
-            };
+            }
+            .map(|c| c.with_lookups(!cfg.force));
             self.setup.cache = t_cache.elapsed().as_secs_f64();
             let workers = ModelWorkers::start(&runner, cfg.device, cfg.torch_threads);
             self.session = Some(Session {

@@ -13,10 +13,15 @@ pub fn demo_sample(name: &str) -> PathBuf {
     repo().join("demo").join("tiles").join(name)
 }
 
+/// The binary, without the caller's cache and weights settings, and without the default
+/// cache: runs compared with each other (batch sizes, threads) must compute, not find each
+/// other's vectors in the cache beside their outputs. Tests of a cache give `--cache-dir`;
+/// `tests/resume.rs` tests the default one (it removes `TILEFEAT_DEFAULT_CACHE`).
 pub fn tilefeat() -> Command {
     let mut c = Command::cargo_bin("tilefeat").unwrap();
     c.env_remove("TILEFEAT_CACHE_DIR")
-        .env_remove("TILEFEAT_WEIGHTS");
+        .env_remove("TILEFEAT_WEIGHTS")
+        .env("TILEFEAT_DEFAULT_CACHE", "0");
     c
 }
 
@@ -98,6 +103,13 @@ pub fn extract_ok(tiles: &Path, out: &Path, extra: &[&str]) -> String {
 
 pub fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
+}
+
+/// Take a finished run's provenance away, so that a rerun into the same file is not "up to
+/// date" (which leaves the old provenance) and records its own counts.
+pub fn forget_run(out_csv: &Path) {
+    let p = out_csv.with_extension("provenance.yaml");
+    std::fs::remove_file(&p).unwrap_or_else(|e| panic!("cannot remove {}: {e}", p.display()));
 }
 
 pub fn provenance(out_csv: &Path) -> serde_yaml::Value {

@@ -32,7 +32,11 @@ def tilefeat():
         pytest.fail(f"{b} does not exist: build it first (scripts/setup.sh --no-demo)")
 
     def run(*args, check=True, **kw):
-        r = subprocess.run([str(b), *map(str, args)], capture_output=True, text=True, **kw)
+        args = list(map(str, args))
+        # No default cache (tests of a cache give --cache-dir): runs compared with each other
+        # must compute, not find each other's vectors in the cache beside their outputs.
+        kw["env"] = {**kw.get("env", os.environ), "TILEFEAT_DEFAULT_CACHE": "0"}
+        r = subprocess.run([str(b), *args], capture_output=True, text=True, **kw)
         if check and r.returncode != 0:
             raise AssertionError(f"tilefeat {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr}")
         return r

@@ -1,0 +1,248 @@
+//! Reruns resume by themselves (issue 28): without cache flags a run keeps its vectors in the
+//! default cache beside its outputs, so an interrupted run continues where it stopped, and a
+//! finished one rerun is "up to date" and writes nothing unless the tiles, the settings that
+//! change a number or the model changed, or `--force` is given.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// `extract TILES -o OUT --weights random:0 --size 32`, with no cache flag at all (the
+/// helpers of the other tests add `--no-cache`).
+fn plain_args(tiles: &Path, out: &Path) -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = vec!["extract".into(), tiles.into(), "-o".into()];
+    a.push(out.into());
+    a.extend(["--weights", "random:0", "--size", "32"].map(Into::into));
+    a
+}
+
+fn plain(tiles: &Path, out: &Path) -> assert_cmd::Command {
+    let mut c = tilefeat();
+    c.env_remove("TILEFEAT_DEFAULT_CACHE")
+        .args(plain_args(tiles, out));
+    c
+}
+
+fn stderr_of(c: &mut assert_cmd::Command) -> String {
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{err}");
+    err
+}
+
+/// (inode, modification time in ns, bytes) of a file: what "left as it was" leaves alone.
+fn identity(p: &Path) -> (u64, i64, Vec<u8>) {
+    let m = std::fs::metadata(p).unwrap();
+    (
+        m.ino(),
+        m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        std::fs::read(p).unwrap(),
+    )
+}
+
+fn index_files(cache: &Path) -> Vec<PathBuf> {
+    let packs = cache.join("packs");
+    if packs.is_dir() {
+        files(&packs, "idx")
+    } else {
+        vec![]
+    }
+}
+
+/// Interrupted with Ctrl-C (SIGINT) after some batches were stored, the same command run again
+/// takes those from the default cache and computes the rest; the CSV is the uncached run's.
+/// Run once more it is up to date: nothing written. A changed tile is computed alone; other
+/// numbers-changing settings make a new file; --force recomputes and writes.
+#[test]
+fn an_interrupted_run_resumes_and_a_finished_one_is_up_to_date() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("S1");
+    make_tiles(&tiles, 40, 64);
+    let reference = d.path().join("ref").join("S1.csv");
+    extract_ok(&tiles, &reference, &["--size", "32"]);
+    let out = d.path().join("features").join("S1.csv");
+    let cache = d.path().join("features").join(".tilefeat-cache");
+
+    // Ten batches of at least 300 ms: interrupted after the first is stored.
+    let mut first = std::process::Command::new(assert_cmd::cargo::cargo_bin("tilefeat"))
+        .args(plain_args(&tiles, &out))
+        .args(["--batch-size", "4", "--threads", "1", "--quiet"])
+        .env_remove("TILEFEAT_CACHE_DIR")
+        .env_remove("TILEFEAT_DEFAULT_CACHE")
+        .env("TILEFEAT_TEST_BATCH_DELAY_MS", "300")
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !index_files(&cache)
+        .iter()
+        .any(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
+    {
+        assert!(t.elapsed() < Duration::from_secs(120), "nothing stored");
+        assert!(first.try_wait().unwrap().is_none(), "ended before stored");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sigint = std::process::Command::new("kill")
+        .args(["-INT", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sigint.success());
+    let status = first.wait().unwrap();
+    assert!(!status.success(), "interrupted: {status:?}");
+    assert!(
+        !out.exists(),
+        "no feature file under its name after an interrupt"
+    );
+
+    let err = stderr_of(&mut plain(&tiles, &out));
+    assert!(
+        err.contains(&format!("; cache {}", cache.display())),
+        "the start line says where it resumes from: {err}"
+    );
+    let hits = prov_u64(&out, &["tiles", "cache_hits"]);
+    let computed = prov_u64(&out, &["tiles", "computed"]);
+    assert!(hits > 0 && computed > 0, "hits {hits}, computed {computed}");
+    assert_eq!(hits + computed, 40);
+    assert_eq!(
+        provenance(&out)["cache"]["dir"].as_str(),
+        Some(cache.to_str().unwrap())
+    );
+    assert_same(&out, &reference, "resumed");
+
+    // Finished: the same command, and one at another batch size (same numbers), leave the
+    // files as they were.
+    let prov = out.with_extension("provenance.yaml");
+    let (before, prov_before) = (identity(&out), identity(&prov));
+    for extra in [&[][..], &["--batch-size", "7"][..]] {
+        let err = stderr_of(plain(&tiles, &out).args(extra));
+        assert!(
+            err.contains("sample S1: up to date")
+                && err.contains("(40 from the cache, 0 computed, 0 skipped)"),
+            "{extra:?}: {err}"
+        );
+        assert_eq!(identity(&out), before, "{extra:?}");
+        assert_eq!(identity(&prov), prov_before, "{extra:?}");
+    }
+
+    // A changed tile is the only one computed, and the file is replaced.
+    let changed = image::open(tiles.join("tile_000.png")).unwrap().fliph();
+    changed.save(tiles.join("tile_000.png")).unwrap();
+    let err = stderr_of(&mut plain(&tiles, &out));
+    assert!(!err.contains("up to date"), "{err}");
+    assert_eq!(prov_u64(&out, &["tiles", "computed"]), 1);
+    assert_eq!(prov_u64(&out, &["tiles", "cache_hits"]), 39);
+    assert!(read(&out) != read(&reference), "tile_000's row changed");
+    let fresh = d.path().join("fresh").join("S1.csv");
+    extract_ok(&tiles, &fresh, &["--size", "32"]);
+    assert_same(&out, &fresh, "after a changed tile");
+
+    // A setting that changes the numbers is not up to date.
+    let err = stderr_of(plain(&tiles, &out).args(["--layer", "layer3"]));
+    assert!(!err.contains("up to date"), "{err}");
+    assert_eq!(prov_u64(&out, &["tiles", "computed"]), 40);
+    assert!(read(&out) != read(&fresh), "layer3's numbers");
+
+    // --force: every tile computed again, the files written again (same numbers).
+    let before = identity(&out);
+    let err = stderr_of(plain(&tiles, &out).args(["--layer", "layer3", "--force"]));
+    assert!(!err.contains("up to date"), "{err}");
+    assert!(err.contains("(--force: not read)"), "{err}");
+    assert_eq!(prov_u64(&out, &["tiles", "computed"]), 40);
+    assert_eq!(prov_u64(&out, &["tiles", "cache_hits"]), 0);
+    let after = identity(&out);
+    assert_eq!(after.2, before.2, "same numbers");
+    assert_ne!(
+        after.0, before.0,
+        "written again (a new file renamed into place)"
+    );
+}
+
+/// Up to date only when the files in place are these and their provenance says so: a
+/// deleted provenance, an edited feature file or a deleted rejected list is written again.
+#[test]
+fn up_to_date_needs_the_files_and_their_provenance() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("S2");
+    make_tiles(&tiles, 6, 64);
+    let out = d.path().join("S2.csv");
+    stderr_of(&mut plain(&tiles, &out));
+    let clean = read(&out);
+    let prov = out.with_extension("provenance.yaml");
+    let rejected = out.with_extension("rejected.tsv");
+    let breakages: [(&str, &dyn Fn()); 3] = [
+        ("provenance deleted", &|| {
+            std::fs::remove_file(&prov).unwrap()
+        }),
+        ("feature file edited", &|| {
+            std::fs::write(&out, clean.replacen('0', "1", 1)).unwrap()
+        }),
+        ("rejected list deleted", &|| {
+            std::fs::remove_file(&rejected).unwrap()
+        }),
+    ];
+    for (what, breakage) in breakages {
+        breakage();
+        let err = stderr_of(&mut plain(&tiles, &out));
+        assert!(!err.contains("up to date"), "{what}: {err}");
+        assert!(read(&out) == clean, "{what}: the file is written again");
+        assert!(prov.is_file() && rejected.is_file(), "{what}");
+        assert_eq!(prov_u64(&out, &["tiles", "cache_hits"]), 6, "{what}");
+        let err = stderr_of(&mut plain(&tiles, &out));
+        assert!(err.contains("up to date"), "{what}, then: {err}");
+    }
+}
+
+/// The default cache lies in --outdir (shared by its samples) or --output's folder; --no-cache
+/// makes none; one that cannot be used (a file in its place) is a warning and the run goes on,
+/// where a --cache-dir that cannot be used is exit 7.
+#[test]
+fn where_the_default_cache_lies_and_when_it_cannot_be_used() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = (d.path().join("A"), d.path().join("B"));
+    make_tiles(&a, 3, 64);
+    make_tiles(&b, 3, 64);
+    let outdir = d.path().join("outdir");
+    let mut c = tilefeat();
+    c.env_remove("TILEFEAT_DEFAULT_CACHE");
+    c.arg("extract").args([&a, &b]).arg("--outdir").arg(&outdir);
+    c.args(["--weights", "random:0", "--size", "32", "--quiet"]);
+    c.assert().success();
+    assert!(!index_files(&outdir.join(".tilefeat-cache")).is_empty());
+    // make_tiles gives both folders the same crops: a later run with --output in that
+    // folder finds them in the same cache.
+    let again = outdir.join("B-again.csv");
+    plain(&b, &again).arg("--quiet").assert().success();
+    assert_eq!(prov_u64(&again, &["tiles", "cache_hits"]), 3);
+
+    let none = d.path().join("none");
+    plain(&a, &none.join("A.csv"))
+        .arg("--no-cache")
+        .assert()
+        .success();
+    assert!(!none.join(".tilefeat-cache").exists());
+    assert!(provenance(&none.join("A.csv"))["cache"]["dir"].is_null());
+
+    let blocked = d.path().join("blocked");
+    std::fs::create_dir_all(&blocked).unwrap();
+    std::fs::write(blocked.join(".tilefeat-cache"), "not a folder").unwrap();
+    let err = stderr_of(&mut plain(&a, &blocked.join("A.csv")));
+    assert!(
+        err.contains("warning: the default cache")
+            && err.contains(".tilefeat-cache")
+            && err.contains("going on without a cache"),
+        "{err}"
+    );
+    assert_same(
+        &blocked.join("A.csv"),
+        &none.join("A.csv"),
+        "without a cache",
+    );
+    plain(&a, &blocked.join("A2.csv"))
+        .arg("--cache-dir")
+        .arg(blocked.join(".tilefeat-cache"))
+        .assert()
+        .code(7);
+}
