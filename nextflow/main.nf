@@ -88,6 +88,24 @@ workflow {
     if ( params.model && params.layer != 'layer4' ) {
         error "--layer ${params.layer} picks a ResNet50 stage: it does not apply to --model '${params.model}' (leave --layer at its default)"
     }
+    // --preset sets the ResNet50's layer, pool, normalize and size (tutorial: the defaults;
+    // resnet50-trunc: layer3, avg, imagenet, 224); one of them at neither the default nor the
+    // preset's value is refused, as tilefeat refuses it (exit 2).
+    if ( params.preset && params.model ) {
+        error "--preset ${params.preset} sets the ResNet50's settings: it does not apply to --model '${params.model}'"
+    }
+    if ( params.preset && params.layer != 'layer4' && (params.preset == 'tutorial' || params.layer != 'layer3') ) {
+        error "--layer ${params.layer} disagrees with --preset ${params.preset}: leave --layer at its default"
+    }
+    if ( params.preset && params.pool != 'max' && (params.preset == 'tutorial' || params.pool != 'avg') ) {
+        error "--pool ${params.pool} disagrees with --preset ${params.preset}: leave --pool at its default"
+    }
+    if ( params.preset && params.normalize != 'tutorial' && (params.preset == 'tutorial' || params.normalize != 'imagenet') ) {
+        error "--normalize ${params.normalize} disagrees with --preset ${params.preset}: leave --normalize at its default"
+    }
+    if ( params.preset && params.size != 224 ) {
+        error "--size ${params.size} disagrees with --preset ${params.preset} (224 px): leave --size at its default"
+    }
 
     // Archives of tiles and whole-slide images (OpenSlide 4's formats; .ome.tif/.ome.tiff are
     // .tif/.tiff) by suffix, in any case; snakemake/workflow/rules/common.smk has the same lists.

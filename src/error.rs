@@ -20,6 +20,46 @@ pub fn first_line(msg: &str) -> &str {
     msg.lines().next().unwrap_or_default()
 }
 
+/// What libtorch said, from the message of a tch panic (`called `Result::unwrap()` on an
+/// `Err` value: Torch("...")`): its first line, without the C++ backtrace that follows it and
+/// without the `[enforce fail at FILE:LINE] CONDITION.` prefix. Any other message: its first
+/// line.
+pub fn libtorch_message(panic: &str) -> String {
+    let Some((_, payload)) = panic.split_once("Torch(\"") else {
+        return first_line(panic).to_string();
+    };
+    // The payload is Debug-escaped: a line break is a backslash and an `n`.
+    let end = [payload.find("\\n"), payload.find("\")")]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(payload.len());
+    let mut text = &payload[..end];
+    if text.starts_with("[enforce fail at ") {
+        if let Some((_, rest)) = text.split_once("] ") {
+            // The failed condition (`err == 0.`), when there is one.
+            text = match rest.split_once(". ") {
+                Some((cond, r)) if cond.contains("==") || cond.contains("!=") => r,
+                _ => rest,
+            };
+        }
+    }
+    text.trim().to_string()
+}
+
+/// Whether an error's text says that memory ran out (libtorch's CPU allocator, CUDA's,
+/// oneDNN's `std::bad_alloc`).
+pub fn is_out_of_memory(text: &str) -> bool {
+    [
+        "can't allocate memory",
+        "out of memory",
+        "bad_alloc",
+        "Cannot allocate memory",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
+}
+
 /// Run `f`; a panic inside it (libjpeg errors unwind as panics; tch panics when libtorch
 /// fails, e.g. out of GPU memory) comes back as its message instead of taking the thread
 /// down.
@@ -103,6 +143,24 @@ pub fn kind_of(err: &anyhow::Error) -> ExitKind {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn libtorch_messages_lose_their_backtrace() {
+        let panic = r#"called `Result::unwrap()` on an `Err` value: Torch("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 134217728 bytes. Error code 12 (Cannot allocate memory)\nframe #0: c10::ThrowEnforceNotMet(char const*, int) + 0x6a\nframe #1: x\n")"#;
+        let m = super::libtorch_message(panic);
+        assert_eq!(
+            m,
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 134217728 bytes. Error code 12 (Cannot allocate memory)"
+        );
+        assert!(super::is_out_of_memory(&m));
+        let cuda = r#"called `Result::unwrap()` on an `Err` value: Torch("CUDA out of memory. Tried to allocate 2.00 GiB")"#;
+        assert_eq!(
+            super::libtorch_message(cuda),
+            "CUDA out of memory. Tried to allocate 2.00 GiB"
+        );
+        assert_eq!(super::libtorch_message("plain\nsecond"), "plain");
+        assert!(!super::is_out_of_memory("shape mismatch"));
+    }
+
     use super::*;
     use anyhow::Context;
 

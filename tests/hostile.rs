@@ -393,3 +393,57 @@ fn side_limit_and_tiff_header_bombs_are_bad_tiles() {
     let csv = read(&out);
     assert!(csv.contains("small.tif"), "the good TIFF is read");
 }
+
+/// Out of memory (regression, issue 28: `--size 4096` ended in a Rust unwrap with libtorch's
+/// 29-frame C++ backtrace, no hint). Under a 5 GiB address-space limit (a run at --size 32
+/// peaks at 3.2 GB of address space here, libtorch's libraries mapped), two 4096 px tiles in
+/// one batch need more (their float input is 0.4 GB, conv1's output 2 x 64 x 2048^2 floats,
+/// 2.1 GB, and layer1's as much again): the error says out of memory first, naming the
+/// sample, the settings and the flags that lower memory, then libtorch's own line without
+/// its backtrace; nothing is written.
+#[test]
+fn out_of_memory_names_the_sample_and_the_flags_that_lower_it() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("s");
+    make_tiles(&tiles, 2, 64);
+    let out = d.path().join("x.csv");
+    let o = std::process::Command::new("bash")
+        .args(["-c", "ulimit -v $((5 << 20)) && exec \"$@\"", "limited"])
+        .arg(assert_cmd::cargo::cargo_bin("tilefeat"))
+        .args([
+            "extract",
+            tiles.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .args([
+            "--weights",
+            "random:0",
+            "--size",
+            "4096",
+            "--batch-size",
+            "2",
+        ])
+        .args(["--threads", "1", "--device", "cpu", "--no-cache"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "error: out of memory computing sample s on cpu (--batch-size 2, --size 4096, \
+             --threads 1, --precision fp32): lower --batch-size first"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("model failed on the batch starting at "),
+        "{err}"
+    );
+    assert!(!err.contains("frame #") && !err.contains("unwrap"), "{err}");
+    assert!(!out.exists(), "nothing written");
+    assert!(
+        files_containing(d.path(), "x.").is_empty(),
+        "no side file either"
+    );
+}

@@ -215,7 +215,8 @@ pub(crate) fn extract_sample(
         file,
         &mut progress,
         dim,
-    )?;
+    )
+    .map_err(|e| out_of_memory_hint(e, cfg))?;
     progress.finish();
     state.timings.startup = (pipeline_start - start).as_secs_f64();
     (
@@ -431,6 +432,29 @@ fn finish_sample(
         provenance,
         up_to_date: false,
     })
+}
+
+/// A run that ran out of memory says so first, with the settings that set how much it needs
+/// and the flags that lower it (then what libtorch said, naming the batch's first tile).
+fn out_of_memory_hint(e: anyhow::Error, cfg: &ExtractConfig) -> anyhow::Error {
+    if !crate::error::is_out_of_memory(&format!("{e:#}")) {
+        return e;
+    }
+    let lower = if cfg.device == tch::Device::Cpu {
+        "lower --batch-size first, then --threads (each model thread holds a batch) or --size"
+    } else {
+        "lower --batch-size first, then --size"
+    };
+    e.context(format!(
+        "out of memory computing sample {} on {} (--batch-size {}, --size {}, --threads {}, \
+         --precision {}): {lower}",
+        cfg.sample,
+        device_name(cfg.device),
+        cfg.batch_size,
+        cfg.size,
+        cfg.torch_threads,
+        cfg.precision
+    ))
 }
 
 /// Whether the provenance file at `path` describes the outputs `new` describes: the same

@@ -8,7 +8,6 @@ use crossbeam_channel::{Receiver, Sender};
 use tch::Device;
 
 use crate::encoder::{Encoder, PixelBuf};
-use crate::error::first_line;
 
 /// A batch for a model worker, and what comes back.
 pub(crate) struct BatchJob {
@@ -149,7 +148,10 @@ fn worker_loop<M: Encoder>(
     // (tch panics when libtorch fails: caught the same way).
     let started = match crate::error::catch_panic(|| worker.start_worker()) {
         Ok(r) => r.map_err(|e| format!("{e:#}")),
-        Err(msg) => Err(format!("libtorch failed: {}", first_line(&msg))),
+        Err(msg) => Err(format!(
+            "libtorch failed: {}",
+            crate::error::libtorch_message(&msg)
+        )),
     };
     let mut first = true;
     let mut batches = 0u64;
@@ -170,7 +172,10 @@ fn worker_loop<M: Encoder>(
                 Err(e) => Err(anyhow::anyhow!("{e}")),
                 Ok(()) => crate::error::catch_panic(|| worker.run(&mut job.pixels, job.n))
                     .unwrap_or_else(|msg| {
-                        Err(anyhow::anyhow!("libtorch failed: {}", first_line(&msg)))
+                        Err(anyhow::anyhow!(
+                            "libtorch failed: {}",
+                            crate::error::libtorch_message(&msg)
+                        ))
                     }),
             };
             let secs = t.elapsed().as_secs_f64();

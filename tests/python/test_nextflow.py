@@ -1809,7 +1809,8 @@ def _main_nf_model_refusals(params):
     evaluated as Groovy would)."""
     text = RULES._strip_comments((NF / "main.nf").read_text())
     blocks = re.findall(r'^\s*if \( (.+?) \) \{\n\s*error "((?:\\.|[^"\\])*)"\n\s*\}', text, re.MULTILINE)
-    model_blocks = [(condition, message) for condition, message in blocks if "params.model" in condition]
+    model_blocks = [(condition, message) for condition, message in blocks
+                    if "params.model" in condition and "params.preset" not in condition]
     assert len(model_blocks) == 2, model_blocks
     ctx = {"params": params}
     return [_interpolate(message, ctx) for condition, message in model_blocks if _truthy(evaluate(condition, ctx))]
@@ -2279,3 +2280,40 @@ def test_slide_end_to_end(tmp_path, bin_dir, tiles, tissue_slide):
     assert _failed_rows(work, "slideA") == []
     assert (work / "slideA.csv").read_bytes() == reference.read_bytes()
     assert [f.name for f in _glob(work, _output_globs(BATCH_NF)["tissue"])] == ["slideA.tissue.png"]
+
+
+def _main_nf_preset_refusals(params):
+    """main.nf's start-up refusals that concern --preset, evaluated for `params` as Groovy
+    would (as _main_nf_model_refusals does for --model)."""
+    text = RULES._strip_comments((NF / "main.nf").read_text())
+    blocks = re.findall(r'^\s*if \( (.+?) \) \{\n\s*error "((?:\\.|[^"\\])*)"\n\s*\}', text, re.MULTILINE)
+    preset_blocks = [(c, m) for c, m in blocks if "params.preset" in c]
+    assert len(preset_blocks) == 5, preset_blocks
+    ctx = {"params": params}
+    return [_interpolate(m, ctx) for c, m in preset_blocks if _truthy(evaluate(c, ctx))]
+
+
+def test_preset_is_passed_alone_and_matches_plain_extract(tmp_path, bin_dir, tiles):
+    """--preset (issue 28: the pipeline passed --layer, --pool, --normalize and --size at their
+    defaults, so a preset given any other way was refused by tilefeat, exit 2): ext.args
+    passes the preset alone; main.nf refuses a setting at neither its default nor the
+    preset's value, and a --model; the module's script, run for real, gives a plain
+    `extract --preset`'s numbers."""
+    trunc = _default_params(preset="resnet50-trunc", weights="random:0")
+    for process in ("TILEFEAT_EXTRACT", "TILEFEAT_EXTRACT_BATCH"):
+        for agreeing in ({}, {"layer": "layer3", "pool": "avg", "normalize": "imagenet"}):
+            args, _ = _modules_config_args(process, {**trunc, **agreeing})
+            assert args == "--precision fp32 --preset resnet50-trunc --batch-size 32 --on-error fail --weights random:0", args
+    assert _main_nf_preset_refusals(_default_params()) == []
+    assert _main_nf_preset_refusals(dict(trunc, layer="layer3", pool="avg", normalize="imagenet")) == []
+    assert _main_nf_preset_refusals(_default_params(preset="tutorial", layer="layer3")) == [
+        "--layer layer3 disagrees with --preset tutorial: leave --layer at its default"]
+    assert _main_nf_preset_refusals(dict(trunc, pool="max", size=448)) == [
+        "--size 448 disagrees with --preset resnet50-trunc (224 px): leave --size at its default"]
+    assert _main_nf_preset_refusals(_default_params(preset="tutorial", model="/m/tiny.pt")) == [
+        "--preset tutorial sets the ResNet50's settings: it does not apply to --model '/m/tiny.pt'"]
+    found = _extract_one(tmp_path, bin_dir, "sampleA", tiles / "sampleA", trunc)
+    plain, _ = _plain_runs(tmp_path, {"sampleA": tiles / "sampleA"},
+                           ["--weights", "random:0", "--preset", "resnet50-trunc"], [])  # fmt: skip
+    assert _read_rows(found["features"]) == plain["sampleA"]
+    assert len(plain["sampleA"][0]) == 1 + 1024

@@ -1200,3 +1200,39 @@ def test_slide_matches_plain_extract(tmp_path, tiles, tissue_slide, samples_per_
     assert not (features / "s1.tissue.png").exists()
     _, rows = read_csv(tmp_path / "results" / "cohort.csv")
     assert {r[0] for r in rows} == {"slideA", "s1"}
+
+
+def test_preset_is_passed_alone_and_matches_plain_extract(tmp_path, tiles):
+    """extract.preset (issue 28: with `--preset` given through `extra`, the config's layer,
+    pool, normalize and size were passed beside it, which tilefeat refuses): the preset alone
+    reaches the command line, the run gives a plain `extract --preset`'s numbers, and a
+    setting that disagrees with the preset (or a model) is refused before anything runs."""
+    config = write_config(tmp_path / "config.yaml", tiles, outdir="out",
+                          extract={"preset": "resnet50-trunc"})  # fmt: skip
+    proc = snakemake(tmp_path, "--configfile", config, "-n", "-p", "--cores", "2")
+    extracts = [c for c in shell_commands(proc.stdout, str(BINARY)) if " extract " in c]
+    assert len(extracts) == len(SAMPLES), proc.stdout
+    for cmd in extracts:
+        assert "--preset resnet50-trunc" in cmd, cmd
+        for flag in ("--layer", "--pool", "--normalize", "--size"):
+            assert flag not in cmd, cmd
+    snakemake(tmp_path, "--configfile", config, "--cores", "2", timeout=600)
+    sample = next(iter(SAMPLES))
+    ref = tmp_path / "ref.csv"
+    plain_extract(tiles, sample, ref, "-o", ref, "--preset", "resnet50-trunc")
+    ours = tmp_path / "out" / "features" / f"{sample}.csv"
+    assert ours.read_bytes() == ref.read_bytes()
+    assert len(ours.read_text().splitlines()[0].split(",")) == 1 + 1024  # layer3: 1024 values
+    bad = [
+        ({"preset": "resnet50-trunc", "size": 448},
+         "config: extract.size 448 disagrees with extract.preset 'resnet50-trunc' (size 224)"),
+        ({"preset": "tutorial", "layer": "layer3"},
+         "config: extract.layer 'layer3' disagrees with extract.preset 'tutorial' (layer 'layer4')"),
+        ({"preset": "tutorial", "model": str(tmp_path / "m.pt")},
+         "config: extract.preset ('tutorial') sets the ResNet50's settings"),
+    ]  # fmt: skip
+    for i, (extract, message) in enumerate(bad):
+        config = write_config(tmp_path / f"bad{i}.yaml", tiles, extract=extract)
+        proc = snakemake(tmp_path, "--configfile", config, "-n", check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1 and message in out, f"{extract}:\n{out}"

@@ -203,6 +203,7 @@ EXTRACT_VALUE_FLAGS = {
     "batch_size": "--batch-size",
     "decode_threads": "--decode-threads",
     "precision": "--precision",
+    "preset": "--preset",
     "layer": "--layer",
     "pool": "--pool",
     "normalize": "--normalize",
@@ -245,6 +246,39 @@ if EXTRACT.get("cache_dir") and EXTRACT.get("no_cache"):
 RESNET50_DEFAULTS = {"layer": "layer4", "normalize": "tutorial", "size": 224}
 MODEL = EXTRACT.get("model") or ""
 
+# extract.preset (`--preset`): a published recipe's ResNet50 settings at once. tilefeat refuses
+# a flag that disagrees with the preset (exit 2), so these settings are not passed with one
+# when they are at the tutorial's defaults (the config's own), and any other value must be
+# the preset's.
+PRESETS = {
+    "tutorial": {
+        "layer": "layer4",
+        "pool": "max",
+        "normalize": "tutorial",
+        "size": 224,
+    },
+    "resnet50-trunc": {
+        "layer": "layer3",
+        "pool": "avg",
+        "normalize": "imagenet",
+        "size": 224,
+    },
+}
+PRESETS["resnet50_trunc"] = PRESETS["resnet50-trunc"]
+PRESET = EXTRACT.get("preset") or ""
+if PRESET and MODEL:
+    raise ValueError(
+        f"config: extract.preset ({PRESET!r}) sets the ResNet50's settings: it does not apply "
+        f"to extract.model ({MODEL!r}); set preset to null"
+    )
+for key, value in (PRESETS.get(PRESET) or {}).items():
+    given = EXTRACT.get(key)
+    if given not in (None, "", PRESETS["tutorial"][key], value):
+        raise ValueError(
+            f"config: extract.{key} {given!r} disagrees with extract.preset {PRESET!r} "
+            f"({key} {value!r}): set {key} to null (or to {value!r})"
+        )
+
 if MODEL and EXTRACT.get("weights"):
     raise ValueError(
         f"config: extract.model ({MODEL!r}) and extract.weights "
@@ -265,6 +299,8 @@ def extract_options():
         value = EXTRACT.get(key)
         if MODEL and key in RESNET50_DEFAULTS and value == RESNET50_DEFAULTS[key]:
             continue  # the ResNet50's default: the model's sidecar sets its own
+        if PRESET and key in PRESETS[PRESET]:
+            continue  # the preset sets it (a disagreeing value was refused above)
         if value is not None and value != "":
             args += [flag, str(value)]
     for key, flag in EXTRACT_SWITCH_FLAGS.items():
