@@ -108,7 +108,8 @@ fn usage_errors_exit_2() {
         ["--device", "tpu"],
         ["--pool", "min"],
     ] {
-        extract_cmd(&demo_sample("sampleA"), &out)
+        extract_base(&demo_sample("sampleA"), &out)
+            .args(["--weights", "random:0"])
             .args(bad)
             .assert()
             .code(2)
@@ -199,8 +200,8 @@ fn cuda_without_cuda_fails_loudly() {
     if String::from_utf8_lossy(&info.stdout).contains("cuda available: true") {
         // On a CUDA host the refusal cannot happen: the request must then run on the GPU
         // (scripts/gpu-check.sh asserts the rest there).
-        extract_cmd(&demo_sample("sampleC"), &out)
-            .args(["--device", "cuda", "--quiet"])
+        extract_base(&demo_sample("sampleC"), &out)
+            .args(["--weights", "random:0", "--device", "cuda", "--quiet"])
             .assert()
             .success();
         assert!(provenance(&out)["device"]
@@ -210,8 +211,8 @@ fn cuda_without_cuda_fails_loudly() {
         return;
     }
     for dev in ["cuda", "cuda:1"] {
-        extract_cmd(&demo_sample("sampleC"), &out)
-            .args(["--device", dev])
+        extract_base(&demo_sample("sampleC"), &out)
+            .args(["--weights", "random:0", "--device", dev])
             .assert()
             .code(5)
             .stderr(predicate::str::contains("CUDA is not available"));
@@ -619,7 +620,7 @@ fn extract_many(dirs: &[&Path], outdir: &Path, extra: &[&str]) -> assert_cmd::Co
         .args(dirs)
         .arg("--outdir")
         .arg(outdir)
-        .args(["--weights", "random:0", "--quiet"])
+        .args(["--weights", "random:0", "--quiet", "--device", "cpu"])
         .args(extra);
     c
 }
@@ -934,7 +935,7 @@ fn emulated_cpu_precisions_are_named_and_warned_about() {
         assert!(info.contains(&format!("cpu {p}: {said}")), "{p}: {info}");
         let out = d.path().join(format!("{p}.csv"));
         let o = extract_cmd(&demo_sample("sampleC"), &out)
-            .args(["--precision", p, "--size", "32", "--device", "cpu"])
+            .args(["--precision", p, "--size", "32"])
             .output()
             .unwrap();
         assert!(o.status.success());

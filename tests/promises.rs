@@ -79,6 +79,26 @@ fn progress_lines_at_a_steady_interval_off_a_terminal() {
         assert!(shape.is_match(l), "{l:?}");
     }
     assert!(progress.len() >= 2, "{err}");
+    // The interval itself, from the lines' own elapsed times (issue 27: a count alone holds
+    // for other intervals): the first at 2 s, then 10 s apart (a second either way for the
+    // whole-second display and a busy machine's late wake-up).
+    let elapsed: Vec<u64> = progress
+        .iter()
+        .map(|l| {
+            let (_, rest) = l.split_once("), ").unwrap();
+            rest.split_once("s elapsed").unwrap().0.parse().unwrap()
+        })
+        .collect();
+    assert!(
+        (2..=3).contains(&elapsed[0]),
+        "first line at {elapsed:?}:\n{err}"
+    );
+    for w in elapsed.windows(2) {
+        assert!(
+            (9..=11).contains(&(w[1] - w[0])),
+            "lines at {elapsed:?}:\n{err}"
+        );
+    }
     assert!(
         err.contains("13 tiles (13 computed, 0 cached, 0 skipped)"),
         "{err}"

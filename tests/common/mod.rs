@@ -37,10 +37,12 @@ pub fn extract_base(tiles: &Path, out: &Path) -> Command {
     c
 }
 
-/// `tilefeat extract TILES -o OUT --weights random:0`, to which a test adds its flags.
+/// `tilefeat extract TILES -o OUT --weights random:0 --device cpu`, to which a test adds its
+/// flags: on the CPU on a GPU host too (`--device` is the default `auto` there otherwise, and
+/// these tests' promises are the CPU's). A test of `--device` starts from `extract_base`.
 pub fn extract_cmd(tiles: &Path, out: &Path) -> Command {
     let mut c = extract_base(tiles, out);
-    c.args(["--weights", "random:0"]);
+    c.args(["--weights", "random:0", "--device", "cpu"]);
     c
 }
 
@@ -81,13 +83,19 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// Run `extract` with random weights and extra args; panics unless it succeeds.
+/// Run `extract` with random weights (unless `extra` has its own), on the CPU (unless `extra`
+/// names a device) and extra args; panics unless it succeeds.
 pub fn extract_ok(tiles: &Path, out: &Path, extra: &[&str]) -> String {
     let o = extract_base(tiles, out)
         .args(if extra.contains(&"--weights") {
             vec![]
         } else {
             vec!["--weights", "random:0"]
+        })
+        .args(if extra.contains(&"--device") {
+            vec![]
+        } else {
+            vec!["--device", "cpu"]
         })
         .arg("--quiet")
         .args(extra)

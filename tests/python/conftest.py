@@ -36,6 +36,10 @@ def tilefeat():
         # No default cache (tests of a cache give --cache-dir): runs compared with each other
         # must compute, not find each other's vectors in the cache beside their outputs.
         kw["env"] = {**kw.get("env", os.environ), "TILEFEAT_DEFAULT_CACHE": "0"}
+        # On the CPU on a GPU host too (--device auto would pick the GPU), unless a test
+        # names the device: these tests' promises are the CPU's.
+        if args[:1] == ["extract"] and "--device" not in args:
+            args += ["--device", "cpu"]
         r = subprocess.run([str(b), *args], capture_output=True, text=True, **kw)
         if check and r.returncode != 0:
             raise AssertionError(f"tilefeat {' '.join(map(str, args))} exited {r.returncode}:\n{r.stderr}")

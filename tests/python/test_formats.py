@@ -126,3 +126,65 @@ def test_parquet_files_carry_what_made_them(tilefeat, outputs, histolab_tiles, t
     assert ckv["tilefeat.coords_origin"] == "top-left" and ckv["tilefeat.aggregate"] == "none"
     # pandas still reads them as before.
     assert len(pd.read_parquet(cohort)) == N
+
+
+BIG = 4_100  # over a Parquet row group (4,096 rows), 4 join blocks (1,024) and 512 HDF5 chunks (8 rows)
+
+
+def test_every_format_across_its_block_boundaries(tilefeat, tmp_path):
+    """Issue 27: every other format test has fewer rows than one HDF5 chunk, one join block
+    and one Parquet row group. 4,100 tiles: the HDF5 and Parquet files hold the CSV's rows
+    exactly (the Parquet file in two row groups), joining any of the three gives the same
+    cohort bytes, the cohort Parquet (tile rows and per-sample aggregates) reads back equal to
+    the cohort CSV, and the aggregates are the rows' mean and max."""
+    im = source_image()
+    tiles = tmp_path / "S"
+    tiles.mkdir()
+    for i in range(BIG):
+        x, y = (i % 64) * 448, (i // 64) * 448
+        oy, ox = (i * 29) % 400, (i * 41) % 400
+        cv2.imwrite(str(tiles / f"tile_{i}_level0_{x}-{y}-{x + 448}-{y + 448}.png"), im[oy : oy + 16, ox : ox + 16])
+    cache = tmp_path / "cache"
+    files = {}
+    for ext, extra in [("csv", ["--coords", "auto"]), ("h5", []), ("parquet", [])]:
+        (tmp_path / ext).mkdir()
+        files[ext] = tmp_path / ext / f"S.{ext}"
+        # Computed once; the other formats are cache hits (the format is not in the key).
+        tilefeat("extract", tiles, "-o", files[ext], "--weights", "random:0", "--size", "32",
+                 "--batch-size", "64", "--cache-dir", cache, "--quiet", *extra)  # fmt: skip
+    features = [str(k) for k in range(2048)]
+    csv = pd.read_csv(files["csv"], index_col=0)
+    assert csv.shape == (BIG, 2 + 2048)
+    ref = csv[features].to_numpy(np.float32)
+    with h5py.File(files["h5"], "r") as f:
+        assert list(f["tiles"].asstr()[:]) == list(csv.index)
+        np.testing.assert_array_equal(f["features"][:], ref)
+        np.testing.assert_array_equal(f["coords"][:], csv[["x", "y"]].to_numpy())
+    assert pq.ParquetFile(files["parquet"]).metadata.num_row_groups == 2
+    par = pd.read_parquet(files["parquet"]).set_index("tile")
+    pd.testing.assert_frame_equal(par, csv.astype({c: np.float32 for c in features}))
+
+    cohorts = []
+    for ext, path in files.items():
+        tilefeat("join", path, "-o", tmp_path / f"cohort-{ext}.csv", "--quiet")
+        cohorts.append((tmp_path / f"cohort-{ext}.csv").read_bytes())
+    assert cohorts[0] == cohorts[1] == cohorts[2]
+    cohort_csv = pd.read_csv(tmp_path / "cohort-csv.csv")
+    assert len(cohort_csv) == BIG
+    tilefeat("join", files["h5"], "-o", tmp_path / "cohort.parquet", "--quiet")
+    assert pq.ParquetFile(tmp_path / "cohort.parquet").metadata.num_row_groups >= 2
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "cohort.parquet"),
+                                  cohort_csv.astype({c: np.float32 for c in features}))  # fmt: skip
+
+    for aggregate, expected in [("mean", ref.astype(np.float64).mean(axis=0)), ("max", ref.max(axis=0))]:
+        a_csv, a_par = tmp_path / f"{aggregate}-c.csv", tmp_path / f"{aggregate}-p.parquet"
+        tilefeat("join", files["parquet"], "-o", a_csv, "--aggregate", aggregate, "--quiet")
+        tilefeat("join", files["csv"], "-o", a_par, "--aggregate", aggregate, "--quiet")
+        got_csv, got_par = pd.read_csv(a_csv), pd.read_parquet(a_par)
+        assert len(got_csv) == 1 and got_csv["sample"].tolist() == ["S"], got_csv.columns[:5]
+        pd.testing.assert_frame_equal(got_par, got_csv.astype({c: got_par[c].dtype for c in features}))
+        values = got_csv[features].to_numpy(np.float64)[0]
+        if aggregate == "max":
+            np.testing.assert_array_equal(values.astype(np.float32), expected)
+        else:
+            np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-6)
