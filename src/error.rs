@@ -143,6 +143,9 @@ pub fn kind_of(err: &anyhow::Error) -> ExitKind {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use anyhow::Context;
+
     #[test]
     fn libtorch_messages_lose_their_backtrace() {
         let panic = r#"called `Result::unwrap()` on an `Err` value: Torch("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 134217728 bytes. Error code 12 (Cannot allocate memory)\nframe #0: c10::ThrowEnforceNotMet(char const*, int) + 0x6a\nframe #1: x\n")"#;
@@ -160,9 +163,6 @@ mod tests {
         assert_eq!(super::libtorch_message("plain\nsecond"), "plain");
         assert!(!super::is_out_of_memory("shape mismatch"));
     }
-
-    use super::*;
-    use anyhow::Context;
 
     #[test]
     fn kind_survives_context() {

@@ -338,13 +338,13 @@ fn check_slide_mpp(mpp: f64) -> std::result::Result<(), String> {
     }
 }
 
-/// CLAM's `pt_files/SAMPLE.pt` for its `h5_files/SAMPLE.h5`.
 /// The folder of the default cache: `.tilefeat-cache` in `--outdir`, or in `--output`'s
 /// folder. Beside the outputs, not in the home folder: on a cluster a home quota is small,
 /// while the output's file system already holds features of about this size (a cached vector
 /// is 4 bytes a value, the CSV about 10), and every node that writes the outputs can reach it.
 pub(crate) const DEFAULT_CACHE: &str = ".tilefeat-cache";
 
+/// Where the default cache of a sample writing `output` lies (see [`DEFAULT_CACHE`]).
 fn default_cache_dir(outdir: Option<&Path>, output: &Path) -> PathBuf {
     let dir = outdir
         .or_else(|| output.parent())
@@ -353,6 +353,7 @@ fn default_cache_dir(outdir: Option<&Path>, output: &Path) -> PathBuf {
     dir.join(DEFAULT_CACHE)
 }
 
+/// CLAM's `pt_files/SAMPLE.pt` for its `h5_files/SAMPLE.h5`.
 fn clam_bag(h5: &Path) -> PathBuf {
     let folder = h5.parent().and_then(Path::parent).unwrap_or(Path::new(""));
     folder
