@@ -57,7 +57,10 @@ def check(ok, what):
         failures.append(what)
 def run(*a, env=None):
     import os
-    r = subprocess.run([B, "extract", str(tiles), "--weights", str(weights), "--quiet", *a], capture_output=True, text=True,
+    # --no-cache: each run computes on its device (the default cache beside the outputs would
+    # serve the GPU's vectors to the CPU and auto runs: the device is not in the cache key).
+    r = subprocess.run([B, "extract", str(tiles), "--weights", str(weights), "--quiet", "--no-cache", *a],
+                       capture_output=True, text=True,
                        env={**os.environ, **(env or {})})
     print(" ".join(a), env or "", "->", r.returncode, r.stderr.strip()[-300:])
     check(r.returncode == 0, f"extract {' '.join(a)} {env or ''} exits 0")
