@@ -21,6 +21,18 @@ fn nothing_left_beside(out: &Path) {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// `png` (a real PNG) with its IHDR declaring `width` x `height` (its CRC made right), its
+/// pixel data unchanged: a header that lies about the image's size.
+fn png_declaring(png: &[u8], width: u32, height: u32) -> Vec<u8> {
+    let mut out = png[..33].to_vec(); // signature + IHDR
+    out[16..20].copy_from_slice(&width.to_be_bytes());
+    out[20..24].copy_from_slice(&height.to_be_bytes());
+    let crc = crc32fast::hash(&out[12..29]);
+    out[29..33].copy_from_slice(&crc.to_be_bytes());
+    out.extend_from_slice(&png[33..]);
+    out
+}
+
 /// PNG and JPEG header bombs (declared 100000 x 100000 and 65500 x 65500 pixels in a few
 /// hundred bytes) and half a JPEG with an end marker are bad tiles: named, recorded with
 /// `--on-error skip`, never an abort (the PNG used to abort with exit 134 trying to allocate
@@ -31,13 +43,11 @@ fn image_bombs_and_cut_jpegs_are_bad_tiles() {
     let tiles = d.path().join("s");
     good_tiles(&tiles);
     let png = std::fs::read(tiles.join("tile_000.png")).unwrap();
-    let mut bomb = png[..33].to_vec(); // signature + IHDR
-    bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
-    bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
-    let crc = crc32fast::hash(&bomb[12..29]);
-    bomb[29..33].copy_from_slice(&crc.to_be_bytes());
-    bomb.extend_from_slice(&png[33..]);
-    std::fs::write(tiles.join("bomb.png"), &bomb).unwrap();
+    std::fs::write(
+        tiles.join("bomb.png"),
+        png_declaring(&png, 100_000, 100_000),
+    )
+    .unwrap();
     let mut jpg = Vec::new();
     image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(
         64,
@@ -359,13 +369,11 @@ fn side_limit_and_tiff_header_bombs_are_bad_tiles() {
     let tiles = d.path().join("s");
     good_tiles(&tiles);
     let png = std::fs::read(tiles.join("tile_000.png")).unwrap();
-    let mut wide = png[..33].to_vec(); // signature + IHDR
-    wide[16..20].copy_from_slice(&((1u32 << 20) + 1).to_be_bytes());
-    wide[20..24].copy_from_slice(&1u32.to_be_bytes());
-    let crc = crc32fast::hash(&wide[12..29]);
-    wide[29..33].copy_from_slice(&crc.to_be_bytes());
-    wide.extend_from_slice(&png[33..]);
-    std::fs::write(tiles.join("wide.png"), &wide).unwrap();
+    std::fs::write(
+        tiles.join("wide.png"),
+        png_declaring(&png, (1 << 20) + 1, 1),
+    )
+    .unwrap();
     std::fs::write(tiles.join("tall.tif"), tiff_declaring(1, (1 << 20) + 1)).unwrap();
     std::fs::write(tiles.join("bomb.tif"), tiff_declaring(100_000, 100_000)).unwrap();
     std::fs::write(tiles.join("small.tif"), tiff_declaring(4, 4)).unwrap();
