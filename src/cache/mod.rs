@@ -26,13 +26,15 @@
 //! processes on several nodes may share the directory over NFS/Lustre/GPFS, and a `kill -9`
 //! at any moment loses at most the unflushed tail.
 
+mod gc;
 mod key;
 mod maintain;
 mod pack;
 mod segment;
 
+pub use gc::{gc, parse_date, GcOptions};
 pub use key::{CacheKey, Fingerprint, FingerprintRecord, Hash32, PREPROCESSING_VERSION};
-pub use maintain::{gc, parse_date, stats, verify, GcOptions};
+pub use maintain::{stats, verify};
 
 use std::collections::HashMap;
 use std::fs::File;
