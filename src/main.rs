@@ -16,7 +16,8 @@ fn main() {
             .map(String::as_str)
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("unknown panic");
-        let first = tilefeat::error::first_line(msg);
+        // A tch panic carries libtorch's C++ backtrace on its one (escaped) line: cut it.
+        let first = tilefeat::error::libtorch_message(msg);
         eprintln!("tilefeat: error: internal failure: {first}");
     }));
     let cli = tilefeat::cli::Cli::parse();

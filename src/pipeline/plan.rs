@@ -575,17 +575,20 @@ impl ExtractPlan {
             Device::Cpu => CPU_BATCH,
             _ => GPU_BATCH,
         });
-        // A site or a wrapper that manages its own outputs may turn the default cache off.
-        let default_cache = crate::env_switch("TILEFEAT_DEFAULT_CACHE", true);
+        // No cache flag: the default cache beside the outputs, unless a site or a wrapper that
+        // manages its own turned it off.
+        let default_cache = !a.no_cache
+            && a.cache_dir.is_none()
+            && crate::env_switch("TILEFEAT_DEFAULT_CACHE", true);
         let samples = named
             .into_iter()
             .map(|(tile_dir, sample, output)| ExtractConfig {
-                cache_dir: if a.no_cache {
+                cache_dir: if default_cache {
+                    Some(default_cache_dir(a.outdir.as_deref(), &output))
+                } else if a.no_cache {
                     None
                 } else {
-                    a.cache_dir.clone().or_else(|| {
-                        default_cache.then(|| default_cache_dir(a.outdir.as_deref(), &output))
-                    })
+                    a.cache_dir.clone()
                 },
                 bag: (format == Format::Clam).then(|| clam_bag(&output)),
                 tile_dir,
@@ -613,7 +616,7 @@ impl ExtractPlan {
                 size,
                 model: model.clone(),
                 on_error: a.on_error,
-                cache_default: !a.no_cache && a.cache_dir.is_none() && default_cache,
+                cache_default: default_cache,
                 force: a.force,
                 // A TorchScript model gets contiguous NCHW, as it was traced with.
                 channels_last: a.layout == "nhwc" && model.is_none(),
