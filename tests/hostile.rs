@@ -402,37 +402,77 @@ fn side_limit_and_tiff_header_bombs_are_bad_tiles() {
     assert!(csv.contains("small.tif"), "the good TIFF is read");
 }
 
+/// The highest address space (`VmPeak`, KiB) `tilefeat ARGS` reaches, read from `/proc`
+/// until it exits (each batch held 1 s, so the model stage is seen).
+fn peak_address_space_kib(args: &[&str]) -> u64 {
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("tilefeat"))
+        .args(args)
+        .env("TILEFEAT_TEST_BATCH_DELAY_MS", "1000")
+        .spawn()
+        .unwrap();
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    while child.try_wait().unwrap().is_none() {
+        if let Ok(text) = std::fs::read_to_string(&status) {
+            let kib = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmPeak:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+            peak = peak.max(kib.unwrap_or(0));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(child.wait().unwrap().success());
+    assert!(peak > 0, "no VmPeak read from {status}");
+    peak
+}
+
 /// Out of memory (regression, issue 28: `--size 4096` ended in a Rust unwrap with libtorch's
-/// 29-frame C++ backtrace, no hint). Under a 5 GiB address-space limit (a run at --size 32
-/// peaks at 3.2 GB of address space here, libtorch's libraries mapped), two 4096 px tiles in
-/// one batch need more (their float input is 0.4 GB, conv1's output 2 x 64 x 2048^2 floats,
-/// 2.1 GB, and layer1's as much again): the error says out of memory first, naming the
-/// sample, the settings and the flags that lower memory, then libtorch's own line without
-/// its backtrace; nothing is written.
+/// 29-frame C++ backtrace, no hint). The limit is derived, not one machine's figure: the
+/// address space the same run reaches at `--size 32` (libtorch's libraries mapped, threads
+/// started; 3.2 GB on this machine), plus 1.5 GiB, which two 4096 px tiles in one batch
+/// exceed (their float input is 0.4 GB, conv1's output 2 x 64 x 2048^2 floats, 2.1 GB). The
+/// error says out of memory first, naming the sample, the settings and the flags that lower
+/// memory, then libtorch's own line without its backtrace; nothing is written.
 #[test]
 fn out_of_memory_names_the_sample_and_the_flags_that_lower_it() {
     let d = tempfile::tempdir().unwrap();
     let tiles = d.path().join("s");
     make_tiles(&tiles, 2, 64);
     let out = d.path().join("x.csv");
+    let (tiles_arg, out_arg) = (tiles.to_str().unwrap(), out.to_str().unwrap());
+    let flags = [
+        "--weights",
+        "random:0",
+        "--batch-size",
+        "2",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--no-cache",
+        "--quiet",
+    ];
+    let small = d.path().join("small.csv");
+    let mut args = vec![
+        "extract",
+        tiles_arg,
+        "-o",
+        small.to_str().unwrap(),
+        "--size",
+        "32",
+    ];
+    args.extend(flags);
+    let limit_kib = peak_address_space_kib(&args) + (3 << 19);
     let o = std::process::Command::new("bash")
-        .args(["-c", "ulimit -v $((5 << 20)) && exec \"$@\"", "limited"])
+        .args([
+            "-c",
+            "ulimit -v \"$0\" && exec \"$@\"",
+            &limit_kib.to_string(),
+        ])
         .arg(assert_cmd::cargo::cargo_bin("tilefeat"))
-        .args([
-            "extract",
-            tiles.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .args([
-            "--weights",
-            "random:0",
-            "--size",
-            "4096",
-            "--batch-size",
-            "2",
-        ])
-        .args(["--threads", "1", "--device", "cpu", "--no-cache"])
+        .args(["extract", tiles_arg, "-o", out_arg, "--size", "4096"])
+        .args(flags.iter().filter(|f| **f != "--quiet"))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);

@@ -89,20 +89,16 @@ fn cpu_precisions_and_layouts_agree_with_fp32_within_the_readme_figures() {
             1.0 - b * b / 2.0
         );
     }
-    // Another memory layout, other kernels: the same numbers to 1e-5, and not the very same
-    // (issue 27: an ignored --layout passed). oneDNN's NCHW and NHWC convolutions sum in
-    // other orders, so across 53 convolutions some last bits differ; the provenance says
-    // which layout ran.
+    // Another memory layout, other kernels: the same numbers to 1e-5; the provenance says
+    // the run used the layout asked for (issue 27: nothing checked it reached the run). No
+    // lower bound on the difference: whether oneDNN's NCHW and NHWC kernels sum in other
+    // orders depends on the CPU (they do on this AVX2 EPYC), so equal bits prove no bug.
     let nchw = run("nchw", &["--layout", "nchw"]);
     assert_eq!(
         provenance(&nchw)["settings"]["layout"].as_str(),
         Some("nchw")
     );
     let (rel, cos) = compare(&nchw, &fp32);
-    assert!(
-        rel > 0.0,
-        "nchw gave NHWC's numbers bit for bit: was --layout used?"
-    );
     assert!(rel <= 1e-5, "nchw vs nhwc: max relative error {rel}");
     assert!(cos >= 0.9999999, "nchw vs nhwc: cosine {cos}");
 }
