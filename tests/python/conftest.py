@@ -25,6 +25,27 @@ def tilefeat_bin() -> Path:
     return Path(os.environ.get("TILEFEAT_BIN", ROOT / "target" / "release" / "tilefeat"))
 
 
+def peak_rss(args, tmp_path) -> tuple[int, str]:
+    """Peak RSS (bytes) and stdout of `tilefeat args`, run from a child that reports wait4's
+    rusage (the binary's own: a fresh child of a fresh Python reaps nothing else)."""
+    code = (
+        "import os, subprocess, sys\n"
+        "with open(sys.argv[1], 'wb') as err:\n"
+        "    p = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE, stderr=err)\n"
+        "    out = p.stdout.read()\n"
+        "    _, status, ru = os.wait4(p.pid, 0)\n"
+        "sys.stdout.write(f'{os.waitstatus_to_exitcode(status)} {ru.ru_maxrss}\\n')\n"
+        "sys.stdout.buffer.write(out)\n"
+    )
+    err = tmp_path / "stderr.txt"
+    r = subprocess.run([sys.executable, "-c", code, str(err), str(tilefeat_bin()), *map(str, args)],
+                       capture_output=True, text=True)
+    head, _, out = r.stdout.partition("\n")
+    rc, kb = (int(v) for v in head.split())
+    assert rc == 0, err.read_text()
+    return kb * 1024, out
+
+
 @pytest.fixture(scope="session")
 def tilefeat():
     b = tilefeat_bin()

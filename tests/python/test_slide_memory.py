@@ -7,10 +7,8 @@ derived from what the strips need, measured against the same process on a small 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
-from conftest import tilefeat_bin
+from conftest import peak_rss
 from make_slides import write_flat_tiff
 
 # A strip being read holds at most 2^24 px as ARGB (4 B: 64 MiB), one per reading thread (2
@@ -22,27 +20,6 @@ from make_slides import write_flat_tiff
 ALLOWED_ABOVE_BASELINE = 1 << 30
 
 
-def measured(args, tmp_path) -> tuple[int, str]:
-    """Peak RSS (bytes) and stdout of `tilefeat args`, run from a child that reports wait4's
-    rusage (the binary's own: a fresh child of a fresh Python reaps nothing else)."""
-    code = (
-        "import os, subprocess, sys\n"
-        "with open(sys.argv[1], 'wb') as err:\n"
-        "    p = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE, stderr=err)\n"
-        "    out = p.stdout.read()\n"
-        "    _, status, ru = os.wait4(p.pid, 0)\n"
-        "sys.stdout.write(f'{os.waitstatus_to_exitcode(status)} {ru.ru_maxrss}\\n')\n"
-        "sys.stdout.buffer.write(out)\n"
-    )
-    err = tmp_path / "stderr.txt"
-    r = subprocess.run([sys.executable, "-c", code, str(err), str(tilefeat_bin()), *map(str, args)],
-                       capture_output=True, text=True)
-    head, _, out = r.stdout.partition("\n")
-    rc, kb = (int(v) for v in head.split())
-    assert rc == 0, err.read_text()
-    return kb * 1024, out
-
-
 def test_a_huge_slide_without_a_pyramid_is_segmented_in_bounded_memory(tmp_path):
     huge, small = tmp_path / "huge.tiff", tmp_path / "small.tiff"
     # Tissue: 10,240 x 8,192 level-0 px, on the 512 px grid of 256 px tiles at 20x (0.25 µm/px).
@@ -50,9 +27,9 @@ def test_a_huge_slide_without_a_pyramid_is_segmented_in_bounded_memory(tmp_path)
     write_flat_tiff(small, 2_048, 2_048, (512, 512, 1_024, 1_024))
     args = ["--slide-mpp", "0.25", "--tissue", "bwh_biopsy", "--weights", "random:0", "--no-cache", "--dry-run",
             "--threads", "2"]
-    base, out = measured(["extract", small, "-o", tmp_path / "s.h5", *args], tmp_path)
+    base, out = peak_rss(["extract", small, "-o", tmp_path / "s.h5", *args], tmp_path)
     assert "sample small — " in out, out
-    peak, out = measured(["extract", huge, "-o", tmp_path / "h.h5", *args], tmp_path)
+    peak, out = peak_rss(["extract", huge, "-o", tmp_path / "h.h5", *args], tmp_path)
     # 20 x 16 = 320 grid tiles lie on the tissue; CLAM's four-point test may drop a corner
     # or two where the median blur rounds the mask's corners, never a whole side.
     tiles = int(out.split("sample huge — ")[1].split()[0])
