@@ -4,6 +4,8 @@
 #
 #   scripts/test-containers.sh              prepare the bases, build, run every check
 #   scripts/test-containers.sh --bases-only prepare (or refresh) the two base images only
+#   scripts/test-containers.sh --preflight  only decide whether this machine can: the same
+#                                           checks and exit status, nothing built
 #
 # Steps (the last line printed says which passed):
 #   0. base images, cached: a Debian bookworm rootfs from `debootstrap --variant=minbase` (the
@@ -40,8 +42,11 @@
 # inside the builds.
 #
 # Exit status: 0 every check passed; 1 a check failed (the summary names it); 77 skipped, nothing
-# built: this machine cannot (not root, buildah not installable, too little disk), said on
-# stderr. TILEFEAT_REQUIRE_CONTAINERS=1 turns a skip into a failure.
+# built, in three named cases only, said on stderr: not root; buildah or debootstrap missing
+# and no apt-get to install them (not a Debian-like machine); too little free disk. Anything
+# else that stops the step is a failure, never a skip: apt-get failing to install them (tried
+# three times, `apt-get update` before each retry, TILEFEAT_CONTAINER_APT_WAIT seconds apart,
+# default 20) is exit 1. TILEFEAT_REQUIRE_CONTAINERS=1 turns a skip into a failure too.
 #
 # Caches (TILEFEAT_CONTAINER_CACHE, default ${XDG_CACHE_HOME:-$HOME/.cache}/tilefeat-containers):
 # the debootstrap rootfs; buildah's RUN --mount=type=cache folders (the recipes' pip cache and
@@ -55,10 +60,11 @@ REPO=$(pwd)
 # shellcheck disable=SC1091 # versions.env: KEY=VALUE lines
 . ./versions.env
 
-bases_only=0
+bases_only=0 preflight=0
 for arg in "$@"; do
   case "$arg" in
     --bases-only) bases_only=1 ;;
+    --preflight) preflight=1 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "test-containers.sh: unknown option $arg" >&2; exit 2 ;;
   esac
@@ -84,8 +90,9 @@ export BUILDAH_ISOLATION=chroot
 ISO=(--isolation chroot)
 
 die() { echo "test-containers.sh: $*" >&2; exit 1; }
-# cannot REASON: this machine cannot build images (not root, no buildah, too little disk): exit
-# 77 (SKIP, as automake's test drivers), loudly; a failure with TILEFEAT_REQUIRE_CONTAINERS=1.
+# cannot REASON: one of the three named cases where this machine cannot build images (not root,
+# no buildah and no apt-get, too little disk): exit 77 (SKIP, as automake's test drivers),
+# loudly; a failure with TILEFEAT_REQUIRE_CONTAINERS=1. Nothing else calls it.
 cannot() {
   [ -z "${TILEFEAT_REQUIRE_CONTAINERS:-}" ] || die "$*"
   echo "test-containers.sh: SKIPPED, nothing built or run: $*" >&2
@@ -136,10 +143,24 @@ for tool in buildah debootstrap; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
-  log "installing ${missing[*]} with apt-get"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null ||
-    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; } ||
-    cannot "could not install ${missing[*]} with apt-get"
+  command -v apt-get >/dev/null 2>&1 ||
+    cannot "${missing[*]} missing and no apt-get to install them (install buildah and debootstrap)"
+  # A machine with apt-get can install them: a mirror's hiccup is retried, then a failure (a
+  # skip here would turn a network error into a green run without a single image built).
+  apt_wait=${TILEFEAT_CONTAINER_APT_WAIT:-20}
+  installed=0
+  for attempt in 1 2 3; do
+    log "installing ${missing[*]} with apt-get (attempt $attempt of 3)"
+    if [ "$attempt" -gt 1 ]; then
+      sleep "$apt_wait"
+      apt-get update -q >/dev/null 2>&1 || true
+    fi
+    if DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; then
+      installed=1
+      break
+    fi
+  done
+  [ "$installed" = 1 ] || die "apt-get could not install ${missing[*]} (3 attempts): a failure, not a skip, on a machine that has apt-get"
 fi
 mkdir -p "$CACHE" "$TMPDIR" "$LOGS"
 # One line per step; a file, since check() runs each step in a subshell.
@@ -157,6 +178,10 @@ for dir in "$STORE" "$TMPDIR"; do
   [ "$free_gb" -ge "$MIN_FREE_GB" ] ||
     cannot "$dir has ${free_gb} GB free; the builds need ${MIN_FREE_GB} GB (TILEFEAT_CONTAINER_MIN_FREE_GB). Free space, e.g. 'buildah rmi --prune' or delete old $NS/* images"
 done
+if [ "$preflight" = 1 ]; then
+  echo "test-containers.sh: preflight passed: root, buildah and debootstrap, ${MIN_FREE_GB} GB free"
+  exit 0
+fi
 
 # The label that says which inputs an image was made from.
 KEY_LABEL=io.github.tilefeat.test.key

@@ -341,6 +341,65 @@ def test_scripts_pass_shellcheck():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def preflight(tmp_path, uid, apt=None, buildah_installed=False, env=None):
+    """scripts/test-containers.sh --preflight on a PATH where `id -u` says `uid`, buildah and
+    debootstrap are missing (or present, as stubs), and apt-get is absent (apt=None), fails
+    ("fail") or installs them ("ok": writes the stubs). Returns (status, stderr, apt-get calls)."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "apt-calls"
+    bin_dir.mkdir(parents=True)
+    stubs = {"id", "apt-get", "buildah", "debootstrap"}
+    for folder in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for exe in Path(folder).iterdir() if Path(folder).is_dir() else []:
+            if exe.name not in stubs and not (bin_dir / exe.name).exists() and os.access(exe, os.X_OK):
+                (bin_dir / exe.name).symlink_to(exe)
+    store = tmp_path / "store"
+    buildah = f'#!/bin/sh\n[ "$1" = info ] && echo "{store}"\nexit 0\n'
+
+    def write(name, text):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+
+    write("id", f'#!/bin/sh\n[ "$1" = -u ] && echo {uid} && exit 0\nexec /usr/bin/id "$@"\n')
+    if buildah_installed:
+        write("buildah", buildah)
+        write("debootstrap", "#!/bin/sh\nexit 0\n")
+    if apt == "fail":
+        write("apt-get", f'#!/bin/sh\necho "$*" >>"{calls}"\necho "E: Temporary failure resolving" >&2\nexit 100\n')
+    elif apt == "ok":
+        install = f'cat >"{bin_dir}/buildah" <<"EOF"\n{buildah}EOF\nchmod 755 "{bin_dir}/buildah"\n'
+        install += f'printf "#!/bin/sh\\nexit 0\\n" >"{bin_dir}/debootstrap"; chmod 755 "{bin_dir}/debootstrap"\n'
+        write("apt-get", f'#!/bin/sh\necho "$*" >>"{calls}"\ncase "$1" in install) {install};; esac\nexit 0\n')
+    run_env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "TILEFEAT_CONTAINER_CACHE": str(tmp_path / "cache"),
+               "TILEFEAT_CONTAINER_APT_WAIT": "0", **(env or {})}
+    r = subprocess.run([str(REPO / "scripts/test-containers.sh"), "--preflight"], capture_output=True, text=True,
+                       env=run_env, timeout=60)
+    return r.returncode, r.stderr + r.stdout, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_container_step_skips_only_in_its_three_named_cases(tmp_path):
+    """Issue 27: an apt-get hiccup once became exit 77 and a green CI run with no image built.
+    Now a skip (77) is one of three named cases; anything else on the way is exit 1."""
+    # 1. Not root: a named skip, and a failure when containers are required.
+    rc, err, _ = preflight(tmp_path / "a", uid=1000)
+    assert rc == 77 and "SKIPPED" in err and "must run as root" in err, err
+    rc, err, _ = preflight(tmp_path / "b", uid=1000, env={"TILEFEAT_REQUIRE_CONTAINERS": "1"})
+    assert rc == 1 and "must run as root" in err, err
+    # 2. No buildah and no apt-get to install it (not a Debian-like machine): a named skip.
+    rc, err, _ = preflight(tmp_path / "c", uid=0)
+    assert rc == 77 and "no apt-get" in err and "buildah" in err, err
+    # 3. apt-get there but failing: retried with apt-get update between, then a failure.
+    rc, err, calls = preflight(tmp_path / "d", uid=0, apt="fail")
+    assert rc == 1 and "SKIPPED" not in err and "not a skip" in err, err
+    assert [c.split()[0] for c in calls] == ["install", "update", "install", "update", "install"], calls
+    # 4. Installed, but short of disk: a named skip that says how much is free and needed.
+    rc, err, calls = preflight(tmp_path / "e", uid=0, apt="ok", env={"TILEFEAT_CONTAINER_MIN_FREE_GB": "100000"})
+    assert rc == 77 and "GB free; the builds need 100000 GB" in err, err
+    assert calls[:1] and calls[0].startswith("install") and "buildah" in calls[0], calls
+    # 5. All there: the preflight passes (the full step then builds and runs the images).
+    rc, err, _ = preflight(tmp_path / "f", uid=0, buildah_installed=True, env={"TILEFEAT_CONTAINER_MIN_FREE_GB": "0"})
+    assert rc == 0 and "preflight passed" in err, err
+
+
 def test_entrypoint_dispatch(tmp_path):
     (tmp_path / "tilefeat").write_text('#!/bin/sh\necho "tilefeat $*"\n')
     (tmp_path / "tilefeat").chmod(0o755)
