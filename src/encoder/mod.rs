@@ -87,6 +87,17 @@ pub(crate) enum AnyEncoder {
     Script(ScriptEncoder),
 }
 
+impl AnyEncoder {
+    /// The memory layout the built network computes in, as the provenance records it (what
+    /// the model uses, not what was asked: a TorchScript model always gets NCHW).
+    pub(crate) fn layout(&self) -> &'static str {
+        match self {
+            AnyEncoder::Native(e) if e.channels_last() => "nhwc",
+            _ => "nchw",
+        }
+    }
+}
+
 impl Encoder for AnyEncoder {
     fn fork(&self) -> AnyEncoder {
         match self {

@@ -26,6 +26,11 @@ pub(crate) struct NativeResNet {
 }
 
 impl NativeResNet {
+    /// Whether the input and the weights are channels-last (`--layout nhwc`).
+    pub(crate) fn channels_last(&self) -> bool {
+        self.model.options().channels_last
+    }
+
     /// `(mean, std)` per channel, on the 0-1 scale; `weights` names them in errors.
     pub(crate) fn new(
         model: ResNetTrunk,
@@ -53,6 +58,12 @@ impl NativeResNet {
     /// ((x - mean) / std) in f32, as torchvision does, then the layout and precision cast and
     /// the trunk.
     fn forward_u8(&self, input: &Tensor) -> Tensor {
+        self.model.forward(&self.model_input(input))
+    }
+
+    /// The tensor the trunk computes on: `[N, 3, H, W]` in the model's precision, with
+    /// channels-last strides under `--layout nhwc` and contiguous NCHW otherwise.
+    fn model_input(&self, input: &Tensor) -> Tensor {
         let opts = self.model.options();
         let x = input.permute([0, 3, 1, 2]).to_kind(Kind::Float);
         let x = ((x / 255.0) - &self.mean) / &self.std;
@@ -61,7 +72,7 @@ impl NativeResNet {
         } else {
             x.contiguous()
         };
-        self.model.forward(&x.to_kind(opts.kind()))
+        x.to_kind(opts.kind())
     }
 }
 
@@ -139,6 +150,59 @@ mod tests {
     use crate::cli::Precision;
     use crate::encoder::resnet::RunOptions;
     use crate::encoder::weights;
+
+    /// `--layout` reaches the tensors the network computes on. NCHW and NHWC may give the
+    /// same bits on some CPUs (oneDNN's choice of kernels), so numbers cannot show an ignored
+    /// layout (issue 27); strides can: channels-last input and convolution weights under
+    /// nhwc, contiguous NCHW under nchw, in fp32 and in bf16.
+    #[test]
+    fn the_layout_reaches_the_input_and_the_weights() {
+        use crate::cli::{Layer, Pool};
+        for (channels_last, precision) in [
+            (true, Precision::Fp32),
+            (false, Precision::Fp32),
+            (true, Precision::Bf16),
+            (false, Precision::Bf16),
+        ] {
+            let opts = RunOptions {
+                device: Device::Cpu,
+                precision,
+                channels_last,
+            };
+            let state = weights::random_state_dict(1, Layer::Layer3);
+            let model = ResNetTrunk::new(&state, Layer::Layer3, Pool::Max, opts).unwrap();
+            let net = NativeResNet::new(model, ([0.5; 3], [0.5; 3]), 32, None, None, "random:1");
+            let x = net.model_input(&Tensor::zeros([2, 32, 32, 3], (Kind::Uint8, Device::Cpu)));
+            let what = format!("channels_last {channels_last}, {precision:?}");
+            assert_eq!(x.size(), [2, 3, 32, 32], "{what}");
+            assert_eq!(x.kind(), opts.kind(), "{what}");
+            let strides = if channels_last {
+                [3 * 32 * 32, 1, 32 * 3, 3]
+            } else {
+                [3 * 32 * 32, 32 * 32, 32, 1]
+            };
+            assert_eq!(x.stride(), strides, "input, {what}");
+            // A 1 x 1 kernel has the same strides either way; the stem's 7 x 7 and the
+            // bottlenecks' 3 x 3 tell them apart.
+            let spatial: Vec<&Tensor> = net
+                .model
+                .conv_weights()
+                .into_iter()
+                .filter(|w| w.size()[2] > 1)
+                .collect();
+            assert_eq!(
+                spatial.len(),
+                1 + 3 + 4 + 6,
+                "stem and one 3 x 3 a bottleneck"
+            );
+            for w in spatial {
+                let s = w.size();
+                let nhwc = [s[1] * s[2] * s[3], 1, s[3] * s[1], s[1]];
+                assert_eq!(w.stride() == nhwc, channels_last, "weights {s:?}, {what}");
+                assert_eq!(w.is_contiguous(), !channels_last, "weights {s:?}, {what}");
+            }
+        }
+    }
 
     /// A reused batch buffer, padded as on a GPU, gives each tile exactly the features it gets
     /// alone: pixels land in the right rows, reuse and padding are clean, and on the CPU the

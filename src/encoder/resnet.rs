@@ -308,6 +308,15 @@ impl ResNetTrunk {
         self.opts
     }
 
+    /// Every convolution's (BatchNorm-fused) weight, stem first: what the layout test reads.
+    #[cfg(test)]
+    pub(crate) fn conv_weights(&self) -> Vec<&Tensor> {
+        let blocks = self.stages.iter().flatten();
+        std::iter::once(&self.stem.weight)
+            .chain(blocks.flat_map(|b| b.convs.iter().chain(&b.downsample).map(|c| &c.weight)))
+            .collect()
+    }
+
     /// Normalized input `[N, 3, H, W]` in the model's kind and device -> pooled `[N, D]` f32.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let _guard = tch::no_grad_guard();

@@ -346,11 +346,9 @@ fn finish_sample(
             batch_size: cfg.batch_size,
             torch_threads: cfg.torch_threads,
             decode_threads: cfg.decode_threads,
-            layout: if cfg.channels_last {
-                "nhwc".into()
-            } else {
-                "nchw".into()
-            },
+            // From the built model, so that the provenance shows a --layout that was lost on
+            // the way (the strides themselves: encoder::native's layout test).
+            layout: session.runner.layout().into(),
             on_error: format!("{:?}", cfg.on_error).to_lowercase(),
         },
         weights: WeightsInfo {
