@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 ///
 /// Exit codes: 0 success, 1 internal error, 2 usage error, 3 bad input (tile folder, tile,
 /// CSV), 4 bad weights or model, 5 device unavailable, 6 cannot write output, 7 cache
-/// error.
+/// error, 130/143/129 interrupted (SIGINT/SIGTERM/SIGHUP).
 #[derive(Debug, Parser)]
 #[command(
     name = "tilefeat",
@@ -24,7 +24,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     propagate_version = true,
     after_help = "Exit codes: 0 success, 1 internal error, 2 usage error, 3 bad input (tile folder, \
                   tile, CSV), 4 bad weights or model, 5 device unavailable, 6 cannot write output, 7 cache \
-                  error."
+                  error, 130/143/129 interrupted (SIGINT/SIGTERM/SIGHUP: the same command resumes)."
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -25,6 +25,7 @@ pub mod bench;
 pub mod cpu;
 pub mod device;
 pub mod host;
+pub mod interrupt;
 pub mod join;
 pub mod progress;
 pub mod zip_directory;

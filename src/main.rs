@@ -5,6 +5,8 @@ use clap::Parser;
 
 fn main() {
     tilefeat::alloc::tune_heap();
+    // Ctrl-C, scancel, a time limit: said, temporaries removed, exit 128 + signal.
+    tilefeat::interrupt::install();
     // A panic (a bug, or libtorch failing inside an operation) is reported like any error.
     std::panic::set_hook(Box::new(|info| {
         if tilefeat::error::PANIC_IS_CAUGHT.with(|f| f.get()) {
@@ -29,5 +31,6 @@ fn main() {
         }
         Err(_) => tilefeat::error::ExitKind::Internal as i32,
     };
+    tilefeat::interrupt::yield_to_signal();
     std::process::exit(code);
 }

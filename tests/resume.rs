@@ -74,6 +74,7 @@ fn an_interrupted_run_resumes_and_a_finished_one_is_up_to_date() {
         .env_remove("TILEFEAT_CACHE_DIR")
         .env_remove("TILEFEAT_DEFAULT_CACHE")
         .env("TILEFEAT_TEST_BATCH_DELAY_MS", "300")
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let t = Instant::now();
@@ -90,11 +91,26 @@ fn an_interrupted_run_resumes_and_a_finished_one_is_up_to_date() {
         .status()
         .unwrap();
     assert!(sigint.success());
-    let status = first.wait().unwrap();
-    assert!(!status.success(), "interrupted: {status:?}");
+    let said = first.wait_with_output().unwrap();
+    let said_err = String::from_utf8_lossy(&said.stderr);
+    // Said even with --quiet, as an error is: what happened and what a rerun resumes from.
+    assert_eq!(said.status.code(), Some(130), "128 + SIGINT: {said_err}");
+    assert!(
+        said_err.contains("tilefeat: interrupted by SIGINT (Ctrl-C)")
+            && said_err.contains(&format!(
+                "the tiles computed so far are in the cache {}: run the same command to resume",
+                cache.display()
+            )),
+        "{said_err}"
+    );
     assert!(
         !out.exists(),
         "no feature file under its name after an interrupt"
+    );
+    assert_eq!(
+        files_containing(out.parent().unwrap(), "tilefeat-tmp"),
+        Vec::<String>::new(),
+        "the interrupted run's temporaries are removed"
     );
 
     let err = stderr_of(&mut plain(&tiles, &out));
@@ -245,4 +261,131 @@ fn where_the_default_cache_lies_and_when_it_cannot_be_used() {
         .arg(blocked.join(".tilefeat-cache"))
         .assert()
         .code(7);
+}
+
+/// Entries in a cache, from `cache stats`.
+fn entries(cache: &Path) -> u64 {
+    let o = cache_cmd("stats", cache).output().unwrap();
+    let s = String::from_utf8_lossy(&o.stdout).into_owned();
+    s.lines()
+        .find_map(|l| l.strip_prefix("entries: "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `scancel` or a Slurm time limit (SIGTERM) at a known point (the model worker stopped for
+/// good after two batches of 4): exit 143, the message, the output folder without a
+/// temporary file, a lock or a feature file, and the same command computes exactly the 16 tiles the
+/// cache does not hold. Regression: a signal ended the process silently, leaving its
+/// temporaries beside the outputs until the next run.
+#[test]
+fn a_terminated_run_says_so_removes_its_temporaries_and_resumes_exactly() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("S2");
+    make_tiles(&tiles, 24, 64);
+    let folder = d.path().join("features");
+    let out = folder.join("S2.h5");
+    let cache = folder.join(".tilefeat-cache");
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("tilefeat"))
+        .args(plain_args(&tiles, &out))
+        .args(["--batch-size", "4", "--threads", "1", "--device", "cpu"])
+        .env_remove("TILEFEAT_CACHE_DIR")
+        .env_remove("TILEFEAT_DEFAULT_CACHE")
+        .env("TILEFEAT_TEST_STALL_AFTER_BATCHES", "2")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while entries(&cache) < 8 || files_containing(&folder, "tilefeat-tmp").is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "stuck before 8 entries"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let sigterm = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sigterm.success());
+    let said = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&said.stderr);
+    assert_eq!(said.status.code(), Some(143), "128 + SIGTERM: {err}");
+    assert!(
+        err.contains("tilefeat: interrupted by SIGTERM (scancel, or a job's time limit)")
+            && err.contains("no output was written under its final name")
+            && err.contains(&format!(
+                "in the cache {}: run the same command to resume",
+                cache.display()
+            )),
+        "{err}"
+    );
+    assert_eq!(
+        files_containing(&folder, "tilefeat-tmp"),
+        Vec::<String>::new()
+    );
+    // Nor its lock: a rerun on another node (another host name) would be refused by it.
+    assert_eq!(
+        files_containing(&folder, "tilefeat-lock"),
+        Vec::<String>::new()
+    );
+    assert!(!out.exists() && !folder.join("S2.provenance.yaml").exists());
+    assert_eq!(entries(&cache), 8, "what was stored stays");
+
+    stderr_of(plain(&tiles, &out).args(["--device", "cpu"]));
+    assert_eq!(prov_u64(&out, &["tiles", "cache_hits"]), 8);
+    assert_eq!(prov_u64(&out, &["tiles", "computed"]), 16);
+}
+
+/// A signal while a sample's files are being renamed into place (held 3 s between renames by
+/// a test-only switch) waits for the last rename: the feature file is never left renamed
+/// without the provenance that describes it (`join` would refuse the pair, a rerun would not
+/// find it up to date).
+#[test]
+fn a_signal_never_splits_a_feature_file_from_its_provenance() {
+    let d = tempfile::tempdir().unwrap();
+    let tiles = d.path().join("S3");
+    make_tiles(&tiles, 4, 64);
+    let out = d.path().join("features").join("S3.csv");
+    let prov = out.with_extension("provenance.yaml");
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("tilefeat"))
+        .args(plain_args(&tiles, &out))
+        .args(["--device", "cpu", "--no-cache", "--quiet"])
+        .env("TILEFEAT_TEST_RENAME_PAUSE_MS", "3000")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !out.exists() {
+        assert!(t.elapsed() < Duration::from_secs(120), "no rename");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The CSV is renamed, the rest of its unit is not yet.
+    assert!(
+        !prov.exists(),
+        "the pause is between the CSV and its provenance"
+    );
+    let sigint = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sigint.success());
+    let said = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&said.stderr);
+    assert_eq!(said.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted by SIGINT"), "{err}");
+    assert!(prov.exists(), "the provenance was renamed with its CSV");
+    use sha2::Digest;
+    let sha = hex::encode(sha2::Sha256::digest(std::fs::read(&out).unwrap()));
+    assert_eq!(
+        provenance(&out)["output_sha256"].as_str(),
+        Some(sha.as_str())
+    );
+    assert_eq!(
+        files_containing(out.parent().unwrap(), "tilefeat-"),
+        Vec::<String>::new(),
+        "no temporary or lock left"
+    );
 }

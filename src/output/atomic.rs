@@ -53,7 +53,15 @@ fn reserve(target: &Path) -> Result<(PathBuf, File)> {
             )
         })
         .kind(ExitKind::Output)?;
+    // Removed if a signal ends the process before it is renamed (`interrupt`).
+    crate::interrupt::track(tmp.clone());
     Ok((tmp, file))
+}
+
+/// Remove a temporary file that will not be renamed.
+fn discard(tmp: &Path) {
+    let _ = std::fs::remove_file(tmp);
+    crate::interrupt::forget(tmp);
 }
 
 /// Move a complete temporary file over its target (removing it if that fails).
@@ -64,6 +72,7 @@ fn rename_over(tmp: &Path, target: &Path) -> Result<()> {
     if result.is_err() {
         let _ = std::fs::remove_file(tmp);
     }
+    crate::interrupt::forget(tmp);
     result
 }
 
@@ -97,7 +106,7 @@ impl AtomicFile {
             .with_context(|| format!("cannot write {}", self.target.display()))
             .kind(ExitKind::Output);
         if synced.is_err() {
-            let _ = std::fs::remove_file(&self.tmp);
+            discard(&self.tmp);
         }
         synced?;
         Ok(Staged::one(
@@ -152,6 +161,7 @@ impl Staged {
     /// not left half-replaced (the folder is the same for all of them, so a rename that fails
     /// for want of permission fails for the first).
     pub fn commit(mut self) -> Result<()> {
+        let _not_interrupted = crate::interrupt::commit_guard();
         for (_, target) in &self.files {
             if std::fs::symlink_metadata(target).is_ok_and(|m| m.is_dir()) {
                 return Err(anyhow::anyhow!(
@@ -176,8 +186,27 @@ impl Staged {
             // Regression: a failed rename (say, a folder where the file should go) left the
             // temporary file behind (the ones not yet renamed go on drop).
             rename_over(&tmp, &target)?;
+            if !self.files.is_empty() {
+                pause_between_renames();
+            }
         }
         Ok(())
+    }
+}
+
+/// For the black-box test that a signal never splits a unit (`tests/resume.rs`):
+/// `TILEFEAT_TEST_RENAME_PAUSE_MS` sleeps that long between two renames of one unit. Not for
+/// users: it only slows a commit down.
+fn pause_between_renames() {
+    static PAUSE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let ms = *PAUSE.get_or_init(|| {
+        std::env::var("TILEFEAT_TEST_RENAME_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
+    if ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
 
@@ -207,7 +236,7 @@ impl Drop for Staged {
     fn drop(&mut self) {
         for (tmp, _) in &self.files {
             if let Some(tmp) = tmp {
-                let _ = std::fs::remove_file(tmp);
+                discard(tmp);
             }
         }
     }
@@ -216,7 +245,7 @@ impl Drop for Staged {
 impl Drop for AtomicFile {
     fn drop(&mut self) {
         if self.writer.is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
+            discard(&self.tmp);
         }
     }
 }
@@ -268,7 +297,7 @@ impl AtomicPath {
         match hashed {
             Ok(c) => Ok((Staged::one(self.tmp.clone(), self.target.clone()), c)),
             Err(e) => {
-                let _ = std::fs::remove_file(&self.tmp);
+                discard(&self.tmp);
                 Err(e)
             }
         }
@@ -278,7 +307,7 @@ impl AtomicPath {
 impl Drop for AtomicPath {
     fn drop(&mut self) {
         if !self.committed {
-            let _ = std::fs::remove_file(&self.tmp);
+            discard(&self.tmp);
         }
     }
 }

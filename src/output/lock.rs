@@ -60,6 +60,9 @@ impl OutputLock {
                             format!("cannot write lock {}: {e}", path.display()),
                         )
                     })?;
+                    // Removed if a signal ends the process (a rerun on another node of the
+                    // cluster could not take over a lock of this host's).
+                    crate::interrupt::track(path.clone());
                     return Ok(OutputLock { path });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -107,6 +110,7 @@ impl OutputLock {
 impl Drop for OutputLock {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        crate::interrupt::forget(&self.path);
     }
 }
 

@@ -181,6 +181,14 @@ pub(crate) fn extract_sample(
     let cache = session.cache.as_ref();
     let before = cache.map(|c| c.counters());
 
+    crate::interrupt::set_resume(match (cache, &cfg.cache_dir) {
+        (Some(_), Some(d)) => format!(
+            "the tiles computed so far are in the cache {}: run the same command{} to resume",
+            d.display(),
+            if cfg.force { " without --force" } else { "" }
+        ),
+        _ => "no cache keeps its tiles: a rerun computes them again".to_string(),
+    });
     if !cfg.quiet {
         // Where a rerun would resume from (or that it would not).
         let resume = match (cache, &cfg.cache_dir) {
