@@ -86,15 +86,9 @@ fn an_interrupted_run_resumes_and_a_finished_one_is_up_to_date() {
         assert!(first.try_wait().unwrap().is_none(), "ended before stored");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let sigint = std::process::Command::new("kill")
-        .args(["-INT", &first.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sigint.success());
-    let said = first.wait_with_output().unwrap();
-    let said_err = String::from_utf8_lossy(&said.stderr);
+    let (code, said_err) = signal(first, "INT");
     // Said even with --quiet, as an error is: what happened and what a rerun resumes from.
-    assert_eq!(said.status.code(), Some(130), "128 + SIGINT: {said_err}");
+    assert_eq!(code, Some(130), "128 + SIGINT: {said_err}");
     assert!(
         said_err.contains("tilefeat: interrupted by SIGINT (Ctrl-C)")
             && said_err.contains(&format!(
@@ -263,6 +257,20 @@ fn where_the_default_cache_lies_and_when_it_cannot_be_used() {
         .code(7);
 }
 
+/// Send `signal` ("INT", "TERM") to a running child with `kill`; its exit code and stderr.
+fn signal(child: std::process::Child, signal: &str) -> (Option<i32>, String) {
+    let sent = std::process::Command::new("kill")
+        .args([format!("-{signal}"), child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -{signal}");
+    let o = child.wait_with_output().unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
 /// Entries in a cache, from `cache stats`.
 fn entries(cache: &Path) -> u64 {
     let o = cache_cmd("stats", cache).output().unwrap();
@@ -305,14 +313,8 @@ fn a_terminated_run_says_so_removes_its_temporaries_and_resumes_exactly() {
         );
         std::thread::sleep(Duration::from_millis(25));
     }
-    let sigterm = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sigterm.success());
-    let said = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&said.stderr);
-    assert_eq!(said.status.code(), Some(143), "128 + SIGTERM: {err}");
+    let (code, err) = signal(child, "TERM");
+    assert_eq!(code, Some(143), "128 + SIGTERM: {err}");
     assert!(
         err.contains("tilefeat: interrupted by SIGTERM (scancel, or a job's time limit)")
             && err.contains("no output was written under its final name")
@@ -367,14 +369,8 @@ fn a_signal_never_splits_a_feature_file_from_its_provenance() {
         !prov.exists(),
         "the pause is between the CSV and its provenance"
     );
-    let sigint = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sigint.success());
-    let said = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&said.stderr);
-    assert_eq!(said.status.code(), Some(130), "{err}");
+    let (code, err) = signal(child, "INT");
+    assert_eq!(code, Some(130), "{err}");
     assert!(err.contains("interrupted by SIGINT"), "{err}");
     assert!(prov.exists(), "the provenance was renamed with its CSV");
     use sha2::Digest;
