@@ -11,13 +11,43 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// `extract TILES -o OUT --weights random:0 --size 32`, with no cache flag at all (the
-/// helpers of the other tests add `--no-cache`).
+/// `extract TILES -o OUT --weights random:0 --size 32 --device cpu`, with no cache flag at
+/// all (the helpers of the other tests add `--no-cache`). On the CPU on a GPU host too: the
+/// runs are compared with CPU references.
 fn plain_args(tiles: &Path, out: &Path) -> Vec<std::ffi::OsString> {
     let mut a: Vec<std::ffi::OsString> = vec!["extract".into(), tiles.into(), "-o".into()];
     a.push(out.into());
-    a.extend(["--weights", "random:0", "--size", "32"].map(Into::into));
+    a.extend(["--weights", "random:0", "--size", "32", "--device", "cpu"].map(Into::into));
     a
+}
+
+/// `plain_args` and `extra` in the background, without the cache variables and with one
+/// test-only switch (`name`, `value`); stderr piped for [`signal`].
+fn spawn_plain(
+    tiles: &Path,
+    out: &Path,
+    extra: &[&str],
+    (name, value): (&str, &str),
+) -> std::process::Child {
+    std::process::Command::new(assert_cmd::cargo::cargo_bin("tilefeat"))
+        .args(plain_args(tiles, out))
+        .args(extra)
+        .env_remove("TILEFEAT_CACHE_DIR")
+        .env_remove("TILEFEAT_DEFAULT_CACHE")
+        .env(name, value)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Poll `ready` every 20 ms for up to 120 s; `what` names what never came.
+fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !ready() {
+        assert!(t.elapsed() < Duration::from_secs(120), "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn plain(tiles: &Path, out: &Path) -> assert_cmd::Command {
@@ -68,24 +98,18 @@ fn an_interrupted_run_resumes_and_a_finished_one_is_up_to_date() {
     let cache = d.path().join("features").join(".tilefeat-cache");
 
     // Ten batches of at least 300 ms: interrupted after the first is stored.
-    let mut first = std::process::Command::new(assert_cmd::cargo::cargo_bin("tilefeat"))
-        .args(plain_args(&tiles, &out))
-        .args(["--batch-size", "4", "--threads", "1", "--quiet"])
-        .env_remove("TILEFEAT_CACHE_DIR")
-        .env_remove("TILEFEAT_DEFAULT_CACHE")
-        .env("TILEFEAT_TEST_BATCH_DELAY_MS", "300")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while !index_files(&cache)
-        .iter()
-        .any(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
-    {
-        assert!(t.elapsed() < Duration::from_secs(120), "nothing stored");
+    let mut first = spawn_plain(
+        &tiles,
+        &out,
+        &["--batch-size", "4", "--threads", "1", "--quiet"],
+        ("TILEFEAT_TEST_BATCH_DELAY_MS", "300"),
+    );
+    wait_until("nothing stored", || {
         assert!(first.try_wait().unwrap().is_none(), "ended before stored");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        index_files(&cache)
+            .iter()
+            .any(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
+    });
     let (code, said_err) = signal(first, "INT");
     // Said even with --quiet, as an error is: what happened and what a rerun resumes from.
     assert_eq!(code, Some(130), "128 + SIGINT: {said_err}");
@@ -218,7 +242,15 @@ fn where_the_default_cache_lies_and_when_it_cannot_be_used() {
     let mut c = tilefeat();
     c.env_remove("TILEFEAT_DEFAULT_CACHE");
     c.arg("extract").args([&a, &b]).arg("--outdir").arg(&outdir);
-    c.args(["--weights", "random:0", "--size", "32", "--quiet"]);
+    c.args([
+        "--weights",
+        "random:0",
+        "--size",
+        "32",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]);
     c.assert().success();
     assert!(!index_files(&outdir.join(".tilefeat-cache")).is_empty());
     // make_tiles gives both folders the same crops: a later run with --output in that
@@ -295,24 +327,15 @@ fn a_terminated_run_says_so_removes_its_temporaries_and_resumes_exactly() {
     let folder = d.path().join("features");
     let out = folder.join("S2.h5");
     let cache = folder.join(".tilefeat-cache");
-    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("tilefeat"))
-        .args(plain_args(&tiles, &out))
-        .args(["--batch-size", "4", "--threads", "1", "--device", "cpu"])
-        .env_remove("TILEFEAT_CACHE_DIR")
-        .env_remove("TILEFEAT_DEFAULT_CACHE")
-        .env("TILEFEAT_TEST_STALL_AFTER_BATCHES", "2")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while entries(&cache) < 8 || files_containing(&folder, "tilefeat-tmp").is_empty() {
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "stuck before 8 entries"
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    let child = spawn_plain(
+        &tiles,
+        &out,
+        &["--batch-size", "4", "--threads", "1"],
+        ("TILEFEAT_TEST_STALL_AFTER_BATCHES", "2"),
+    );
+    wait_until("stuck before 8 entries and the temporary", || {
+        entries(&cache) >= 8 && !files_containing(&folder, "tilefeat-tmp").is_empty()
+    });
     let (code, err) = signal(child, "TERM");
     assert_eq!(code, Some(143), "128 + SIGTERM: {err}");
     assert!(
@@ -336,7 +359,7 @@ fn a_terminated_run_says_so_removes_its_temporaries_and_resumes_exactly() {
     assert!(!out.exists() && !folder.join("S2.provenance.yaml").exists());
     assert_eq!(entries(&cache), 8, "what was stored stays");
 
-    stderr_of(plain(&tiles, &out).args(["--device", "cpu"]));
+    stderr_of(&mut plain(&tiles, &out));
     assert_eq!(prov_u64(&out, &["tiles", "cache_hits"]), 8);
     assert_eq!(prov_u64(&out, &["tiles", "computed"]), 16);
 }
@@ -352,18 +375,13 @@ fn a_signal_never_splits_a_feature_file_from_its_provenance() {
     make_tiles(&tiles, 4, 64);
     let out = d.path().join("features").join("S3.csv");
     let prov = out.with_extension("provenance.yaml");
-    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("tilefeat"))
-        .args(plain_args(&tiles, &out))
-        .args(["--device", "cpu", "--no-cache", "--quiet"])
-        .env("TILEFEAT_TEST_RENAME_PAUSE_MS", "3000")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while !out.exists() {
-        assert!(t.elapsed() < Duration::from_secs(120), "no rename");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let child = spawn_plain(
+        &tiles,
+        &out,
+        &["--no-cache", "--quiet"],
+        ("TILEFEAT_TEST_RENAME_PAUSE_MS", "3000"),
+    );
+    wait_until("no rename", || out.exists());
     // The CSV is renamed, the rest of its unit is not yet.
     assert!(
         !prov.exists(),
